@@ -1,0 +1,173 @@
+"""The LEGW plan as a torch LR scheduler, and ``get_scheduler`` extended with LEGW names.
+
+:class:`LegwScheduler` counts optimizer updates and nothing else: each ``step()`` is one applied update, and
+the LR it sets is the plan's LR for the next update. Its state is that count plus the plan it was computed
+from, all primitives, so Trainer's ``torch.load(weights_only=True)`` loads it; on load only the progress is
+restored, and the schedule comes from the current plan.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch.optim.lr_scheduler import LRScheduler
+
+from .errors import SettingError
+from .plan import LegwConfig, LegwPlan, PhasedPlan
+from .schedules import DECAY_OPTIONS, DECAYS, make_decay
+
+STATE_FORMAT = "legw_hf.LegwScheduler/1"
+
+#: Names :func:`get_scheduler` answers itself: ``legw`` takes the decay from the plan or its kwargs,
+#: ``legw_<decay>`` names the decay shape.
+SCHEDULER_NAMES: tuple[str, ...] = ("legw", *(f"legw_{name}" for name in DECAYS))
+
+
+class LegwScheduler(LRScheduler):
+    """Sets each param group's LR to the plan's LR for the coming update.
+
+    Call ``step()`` once per *applied* optimizer update: not per micro-batch, not per process, and not after
+    a step the GradScaler skipped. A group's LR is the plan's LR times the group's ``lr_scale`` key
+    (default 1); the optimizer's own initial ``lr`` is ignored, so the plan is the only source of the LR.
+
+    Args:
+        optimizer: the optimizer whose groups to drive.
+        plan: a :class:`~legw_hf.plan.LegwPlan` or :class:`~legw_hf.plan.PhasedPlan`.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, plan: LegwPlan | PhasedPlan) -> None:
+        if not isinstance(plan, (LegwPlan, PhasedPlan)):
+            raise TypeError(f"plan must be a LegwPlan or PhasedPlan, got {type(plan).__name__}")
+        self.plan = plan
+        super().__init__(optimizer)
+
+    @property
+    def updates(self) -> int:
+        """Optimizer updates applied so far."""
+        return self.last_epoch
+
+    def get_lr(self) -> list[float]:
+        lr = self.plan.lr_for_update(self.last_epoch)
+        return [lr * group.get("lr_scale", 1.0) for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"format": STATE_FORMAT, "updates": self.last_epoch, "plan": self.plan.to_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the progress; the schedule itself stays the current plan's.
+
+        If the saved plan differs (another batch size, dataset or LR), a warning lists what changed and the
+        progress is carried over in epochs, so the run continues at the same point of the epoch schedule.
+        """
+        if state_dict.get("format") == STATE_FORMAT:
+            updates = int(state_dict["updates"])
+            saved = state_dict["plan"]
+            current = self.plan.to_dict()
+            if saved != current:
+                updates = self._carry_over(updates, saved)
+        elif "last_epoch" in state_dict:
+            updates = int(state_dict["last_epoch"])
+            warnings.warn(
+                f"Restoring a non-LEGW scheduler state: keeping its progress ({updates} updates) only; the LR "
+                "schedule is the current LEGW plan's.",
+                stacklevel=2,
+            )
+        else:
+            raise ValueError(f"not a scheduler state dict (keys: {sorted(state_dict)})")
+        self.last_epoch = updates
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def _carry_over(self, updates: int, saved: dict[str, Any]) -> int:
+        current = self.plan.to_dict()
+        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        message = f"The LEGW plan changed since the checkpoint ({', '.join(changed)} differ)."
+        if isinstance(self.plan, LegwPlan) and "steps_per_epoch" in saved:
+            epochs_done = updates / saved["steps_per_epoch"]
+            updates = round(epochs_done * self.plan.steps_per_epoch)
+            message += f" Continuing at epoch {epochs_done:g} = update {updates} of the current plan."
+        warnings.warn(message, stacklevel=3)
+        return updates
+
+
+def get_scheduler(
+    name: str,
+    optimizer: torch.optim.Optimizer,
+    num_warmup_steps: int | None = None,
+    num_training_steps: int | None = None,
+    scheduler_specific_kwargs: dict[str, Any] | None = None,
+) -> LRScheduler:
+    """``transformers.get_scheduler`` plus the LEGW names in :data:`SCHEDULER_NAMES`.
+
+    Every other name is passed to ``transformers.get_scheduler`` unchanged. For a LEGW name,
+    ``scheduler_specific_kwargs`` holds either ``plan`` (a ready plan) or the settings of one: the
+    :class:`~legw_hf.plan.LegwConfig` fields, ``batch_size``, ``dataset_size``, the length (``epochs``,
+    ``base_steps`` or ``steps``; ``num_training_steps`` stands for ``steps`` when none is given), optional
+    ``drop_last`` and ``steps_per_epoch``, and ``decay`` with its options (``power``, ``end_lr``, ...).
+
+    The warmup and length come from the plan: ``num_warmup_steps`` and ``num_training_steps``, when given,
+    must agree with it.
+    """
+    if name not in SCHEDULER_NAMES:
+        import transformers
+
+        return transformers.get_scheduler(
+            name,
+            optimizer,
+            num_warmup_steps=num_warmup_steps,
+            num_training_steps=num_training_steps,
+            scheduler_specific_kwargs=scheduler_specific_kwargs,
+        )
+    kwargs = dict(scheduler_specific_kwargs or {})
+    decay_name = name.removeprefix("legw").removeprefix("_") or None
+    if "plan" in kwargs:
+        plan = kwargs.pop("plan")
+        if kwargs:
+            raise SettingError(
+                "scheduler_specific_kwargs", "must hold either a plan or plan settings, not both", sorted(kwargs)
+            )
+        if decay_name and isinstance(plan, LegwPlan) and plan.decay.name != decay_name:
+            raise SettingError("plan", f"must have a {decay_name!r} decay for scheduler {name!r}", plan.decay.name)
+    else:
+        plan = _plan_from_settings(kwargs, decay_name, num_training_steps)
+    if num_training_steps is not None and num_training_steps != plan.total_steps:
+        raise SettingError(
+            "num_training_steps", f"must equal the LEGW plan's total steps ({plan.total_steps})", num_training_steps
+        )
+    if num_warmup_steps is not None and isinstance(plan, LegwPlan) and num_warmup_steps != plan.warmup_steps:
+        raise SettingError(
+            "num_warmup_steps",
+            f"must be None or equal the LEGW plan's warmup steps ({plan.warmup_steps}); LEGW derives the warmup",
+            num_warmup_steps,
+        )
+    return LegwScheduler(optimizer, plan)
+
+
+_CONFIG_KEYS = ("base_batch_size", "base_lr", "base_warmup_epochs", "base_warmup_steps", "rule")
+_RUN_KEYS = ("batch_size", "dataset_size", "epochs", "base_steps", "steps", "drop_last", "steps_per_epoch")
+
+
+def _plan_from_settings(
+    settings: dict[str, Any], decay_name: str | None, num_training_steps: int | None
+) -> LegwPlan | PhasedPlan:
+    unknown = sorted(set(settings) - {*_CONFIG_KEYS, *_RUN_KEYS, *DECAY_OPTIONS, "decay"})
+    if unknown:
+        raise SettingError(unknown[0], "is not a LEGW scheduler setting", settings[unknown[0]])
+    missing = [k for k in ("base_batch_size", "base_lr", "batch_size", "dataset_size") if k not in settings]
+    if missing:
+        raise SettingError(missing[0], "is required by a LEGW scheduler", None)
+    given_decay = settings.get("decay")
+    if decay_name and given_decay not in (None, decay_name):
+        raise SettingError("decay", f"must be {decay_name!r} for this scheduler name", given_decay)
+    decay = make_decay(decay_name or given_decay or "poly", **{k: settings[k] for k in DECAY_OPTIONS & set(settings)})
+    config = LegwConfig(decay=decay, **{k: settings[k] for k in _CONFIG_KEYS if k in settings})
+    run = {k: settings[k] for k in _RUN_KEYS if k in settings}
+    if not {"epochs", "base_steps", "steps"} & set(run) and num_training_steps is not None:
+        run["steps"] = num_training_steps
+    return config.plan(**run)
