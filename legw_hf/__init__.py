@@ -1,7 +1,8 @@
 """legw_hf: large-batch training for HuggingFace Transformers and Accelerate.
 
-The core (plans, schedules, the scheduler) imports only torch. The Trainer and accelerate integrations load
-on first use, so ``import legw_hf`` stays cheap.
+Plans and schedules are plain Python. Everything that needs torch (the scheduler, the optimizers) or a host
+framework (the Trainer and accelerate integrations) loads on first use, so ``import legw_hf`` and the
+``legw-hf`` command stay fast.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from typing import Any
 
 from .errors import SettingError
 from .plan import RULES, LegwConfig, LegwPlan, Phase, PhasedPlan, epoch_steps, plan_from_dict
-from .scheduler import SCHEDULER_NAMES, LegwScheduler, get_scheduler
 from .schedules import DECAYS, Constant, Cosine, Exponential, MultiStep, Polynomial, make_decay
 
 __version__ = "0.1.0.dev0"
 
 _LAZY = {
+    "SCHEDULER_NAMES": "legw_hf.scheduler",
+    "LegwScheduler": "legw_hf.scheduler",
+    "get_scheduler": "legw_hf.scheduler",
     "LegwArguments": "legw_hf.integrations.trainer",
     "LegwTrainingArguments": "legw_hf.integrations.trainer",
     "LegwTrainer": "legw_hf.integrations.trainer",
@@ -35,20 +38,17 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "DECAYS",
     "RULES",
-    "SCHEDULER_NAMES",
     "Constant",
     "Cosine",
     "Exponential",
     "LegwConfig",
     "LegwPlan",
-    "LegwScheduler",
     "MultiStep",
     "Phase",
     "PhasedPlan",
     "Polynomial",
     "SettingError",
     "epoch_steps",
-    "get_scheduler",
     "make_decay",
     "plan_from_dict",
     *_LAZY,

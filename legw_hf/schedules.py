@@ -98,17 +98,13 @@ class MultiStep(Decay):
             raise SettingError("milestones", "must list at least one epoch", list(self.milestones))
         if any(b <= a for a, b in zip(self.milestones, self.milestones[1:])):
             raise SettingError("milestones", "must be strictly increasing", list(self.milestones))
-        for m in self.milestones:
-            if not 0 < m < epochs:
-                raise SettingError(
-                    "milestones", f"must lie inside training, in (0, {epochs:g}) epochs", list(self.milestones)
-                )
-            if m <= warmup_epochs:
-                raise SettingError(
-                    "milestones",
-                    f"must come after the warmup, which ends at epoch {warmup_epochs:g} at this batch size",
-                    list(self.milestones),
-                )
+        if not all(warmup_epochs < m < epochs for m in self.milestones):
+            raise SettingError(
+                "milestones",
+                f"must lie after the warmup and inside training, in ({warmup_epochs:g}, {epochs:g}) epochs "
+                "at this batch size",
+                list(self.milestones),
+            )
         _check_gamma(self.gamma)
 
 

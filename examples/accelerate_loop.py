@@ -1,0 +1,90 @@
+"""A plain accelerate training loop with a LEGW schedule.
+
+    accelerate launch --num_processes 2 --cpu examples/accelerate_loop.py --base-batch-size 8 \\
+        --per-device-batch-size 8 --gradient-accumulation-steps 2 --epochs 3
+
+Trains a small regression MLP on a synthetic dataset. With ``--lr-log FILE`` every process appends one JSON
+line per optimizer update with the LR that update used, which the tests compare with the plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader, TensorDataset
+
+from legw_hf import LegwConfig, Polynomial
+from legw_hf.integrations.accelerate import create_legw_scheduler
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base-batch-size", type=int, default=8, help="global batch the LR was tuned at")
+    parser.add_argument("--base-lr", type=float, default=0.05)
+    parser.add_argument("--base-warmup-epochs", type=float, default=0.25)
+    parser.add_argument("--per-device-batch-size", type=int, default=8)
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    parser.add_argument("--epochs", type=float, default=3)
+    parser.add_argument("--dataset-size", type=int, default=250)
+    parser.add_argument("--lr-log", help="append the LR of every update as JSON lines to this file")
+    parser.add_argument("--output-dir", help="save_state here at the end")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def synthetic_regression(size: int, seed: int) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(size, 16, generator=generator)
+    weights = torch.randn(16, generator=generator)
+    targets = features @ weights + 0.1 * torch.randn(size, generator=generator)
+    return TensorDataset(features, targets)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
+    set_seed(args.seed)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.base_lr, momentum=0.9)
+    loader = DataLoader(synthetic_regression(args.dataset_size, args.seed), batch_size=args.per_device_batch_size,
+                        shuffle=True)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+
+    config = LegwConfig(
+        base_batch_size=args.base_batch_size,
+        base_lr=args.base_lr,
+        base_warmup_epochs=args.base_warmup_epochs,
+        decay=Polynomial(power=2.0),
+    )
+    scheduler = create_legw_scheduler(accelerator, optimizer, config, loader, num_epochs=args.epochs)
+    accelerator.print(scheduler.plan.describe())
+
+    log = open(f"{args.lr_log}.rank{accelerator.process_index}", "w") if args.lr_log else None
+    epochs = int(-(-args.epochs // 1))
+    for _ in range(epochs):
+        model.train()
+        for features, targets in loader:
+            if scheduler.updates >= scheduler.plan.total_steps:
+                break
+            with accelerator.accumulate(model):
+                loss = torch.nn.functional.mse_loss(model(features).squeeze(-1), targets)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and log:
+                    lr_used = optimizer.param_groups[0]["lr"]
+                    log.write(json.dumps({"update": scheduler.updates, "lr": lr_used, "loss": loss.item()}) + "\n")
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+    if log:
+        log.close()
+    if args.output_dir:
+        accelerator.save_state(args.output_dir)
+    accelerator.print(f"done: {scheduler.updates} updates, final LR {scheduler.get_last_lr()[0]:.6g}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Masked-language-model training in the style of transformers' ``run_mlm.py``, offline, with LEGW.
+
+The LEGW version of a ``run_mlm.py``-style script differs from the plain one by the single import line
+marked ``# LEGW`` below; delete it and this is a plain Trainer script again. Everything runs offline: the
+WordPiece tokenizer is trained on the training file and the BERT model is built from a config.
+
+    python examples/run_mlm.py --output_dir runs/mlm --legw_base_batch_size 16 --learning_rate 1e-3 \\
+        --legw_base_warmup_epochs 0.1 --per_device_train_batch_size 32 --num_train_epochs 2
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    DataCollatorForLanguageModeling,
+    HfArgumentParser,
+    PreTrainedTokenizerFast,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+
+from legw_hf import LegwTrainer as Trainer, LegwTrainingArguments as TrainingArguments  # noqa: F811  # LEGW
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TRAIN_FILE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+
+
+@dataclass
+class ModelArguments:
+    vocab_size: int = field(default=4000, metadata={"help": "WordPiece vocabulary trained on the train file."})
+    hidden_size: int = field(default=64)
+    num_hidden_layers: int = field(default=2)
+    num_attention_heads: int = field(default=2)
+    intermediate_size: int = field(default=128)
+
+
+@dataclass
+class DataTrainingArguments:
+    train_file: str = field(default=str(DEFAULT_TRAIN_FILE), metadata={"help": "A plain text file."})
+    max_seq_length: int = field(default=64)
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N blocks."})
+    mlm_probability: float = field(default=0.15)
+
+
+def train_tokenizer(text_file: str, vocab_size: int) -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer.train([text_file], trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+    )
+
+
+def build_dataset(data_args: DataTrainingArguments, tokenizer: PreTrainedTokenizerFast) -> datasets.Dataset:
+    raw = datasets.load_dataset("text", data_files={"train": data_args.train_file})["train"]
+    raw = raw.filter(lambda example: len(example["text"].strip()) > 0)
+    tokenized = raw.map(
+        lambda batch: tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False),
+        batched=True, remove_columns=["text"],
+    )
+    block = data_args.max_seq_length
+
+    def group_texts(batch):
+        ids = [token for sequence in batch["input_ids"] for token in sequence]
+        usable = len(ids) // block * block
+        return {"input_ids": [ids[i : i + block] for i in range(0, usable, block)]}
+
+    grouped = tokenized.map(group_texts, batched=True, remove_columns=tokenized.column_names)
+    if data_args.max_train_samples is not None:
+        grouped = grouped.select(range(min(data_args.max_train_samples, len(grouped))))
+    return grouped
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
+    set_seed(training_args.seed)
+
+    tokenizer = train_tokenizer(data_args.train_file, model_args.vocab_size)
+    train_dataset = build_dataset(data_args, tokenizer)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=model_args.hidden_size,
+        num_hidden_layers=model_args.num_hidden_layers,
+        num_attention_heads=model_args.num_attention_heads,
+        intermediate_size=model_args.intermediate_size,
+        max_position_embeddings=max(512, data_args.max_seq_length),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = BertForMaskedLM(config)
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=data_args.mlm_probability)
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        data_collator=collator,
+        processing_class=tokenizer,
+    )
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.log_metrics("train", result.metrics)
+    if training_args.save_strategy != "no":
+        trainer.save_model()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""LEGW in a plain ``accelerate`` loop.
+
+``accelerator.prepare`` must not see the scheduler: its ``AcceleratedScheduler`` steps ``num_processes``
+times per update and ignores gradient accumulation. :func:`create_legw_scheduler` builds the plan from the
+``Accelerator`` and the prepared dataloader, registers the scheduler for ``save_state``/``load_state``, and
+returns a wrapper whose ``step()`` advances the plan once per real optimizer update::
+
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    scheduler = create_legw_scheduler(accelerator, optimizer, config, loader, num_epochs=3)
+    for batch in loader:
+        with accelerator.accumulate(model):
+            accelerator.backward(model(**batch).loss)
+            optimizer.step()
+            scheduler.step()          # a no-op unless gradients were synced and the step was applied
+            optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.data_loader import DataLoaderDispatcher, DataLoaderShard
+
+from ..errors import SettingError
+from ..plan import LegwConfig, LegwPlan
+from ..scheduler import LegwScheduler
+
+
+class AcceleratorLegwScheduler:
+    """A :class:`LegwScheduler` stepped only on real updates of an accelerate loop.
+
+    ``step()`` advances the plan when ``accelerator.sync_gradients`` is true (the last micro-batch of an
+    accumulation window) and the optimizer step was not skipped by the fp16 GradScaler; every other call is
+    a no-op. Each process steps its own copy, so all ranks agree without communication.
+    """
+
+    def __init__(self, scheduler: LegwScheduler, accelerator: Accelerator) -> None:
+        self.scheduler = scheduler
+        self.accelerator = accelerator
+
+    @property
+    def plan(self) -> LegwPlan:
+        return self.scheduler.plan
+
+    @property
+    def updates(self) -> int:
+        return self.scheduler.updates
+
+    def step(self) -> None:
+        if self.accelerator.sync_gradients and not self.accelerator.optimizer_step_was_skipped:
+            self.scheduler.step()
+
+    def get_last_lr(self) -> list[float]:
+        return self.scheduler.get_last_lr()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state_dict)
+
+
+def global_batch_size(accelerator: Accelerator, train_dataloader: Any) -> int:
+    """Samples per optimizer update across all processes: per-device × accumulation × processes."""
+    return train_dataloader.total_batch_size * accelerator.gradient_accumulation_steps
+
+
+def create_legw_scheduler(
+    accelerator: Accelerator,
+    optimizer: torch.optim.Optimizer,
+    config: LegwConfig,
+    train_dataloader: Any,
+    *,
+    num_epochs: float | None = None,
+    max_steps: int | None = None,
+    batch_size: int | None = None,
+) -> AcceleratorLegwScheduler:
+    """Build, register for checkpointing and return the LEGW scheduler of an accelerate loop.
+
+    Args:
+        accelerator: the run's ``Accelerator`` (its ``gradient_accumulation_steps`` counts).
+        optimizer: the optimizer returned by ``accelerator.prepare``.
+        config: the tuned base settings.
+        train_dataloader: the dataloader returned by ``accelerator.prepare``; the dataset size and the steps
+            per epoch are read from it.
+        num_epochs / max_steps: the training length, exactly one.
+        batch_size: the global batch you expect; a ``SettingError`` if the loop forms another.
+    """
+    if not isinstance(train_dataloader, (DataLoaderShard, DataLoaderDispatcher)):
+        raise SettingError(
+            "train_dataloader", "must be the dataloader returned by accelerator.prepare", type(train_dataloader)
+        )
+    actual = global_batch_size(accelerator, train_dataloader)
+    if batch_size is not None and batch_size != actual:
+        raise SettingError(
+            "batch_size",
+            f"must equal per-device batch x gradient_accumulation_steps x processes = {actual}",
+            batch_size,
+        )
+    ga = accelerator.gradient_accumulation_steps
+    plan = config.plan(
+        batch_size=actual,
+        dataset_size=len(train_dataloader.dataset),
+        epochs=num_epochs,
+        steps=max_steps,
+        steps_per_epoch=max(-(-len(train_dataloader) // ga), 1),
+        drop_last=bool(getattr(train_dataloader, "drop_last", False)),
+    )
+    scheduler = AcceleratorLegwScheduler(LegwScheduler(optimizer, plan), accelerator)
+    accelerator.register_for_checkpointing(scheduler)
+    return scheduler

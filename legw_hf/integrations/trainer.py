@@ -1,0 +1,343 @@
+"""LEGW for ``transformers.Trainer``: argument fields, a Trainer subclass and a validating callback.
+
+The only change a ``run_mlm.py``-style script needs::
+
+    from legw_hf import LegwTrainer as Trainer, LegwTrainingArguments as TrainingArguments
+
+``--learning_rate`` is then the peak LR tuned at ``--legw_base_batch_size``; the plan is computed from
+Trainer's own arithmetic (global batch = per-device × gradient accumulation × data-parallel processes, steps
+per epoch from Trainer's dataloader) when training starts, and :class:`LegwCallback` checks it against the
+run and logs it. This module only converts between Trainer's vocabulary and :mod:`legw_hf.plan`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from ..errors import SettingError
+from ..plan import RULES, LegwConfig, LegwPlan, epoch_steps
+from ..scheduler import LegwScheduler
+from ..schedules import DECAYS, make_decay
+
+logger = logging.getLogger(__name__)
+
+#: Optimizers selectable with ``--legw_optimizer``.
+OPTIMIZER_NAMES = ("adamw", "sgd")
+
+# Core setting name -> the Trainer argument a user typed, so errors name the flag they can fix.
+_ARGUMENT_FOR_SETTING = {
+    "base_batch_size": "legw_base_batch_size",
+    "base_lr": "learning_rate",
+    "base_warmup_epochs": "legw_base_warmup_epochs",
+    "base_warmup_steps": "legw_base_warmup_steps",
+    "rule": "legw_rule",
+    "decay": "legw_decay",
+    "power": "legw_power",
+    "end_lr": "legw_end_lr",
+    "milestones": "legw_milestones",
+    "gamma": "legw_gamma",
+    "period": "legw_decay_period",
+    "staircase": "legw_staircase",
+    "batch_size": "legw_global_batch_size",
+    "dataset_size": "legw_dataset_size",
+    "epochs": "num_train_epochs",
+    "steps": "max_steps",
+}
+
+
+def _as_argument_error(error: SettingError) -> SettingError:
+    return error.renamed(_ARGUMENT_FOR_SETTING.get(error.field, error.field))
+
+
+@dataclass
+class LegwArguments:
+    """LEGW fields for any ``TrainingArguments`` class; they become ``--legw_*`` flags in ``HfArgumentParser``.
+
+    Mix into another arguments class with ``@dataclass class MyArgs(LegwArguments, Seq2SeqTrainingArguments)``.
+    LEGW is on when ``legw_base_batch_size`` is set; ``learning_rate`` is then the base peak LR.
+    """
+
+    legw_base_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Global batch at which --learning_rate and the base warmup were tuned. Turns LEGW on."},
+    )
+    legw_rule: Literal[tuple(RULES)] = field(
+        default="legw",
+        metadata={"help": "legw: sqrt(k) LR and k x warmup epochs; sqrt: sqrt(k) LR; linear: k x LR; none."},
+    )
+    legw_base_warmup_epochs: float | None = field(
+        default=None, metadata={"help": "Warmup at the base batch, in epochs (or give --legw_base_warmup_steps)."}
+    )
+    legw_base_warmup_steps: float | None = field(
+        default=None, metadata={"help": "Warmup at the base batch, in optimizer steps at that batch."}
+    )
+    legw_decay: Literal[tuple(DECAYS)] = field(default="poly", metadata={"help": "Decay shape after warmup."})
+    legw_power: float | None = field(default=None, metadata={"help": "poly: exponent (default 1)."})
+    legw_end_lr: float | None = field(default=None, metadata={"help": "poly, cosine: final LR (default 0)."})
+    legw_milestones: list[float] | None = field(
+        default=None, metadata={"help": "multistep: epochs at which the LR is multiplied by --legw_gamma."}
+    )
+    legw_gamma: float | None = field(default=None, metadata={"help": "multistep, exp: decay factor."})
+    legw_decay_period: float | None = field(default=None, metadata={"help": "exp: epochs per gamma (default 1)."})
+    legw_staircase: bool | None = field(default=None, metadata={"help": "exp: decay in whole periods."})
+    legw_global_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Expected global batch; checked against per-device x accumulation x processes."},
+    )
+    legw_dataset_size: int | None = field(
+        default=None, metadata={"help": "Examples per epoch, for train datasets without a length (streaming)."}
+    )
+    legw_optimizer: Literal[OPTIMIZER_NAMES] | None = field(
+        default=None, metadata={"help": "Optimizer to build instead of --optim's."}
+    )
+    legw_momentum: float = field(default=0.9, metadata={"help": "sgd: momentum."})
+    legw_nesterov: bool = field(default=False, metadata={"help": "sgd: Nesterov momentum."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.legw_enabled:
+            self.legw_config()
+            self._check_global_batch()
+        if self.legw_optimizer == "sgd" and not 0 <= self.legw_momentum < 1:
+            raise SettingError("legw_momentum", "must be in [0, 1)", self.legw_momentum)
+
+    @property
+    def legw_enabled(self) -> bool:
+        return self.legw_base_batch_size is not None
+
+    def legw_config(self) -> LegwConfig:
+        """The :class:`~legw_hf.plan.LegwConfig` these arguments describe."""
+        try:
+            decay = make_decay(
+                self.legw_decay,
+                power=self.legw_power,
+                end_lr=self.legw_end_lr,
+                milestones=self.legw_milestones,
+                gamma=self.legw_gamma,
+                period=self.legw_decay_period,
+                staircase=self.legw_staircase,
+            )
+            return LegwConfig(
+                base_batch_size=self.legw_base_batch_size,
+                base_lr=self.learning_rate,
+                base_warmup_epochs=self.legw_base_warmup_epochs,
+                base_warmup_steps=self.legw_base_warmup_steps,
+                rule=self.legw_rule,
+                decay=decay,
+            )
+        except SettingError as error:
+            raise _as_argument_error(error) from None
+
+    def legw_global_batch(self, per_device_batch_size: int | None = None) -> int:
+        """Samples per optimizer update across all processes, as Trainer forms them.
+
+        ``per_device_train_batch_size`` × ``gradient_accumulation_steps`` × data-parallel processes; with
+        ``accelerator_config.split_batches`` the per-device size already is the global one.
+        """
+        per_device = self.train_batch_size if per_device_batch_size is None else per_device_batch_size
+        split = getattr(self.accelerator_config, "split_batches", False)
+        return per_device * self.gradient_accumulation_steps * (1 if split else self.world_size)
+
+    def _check_global_batch(self) -> None:
+        if self.legw_global_batch_size is None:
+            return
+        actual = self.legw_global_batch()
+        if actual != self.legw_global_batch_size:
+            raise SettingError(
+                "legw_global_batch_size",
+                f"must equal per_device_train_batch_size x gradient_accumulation_steps x processes = {actual}",
+                self.legw_global_batch_size,
+                detail=f"{self.train_batch_size} x {self.gradient_accumulation_steps} x "
+                f"{1 if getattr(self.accelerator_config, 'split_batches', False) else self.world_size}",
+            )
+
+    def legw_plan(
+        self, *, global_batch: int, dataset_size: int | None, steps_per_epoch: int | None, max_steps: int
+    ) -> LegwPlan:
+        """The plan for a run of these arguments; ``max_steps`` is Trainer's step count for the run."""
+        if self.legw_dataset_size is not None:
+            dataset_size, steps_per_epoch = self.legw_dataset_size, None
+        if dataset_size is None:
+            raise SettingError(
+                "legw_dataset_size", "is required when the train dataset has no length (LEGW counts epochs)", None
+            )
+        length = {"steps": max_steps} if self.max_steps > 0 else {"epochs": self.num_train_epochs}
+        try:
+            return self.legw_config().plan(
+                batch_size=global_batch,
+                dataset_size=dataset_size,
+                steps_per_epoch=steps_per_epoch,
+                drop_last=self.dataloader_drop_last,
+                **length,
+            )
+        except SettingError as error:
+            raise _as_argument_error(error) from None
+
+
+@dataclass
+class LegwTrainingArguments(LegwArguments, TrainingArguments):
+    """``TrainingArguments`` with the LEGW fields of :class:`LegwArguments`."""
+
+
+@dataclass(frozen=True)
+class _RunShape:
+    """What Trainer measured about the run (``set_initial_training_values``)."""
+
+    steps_per_epoch: int | None
+    dataset_size: int | None
+
+
+class LegwTrainer(Trainer):
+    """``Trainer`` whose LR scheduler is the LEGW plan when ``args.legw_base_batch_size`` is set.
+
+    Also builds ``--legw_optimizer`` when given and installs :class:`LegwCallback`. Combine with another
+    Trainer subclass by listing it first: ``class MyTrainer(LegwTrainer, Seq2SeqTrainer)``.
+    Settings are checked before ``Trainer.__init__`` touches the output directory.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        bound = inspect.signature(Trainer.__init__).bind(self, *args, **kwargs).arguments
+        training_args = bound.get("args")
+        if isinstance(training_args, LegwArguments) and training_args.legw_enabled:
+            _check_plan_before_training(training_args, bound.get("train_dataset"))
+        super().__init__(*args, **kwargs)
+        if not any(isinstance(cb, LegwCallback) for cb in self.callback_handler.callbacks):
+            # First, so reporting integrations and the progress printer see the keys it adds to the logs.
+            self.callback_handler.callbacks.insert(0, LegwCallback())
+        self._legw_run = _RunShape(None, None)
+
+    @property
+    def legw_enabled(self) -> bool:
+        return isinstance(self.args, LegwArguments) and self.args.legw_enabled
+
+    def set_initial_training_values(self, args: TrainingArguments, dataloader: Any) -> tuple:
+        values = super().set_initial_training_values(args, dataloader)
+        sized = hasattr(dataloader, "__len__")
+        self._legw_run = _RunShape(values[1] if sized else None, values[2] if sized else None)
+        return values
+
+    def legw_plan(self, num_training_steps: int) -> LegwPlan:
+        """The plan for this run, from Trainer's global batch and dataloader."""
+        global_batch = self.args.legw_global_batch(self._train_batch_size)
+        expected = self.args.legw_global_batch_size
+        if expected is not None and global_batch != expected:
+            logger.warning(
+                "Global batch is %d, not legw_global_batch_size=%d (auto_find_batch_size shrank it); "
+                "LEGW re-plans for %d.", global_batch, expected, global_batch,
+            )
+        plan = self.args.legw_plan(
+            global_batch=global_batch,
+            dataset_size=self._legw_run.dataset_size,
+            steps_per_epoch=self._legw_run.steps_per_epoch,
+            max_steps=num_training_steps,
+        )
+        if plan.total_steps != num_training_steps:
+            raise SettingError(
+                "max_steps", f"disagrees with the LEGW plan's {plan.total_steps} steps", num_training_steps
+            )
+        return plan
+
+    def create_scheduler(
+        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> torch.optim.lr_scheduler.LRScheduler:
+        if not self.legw_enabled:
+            return super().create_scheduler(num_training_steps, optimizer)
+        if self.lr_scheduler is None:
+            self.lr_scheduler = LegwScheduler(optimizer or self.optimizer, self.legw_plan(num_training_steps))
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    @staticmethod
+    def get_optimizer_cls_and_kwargs(args: TrainingArguments, model: Any = None) -> tuple[Any, dict[str, Any]]:
+        name = getattr(args, "legw_optimizer", None)
+        if name is None:
+            return Trainer.get_optimizer_cls_and_kwargs(args, model)
+        if name == "adamw":
+            return torch.optim.AdamW, {
+                "lr": args.learning_rate,
+                "betas": (args.adam_beta1, args.adam_beta2),
+                "eps": args.adam_epsilon,
+            }
+        return torch.optim.SGD, {"lr": args.learning_rate, "momentum": args.legw_momentum, "nesterov": args.legw_nesterov}
+
+
+def _check_plan_before_training(args: LegwArguments, train_dataset: Any) -> None:
+    """Build the plan from the settings alone, so a bad one fails before Trainer writes anything.
+
+    Steps per epoch here come from the dataset size, not yet from Trainer's dataloader: the exact plan is
+    built again when training starts.
+    """
+    dataset_size = args.legw_dataset_size
+    if dataset_size is None and hasattr(train_dataset, "__len__"):
+        dataset_size = len(train_dataset)
+    if dataset_size is None:
+        return
+    global_batch = args.legw_global_batch()
+    spe = epoch_steps(dataset_size, global_batch, args.dataloader_drop_last)
+    if spe == 0:
+        raise SettingError(
+            "per_device_train_batch_size",
+            f"gives a global batch ({global_batch}) larger than the dataset ({dataset_size}) with "
+            "dataloader_drop_last: 0 steps per epoch",
+            args.per_device_train_batch_size,
+        )
+    max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * spe)
+    args.legw_plan(global_batch=global_batch, dataset_size=dataset_size, steps_per_epoch=spe, max_steps=max_steps)
+
+
+class LegwCallback(TrainerCallback):
+    """Checks the LEGW plan against the real run, logs it once, and adds the LEGW scale to the logs.
+
+    On train begin: the scheduler must be a :class:`LegwScheduler` whose plan matches Trainer's global
+    batch, steps per epoch and total steps (else ``ValueError`` before the first step). Each log gets
+    ``legw_k`` (batch ÷ base batch) and ``legw_lr_scale`` (logged LR ÷ base LR).
+    """
+
+    def __init__(self) -> None:
+        self.plan: LegwPlan | None = None
+
+    def on_train_begin(self, args, state, control, lr_scheduler=None, train_dataloader=None, **kwargs):
+        if not (isinstance(args, LegwArguments) and args.legw_enabled):
+            return
+        if not isinstance(lr_scheduler, LegwScheduler):
+            raise ValueError(
+                f"LEGW arguments are set but Trainer's LR scheduler is {type(lr_scheduler).__name__}: use "
+                "legw_hf.LegwTrainer, or pass legw_hf.get_scheduler('legw', ...) in Trainer(optimizers=...)"
+            )
+        plan = lr_scheduler.plan
+        _check_plan_matches_run(plan, args, state, train_dataloader)
+        self.plan = plan
+        if state.is_world_process_zero:
+            logger.info(plan.describe())
+
+    def on_log(self, args, state, control, logs=None, lr_scheduler=None, **kwargs):
+        if not isinstance(lr_scheduler, LegwScheduler) or logs is None or "learning_rate" not in logs:
+            return
+        plan = lr_scheduler.plan
+        extra = {"legw_k": plan.k, "legw_lr_scale": logs["learning_rate"] / plan.base_lr}
+        logs.update(extra)
+        # Trainer appended a copy of these logs to log_history just before calling us.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
+
+
+def _check_plan_matches_run(plan: LegwPlan, args: LegwArguments, state: Any, train_dataloader: Any) -> None:
+    global_batch = args.legw_global_batch(state.train_batch_size)
+    mismatches = []
+    if plan.batch_size != global_batch:
+        mismatches.append(f"global batch {plan.batch_size} vs Trainer's {global_batch}")
+    if args.legw_dataset_size is None and hasattr(train_dataloader, "__len__"):
+        steps = -(-len(train_dataloader) // args.gradient_accumulation_steps)
+        if plan.steps_per_epoch != max(steps, 1):
+            mismatches.append(f"steps per epoch {plan.steps_per_epoch} vs Trainer's {steps}")
+    if plan.total_steps != state.max_steps:
+        mismatches.append(f"total steps {plan.total_steps} vs Trainer's {state.max_steps}")
+    if mismatches:
+        raise ValueError("The LEGW plan does not match this run: " + "; ".join(mismatches))
