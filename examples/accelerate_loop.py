@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and log:
                     lr_used = optimizer.param_groups[0]["lr"]
-                    log.write(json.dumps({"update": scheduler.updates, "lr": lr_used, "loss": loss.item()}) + "\n")
+                    row = {"update": scheduler.updates, "lr": lr_used, "processes": accelerator.num_processes}
+                    log.write(json.dumps(row) + "\n")
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()

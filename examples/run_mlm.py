@@ -51,6 +51,10 @@ class DataTrainingArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N blocks."})
     mlm_probability: float = field(default=0.15)
 
+    def __post_init__(self) -> None:
+        if not Path(self.train_file).is_file():
+            raise ValueError(f"train_file must be an existing text file, got {self.train_file!r}")
+
 
 def train_tokenizer(text_file: str, vocab_size: int) -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))

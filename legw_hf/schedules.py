@@ -17,7 +17,11 @@ from .errors import SettingError, non_negative, positive
 
 @dataclass(frozen=True)
 class Decay:
-    """Base of the decay shapes. ``lr`` is only called for ``warmup_epochs <= epoch <= epochs``."""
+    """Base of the decay shapes. ``lr`` is only called for ``warmup_epochs <= epoch <= epochs``.
+
+    Options that are wrong whatever the run (a negative power) fail when the shape is built; ``check`` adds
+    what depends on the run (an end LR above this batch size's peak, a milestone after the last epoch).
+    """
 
     name: ClassVar[str]
 
@@ -32,7 +36,6 @@ class Decay:
 
 
 def _check_end_lr(end_lr: float, peak_lr: float) -> None:
-    non_negative("end_lr", end_lr)
     if end_lr > peak_lr:
         raise SettingError("end_lr", f"must not exceed the peak LR ({peak_lr:.6g})", end_lr)
 
@@ -52,12 +55,15 @@ class Polynomial(Decay):
     power: float = 1.0
     end_lr: float = 0.0
 
+    def __post_init__(self) -> None:
+        positive("power", self.power)
+        non_negative("end_lr", self.end_lr)
+
     def lr(self, peak_lr, epoch, warmup_epochs, epochs):
         remaining = 1.0 - _decay_fraction(epoch, warmup_epochs, epochs)
         return self.end_lr + (peak_lr - self.end_lr) * remaining**self.power
 
     def check(self, peak_lr, warmup_epochs, epochs):
-        positive("power", self.power)
         _check_end_lr(self.end_lr, peak_lr)
 
 
@@ -67,6 +73,9 @@ class Cosine(Decay):
 
     name: ClassVar[str] = "cosine"
     end_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        non_negative("end_lr", self.end_lr)
 
     def lr(self, peak_lr, epoch, warmup_epochs, epochs):
         done = _decay_fraction(epoch, warmup_epochs, epochs)
@@ -88,16 +97,21 @@ class MultiStep(Decay):
     gamma: float = 0.1
 
     def __post_init__(self) -> None:
+        if isinstance(self.milestones, (str, bytes)) or not all(
+            isinstance(m, (int, float)) and not isinstance(m, bool) for m in self.milestones
+        ):
+            raise SettingError("milestones", "must be a list of epochs", self.milestones)
         object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
+        if not self.milestones:
+            raise SettingError("milestones", "must list at least one epoch", list(self.milestones))
+        if any(b <= a for a, b in zip(self.milestones, self.milestones[1:])):
+            raise SettingError("milestones", "must be strictly increasing", list(self.milestones))
+        _check_gamma(self.gamma)
 
     def lr(self, peak_lr, epoch, warmup_epochs, epochs):
         return peak_lr * self.gamma ** bisect.bisect_right(self.milestones, epoch)
 
     def check(self, peak_lr, warmup_epochs, epochs):
-        if not self.milestones:
-            raise SettingError("milestones", "must list at least one epoch", list(self.milestones))
-        if any(b <= a for a, b in zip(self.milestones, self.milestones[1:])):
-            raise SettingError("milestones", "must be strictly increasing", list(self.milestones))
         if not all(warmup_epochs < m < epochs for m in self.milestones):
             raise SettingError(
                 "milestones",
@@ -105,7 +119,6 @@ class MultiStep(Decay):
                 "at this batch size",
                 list(self.milestones),
             )
-        _check_gamma(self.gamma)
 
 
 def _check_gamma(gamma: float) -> None:
@@ -122,13 +135,13 @@ class Exponential(Decay):
     period: float = 1.0
     staircase: bool = False
 
+    def __post_init__(self) -> None:
+        _check_gamma(self.gamma)
+        positive("period", self.period)
+
     def lr(self, peak_lr, epoch, warmup_epochs, epochs):
         periods = (epoch - warmup_epochs) / self.period
         return peak_lr * self.gamma ** (math.floor(periods) if self.staircase else periods)
-
-    def check(self, peak_lr, warmup_epochs, epochs):
-        _check_gamma(self.gamma)
-        positive("period", self.period)
 
 
 @dataclass(frozen=True)

@@ -202,15 +202,9 @@ RUN = dict(batch_size=1024, dataset_size=10_000, epochs=10)
         ({"base_warmup_epochs": None, "base_warmup_steps": 400}, {"epochs": 10}, "base_warmup_steps", "shorter"),
         ({"rule": "cubic"}, {}, "rule", "'legw', 'sqrt', 'linear', 'none'"),
         ({"decay": MultiStep(milestones=(5, 12))}, {}, "milestones", "inside training, in (4, 10)"),
-        ({"decay": MultiStep(milestones=(6, 5))}, {}, "milestones", "strictly increasing"),
         ({"decay": MultiStep(milestones=(3, 6))}, {}, "milestones", "after the warmup"),
-        ({"decay": MultiStep(milestones=())}, {}, "milestones", "at least one"),
-        ({"decay": Polynomial(power=0.0)}, {}, "power", "> 0"),
-        ({"decay": Polynomial(power=-1.0)}, {}, "power", "> 0"),
         ({"decay": Polynomial(end_lr=0.5)}, {}, "end_lr", "peak LR (0.2)"),
         ({"decay": Cosine(end_lr=0.3)}, {}, "end_lr", "peak LR"),
-        ({"decay": Exponential(gamma=1.5)}, {}, "gamma", "(0, 1]"),
-        ({"decay": Exponential(period=0)}, {}, "period", "> 0"),
         ({}, {"batch_size": 20_000, "drop_last": True}, "batch_size", "0 steps per epoch"),
     ],
 )
@@ -220,6 +214,27 @@ def test_bad_settings_name_the_field_and_range(config, run, field, words):
     assert caught.value.field == field
     assert str(caught.value).startswith(field)
     assert words in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("decay", "options", "field", "words"),
+    [
+        (MultiStep, {"milestones": (6, 5)}, "milestones", "strictly increasing"),
+        (MultiStep, {"milestones": ()}, "milestones", "at least one"),
+        (MultiStep, {"milestones": "30 60"}, "milestones", "list of epochs"),
+        (MultiStep, {"milestones": (3,), "gamma": 0.0}, "gamma", "(0, 1]"),
+        (Polynomial, {"power": 0.0}, "power", "> 0"),
+        (Polynomial, {"power": -1.0}, "power", "> 0"),
+        (Polynomial, {"end_lr": -1e-5}, "end_lr", ">= 0"),
+        (Cosine, {"end_lr": float("inf")}, "end_lr", ">= 0"),
+        (Exponential, {"gamma": 1.5}, "gamma", "(0, 1]"),
+        (Exponential, {"period": 0}, "period", "> 0"),
+    ],
+)
+def test_bad_decay_options_fail_when_the_shape_is_built(decay, options, field, words):
+    with pytest.raises(SettingError) as caught:
+        decay(**options)
+    assert caught.value.field == field and words in str(caught.value)
 
 
 def test_warmup_must_be_given_exactly_once():

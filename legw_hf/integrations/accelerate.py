@@ -28,17 +28,41 @@ from ..plan import LegwConfig, LegwPlan
 from ..scheduler import LegwScheduler
 
 
+class SkippedStepDetector:
+    """Tells whether the GradScaler skipped the last optimizer step.
+
+    ``accelerator.optimizer_step_was_skipped`` (accelerate 1.x) only notices a skip when the scaler did not
+    call ``optimizer.step()``. Optimizers that take the inf check inside ``step()`` — fused AdamW, Trainer's
+    default optimizer since transformers 5 — are always called, so accelerate reports every overflowed step as
+    applied and schedulers advance through it. A skipped step always lowers the scale (growth never follows
+    an overflow in the same update), so a lower scale than at the previous check is a skip.
+    """
+
+    def __init__(self, scaler: torch.amp.GradScaler | None) -> None:
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        self._scale = self.scaler.get_scale() if self.scaler is not None else None
+
+    def step_was_skipped(self) -> bool:
+        """Whether the scale dropped since the last call (a host sync, only when a scaler is in use)."""
+        if self.scaler is None:
+            return False
+        scale, self._scale = self._scale, self.scaler.get_scale()
+        return self._scale < scale
+
+
 class AcceleratorLegwScheduler:
     """A :class:`LegwScheduler` stepped only on real updates of an accelerate loop.
 
     ``step()`` advances the plan when ``accelerator.sync_gradients`` is true (the last micro-batch of an
-    accumulation window) and the optimizer step was not skipped by the fp16 GradScaler; every other call is
-    a no-op. Each process steps its own copy, so all ranks agree without communication.
+    accumulation window) and the optimizer step was not skipped by the fp16 GradScaler (also for fused
+    optimizers, see :class:`SkippedStepDetector`); every other call is a no-op. Each process steps its own
+    copy, so all ranks agree without communication.
     """
 
     def __init__(self, scheduler: LegwScheduler, accelerator: Accelerator) -> None:
         self.scheduler = scheduler
         self.accelerator = accelerator
+        self._skips = SkippedStepDetector(accelerator.scaler)
 
     @property
     def plan(self) -> LegwPlan:
@@ -49,7 +73,10 @@ class AcceleratorLegwScheduler:
         return self.scheduler.updates
 
     def step(self) -> None:
-        if self.accelerator.sync_gradients and not self.accelerator.optimizer_step_was_skipped:
+        if not self.accelerator.sync_gradients:
+            return
+        skipped = self._skips.step_was_skipped() or self.accelerator.optimizer_step_was_skipped
+        if not skipped:
             self.scheduler.step()
 
     def get_last_lr(self) -> list[float]:

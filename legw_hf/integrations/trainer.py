@@ -25,6 +25,7 @@ from ..errors import SettingError
 from ..plan import RULES, LegwConfig, LegwPlan, epoch_steps
 from ..scheduler import LegwScheduler
 from ..schedules import DECAYS, make_decay
+from .accelerate import SkippedStepDetector
 
 logger = logging.getLogger(__name__)
 
@@ -298,12 +299,23 @@ class LegwCallback(TrainerCallback):
     On train begin: the scheduler must be a :class:`LegwScheduler` whose plan matches Trainer's global
     batch, steps per epoch and total steps (else ``ValueError`` before the first step). Each log gets
     ``legw_k`` (batch ÷ base batch) and ``legw_lr_scale`` (logged LR ÷ base LR).
+
+    With fp16 loss scaling it also marks GradScaler-skipped steps that accelerate reports as applied (fused
+    AdamW, see :class:`~legw_hf.integrations.accelerate.SkippedStepDetector`), so Trainer does not step the
+    scheduler — any scheduler — through an overflow.
     """
 
     def __init__(self) -> None:
         self.plan: LegwPlan | None = None
+        self._skips = SkippedStepDetector(None)
 
-    def on_train_begin(self, args, state, control, lr_scheduler=None, train_dataloader=None, **kwargs):
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if self._skips.step_was_skipped() and not getattr(optimizer, "step_was_skipped", True):
+            optimizer._is_overflow = True  # what accelerate's AcceleratedOptimizer reads back
+
+    def on_train_begin(self, args, state, control, lr_scheduler=None, train_dataloader=None, optimizer=None,
+                       **kwargs):
+        self._skips = SkippedStepDetector(getattr(optimizer, "scaler", None))
         if not (isinstance(args, LegwArguments) and args.legw_enabled):
             return
         if not isinstance(lr_scheduler, LegwScheduler):

@@ -1,0 +1,144 @@
+"""LEGW in accelerate loops: one step per real update, skipped fp16 steps, checkpoints, and 2 real processes."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from procs import python_env
+from toy import legw_poly_lr
+from torch.utils.data import DataLoader, TensorDataset
+
+from legw_hf import LegwConfig, Polynomial, SettingError
+from legw_hf.integrations.accelerate import create_legw_scheduler
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def run_loop(accelerator, model, optimizer, loader, scheduler, epochs: int, poison: set[int] = frozenset()):
+    """A standard accelerate loop; returns the LR each optimizer step (applied or skipped) used."""
+    lrs, step = [], 0
+    for _ in range(epochs):
+        for x, y in loader:
+            with accelerator.accumulate(model):
+                loss = torch.nn.functional.mse_loss(model(x).squeeze(-1), y)
+                if step in poison:
+                    loss = loss * math.inf
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    lrs.append(optimizer.param_groups[0]["lr"])
+                    step += 1
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+    return lrs
+
+
+def setup(accelerator, dataset_size=50, per_device=4, seed=0, scaler=None):
+    torch.manual_seed(seed)
+    x = torch.randn(dataset_size, 6)
+    data = TensorDataset(x, x.sum(-1))
+    model = torch.nn.Linear(6, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
+    if scaler is not None:
+        accelerator.scaler = scaler  # accelerate makes none on CPU; a GPU fp16 run has this one
+    model, optimizer, loader = accelerator.prepare(model, optimizer, DataLoader(data, batch_size=per_device))
+    config = LegwConfig(base_batch_size=4, base_lr=0.02, base_warmup_epochs=0.2, decay=Polynomial(power=2.0))
+    return model, optimizer, loader, config
+
+
+def expected(update: int, *, batch: int, spe: int, epochs: float) -> float:
+    return legw_poly_lr(update, base_lr=0.02, base_batch=4, batch=batch, base_warmup_epochs=0.2, epochs=epochs,
+                        steps_per_epoch=spe, power=2.0)
+
+
+def test_steps_once_per_accumulated_update(fresh_accelerate_state):
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=3)
+    model, optimizer, loader, config = setup(accelerator)
+    scheduler = create_legw_scheduler(accelerator, optimizer, config, loader, num_epochs=2, batch_size=12)
+    # 50 examples in 13 micro-batches of 4; windows of 3 micro-batches -> 5 updates per epoch (last one short)
+    assert (scheduler.plan.batch_size, scheduler.plan.steps_per_epoch, scheduler.plan.total_steps) == (12, 5, 10)
+    lrs = run_loop(accelerator, model, optimizer, loader, scheduler, epochs=2)
+    assert scheduler.updates == 10
+    assert lrs == pytest.approx([expected(n, batch=12, spe=5, epochs=2) for n in range(10)])
+
+
+def test_skipped_fp16_steps_hold_the_schedule(fresh_accelerate_state):
+    accelerator = Accelerator(cpu=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    model, optimizer, loader, config = setup(accelerator, scaler=scaler)
+    scheduler = create_legw_scheduler(accelerator, optimizer, config, loader, num_epochs=2)
+    lrs = run_loop(accelerator, model, optimizer, loader, scheduler, epochs=2, poison={1, 2, 10})
+    assert scaler.get_scale() == 256.0 / 8
+    assert scheduler.updates == 26 - 3
+    applied, wanted = 0, []
+    for step in range(26):
+        wanted.append(expected(applied, batch=4, spe=13, epochs=2))
+        applied += step not in {1, 2, 10}
+    assert lrs == pytest.approx(wanted)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_save_state_and_load_state_restore_the_progress(fresh_accelerate_state, tmp_path):
+    accelerator = Accelerator(cpu=True)
+    model, optimizer, loader, config = setup(accelerator)
+    scheduler = create_legw_scheduler(accelerator, optimizer, config, loader, num_epochs=2)
+    run_loop(accelerator, model, optimizer, loader, scheduler, epochs=1)
+    accelerator.save_state(str(tmp_path / "state"))
+    lr_after_one_epoch = optimizer.param_groups[0]["lr"]
+
+    AcceleratorState._reset_state(True)
+    accelerator = Accelerator(cpu=True)
+    model, optimizer, loader, config = setup(accelerator)
+    restored = create_legw_scheduler(accelerator, optimizer, config, loader, num_epochs=2)
+    assert restored.updates == 0
+    accelerator.load_state(str(tmp_path / "state"))
+    assert restored.updates == 13
+    assert optimizer.param_groups[0]["lr"] == lr_after_one_epoch == expected(13, batch=4, spe=13, epochs=2)
+
+
+def test_refuses_an_unprepared_dataloader_and_a_wrong_batch(fresh_accelerate_state):
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model, optimizer, loader, config = setup(accelerator)
+    with pytest.raises(SettingError, match="^batch_size must equal .* = 8, got 16"):
+        create_legw_scheduler(accelerator, optimizer, config, loader, num_epochs=2, batch_size=16)
+    with pytest.raises(SettingError, match="^train_dataloader must be the dataloader returned by accelerator.prepare"):
+        create_legw_scheduler(accelerator, optimizer, config, DataLoader(loader.dataset), num_epochs=2)
+
+
+@pytest.mark.multiprocess
+def test_accelerate_launch_two_processes_use_the_planned_lr_on_every_rank(repo, tmp_path):
+    # accelerate 1.x: `launch --cpu --num_processes 2` starts ONE process (its simple launcher); two CPU
+    # processes over gloo need the multi-process launcher with ACCELERATE_USE_CPU set.
+    log = tmp_path / "lr"
+    env = python_env() | {"ACCELERATE_USE_CPU": "true"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+        str(repo / "examples" / "accelerate_loop.py"), "--base-batch-size", "8", "--per-device-batch-size", "8",
+        "--gradient-accumulation-steps", "2", "--epochs", "3", "--dataset-size", "250", "--lr-log", str(log),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # 250 examples over 2 ranks: 125 each, 16 micro-batches of 8, windows of 2 -> 8 updates per epoch
+    per_rank = []
+    for rank in (0, 1):
+        rows = [json.loads(line) for line in (tmp_path / f"lr.rank{rank}").read_text().splitlines()]
+        assert {row["processes"] for row in rows} == {2}
+        assert [row["update"] for row in rows] == list(range(24))
+        wanted = [legw_poly_lr(n, base_lr=0.05, base_batch=8, batch=32, base_warmup_epochs=0.25, epochs=3,
+                               steps_per_epoch=8, power=2.0) for n in range(24)]
+        assert [row["lr"] for row in rows] == pytest.approx(wanted, rel=1e-12, abs=1e-15)
+        per_rank.append(rows)
+    assert "batch 32 (k=4 x base 8)" in result.stdout

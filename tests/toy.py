@@ -1,0 +1,59 @@
+"""A small real regression model and dataset for Trainer runs, and the LEGW formula written out."""
+
+from __future__ import annotations
+
+import math
+
+import datasets
+import torch
+from torch import nn
+
+
+class Regressor(nn.Module):
+    """An MLP with a LayerNorm (so Trainer forms decay and no-decay groups) returning ``{"loss": mse}``.
+
+    ``max_batch`` stands in for a memory limit: a larger micro-batch raises the CPU allocator's out-of-memory
+    error, which Trainer's ``auto_find_batch_size`` reacts to. ``poison`` makes the loss infinite, which is
+    what an fp16 overflow looks like to a GradScaler.
+    """
+
+    def __init__(self, features: int = 8, hidden: int = 16, max_batch: int | None = None, seed: int = 0) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.net = nn.Sequential(
+                nn.Linear(features, hidden), nn.LayerNorm(hidden), nn.Tanh(), nn.Linear(hidden, 1)
+            )
+        self.max_batch = max_batch
+        self.poison = False
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.max_batch is not None and x.shape[0] > self.max_batch:
+            raise RuntimeError(
+                f"DefaultCPUAllocator: can't allocate memory: you tried to allocate {x.shape[0] * 2**30} bytes."
+            )
+        loss = nn.functional.mse_loss(self.net(x).squeeze(-1), y)
+        return {"loss": loss * math.inf if self.poison else loss}
+
+
+def regression_dataset(size: int = 100, features: int = 8, seed: int = 0) -> datasets.Dataset:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(size, features, generator=generator)
+    y = torch.tanh(x @ torch.randn(features, generator=generator))
+    return datasets.Dataset.from_dict({"x": x.tolist(), "y": y.tolist()}).with_format("torch")
+
+
+def legw_poly_lr(update: int, *, base_lr, base_batch, batch, base_warmup_epochs, epochs, steps_per_epoch,
+                 power=1.0, end_lr=0.0) -> float:
+    """LEGW with polynomial decay, written out independently of legw_hf: the LR of 0-based ``update``."""
+    k = batch / base_batch
+    peak = base_lr * math.sqrt(k)
+    warmup = base_warmup_epochs * k
+    t = min((update + 1) / steps_per_epoch, epochs)
+    if t < warmup:
+        return peak * t / warmup
+    return end_lr + (peak - end_lr) * (1 - (t - warmup) / (epochs - warmup)) ** power
+
+
+def logged_learning_rates(log_history: list[dict]) -> list[float]:
+    return [entry["learning_rate"] for entry in log_history if "learning_rate" in entry]
