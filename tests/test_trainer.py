@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
+from procs import python_env
 from toy import Regressor, legw_poly_lr, logged_learning_rates, regression_dataset
 from transformers import HfArgumentParser, Trainer, TrainerCallback
 
@@ -250,3 +254,23 @@ def test_legw_off_leaves_trainer_unchanged(tmp_path):
     trainer.train()
     assert not isinstance(trainer.lr_scheduler, LegwScheduler)
     assert "legw_k" not in trainer.state.log_history[0]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(("split", "batch", "spe"), [("nosplit", 32, 4), ("split", 16, 7)])
+def test_torchrun_two_processes_plan_from_trainer_arithmetic(repo, tmp_path, split, batch, spe):
+    # per-device 8 × accumulation 2 × 2 processes; with split_batches the per-device size is the global one.
+    # 100 examples: without split each rank sees 50 (7 micro-batches -> 4 updates); with split, 13 batches -> 7.
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+               str(repo / "tests" / "scripts" / "trainer_ddp.py"), str(tmp_path), split]
+    result = subprocess.run(command, capture_output=True, text=True, env=python_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["lrs"] == ranks[1]["lrs"]
+    for record in ranks:
+        assert record["world_size"] == 2
+        assert (record["plan"]["batch"], record["plan"]["steps_per_epoch"]) == (batch, spe)
+        wanted = [legw_poly_lr(n, base_lr=0.05, base_batch=8, batch=batch, base_warmup_epochs=0.2, epochs=2,
+                               steps_per_epoch=spe) for n in range(2 * spe)]
+        assert record["lrs"] == pytest.approx(wanted, rel=1e-12, abs=1e-15)
+        assert record["updates"] == 2 * spe

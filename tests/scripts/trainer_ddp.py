@@ -1,0 +1,45 @@
+"""A LegwTrainer run for torchrun: each rank writes its plan and the LR of every update as JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from toy import Regressor, logged_learning_rates, regression_dataset  # noqa: E402
+
+from legw_hf import LegwTrainer, LegwTrainingArguments  # noqa: E402
+
+
+def main(output: str, split_batches: str) -> None:
+    args = LegwTrainingArguments(
+        output_dir=str(Path(output) / "out"),
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        num_train_epochs=2,
+        learning_rate=0.05,
+        legw_base_batch_size=8,
+        legw_base_warmup_epochs=0.2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        accelerator_config={"split_batches": split_batches == "split"},
+    )
+    trainer = LegwTrainer(model=Regressor(), args=args, train_dataset=regression_dataset(100))
+    trainer.train()
+    plan = trainer.lr_scheduler.plan
+    record = {
+        "world_size": args.world_size,
+        "plan": plan.summary(),
+        "lrs": logged_learning_rates(trainer.state.log_history),
+        "updates": trainer.lr_scheduler.updates,
+    }
+    (Path(output) / f"rank{args.process_index}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
