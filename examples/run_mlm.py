@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
         pad_token_id=tokenizer.pad_token_id,
     )
     model = BertForMaskedLM(config)
+    # BertForMaskedLM takes **kwargs but averages its loss itself and ignores num_items_in_batch; without this,
+    # Trainer (transformers 5) sums the micro-batch means and gradients grow with gradient accumulation.
+    model.accepts_loss_kwargs = False
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=data_args.mlm_probability)
     trainer = Trainer(
         model=model,
