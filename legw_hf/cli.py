@@ -16,7 +16,7 @@ from typing import NoReturn
 
 from .errors import SettingError
 from .plan import RULES, LegwConfig, LegwPlan
-from .schedules import DECAYS, make_decay
+from .schedules import DECAY_OPTIONS, DECAYS, make_decay
 
 # Core setting name -> the flag that sets it, so errors name what the user typed.
 _FLAG_FOR_SETTING = {
@@ -86,12 +86,7 @@ def _parser() -> argparse.ArgumentParser:
 def _plans(args: argparse.Namespace) -> list[LegwPlan]:
     decay = make_decay(
         args.decay,
-        power=args.power,
-        end_lr=args.end_lr,
-        milestones=args.milestones,
-        gamma=args.gamma,
-        period=args.decay_period,
-        staircase=args.staircase,
+        **{option: getattr(args, _FLAG_FOR_SETTING[option][2:].replace("-", "_")) for option in DECAY_OPTIONS},
     )
     config = LegwConfig(
         base_batch_size=args.base_batch,

@@ -11,29 +11,14 @@ import sys
 import pytest
 import torch
 from procs import python_env
-from toy import Regressor, legw_poly_lr, logged_learning_rates, regression_dataset
+from toy import Regressor, legw_poly_lr, legw_training_args, logged_learning_rates, regression_dataset
 from transformers import HfArgumentParser, Trainer, TrainerCallback
 
 from legw_hf import LegwCallback, LegwScheduler, LegwTrainer, LegwTrainingArguments, SettingError
 
 
 def legw_args(tmp_path, **overrides) -> LegwTrainingArguments:
-    settings = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        gradient_accumulation_steps=2,
-        num_train_epochs=3,
-        learning_rate=0.05,
-        legw_base_batch_size=4,
-        legw_base_warmup_epochs=0.1,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=7,
-    )
-    return LegwTrainingArguments(**(settings | overrides))
+    return legw_training_args(tmp_path / "out", **overrides)
 
 
 def expected_lrs(args: LegwTrainingArguments, dataset_size: int, updates: range, **decay) -> list[float]:

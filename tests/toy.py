@@ -8,6 +8,8 @@ import datasets
 import torch
 from torch import nn
 
+from legw_hf import LegwTrainingArguments
+
 
 class Regressor(nn.Module):
     """An MLP with a LayerNorm (so Trainer forms decay and no-decay groups) returning ``{"loss": mse}``.
@@ -57,3 +59,23 @@ def legw_poly_lr(update: int, *, base_lr, base_batch, batch, base_warmup_epochs,
 
 def logged_learning_rates(log_history: list[dict]) -> list[float]:
     return [entry["learning_rate"] for entry in log_history if "learning_rate" in entry]
+
+
+def legw_training_args(output_dir, **overrides) -> LegwTrainingArguments:
+    """A small LEGW Trainer run on CPU: base batch 4, per-device 8 × accumulation 2 (k = 4), 3 epochs."""
+    settings = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        num_train_epochs=3,
+        learning_rate=0.05,
+        legw_base_batch_size=4,
+        legw_base_warmup_epochs=0.1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=7,
+    )
+    return LegwTrainingArguments(**(settings | overrides))

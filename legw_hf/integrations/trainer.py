@@ -24,7 +24,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from ..errors import SettingError
 from ..plan import RULES, LegwConfig, LegwPlan, epoch_steps
 from ..scheduler import LegwScheduler
-from ..schedules import DECAYS, make_decay
+from ..schedules import DECAY_OPTIONS, DECAYS, make_decay
 from .accelerate import SkippedStepDetector
 
 logger = logging.getLogger(__name__)
@@ -118,12 +118,7 @@ class LegwArguments:
         try:
             decay = make_decay(
                 self.legw_decay,
-                power=self.legw_power,
-                end_lr=self.legw_end_lr,
-                milestones=self.legw_milestones,
-                gamma=self.legw_gamma,
-                period=self.legw_decay_period,
-                staircase=self.legw_staircase,
+                **{option: getattr(self, _ARGUMENT_FOR_SETTING[option]) for option in DECAY_OPTIONS},
             )
             return LegwConfig(
                 base_batch_size=self.legw_base_batch_size,

@@ -8,25 +8,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from toy import Regressor, logged_learning_rates, regression_dataset  # noqa: E402
+from toy import Regressor, legw_training_args, logged_learning_rates, regression_dataset  # noqa: E402
 
-from legw_hf import LegwTrainer, LegwTrainingArguments  # noqa: E402
+from legw_hf import LegwTrainer  # noqa: E402
 
 
 def main(output: str, split_batches: str) -> None:
-    args = LegwTrainingArguments(
-        output_dir=str(Path(output) / "out"),
-        per_device_train_batch_size=8,
-        gradient_accumulation_steps=2,
+    args = legw_training_args(
+        Path(output) / "out",
         num_train_epochs=2,
-        learning_rate=0.05,
         legw_base_batch_size=8,
         legw_base_warmup_epochs=0.2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
         accelerator_config={"split_batches": split_batches == "split"},
     )
     trainer = LegwTrainer(model=Regressor(), args=args, train_dataset=regression_dataset(100))
