@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(args.seed)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=args.base_lr, momentum=0.9)
-    loader = DataLoader(synthetic_regression(args.dataset_size, args.seed), batch_size=args.per_device_batch_size,
-                        shuffle=True)
+    loader = DataLoader(
+        synthetic_regression(args.dataset_size, args.seed), batch_size=args.per_device_batch_size, shuffle=True
+    )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
     config = LegwConfig(

@@ -68,7 +68,11 @@ def train_tokenizer(text_file: str, vocab_size: int) -> PreTrainedTokenizerFast:
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
-        unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
     )
 
 
@@ -77,7 +81,8 @@ def build_dataset(data_args: DataTrainingArguments, tokenizer: PreTrainedTokeniz
     raw = raw.filter(lambda example: len(example["text"].strip()) > 0)
     tokenized = raw.map(
         lambda batch: tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False),
-        batched=True, remove_columns=["text"],
+        batched=True,
+        remove_columns=["text"],
     )
     block = data_args.max_seq_length
 

@@ -70,11 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--dataset-size", type=int, required=True, help="examples per epoch N")
     plan.add_argument("--batch", type=int, action="append", required=True, help="target global batch (repeatable)")
     plan.add_argument("--rule", choices=tuple(RULES), default="legw")
-    plan.add_argument("--drop-last", action="store_true", help="count steps per epoch with the last partial batch dropped")
+    plan.add_argument("--drop-last", action="store_true", help="drop the last partial batch of an epoch")
     plan.add_argument("--decay", choices=tuple(DECAYS), default="poly")
     plan.add_argument("--power", type=float, help="poly: exponent (default 1)")
     plan.add_argument("--end-lr", type=float, help="poly, cosine: final LR (default 0)")
-    plan.add_argument("--milestones", type=float, nargs="+", help="multistep: epochs where the LR is multiplied by --gamma")
+    plan.add_argument("--milestones", type=float, nargs="+", help="multistep: epochs where the LR is times --gamma")
     plan.add_argument("--gamma", type=float, help="multistep, exp: decay factor")
     plan.add_argument("--decay-period", type=float, help="exp: epochs per factor of gamma (default 1)")
     plan.add_argument("--staircase", action="store_true", default=None, help="exp: decay in whole periods")
@@ -110,9 +110,7 @@ def _plans(args: argparse.Namespace) -> list[LegwPlan]:
 
 def _table(plans: list[LegwPlan]) -> str:
     header = "".join(f"{name:>{width}}" for name, width, _ in _TABLE_COLUMNS)
-    rows = [
-        "".join(f"{plan.summary()[name]:>{width}{spec}}" for name, width, spec in _TABLE_COLUMNS) for plan in plans
-    ]
+    rows = ["".join(f"{plan.summary()[name]:>{width}{spec}}" for name, width, spec in _TABLE_COLUMNS) for plan in plans]
     first = plans[0]
     title = (
         f"rule {first.rule}, base batch {first.base_batch_size}, base LR {first.base_lr:g}, "

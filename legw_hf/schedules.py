@@ -8,6 +8,7 @@ and :meth:`lr` is the whole formula. Nothing here knows about steps, batches or 
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
@@ -104,7 +105,7 @@ class MultiStep(Decay):
         object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
         if not self.milestones:
             raise SettingError("milestones", "must list at least one epoch", list(self.milestones))
-        if any(b <= a for a, b in zip(self.milestones, self.milestones[1:])):
+        if any(b <= a for a, b in itertools.pairwise(self.milestones)):
             raise SettingError("milestones", "must be strictly increasing", list(self.milestones))
         _check_gamma(self.gamma)
 
@@ -174,7 +175,8 @@ def make_decay(name: str, **options: Any) -> Decay:
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise SettingError(
-            unknown[0], f"is not an option of the {name!r} decay (it takes: {', '.join(sorted(accepted)) or 'none'})",
+            unknown[0],
+            f"is not an option of the {name!r} decay (it takes: {', '.join(sorted(accepted)) or 'none'})",
             options[unknown[0]],
         )
     return cls(**options)

@@ -12,8 +12,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from procs import python_env
-from toy import legw_poly_lr
 from torch.utils.data import DataLoader, TensorDataset
+from toy import legw_poly_lr
 
 from legw_hf import LegwConfig, Polynomial, SettingError
 from legw_hf.integrations.accelerate import create_legw_scheduler
@@ -59,8 +59,16 @@ def setup(accelerator, dataset_size=50, per_device=4, seed=0, scaler=None):
 
 
 def expected(update: int, *, batch: int, spe: int, epochs: float) -> float:
-    return legw_poly_lr(update, base_lr=0.02, base_batch=4, batch=batch, base_warmup_epochs=0.2, epochs=epochs,
-                        steps_per_epoch=spe, power=2.0)
+    return legw_poly_lr(
+        update,
+        base_lr=0.02,
+        base_batch=4,
+        batch=batch,
+        base_warmup_epochs=0.2,
+        epochs=epochs,
+        steps_per_epoch=spe,
+        power=2.0,
+    )
 
 
 def test_steps_once_per_accumulated_update(fresh_accelerate_state):
@@ -110,7 +118,7 @@ def test_save_state_and_load_state_restore_the_progress(fresh_accelerate_state, 
 
 def test_refuses_an_unprepared_dataloader_and_a_wrong_batch(fresh_accelerate_state):
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
-    model, optimizer, loader, config = setup(accelerator)
+    _, optimizer, loader, config = setup(accelerator)
     with pytest.raises(SettingError, match="^batch_size must equal .* = 8, got 16"):
         create_legw_scheduler(accelerator, optimizer, config, loader, num_epochs=2, batch_size=16)
     with pytest.raises(SettingError, match="^train_dataloader must be the dataloader returned by accelerator.prepare"):
@@ -124,10 +132,33 @@ def test_accelerate_launch_two_processes_use_the_planned_lr_on_every_rank(repo, 
     log = tmp_path / "lr"
     env = python_env() | {"ACCELERATE_USE_CPU": "true"}
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-        str(repo / "examples" / "accelerate_loop.py"), "--base-batch-size", "8", "--per-device-batch-size", "8",
-        "--gradient-accumulation-steps", "2", "--epochs", "3", "--dataset-size", "250", "--lr-log", str(log),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29517",
+        str(repo / "examples" / "accelerate_loop.py"),
+        "--base-batch-size",
+        "8",
+        "--per-device-batch-size",
+        "8",
+        "--gradient-accumulation-steps",
+        "2",
+        "--epochs",
+        "3",
+        "--dataset-size",
+        "250",
+        "--lr-log",
+        str(log),
     ]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -137,8 +168,12 @@ def test_accelerate_launch_two_processes_use_the_planned_lr_on_every_rank(repo, 
         rows = [json.loads(line) for line in (tmp_path / f"lr.rank{rank}").read_text().splitlines()]
         assert {row["processes"] for row in rows} == {2}
         assert [row["update"] for row in rows] == list(range(24))
-        wanted = [legw_poly_lr(n, base_lr=0.05, base_batch=8, batch=32, base_warmup_epochs=0.25, epochs=3,
-                               steps_per_epoch=8, power=2.0) for n in range(24)]
+        wanted = [
+            legw_poly_lr(
+                n, base_lr=0.05, base_batch=8, batch=32, base_warmup_epochs=0.25, epochs=3, steps_per_epoch=8, power=2.0
+            )
+            for n in range(24)
+        ]
         assert [row["lr"] for row in rows] == pytest.approx(wanted, rel=1e-12, abs=1e-15)
         per_rank.append(rows)
     assert "batch 32 (k=4 x base 8)" in result.stdout

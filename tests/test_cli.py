@@ -14,8 +14,17 @@ import pytest
 from legw_hf.cli import main
 
 IMAGENET_ARGS = [
-    "plan", "--base-batch", "1024", "--base-lr", repr(2**2.5), "--base-warmup-epochs", "0.3125",
-    "--epochs", "90", "--dataset-size", "1281167",
+    "plan",
+    "--base-batch",
+    "1024",
+    "--base-lr",
+    repr(2**2.5),
+    "--base-warmup-epochs",
+    "0.3125",
+    "--epochs",
+    "90",
+    "--dataset-size",
+    "1281167",
 ]
 
 
@@ -46,8 +55,15 @@ def test_json_has_one_object_per_batch_with_the_documented_keys():
 def test_text_table_has_a_row_per_batch(capsys):
     assert main([*IMAGENET_ARGS, "--batch", "1024", "--batch", "32768"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1].split() == ["batch", "k", "peak_lr", "warmup_epochs", "warmup_steps", "steps_per_epoch",
-                                "total_steps"]
+    assert lines[1].split() == [
+        "batch",
+        "k",
+        "peak_lr",
+        "warmup_epochs",
+        "warmup_steps",
+        "steps_per_epoch",
+        "total_steps",
+    ]
     assert lines[2].split() == ["1024", "1", "5.65685", "0.3125", "392", "1252", "112680"]
     assert lines[3].split() == ["32768", "32", "32", "10", "400", "40", "3600"]
 
@@ -60,9 +76,34 @@ def test_plot_writes_a_png(tmp_path):
 
 
 def test_base_steps_and_other_decays(capsys):
-    assert main(["plan", "--base-batch", "100", "--base-lr", "0.1", "--base-warmup-steps", "5", "--base-steps", "60",
-                 "--dataset-size", "1000", "--batch", "400", "--decay", "multistep", "--milestones", "3", "5",
-                 "--gamma", "0.5", "--json"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--base-batch",
+                "100",
+                "--base-lr",
+                "0.1",
+                "--base-warmup-steps",
+                "5",
+                "--base-steps",
+                "60",
+                "--dataset-size",
+                "1000",
+                "--batch",
+                "400",
+                "--decay",
+                "multistep",
+                "--milestones",
+                "3",
+                "5",
+                "--gamma",
+                "0.5",
+                "--json",
+            ]
+        )
+        == 0
+    )
     (row,) = json.loads(capsys.readouterr().out)
     assert (row["warmup_epochs"], row["steps_per_epoch"], row["total_steps"], row["warmup_steps"]) == (2.0, 3, 18, 6)
 
@@ -92,8 +133,10 @@ def with_changes(args: list[str], change: list[str]) -> list[str]:
         (["--base-warmup-epochs", "3"], "--base-warmup-epochs must give a warmup shorter than training (90 epochs)"),
         (["--rule", "cubic"], "argument --rule: invalid choice: 'cubic'"),
         (["--decay", "step"], "argument --decay: invalid choice: 'step'"),
-        (["--decay", "multistep", "--milestones", "30", "95"], "--milestones must lie after the warmup and inside "
-         "training, in (10, 90) epochs"),
+        (
+            ["--decay", "multistep", "--milestones", "30", "95"],
+            "--milestones must lie after the warmup and inside training, in (10, 90) epochs",
+        ),
         (["--decay", "multistep", "--milestones", "60", "30"], "--milestones must be strictly increasing"),
         (["--power", "0"], "--power must be a finite number > 0, got 0.0"),
         (["--end-lr", "100"], "--end-lr must not exceed the peak LR (32)"),

@@ -137,8 +137,9 @@ def test_multistep_milestones_are_the_same_epochs_at_every_batch():
     for batch in (1024, 8192, 32768):
         plan = config.plan(batch_size=batch, dataset_size=IMAGENET, epochs=90)
         epochs_at_first_drop = min(
-            (n + 1) / plan.steps_per_epoch for n in range(plan.total_steps) if plan.lr_for_update(n) < plan.peak_lr * 0.5
-            and (n + 1) / plan.steps_per_epoch > plan.warmup_epochs
+            (n + 1) / plan.steps_per_epoch
+            for n in range(plan.total_steps)
+            if plan.lr_for_update(n) < plan.peak_lr * 0.5 and (n + 1) / plan.steps_per_epoch > plan.warmup_epochs
         )
         assert 30 <= epochs_at_first_drop < 30 + 1 / plan.steps_per_epoch + 1e-12
 
@@ -255,6 +256,14 @@ def test_length_must_be_given_exactly_once():
 def test_plan_is_checked_when_built_directly():
     with pytest.raises(SettingError, match="steps_per_epoch"):
         LegwPlan(
-            base_batch_size=8, base_lr=1.0, base_warmup_epochs=0.0, rule="legw", decay=Constant(),
-            batch_size=8, dataset_size=8, epochs=1.0, steps_per_epoch=0, total_steps=1,
+            base_batch_size=8,
+            base_lr=1.0,
+            base_warmup_epochs=0.0,
+            rule="legw",
+            decay=Constant(),
+            batch_size=8,
+            dataset_size=8,
+            epochs=1.0,
+            steps_per_epoch=0,
+            total_steps=1,
         )

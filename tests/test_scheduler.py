@@ -50,8 +50,10 @@ def test_lr_of_every_update_is_the_plan():
 
 def test_group_lr_scale_and_ignores_initial_lr():
     optimizer = torch.optim.SGD(
-        [{"params": [torch.nn.Parameter(torch.zeros(2))]},
-         {"params": [torch.nn.Parameter(torch.zeros(2))], "lr_scale": 0.1}],
+        [
+            {"params": [torch.nn.Parameter(torch.zeros(2))]},
+            {"params": [torch.nn.Parameter(torch.zeros(2))], "lr_scale": 0.1},
+        ],
         lr=5.0,
     )
     LegwScheduler(optimizer, linear_decay_plan())
@@ -141,10 +143,15 @@ def test_every_transformers_name_behaves_exactly_as_there(name):
     for factory in (transformers.get_scheduler, get_scheduler):
         torch.manual_seed(0)
         optimizer = make_optimizer(lr=0.1)
-        scheduler = factory(name, optimizer, num_warmup_steps=3, num_training_steps=20,
-                            scheduler_specific_kwargs=HF_KWARGS.get(SchedulerType(name)))
+        scheduler = factory(
+            name,
+            optimizer,
+            num_warmup_steps=3,
+            num_training_steps=20,
+            scheduler_specific_kwargs=HF_KWARGS.get(SchedulerType(name)),
+        )
         lrs = []
-        for step in range(20):
+        for _ in range(20):
             optimizer.step()
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) or name == "greedy":
                 scheduler.step(1.0)
@@ -160,15 +167,16 @@ def test_legw_name_with_a_plan_or_with_settings():
     by_plan = get_scheduler("legw", make_optimizer(), num_training_steps=50, scheduler_specific_kwargs={"plan": plan})
     assert isinstance(by_plan, LegwScheduler) and by_plan.plan is plan
 
-    settings = dict(base_batch_size=10, base_lr=0.1, base_warmup_epochs=0.5, batch_size=40, dataset_size=400,
-                    power=1.0)
-    by_settings = get_scheduler("legw_poly", make_optimizer(), num_training_steps=50,
-                                scheduler_specific_kwargs=settings)
+    settings = dict(base_batch_size=10, base_lr=0.1, base_warmup_epochs=0.5, batch_size=40, dataset_size=400, power=1.0)
+    by_settings = get_scheduler(
+        "legw_poly", make_optimizer(), num_training_steps=50, scheduler_specific_kwargs=settings
+    )
     assert by_settings.plan == plan  # num_training_steps stands for the length
     assert by_settings.plan.total_steps == 50
 
-    cosine = get_scheduler("legw_cosine", make_optimizer(), scheduler_specific_kwargs=settings | {"epochs": 5,
-                           "power": None})
+    cosine = get_scheduler(
+        "legw_cosine", make_optimizer(), scheduler_specific_kwargs=settings | {"epochs": 5, "power": None}
+    )
     assert cosine.plan.decay.name == "cosine"
 
 
@@ -204,8 +212,9 @@ def test_legw_name_errors_name_the_setting():
 
 
 def test_multistep_scheduler_lr_drops_at_milestone_epochs():
-    plan = LegwConfig(base_batch_size=10, base_lr=0.1, base_warmup_epochs=0.25,
-                      decay=MultiStep(milestones=(2, 4), gamma=0.5)).plan(batch_size=20, dataset_size=200, epochs=5)
+    plan = LegwConfig(
+        base_batch_size=10, base_lr=0.1, base_warmup_epochs=0.25, decay=MultiStep(milestones=(2, 4), gamma=0.5)
+    ).plan(batch_size=20, dataset_size=200, epochs=5)
     optimizer = make_optimizer()
     lrs = lr_trajectory(LegwScheduler(optimizer, plan), optimizer, plan.total_steps)
     peak = 0.1 * 2**0.5

@@ -27,8 +27,16 @@ def expected_lrs(args: LegwTrainingArguments, dataset_size: int, updates: range,
     spe = math.ceil(micro_batches / args.gradient_accumulation_steps)
     epochs = args.max_steps / spe if args.max_steps > 0 else args.num_train_epochs
     return [
-        legw_poly_lr(n, base_lr=args.learning_rate, base_batch=args.legw_base_batch_size, batch=batch,
-                     base_warmup_epochs=args.legw_base_warmup_epochs, epochs=epochs, steps_per_epoch=spe, **decay)
+        legw_poly_lr(
+            n,
+            base_lr=args.learning_rate,
+            base_batch=args.legw_base_batch_size,
+            batch=batch,
+            base_warmup_epochs=args.legw_base_warmup_epochs,
+            epochs=epochs,
+            steps_per_epoch=spe,
+            **decay,
+        )
         for n in updates
     ]
 
@@ -67,16 +75,23 @@ def test_max_steps_and_cosine(tmp_path):
 
 
 def test_sgd_and_adamw_choices(tmp_path):
-    sgd = LegwTrainer(model=Regressor(), args=legw_args(tmp_path, legw_optimizer="sgd", legw_momentum=0.8,
-                                                          legw_nesterov=True, weight_decay=0.01, max_steps=2),
-                      train_dataset=regression_dataset(40))
+    sgd = LegwTrainer(
+        model=Regressor(),
+        args=legw_args(
+            tmp_path, legw_optimizer="sgd", legw_momentum=0.8, legw_nesterov=True, weight_decay=0.01, max_steps=2
+        ),
+        train_dataset=regression_dataset(40),
+    )
     sgd.train()
     assert isinstance(sgd.optimizer.optimizer, torch.optim.SGD)
     groups = sgd.optimizer.param_groups
     assert {g["momentum"] for g in groups} == {0.8} and all(g["nesterov"] for g in groups)
     assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.01]  # Trainer's decay / no-decay groups
-    adamw = LegwTrainer(model=Regressor(), args=legw_args(tmp_path, legw_optimizer="adamw", adam_beta2=0.98,
-                                                            max_steps=2), train_dataset=regression_dataset(40))
+    adamw = LegwTrainer(
+        model=Regressor(),
+        args=legw_args(tmp_path, legw_optimizer="adamw", adam_beta2=0.98, max_steps=2),
+        train_dataset=regression_dataset(40),
+    )
     adamw.train()
     assert isinstance(adamw.optimizer.optimizer, torch.optim.AdamW)
     assert adamw.optimizer.param_groups[0]["betas"] == (0.9, 0.98)
@@ -107,8 +122,9 @@ def test_fp16_skipped_steps_do_not_advance_the_schedule(tmp_path, optimizer):
     # accelerate's optimizer_step_was_skipped misses; SGD is skipped by the scaler itself.
     model = Regressor()
     args = legw_args(tmp_path, fp16=True, max_grad_norm=1.0, legw_optimizer=optimizer)
-    trainer = LegwTrainer(model=model, args=args, train_dataset=regression_dataset(100),
-                          callbacks=[PoisonSteps(model, {2, 3, 9})])
+    trainer = LegwTrainer(
+        model=model, args=args, train_dataset=regression_dataset(100), callbacks=[PoisonSteps(model, {2, 3, 9})]
+    )
     # accelerate makes no GradScaler on CPU; install the real one a GPU fp16 run uses.
     trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     trainer.train()
@@ -123,8 +139,7 @@ def test_fp16_skipped_steps_do_not_advance_the_schedule(tmp_path, optimizer):
 
 
 def test_auto_find_batch_size_replans_for_the_batch_that_fits(tmp_path):
-    args = legw_args(tmp_path, per_device_train_batch_size=32, auto_find_batch_size=True,
-                     legw_global_batch_size=64)
+    args = legw_args(tmp_path, per_device_train_batch_size=32, auto_find_batch_size=True, legw_global_batch_size=64)
     trainer = LegwTrainer(model=Regressor(max_batch=8), args=args, train_dataset=regression_dataset(100))
     trainer.train()
     plan = trainer.lr_scheduler.plan
@@ -150,8 +165,9 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
     full = LegwTrainer(model=Regressor(), args=full_args, train_dataset=data)
     full.train()
 
-    interrupted_args = legw_args(tmp_path / "resumed", legw_optimizer="adamw", weight_decay=0.01,
-                                 save_strategy="steps", save_steps=1000)
+    interrupted_args = legw_args(
+        tmp_path / "resumed", legw_optimizer="adamw", weight_decay=0.01, save_strategy="steps", save_steps=1000
+    )
     interrupted = LegwTrainer(model=Regressor(), args=interrupted_args, train_dataset=data, callbacks=[StopAt(9)])
     interrupted.train()
     checkpoint = tmp_path / "resumed" / "out" / "checkpoint-9"
@@ -161,16 +177,36 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.lr_scheduler.updates == 21
     assert logged_learning_rates(resumed.state.log_history) == logged_learning_rates(full.state.log_history)
-    for (name, expected), (_, actual) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
+    for expected, actual in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
         torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
 def test_cli_flags_through_hf_argument_parser(tmp_path):
     parser = HfArgumentParser(LegwTrainingArguments)
     (args,) = parser.parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--use_cpu", "true", "--legw_base_batch_size", "256",
-         "--legw_rule", "sqrt", "--legw_base_warmup_steps", "100", "--legw_decay", "multistep",
-         "--legw_milestones", "3", "6", "--legw_gamma", "0.5", "--legw_optimizer", "sgd", "--legw_momentum", "0.95"]
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--use_cpu",
+            "true",
+            "--legw_base_batch_size",
+            "256",
+            "--legw_rule",
+            "sqrt",
+            "--legw_base_warmup_steps",
+            "100",
+            "--legw_decay",
+            "multistep",
+            "--legw_milestones",
+            "3",
+            "6",
+            "--legw_gamma",
+            "0.5",
+            "--legw_optimizer",
+            "sgd",
+            "--legw_momentum",
+            "0.95",
+        ]
     )
     assert (args.legw_base_batch_size, args.legw_rule, args.legw_base_warmup_steps) == (256, "sqrt", 100.0)
     assert (args.legw_decay, args.legw_milestones, args.legw_gamma) == ("multistep", [3.0, 6.0], 0.5)
@@ -178,8 +214,17 @@ def test_cli_flags_through_hf_argument_parser(tmp_path):
     config = args.legw_config()
     assert config.decay.milestones == (3.0, 6.0) and config.base_lr == args.learning_rate
     help_text = parser.format_help()
-    for flag in ("--legw_base_batch_size", "--legw_rule", "--legw_base_warmup_epochs", "--legw_decay",
-                 "--legw_power", "--legw_end_lr", "--legw_milestones", "--legw_global_batch_size", "--legw_optimizer"):
+    for flag in (
+        "--legw_base_batch_size",
+        "--legw_rule",
+        "--legw_base_warmup_epochs",
+        "--legw_decay",
+        "--legw_power",
+        "--legw_end_lr",
+        "--legw_milestones",
+        "--legw_global_batch_size",
+        "--legw_optimizer",
+    ):
         assert flag in help_text
     with pytest.raises(SystemExit):
         parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--legw_rule", "cubic"])
@@ -211,8 +256,11 @@ def test_bad_arguments_fail_when_the_arguments_are_built(tmp_path, overrides, fi
         ({"per_device_train_batch_size": 64}, "legw_base_warmup_epochs", "shorter than training (3 epochs)"),
         ({"legw_decay": "multistep", "legw_milestones": [1.0, 4.0]}, "legw_milestones", "(0.4, 3)"),
         ({"legw_decay": "poly", "legw_end_lr": 1.0}, "legw_end_lr", "peak LR (0.1)"),
-        ({"per_device_train_batch_size": 128, "dataloader_drop_last": True}, "per_device_train_batch_size",
-         "0 steps per epoch"),
+        (
+            {"per_device_train_batch_size": 128, "dataloader_drop_last": True},
+            "per_device_train_batch_size",
+            "0 steps per epoch",
+        ),
     ],
 )
 def test_bad_plan_fails_before_trainer_writes_anything(tmp_path, overrides, field, words):
@@ -226,11 +274,12 @@ def test_bad_plan_fails_before_trainer_writes_anything(tmp_path, overrides, fiel
 def test_plain_trainer_with_legw_arguments_is_refused_before_the_first_step(tmp_path):
     model = Regressor()
     before = [p.detach().clone() for p in model.parameters()]
-    trainer = Trainer(model=model, args=legw_args(tmp_path), train_dataset=regression_dataset(40),
-                      callbacks=[LegwCallback()])
+    trainer = Trainer(
+        model=model, args=legw_args(tmp_path), train_dataset=regression_dataset(40), callbacks=[LegwCallback()]
+    )
     with pytest.raises(ValueError, match="use legw_hf.LegwTrainer"):
         trainer.train()
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 def test_legw_off_leaves_trainer_unchanged(tmp_path):
@@ -246,8 +295,18 @@ def test_legw_off_leaves_trainer_unchanged(tmp_path):
 def test_torchrun_two_processes_plan_from_trainer_arithmetic(repo, tmp_path, split, batch, spe):
     # per-device 8 × accumulation 2 × 2 processes; with split_batches the per-device size is the global one.
     # 100 examples: without split each rank sees 50 (7 micro-batches -> 4 updates); with split, 13 batches -> 7.
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
-               str(repo / "tests" / "scripts" / "trainer_ddp.py"), str(tmp_path), split]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29541",
+        str(repo / "tests" / "scripts" / "trainer_ddp.py"),
+        str(tmp_path),
+        split,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=python_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -255,7 +314,11 @@ def test_torchrun_two_processes_plan_from_trainer_arithmetic(repo, tmp_path, spl
     for record in ranks:
         assert record["world_size"] == 2
         assert (record["plan"]["batch"], record["plan"]["steps_per_epoch"]) == (batch, spe)
-        wanted = [legw_poly_lr(n, base_lr=0.05, base_batch=8, batch=batch, base_warmup_epochs=0.2, epochs=2,
-                               steps_per_epoch=spe) for n in range(2 * spe)]
+        wanted = [
+            legw_poly_lr(
+                n, base_lr=0.05, base_batch=8, batch=batch, base_warmup_epochs=0.2, epochs=2, steps_per_epoch=spe
+            )
+            for n in range(2 * spe)
+        ]
         assert record["lrs"] == pytest.approx(wanted, rel=1e-12, abs=1e-15)
         assert record["updates"] == 2 * spe

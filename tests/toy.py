@@ -23,9 +23,7 @@ class Regressor(nn.Module):
         super().__init__()
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            self.net = nn.Sequential(
-                nn.Linear(features, hidden), nn.LayerNorm(hidden), nn.Tanh(), nn.Linear(hidden, 1)
-            )
+            self.net = nn.Sequential(nn.Linear(features, hidden), nn.LayerNorm(hidden), nn.Tanh(), nn.Linear(hidden, 1))
         self.max_batch = max_batch
         self.poison = False
 
@@ -45,8 +43,9 @@ def regression_dataset(size: int = 100, features: int = 8, seed: int = 0) -> dat
     return datasets.Dataset.from_dict({"x": x.tolist(), "y": y.tolist()}).with_format("torch")
 
 
-def legw_poly_lr(update: int, *, base_lr, base_batch, batch, base_warmup_epochs, epochs, steps_per_epoch,
-                 power=1.0, end_lr=0.0) -> float:
+def legw_poly_lr(
+    update: int, *, base_lr, base_batch, batch, base_warmup_epochs, epochs, steps_per_epoch, power=1.0, end_lr=0.0
+) -> float:
     """LEGW with polynomial decay, written out independently of legw_hf: the LR of 0-based ``update``."""
     k = batch / base_batch
     peak = base_lr * math.sqrt(k)

@@ -226,7 +226,10 @@ class LegwTrainer(Trainer):
         if expected is not None and global_batch != expected:
             logger.warning(
                 "Global batch is %d, not legw_global_batch_size=%d (auto_find_batch_size shrank it); "
-                "LEGW re-plans for %d.", global_batch, expected, global_batch,
+                "LEGW re-plans for %d.",
+                global_batch,
+                expected,
+                global_batch,
             )
         plan = self.args.legw_plan(
             global_batch=global_batch,
@@ -261,7 +264,11 @@ class LegwTrainer(Trainer):
                 "betas": (args.adam_beta1, args.adam_beta2),
                 "eps": args.adam_epsilon,
             }
-        return torch.optim.SGD, {"lr": args.learning_rate, "momentum": args.legw_momentum, "nesterov": args.legw_nesterov}
+        return torch.optim.SGD, {
+            "lr": args.learning_rate,
+            "momentum": args.legw_momentum,
+            "nesterov": args.legw_nesterov,
+        }
 
 
 def _check_plan_before_training(args: LegwArguments, train_dataset: Any) -> None:
@@ -308,8 +315,7 @@ class LegwCallback(TrainerCallback):
         if self._skips.step_was_skipped() and not getattr(optimizer, "step_was_skipped", True):
             optimizer._is_overflow = True  # what accelerate's AcceleratedOptimizer reads back
 
-    def on_train_begin(self, args, state, control, lr_scheduler=None, train_dataloader=None, optimizer=None,
-                       **kwargs):
+    def on_train_begin(self, args, state, control, lr_scheduler=None, train_dataloader=None, optimizer=None, **kwargs):
         self._skips = SkippedStepDetector(getattr(optimizer, "scaler", None))
         if not (isinstance(args, LegwArguments) and args.legw_enabled):
             return

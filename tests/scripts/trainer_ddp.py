@@ -8,9 +8,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from toy import Regressor, legw_training_args, logged_learning_rates, regression_dataset  # noqa: E402
+from toy import Regressor, legw_training_args, logged_learning_rates, regression_dataset
 
-from legw_hf import LegwTrainer  # noqa: E402
+from legw_hf import LegwTrainer
 
 
 def main(output: str, split_batches: str) -> None:
