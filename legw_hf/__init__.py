@@ -1,7 +1,7 @@
 """legw_hf: large-batch training for HuggingFace Transformers and Accelerate.
 
-The core (plans, schedules, the scheduler) imports only torch. The Trainer and accelerate integrations load
-on first use, so ``import legw_hf`` stays cheap.
+The core (plans, schedules, the scheduler) and the optimizers (:class:`Lamb`, :class:`Lars`) import only torch.
+The Trainer and accelerate integrations load on first use, so ``import legw_hf`` stays cheap.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import importlib
 from typing import Any
 
 from .errors import SettingError
+from .optim import LAMB_PRESETS, LARS_PRESETS, Lamb, Lars, decay_param_groups, decay_parameter_names
 from .plan import RULES, LegwConfig, LegwPlan, Phase, PhasedPlan, epoch_steps, plan_from_dict
 from .scheduler import SCHEDULER_NAMES, LegwScheduler, get_scheduler
 from .schedules import DECAYS, Constant, Cosine, Exponential, MultiStep, Polynomial, make_decay
@@ -34,11 +35,15 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "DECAYS",
+    "LAMB_PRESETS",
+    "LARS_PRESETS",
     "RULES",
     "SCHEDULER_NAMES",
     "Constant",
     "Cosine",
     "Exponential",
+    "Lamb",
+    "Lars",
     "LegwConfig",
     "LegwPlan",
     "LegwScheduler",
@@ -47,6 +52,8 @@ __all__ = [
     "PhasedPlan",
     "Polynomial",
     "SettingError",
+    "decay_param_groups",
+    "decay_parameter_names",
     "epoch_steps",
     "get_scheduler",
     "make_decay",
