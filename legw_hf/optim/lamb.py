@@ -186,7 +186,8 @@ class Lamb(LayerwiseOptimizer):
         if self.fused_adam and foreach is False:
             raise SettingError("fused_adam", "needs the multi-tensor path", fused_adam,
                                detail="foreach=False selects the single-tensor reference path")
-        if self.fused_adam and not _fused_adam_agrees():
+        # The one-time check of the private kernel runs here, never inside a step (it reads results back).
+        if self.fused_adam is not False and not _fused_adam_agrees() and self.fused_adam:
             raise SettingError("fused_adam", "is not available in this torch build", fused_adam)
         super().__init__(params, settings, foreach=foreach, master_weights=master_weights)
 
