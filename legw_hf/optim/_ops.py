@@ -1,6 +1,7 @@
-"""List operations the multi-tensor paths need and ``torch._foreach_*`` does not offer in place.
+"""List operations the multi-tensor paths need and ``torch._foreach_*`` does not offer with an output list.
 
-Each writes into a buffer that already exists, so a step never holds more than one parameter-sized scratch list.
+Each writes into buffers that already exist (the step's workspace), so a step never allocates more than one
+parameter-sized scratch list.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ import torch
 from torch import Tensor
 
 
-def working_copy(tensors: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
-    """Fresh copies in ``dtype`` (the scratch list a step writes into)."""
-    return [tensor.to(dtype=dtype, copy=True) for tensor in tensors]
+def scale_into(sources: Sequence[Tensor], factor: float, out: Sequence[Tensor]) -> None:
+    for source, target in zip(sources, out, strict=True):
+        torch.mul(source, factor, out=target)
 
 
 def sqrt_into(sources: Sequence[Tensor], out: Sequence[Tensor]) -> None:

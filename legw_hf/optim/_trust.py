@@ -28,6 +28,10 @@ def squared_norms(tensors: Sequence[Tensor], *, foreach: bool) -> Tensor:
         return torch.zeros(0)
     if not foreach:
         return torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32).square() for t in tensors])
+    if all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
+        # BLAS dot streams each tensor once, markedly faster on CPU than the generic reductions.
+        flat = [t.view(-1) for t in tensors]
+        return torch.stack([torch.dot(f, f) for f in flat])
     if _foreach_powsum is not None:
         return torch.stack(_foreach_powsum(tensors, 2, dtype=torch.float32))
     return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).square()

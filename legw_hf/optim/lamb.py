@@ -168,6 +168,7 @@ class Lamb(LayerwiseOptimizer):
         foreach: bool | None = None,
         fused_adam: bool | None = None,
         master_weights: bool = False,
+        keep_workspace: bool | None = None,
     ) -> None:
         given = {
             "lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "bias_correction": bias_correction,
@@ -189,7 +190,8 @@ class Lamb(LayerwiseOptimizer):
         # The one-time check of the private kernel runs here, never inside a step (it reads results back).
         if self.fused_adam is not False and not _fused_adam_agrees() and self.fused_adam:
             raise SettingError("fused_adam", "is not available in this torch build", fused_adam)
-        super().__init__(params, settings, foreach=foreach, master_weights=master_weights)
+        super().__init__(params, settings, foreach=foreach, master_weights=master_weights,
+                         keep_workspace=keep_workspace)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
@@ -267,8 +269,8 @@ class Lamb(LayerwiseOptimizer):
                        for weight, grad, state in zip(bucket.weights, bucket.grads, bucket.states, strict=True)]
             return updates, torch.ones(len(updates), device=bucket.weights[0].device)
         if self._takes_fused_adam(bucket, grad_divisor):
-            return _fused_adam_direction(bucket)
-        return _foreach_direction(bucket, grad_divisor)
+            return _fused_adam_direction(bucket, self.workspace(bucket))
+        return _foreach_direction(bucket, grad_divisor, self.workspace(bucket))
 
     def _takes_fused_adam(self, bucket: Bucket, grad_divisor: Tensor | None) -> bool:
         if self.fused_adam is False:
@@ -317,8 +319,9 @@ def _bias_corrections(bucket: Bucket, group: dict[str, Any]) -> tuple[Tensor, Te
     return 1 - beta1**steps, 1 - beta2**steps
 
 
-def _foreach_direction(bucket: Bucket, grad_divisor: Tensor | None) -> tuple[list[Tensor], Tensor]:
-    """Steps 1-3 over the bucket with ``_foreach_`` ops, in one scratch list.
+def _foreach_direction(bucket: Bucket, grad_divisor: Tensor | None,
+                       scratch: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+    """Steps 1-3 over the bucket with ``_foreach_`` ops, in the one ``scratch`` list.
 
     With bias correction inside, ``r = c·m / (√v + ε√bc2)`` (or ``c·m / √(v + ε·bc2)``) with ``c = √bc2/bc1``
     is the same quotient as ``m̂/(√v̂ + ε)``; ``c`` stays a per-tensor factor of the result instead of a pass
@@ -331,15 +334,15 @@ def _foreach_direction(bucket: Bucket, grad_divisor: Tensor | None) -> tuple[lis
     exp_avgs, exp_avg_sqs = bucket.state_list("exp_avg"), bucket.state_list("exp_avg_sq")
     dtype = exp_avgs[0].dtype
 
-    scratch: list[Tensor] | None = None
     l2 = group["weight_decay_mode"] == "l2" and decay != 0
-    if grad_divisor is not None or l2 or grads[0].dtype != dtype:
-        scratch = _ops.working_copy(grads, dtype)
+    grads_in_scratch = grad_divisor is not None or l2 or grads[0].dtype != dtype
+    if grads_in_scratch:  # the gradient the moments see must differ from p.grad, which stays untouched
+        torch._foreach_copy_(scratch, grads)
         if grad_divisor is not None:
             torch._foreach_div_(scratch, grad_divisor)
         if l2:
             torch._foreach_add_(scratch, weights, alpha=decay)
-    grads = scratch if scratch is not None else grads
+        grads = scratch
 
     if group["grad_averaging"]:
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
@@ -358,12 +361,7 @@ def _foreach_direction(bucket: Bucket, grad_divisor: Tensor | None) -> tuple[lis
         eps_term = torch.full_like(inner_scale, eps)
     eps_terms = eps_term.unbind()
 
-    if scratch is None:
-        scratch = (torch._foreach_add(exp_avg_sqs, eps_terms) if group["eps_inside_sqrt"]
-                   else torch._foreach_sqrt(exp_avg_sqs))
-        if group["eps_inside_sqrt"]:
-            torch._foreach_sqrt_(scratch)
-    elif group["eps_inside_sqrt"]:
+    if group["eps_inside_sqrt"]:
         _ops.add_into(exp_avg_sqs, eps_terms, scratch)
         torch._foreach_sqrt_(scratch)
     else:
@@ -376,14 +374,16 @@ def _foreach_direction(bucket: Bucket, grad_divisor: Tensor | None) -> tuple[lis
     return scratch, inner_scale
 
 
-def _fused_adam_direction(bucket: Bucket) -> tuple[list[Tensor], Tensor]:
+def _fused_adam_direction(bucket: Bucket, scratch: list[Tensor]) -> tuple[list[Tensor], Tensor]:
     """Steps 2-3 through torch's fused Adam kernel: run on a scratch "parameter" holding ``λ·p`` with LR -1, the
     kernel leaves ``λ·p + m̂/(√v̂ + ε)``, which is ``u``, and updates the moments in the same pass."""
     group = bucket.group
     beta1, beta2 = group["betas"]
     decay = group["weight_decay"]
-    scratch = (torch._foreach_mul(bucket.weights, decay) if decay != 0
-               else [torch.zeros_like(weight) for weight in bucket.weights])
+    if decay != 0:
+        _ops.scale_into(bucket.weights, decay, scratch)
+    else:
+        torch._foreach_zero_(scratch)
     torch._fused_adam_(
         scratch, bucket.grads, bucket.state_list("exp_avg"), bucket.state_list("exp_avg_sq"), [],
         bucket.state_list("step"), lr=-1.0, beta1=beta1, beta2=beta2, weight_decay=0.0, eps=group["eps"],

@@ -121,6 +121,7 @@ class Lars(LayerwiseOptimizer):
         adapt: str = FROM_PRESET,
         foreach: bool | None = None,
         master_weights: bool = False,
+        keep_workspace: bool | None = None,
     ) -> None:
         given = {
             "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "trust_coefficient": trust_coefficient,
@@ -129,7 +130,8 @@ class Lars(LayerwiseOptimizer):
         }
         self.preset = preset
         settings = resolve(LARS_DEFAULTS, LARS_PRESETS, preset, given)
-        super().__init__(params, settings, foreach=foreach, master_weights=master_weights)
+        super().__init__(params, settings, foreach=foreach, master_weights=master_weights,
+                         keep_workspace=keep_workspace)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
@@ -182,15 +184,15 @@ class Lars(LayerwiseOptimizer):
     def _decayed_gradient(self, bucket: Bucket) -> list[Tensor]:
         """The tensors whose norms form the ratio's denominator: ``g + λp`` for ``"update_norm"``, else ``g``.
 
-        Fresh copies (the step's one scratch list) only when the gradient must change: decay, or an fp16/bf16
-        gradient that the fp32 state needs upcast.
+        A copy in the workspace (the step's one scratch list) only when the gradient must change: decay, or an
+        fp16/bf16 gradient that the fp32 state needs upcast.
         """
         group, grads = bucket.group, bucket.grads
         decay_here = group["trust_denominator"] == "update_norm" and group["weight_decay"] != 0
-        dtype = state_dtype(bucket.params[0])
-        if not decay_here and grads[0].dtype == dtype:
+        if not decay_here and grads[0].dtype == state_dtype(bucket.params[0]):
             return grads
-        direction = _ops.working_copy(grads, dtype)
+        direction = self.workspace(bucket)
+        torch._foreach_copy_(direction, grads)
         if decay_here:
             _ops.add_scaled_(direction, bucket.weights, group["weight_decay"], foreach=self.uses_foreach)
         return direction
@@ -204,7 +206,8 @@ class Lars(LayerwiseOptimizer):
         if self.is_adapted(group):
             decay = torch.where((param_norm > 0) & (grad_norm > 0), decay, torch.zeros_like(decay))
         if direction is bucket.grads:
-            direction = _ops.working_copy(direction, direction[0].dtype)
+            direction = self.workspace(bucket)
+            torch._foreach_copy_(direction, bucket.grads)
         _ops.add_scaled_(direction, bucket.weights, decay, foreach=self.uses_foreach)
         return direction
 

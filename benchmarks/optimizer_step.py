@@ -1,0 +1,188 @@
+"""Time one optimizer step on BERT-shaped parameter sets, next to torch's AdamW and SGD and torch-optimizer's Lamb.
+
+Usage::
+
+    python benchmarks/optimizer_step.py            # BERT-small and BERT-base, ~5 minutes on 2 cores
+    python benchmarks/optimizer_step.py --quick    # BERT-small only, fewer steps
+
+Parameter shapes come from ``transformers.BertForMaskedLM`` built on the meta device (tied embeddings counted
+once). Every optimizer gets its own fp32 copy of the parameters and the same fixed gradients; the time is the
+median of ``--steps`` calls to ``step()`` after ``--warmup`` calls (the first one creates the state). Memory
+columns: bytes held in ``optimizer.state`` after the steps, and the peak of bytes allocated during one ``step()``
+and still alive at the same time (tracked per storage with a dispatch mode, in a separate untimed step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from legw_hf import Lamb, Lars  # noqa: E402
+
+MODELS = {
+    "BERT-small": {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8, "intermediate_size": 2048},
+    "BERT-base": {},
+}
+
+Factory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+
+
+def torch_optimizer_lamb(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    import torch_optimizer
+
+    return torch_optimizer.Lamb(params, lr=1e-3, weight_decay=0.01)
+
+
+# (name, factory, baseline the ratio is taken against)
+OPTIMIZERS: list[tuple[str, Factory]] = [
+    ("torch AdamW fused", lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01, fused=True)),
+    ("torch AdamW foreach", lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01, foreach=True)),
+    ("torch-optimizer Lamb", torch_optimizer_lamb),
+    ("legw_hf Lamb (default: fused Adam kernel)", lambda p: Lamb(p, lr=1e-3, weight_decay=0.01)),
+    ("legw_hf Lamb foreach, fused_adam=False", lambda p: Lamb(p, lr=1e-3, weight_decay=0.01, fused_adam=False)),
+    ("legw_hf Lamb preset=nvidia (foreach)", lambda p: Lamb(p, lr=1e-3, preset="nvidia")),
+    ("legw_hf Lamb single-tensor reference", lambda p: Lamb(p, lr=1e-3, weight_decay=0.01, foreach=False)),
+    ("torch SGD momentum foreach", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4,
+                                                             foreach=True)),
+    ("legw_hf Lars (foreach)", lambda p: Lars(p, lr=0.1, momentum=0.9, weight_decay=1e-4)),
+    ("legw_hf Lars preset=optax (foreach)", lambda p: Lars(p, lr=0.1, preset="optax", weight_decay=1e-4)),
+    ("legw_hf Lars single-tensor reference", lambda p: Lars(p, lr=0.1, momentum=0.9, weight_decay=1e-4,
+                                                            foreach=False)),
+]
+
+
+def bert_shapes(name: str) -> list[torch.Size]:
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(vocab_size=30522, **MODELS[name])
+    with torch.device("meta"):
+        model = BertForMaskedLM(config)
+    return [p.shape for p in model.parameters()]
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of storages created inside the mode and alive at the same time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._tracked: set[int] = set()
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self._tracked.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for tensor in tree_flatten(out)[0]:
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes and key not in inputs and key not in self._tracked:
+                self._tracked.add(key)
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._release, key, nbytes)
+        return out
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(value.nbytes for state in optimizer.state.values() for value in state.values()
+               if isinstance(value, torch.Tensor))
+
+
+def measure(factory: Factory, shapes: list[torch.Size], grads: list[torch.Tensor], warmup: int,
+            steps: int) -> dict[str, float]:
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(0.02 * torch.randn(shape, generator=generator)) for shape in shapes]
+    for param, grad in zip(params, grads, strict=True):
+        param.grad = grad
+    optimizer = factory(params)
+    for _ in range(warmup):
+        optimizer.step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    tracker = LiveBytes()
+    with tracker:
+        optimizer.step()
+    result = {"ms": 1e3 * statistics.median(times), "state": state_bytes(optimizer), "scratch": tracker.peak,
+              "params": sum(p.nbytes for p in params)}
+    del optimizer, params
+    gc.collect()
+    return result
+
+
+def machine() -> str:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        model = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def mib(nbytes: float) -> str:
+    return f"{nbytes / 2**20:,.0f} MiB"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="BERT-small only, 3 timed steps")
+    parser.add_argument("--steps", type=int, default=7, help="timed steps per optimizer (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (state creation)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", default="", help="comma-separated substrings: run only matching optimizers "
+                        "(the fused AdamW baseline always runs)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    models = ["BERT-small"] if args.quick else list(MODELS)
+    steps = 3 if args.quick else args.steps
+    selected = [(n, f) for n, f in OPTIMIZERS if n == OPTIMIZERS[0][0] or not args.only
+                or any(part in n for part in args.only.split(","))]
+
+    print(f"# Optimizer step benchmark\n\n- machine: {machine()}\n- date: {datetime.date.today()}\n"
+          f"- torch {torch.__version__}, Python {platform.python_version()}\n"
+          f"- command: `python benchmarks/optimizer_step.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
+          f"\n- median of {steps} steps after {args.warmup} warm-up steps, fp32\n")
+    for model in models:
+        shapes = bert_shapes(model)
+        generator = torch.Generator().manual_seed(1)
+        grads = [1e-3 * torch.randn(shape, generator=generator) for shape in shapes]
+        count = sum(s.numel() for s in shapes)
+        print(f"## {model}: {count / 1e6:.1f}M parameters in {len(shapes)} tensors ({mib(4 * count)} fp32)\n")
+        print("| optimizer | ms/step | × fused AdamW | state | peak scratch in step |")
+        print("|---|---:|---:|---:|---:|")
+        baseline = None
+        for name, factory in selected:
+            result = measure(factory, shapes, grads, args.warmup, steps)
+            baseline = baseline or result["ms"]
+            print(f"| {name} | {result['ms']:.1f} | {result['ms'] / baseline:.2f} | {mib(result['state'])} "
+                  f"({result['state'] / result['params']:.2f}× params) | {mib(result['scratch'])} "
+                  f"({result['scratch'] / result['params']:.2f}× params) |", flush=True)
+        print()
+
+
+if __name__ == "__main__":
+    main()
