@@ -17,6 +17,12 @@ def scale_into(sources: Sequence[Tensor], factor: float, out: Sequence[Tensor]) 
         torch.mul(source, factor, out=target)
 
 
+def divide_by_into(sources: Sequence[Tensor], divisor: Tensor, out: Sequence[Tensor]) -> None:
+    """``out[i] ← sources[i] / divisor`` with one device scalar ``divisor``, converting to ``out``'s dtype."""
+    for source, target in zip(sources, out, strict=True):
+        torch.div(source, divisor, out=target)
+
+
 def sqrt_into(sources: Sequence[Tensor], out: Sequence[Tensor]) -> None:
     for source, target in zip(sources, out, strict=True):
         torch.sqrt(source, out=target)

@@ -302,13 +302,15 @@ def _adam_direction(weight: Tensor, grad: Tensor, state: dict[str, Any], group: 
     exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1 if group["grad_averaging"] else 1.0)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     if group["bias_correction"] == "inside":
-        first, second = exp_avg / (1 - beta1**step), exp_avg_sq / (1 - beta2**step)
+        bias_correction1, bias_correction2 = 1 - beta1**step, 1 - beta2**step
     else:
-        first, second = exp_avg, exp_avg_sq
-    denominator = (second + eps).sqrt() if group["eps_inside_sqrt"] else second.sqrt() + eps
-    update = first / denominator
+        bias_correction1 = bias_correction2 = 1.0
+    # in place on fresh tensors from here: one update per tensor is kept until the norms are known
+    first, second = exp_avg / bias_correction1, exp_avg_sq / bias_correction2
+    denominator = second.add_(eps).sqrt_() if group["eps_inside_sqrt"] else second.sqrt_().add_(eps)
+    update = first.div_(denominator)
     if group["weight_decay_mode"] == "decoupled":
-        update = update + decay * weight
+        update.add_(weight, alpha=decay)
     return update
 
 
@@ -337,9 +339,12 @@ def _foreach_direction(bucket: Bucket, grad_divisor: Tensor | None,
     l2 = group["weight_decay_mode"] == "l2" and decay != 0
     grads_in_scratch = grad_divisor is not None or l2 or grads[0].dtype != dtype
     if grads_in_scratch:  # the gradient the moments see must differ from p.grad, which stays untouched
-        torch._foreach_copy_(scratch, grads)
-        if grad_divisor is not None:
-            torch._foreach_div_(scratch, grad_divisor)
+        if grad_divisor is not None and grads[0].dtype == dtype:
+            _ops.divide_by_into(grads, grad_divisor, scratch)
+        else:  # upcast first: the quotient of fp16/bf16 values would be rounded to their precision
+            torch._foreach_copy_(scratch, grads)
+            if grad_divisor is not None:
+                torch._foreach_div_(scratch, grad_divisor)
         if l2:
             torch._foreach_add_(scratch, weights, alpha=decay)
         grads = scratch
