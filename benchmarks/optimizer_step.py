@@ -8,8 +8,10 @@ Usage::
 Parameter shapes come from ``transformers.BertForMaskedLM`` built on the meta device (tied embeddings counted
 once). Every optimizer gets its own fp32 copy of the parameters and the same fixed gradients; the time is the
 median of ``--steps`` calls to ``step()`` after ``--warmup`` calls (the first one creates the state). Memory
-columns: bytes held in ``optimizer.state`` after the steps, and the peak of bytes allocated during one ``step()``
-and still alive at the same time (tracked per storage with a dispatch mode, in a separate untimed step).
+columns: bytes held in ``optimizer.state``; bytes of scratch a legw_hf optimizer keeps between steps
+(``workspace_bytes``); and the peak of bytes allocated during one ``step()`` and alive at the same time (tracked
+per storage with a dispatch mode, in a separate untimed step). The scratch a step needs is the larger of the last
+two.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ OPTIMIZERS: list[tuple[str, Factory]] = [
     ("torch AdamW foreach", lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01, foreach=True)),
     ("torch-optimizer Lamb", torch_optimizer_lamb),
     ("legw_hf Lamb (default: fused Adam kernel)", lambda p: Lamb(p, lr=1e-3, weight_decay=0.01)),
+    ("legw_hf Lamb keep_workspace=False", lambda p: Lamb(p, lr=1e-3, weight_decay=0.01, keep_workspace=False)),
     ("legw_hf Lamb foreach, fused_adam=False", lambda p: Lamb(p, lr=1e-3, weight_decay=0.01, fused_adam=False)),
     ("legw_hf Lamb preset=nvidia (foreach)", lambda p: Lamb(p, lr=1e-3, preset="nvidia")),
     ("legw_hf Lamb single-tensor reference", lambda p: Lamb(p, lr=1e-3, weight_decay=0.01, foreach=False)),
@@ -128,7 +131,7 @@ def measure(factory: Factory, shapes: list[torch.Size], grads: list[torch.Tensor
     with tracker:
         optimizer.step()
     result = {"ms": 1e3 * statistics.median(times), "state": state_bytes(optimizer), "scratch": tracker.peak,
-              "params": sum(p.nbytes for p in params)}
+              "kept": getattr(optimizer, "workspace_bytes", 0), "params": sum(p.nbytes for p in params)}
     del optimizer, params
     gc.collect()
     return result
@@ -143,8 +146,8 @@ def machine() -> str:
     return f"{model}, {torch.get_num_threads()} threads"
 
 
-def mib(nbytes: float) -> str:
-    return f"{nbytes / 2**20:,.0f} MiB"
+def memory(nbytes: float, params: float) -> str:
+    return f"{nbytes / 2**20:,.0f} MiB ({nbytes / params:.2f}×)"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -171,16 +174,18 @@ def main(argv: list[str] | None = None) -> None:
         generator = torch.Generator().manual_seed(1)
         grads = [1e-3 * torch.randn(shape, generator=generator) for shape in shapes]
         count = sum(s.numel() for s in shapes)
-        print(f"## {model}: {count / 1e6:.1f}M parameters in {len(shapes)} tensors ({mib(4 * count)} fp32)\n")
-        print("| optimizer | ms/step | × fused AdamW | state | peak scratch in step |")
-        print("|---|---:|---:|---:|---:|")
+        print(f"## {model}: {count / 1e6:.1f}M parameters in {len(shapes)} tensors ({4 * count / 2**20:,.0f} MiB "
+              "fp32)\n\nMemory as MiB (× parameter bytes).\n")
+        print("| optimizer | ms/step | × fused AdamW | state | workspace kept | peak allocated in step |")
+        print("|---|---:|---:|---:|---:|---:|")
         baseline = None
         for name, factory in selected:
             result = measure(factory, shapes, grads, args.warmup, steps)
             baseline = baseline or result["ms"]
-            print(f"| {name} | {result['ms']:.1f} | {result['ms'] / baseline:.2f} | {mib(result['state'])} "
-                  f"({result['state'] / result['params']:.2f}× params) | {mib(result['scratch'])} "
-                  f"({result['scratch'] / result['params']:.2f}× params) |", flush=True)
+            params = result["params"]
+            print(f"| {name} | {result['ms']:.1f} | {result['ms'] / baseline:.2f} | "
+                  f"{memory(result['state'], params)} | {memory(result['kept'], params)} | "
+                  f"{memory(result['scratch'], params)} |", flush=True)
         print()
 
 

@@ -297,3 +297,18 @@ def test_explicit_keywords_override_the_preset():
     assert nvidia_off.max_grad_norm is None and nvidia_off.param_groups[0]["adapt"] == "decayed"
     lars = Lars(params(), lr=0.1, preset="larc", local_lr_clip=False, trust_coefficient=0.001)
     assert lars.param_groups[0]["local_lr_clip"] is False and lars.param_groups[0]["trust_coefficient"] == 0.001
+
+
+def test_sharded_dtensor_parameters_are_refused():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        sharded = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
+        with pytest.raises(SettingError, match="DTensor"):
+            Lamb([sharded])
+    finally:
+        dist.destroy_process_group()
