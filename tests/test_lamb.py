@@ -14,7 +14,7 @@ from optim_references import (
     tf_addons_lamb,
 )
 
-from legw_hf import Lamb
+from legw_hf import Lamb, SettingError
 from legw_hf.optim import lamb as lamb_module
 
 FIELD = GradientField()
@@ -87,38 +87,54 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
-def test_single_tensor_and_multi_tensor_paths_agree(config):
+def test_single_tensor_multi_tensor_and_fused_paths_agree(config):
     single, _ = lamb_run(foreach=False, **config)
-    multi, _ = lamb_run(foreach=True, fused_adam=False, **config)
-    errors = relative_errors(multi, single)
-    assert max(errors.values()) <= 1e-5, errors
+    for path in ({"fused_adam": False}, {}):  # plain _foreach_ ops; fused kernel wherever the settings allow
+        multi, _ = lamb_run(**path, **config)
+        errors = relative_errors(multi, single)
+        assert max(errors.values()) <= 1e-5, (path, errors)
 
 
-def test_fused_adam_path_agrees_and_is_taken(monkeypatch):
-    calls = []
-    fused = torch._fused_adam_
-    monkeypatch.setattr(torch, "_fused_adam_", lambda *a, **k: (calls.append(1), fused(*a, **k))[1])
-    single, _ = lamb_run(foreach=False)
-    assert not calls
-    result, _ = lamb_run(fused_adam=True)
-    assert len(calls) == 50 * 2  # one call per bucket (two groups) per step
-    errors = relative_errors(result, single)
-    assert max(errors.values()) <= 1e-5, errors
+def count_kernel_calls(monkeypatch) -> dict[str, int]:
+    calls = {"_fused_adam_": 0, "_fused_adamw_": 0}
+    for name in calls:
+        kernel = getattr(torch, name)
+
+        def counted(*args, _name=name, _kernel=kernel, **kwargs):
+            calls[_name] += 1
+            return _kernel(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, counted)
+    return calls
 
 
-def test_fused_adam_falls_back_where_it_does_not_apply(monkeypatch):
-    monkeypatch.setattr(torch, "_fused_adam_", lambda *a, **k: pytest.fail("fused kernel used"))
-    lamb_run(preset="nvidia")  # pre-normalisation
-    lamb_run(preset="deepspeed")  # bias correction in the step size
+def test_fused_kernels_are_taken_where_the_settings_allow(monkeypatch):
+    calls = count_kernel_calls(monkeypatch)
+    lamb_run(foreach=False)
+    lamb_run(fused_adam=False)
+    assert calls == {"_fused_adam_": 0, "_fused_adamw_": 0}
+    lamb_run()
+    assert calls == {"_fused_adam_": 50 * 2, "_fused_adamw_": 0}  # one call per bucket (two groups) per step
+    lamb_run(preset="nvidia")  # pre-normalised gradients: the in-place AdamW form
+    assert calls == {"_fused_adam_": 50 * 2, "_fused_adamw_": 50 * 2}
+    for config in ({"preset": "deepspeed"}, {"eps_inside_sqrt": True}, {"weight_decay_mode": "l2"},
+                   {"grad_averaging": False}):
+        lamb_run(**config)
+    assert calls == {"_fused_adam_": 50 * 2, "_fused_adamw_": 50 * 2}
+    with pytest.raises(SettingError, match="fused_adam"):
+        lamb_run(preset="deepspeed", fused_adam=True)
 
 
-def test_fused_adam_self_check_rejects_a_kernel_that_disagrees(monkeypatch):
+@pytest.mark.parametrize("kernel", ["_fused_adam_", "_fused_adamw_"])
+def test_fused_kernel_self_check_rejects_a_kernel_that_disagrees(kernel, monkeypatch):
     lamb_module._fused_adam_agrees.cache_clear()
-    monkeypatch.setattr(torch, "_fused_adam_", lambda params, *a, **k: [p.mul_(2) for p in params])
+    monkeypatch.setattr(torch, kernel, lambda params, *a, **k: [p.mul_(2) for p in params])
     try:
-        assert not lamb_module._fused_adam_agrees()
-        single, _ = lamb_run(foreach=False)
-        result, _ = lamb_run()  # auto: the check failed, so the plain multi-tensor path runs
+        in_place = kernel == "_fused_adamw_"
+        assert not lamb_module._fused_adam_agrees(in_place=in_place)
+        config = {"preset": "nvidia"} if in_place else {}  # a config that would take the patched kernel
+        single, _ = lamb_run(foreach=False, **config)
+        result, _ = lamb_run(**config)  # the check failed, so the plain multi-tensor path runs
         assert max(relative_errors(result, single).values()) <= 1e-5
     finally:
         lamb_module._fused_adam_agrees.cache_clear()

@@ -142,9 +142,10 @@ class Lamb(LayerwiseOptimizer):
         trust_clamp: ``(min, max)`` bounds of a defined trust ratio, or None.
         adapt: ``"all"`` or ``"decayed"`` (only groups with λ ≠ 0).
         foreach: multi-tensor path (default) or, with False, the single-tensor reference path.
-        fused_adam: compute the Adam part with torch's fused Adam kernel (``torch._fused_adam_``) when the
-            settings allow it (bias correction inside, ε outside the root, decoupled decay, gradient averaging,
-            no pre-normalisation, fp32 tensors on CPU or CUDA). None uses it where possible; True insists.
+        fused_adam: compute the Adam part with torch's fused Adam kernels (``torch._fused_adam_`` /
+            ``_fused_adamw_``, private ops checked once per process against the formula) when the settings allow
+            it (bias correction inside, ε outside the root, decoupled decay, gradient averaging, fp32 tensors on
+            CPU or CUDA). None uses them where possible; True insists.
         master_weights: keep an fp32 copy of fp16/bf16 parameters and update that (moments are fp32 for such
             parameters either way).
     """
@@ -187,9 +188,12 @@ class Lamb(LayerwiseOptimizer):
         if self.fused_adam and foreach is False:
             raise SettingError("fused_adam", "needs the multi-tensor path", fused_adam,
                                detail="foreach=False selects the single-tensor reference path")
-        # The one-time check of the private kernel runs here, never inside a step (it reads results back).
-        if self.fused_adam is not False and not _fused_adam_agrees() and self.fused_adam:
-            raise SettingError("fused_adam", "is not available in this torch build", fused_adam)
+        # The one-time checks of the private kernels run here, never inside a step (they read results back).
+        if self.fused_adam is not False:
+            available = _fused_adam_agrees()
+            _fused_adam_agrees(in_place=True)
+            if self.fused_adam and not available:
+                raise SettingError("fused_adam", "is not available in this torch build", fused_adam)
         super().__init__(params, settings, foreach=foreach, master_weights=master_weights,
                          keep_workspace=keep_workspace)
 
@@ -269,7 +273,7 @@ class Lamb(LayerwiseOptimizer):
                        for weight, grad, state in zip(bucket.weights, bucket.grads, bucket.states, strict=True)]
             return updates, torch.ones(len(updates), device=bucket.weights[0].device)
         if self._takes_fused_adam(bucket, grad_divisor):
-            return _fused_adam_direction(bucket, self.workspace(bucket))
+            return _fused_adam_direction(bucket, self.workspace(bucket), grad_divisor)
         return _foreach_direction(bucket, grad_divisor, self.workspace(bucket))
 
     def _takes_fused_adam(self, bucket: Bucket, grad_divisor: Tensor | None) -> bool:
@@ -277,14 +281,14 @@ class Lamb(LayerwiseOptimizer):
             return False
         group, weight, grad = bucket.group, bucket.weights[0], bucket.grads[0]
         settings_fit = (group["bias_correction"] == "inside" and not group["eps_inside_sqrt"]
-                        and group["weight_decay_mode"] == "decoupled" and group["grad_averaging"]
-                        and grad_divisor is None)
+                        and group["weight_decay_mode"] == "decoupled" and group["grad_averaging"])
         tensors_fit = (weight.dtype == grad.dtype == torch.float32 and not bucket.has_masters
                        and weight.device.type in ("cpu", "cuda"))
-        if self.fused_adam and not (settings_fit and tensors_fit):
+        kernel_fits = _fused_adam_agrees(in_place=grad_divisor is not None)
+        if self.fused_adam and not (settings_fit and tensors_fit and kernel_fits):
             raise SettingError("fused_adam", "needs bias_correction='inside', eps outside the root, decoupled "
-                               "decay, grad_averaging, no max_grad_norm and fp32 tensors on CPU or CUDA", True)
-        return settings_fit and tensors_fit and _fused_adam_agrees()
+                               "decay, grad_averaging and fp32 tensors on CPU or CUDA", True)
+        return settings_fit and tensors_fit and kernel_fits
 
 
 # ---------------------------------------------------------------------------------------------------- math
@@ -379,48 +383,70 @@ def _foreach_direction(bucket: Bucket, grad_divisor: Tensor | None,
     return scratch, inner_scale
 
 
-def _fused_adam_direction(bucket: Bucket, scratch: list[Tensor]) -> tuple[list[Tensor], Tensor]:
-    """Steps 2-3 through torch's fused Adam kernel: run on a scratch "parameter" holding ``λ·p`` with LR -1, the
-    kernel leaves ``λ·p + m̂/(√v̂ + ε)``, which is ``u``, and updates the moments in the same pass."""
+def _fused_adam_direction(bucket: Bucket, scratch: list[Tensor],
+                          grad_divisor: Tensor | None) -> tuple[list[Tensor], Tensor]:
+    """Steps 1-3 through torch's fused Adam kernel, which updates the moments and forms ``m̂/(√v̂ + ε)`` in one
+    pass over memory.
+
+    Run on a scratch "parameter" holding ``λ·p`` with LR -1, the kernel leaves ``λ·p + m̂/(√v̂ + ε) = u``. With
+    pre-normalisation the moments must see ``g / divisor``, which has to live in the scratch list (``p.grad`` is
+    not ours to change); there the scratch is both gradient and parameter of the AdamW kernel, whose decoupled
+    factor ``1 - lr·wd`` is 0 for lr = wd = -1, so the gradient is dropped and ``m̂/(√v̂ + ε)`` remains; ``λ·p`` is
+    added after.
+    """
     group = bucket.group
     beta1, beta2 = group["betas"]
     decay = group["weight_decay"]
-    if decay != 0:
-        _ops.scale_into(bucket.weights, decay, scratch)
+    moments = (bucket.state_list("exp_avg"), bucket.state_list("exp_avg_sq"), [], bucket.state_list("step"))
+    options = {"beta1": beta1, "beta2": beta2, "eps": group["eps"], "amsgrad": False, "maximize": False}
+    if grad_divisor is None:
+        if decay != 0:
+            _ops.scale_into(bucket.weights, decay, scratch)
+        else:
+            torch._foreach_zero_(scratch)
+        torch._fused_adam_(scratch, bucket.grads, *moments, lr=-1.0, weight_decay=0.0, **options)
     else:
-        torch._foreach_zero_(scratch)
-    torch._fused_adam_(
-        scratch, bucket.grads, bucket.state_list("exp_avg"), bucket.state_list("exp_avg_sq"), [],
-        bucket.state_list("step"), lr=-1.0, beta1=beta1, beta2=beta2, weight_decay=0.0, eps=group["eps"],
-        amsgrad=False, maximize=False,
-    )
+        _ops.divide_by_into(bucket.grads, grad_divisor, scratch)
+        torch._fused_adamw_(scratch, scratch, *moments, lr=-1.0, weight_decay=-1.0, **options)
+        if decay != 0:
+            torch._foreach_add_(scratch, bucket.weights, alpha=decay)
     return scratch, torch.ones(len(scratch), device=scratch[0].device)
 
 
-@functools.cache
-def _fused_adam_agrees() -> bool:
-    """Whether ``torch._fused_adam_`` exists and computes what :func:`_fused_adam_direction` relies on.
+def _kernel_matches(in_place: bool) -> bool:
+    """Run the fused kernel the way :func:`_fused_adam_direction` does on 37 values (whole SIMD vectors and a
+    tail) and compare with the Adam formula."""
+    generator = torch.Generator().manual_seed(0)
+    grad, base = torch.randn(37, generator=generator), torch.randn(37, generator=generator)
+    exp_avg = 0.1 * torch.randn(37, generator=generator)
+    exp_avg_sq = 0.01 * torch.rand(37, generator=generator)
+    m, v, step = exp_avg.clone(), exp_avg_sq.clone(), torch.tensor(3.0)
+    options = {"beta1": 0.9, "beta2": 0.99, "eps": 1e-6, "amsgrad": False, "maximize": False}
+    if in_place:
+        out = start = grad.clone()
+        torch._fused_adamw_([out], [out], [m], [v], [], [step], lr=-1.0, weight_decay=-1.0, **options)
+        start, untouched = torch.zeros(37), True
+    else:
+        out, grad_in, start = base.clone(), grad.clone(), base
+        torch._fused_adam_([out], [grad_in], [m], [v], [], [step], lr=-1.0, weight_decay=0.0, **options)
+        untouched = torch.equal(grad_in, grad)
+    m_ref = 0.9 * exp_avg + 0.1 * grad
+    v_ref = 0.99 * exp_avg_sq + 0.01 * grad * grad
+    expected = start + (m_ref / (1 - 0.9**3)) / ((v_ref / (1 - 0.99**3)).sqrt() + 1e-6)
+    return bool(untouched and torch.allclose(m, m_ref, rtol=1e-5, atol=1e-7)
+                and torch.allclose(v, v_ref, rtol=1e-5, atol=1e-7)
+                and torch.allclose(out, expected, rtol=1e-5, atol=1e-6))
 
-    It is a private op: checked once per process on a small CPU problem (moments, the quotient, bias
-    correction, and that the gradient is left alone) before any step uses it.
-    """
-    fused = getattr(torch, "_fused_adam_", None)
-    if fused is None:
+
+@functools.cache
+def _fused_adam_agrees(in_place: bool = False) -> bool:
+    """Whether torch's private fused Adam kernel exists and computes what :func:`_fused_adam_direction` relies
+    on (``in_place``: the AdamW kernel with gradient and parameter in one buffer). Checked once per process on CPU,
+    outside any step, since the check reads results back."""
+    if getattr(torch, "_fused_adamw_" if in_place else "_fused_adam_", None) is None:
         return False
     try:
-        generator = torch.Generator().manual_seed(0)
-        grad, base = torch.randn(37, generator=generator), torch.randn(37, generator=generator)
-        exp_avg = 0.1 * torch.randn(37, generator=generator)
-        exp_avg_sq = 0.01 * torch.rand(37, generator=generator)
-        out, grad_in, m, v = base.clone(), grad.clone(), exp_avg.clone(), exp_avg_sq.clone()
-        fused([out], [grad_in], [m], [v], [], [torch.tensor(3.0)], lr=-1.0, beta1=0.9, beta2=0.99,
-              weight_decay=0.0, eps=1e-6, amsgrad=False, maximize=False)
-        m_ref = 0.9 * exp_avg + 0.1 * grad
-        v_ref = 0.99 * exp_avg_sq + 0.01 * grad * grad
-        expected = base + (m_ref / (1 - 0.9**3)) / ((v_ref / (1 - 0.99**3)).sqrt() + 1e-6)
-        return bool(torch.equal(grad_in, grad) and torch.allclose(m, m_ref, rtol=1e-5, atol=1e-7)
-                    and torch.allclose(v, v_ref, rtol=1e-5, atol=1e-7)
-                    and torch.allclose(out, expected, rtol=1e-5, atol=1e-6))
+        return _kernel_matches(in_place)
     except (RuntimeError, TypeError, NotImplementedError):
         return False
 
