@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..errors import SettingError, non_negative
 from . import _ops
-from ._base import Bucket, LayerwiseOptimizer
+from ._base import Bucket, LayerwiseOptimizer, state_dtype
 from ._settings import (
     FROM_PRESET,
     check_betas,
@@ -214,10 +214,10 @@ class Lamb(LayerwiseOptimizer):
         group["adapt"] = check_choice("adapt", group["adapt"], ADAPT_RULES)
 
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
-        moments_dtype = torch.float32 if param.dtype in (torch.float16, torch.bfloat16) else param.dtype
+        # the step counter lives on the device, so bias corrections never need its value on the host
         state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
-        state["exp_avg"] = torch.zeros_like(param, dtype=moments_dtype, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(param, dtype=moments_dtype, memory_format=torch.preserve_format)
+        state["exp_avg"] = torch.zeros_like(param, dtype=state_dtype(param), memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, dtype=state_dtype(param), memory_format=torch.preserve_format)
 
     # ------------------------------------------------------------------------------------------------ step
     def _update(self, buckets: list[Bucket]) -> tuple[Tensor, Tensor, Tensor]:
@@ -230,7 +230,7 @@ class Lamb(LayerwiseOptimizer):
                 torch._foreach_add_(steps, 1.0)
             else:
                 for step in steps:
-                    step += 1
+                    step.add_(1.0)
             bucket_updates, inner_scale = self._direction(bucket, grad_divisor)
             updates += bucket_updates
             inner_scales.append(inner_scale)

@@ -220,9 +220,9 @@ class Lars(LayerwiseOptimizer):
         if momentum == 0:
             _ops.add_scaled_(bucket.weights, direction, -out_of_buffer * into_buffer, foreach=foreach)
             return
-        for state, weight in zip(bucket.states, bucket.weights, strict=True):
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(weight)
+        for state, param in zip(bucket.states, bucket.params, strict=True):
+            if "momentum_buffer" not in state:  # the group's momentum was 0 when its state was created
+                self._init_state(group, param, state)
         buffers = bucket.state_list("momentum_buffer")
         if foreach:
             torch._foreach_mul_(buffers, momentum)
