@@ -52,6 +52,39 @@ def torch_optimizer_lamb(params: list[torch.Tensor]) -> torch.optim.Optimizer:
     return torch_optimizer.Lamb(params, lr=1e-3, weight_decay=0.01)
 
 
+class CompiledLamb(torch.optim.Optimizer):
+    """LAMB (bias correction inside, decoupled decay, ratio ‖p‖/‖u‖) as one ``torch.compile``d function over the
+    tensor lists: what a generated fused kernel reaches. Only for ``--compile``; compiling takes about a minute."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        self.compiled = torch.compile(self._lamb)
+
+    @staticmethod
+    def _lamb(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, decay):
+        for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
+            step += 1
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            u = (m / (1 - beta1**step)) / ((v / (1 - beta2**step)).sqrt() + eps) + decay * p
+            p_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(u)
+            ratio = torch.where((p_norm > 0) & (u_norm > 0), p_norm / u_norm, torch.ones_like(p_norm))
+            p.sub_(lr * ratio * u)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        group = self.param_groups[0]
+        params = group["params"]
+        for p in params:
+            if not self.state[p]:
+                self.state[p] = {"step": torch.zeros(()), "exp_avg": torch.zeros_like(p),
+                                 "exp_avg_sq": torch.zeros_like(p)}
+        states = [self.state[p] for p in params]
+        self.compiled(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                      [s["exp_avg_sq"] for s in states], [s["step"] for s in states], group["lr"],
+                      *group["betas"], group["eps"], group["weight_decay"])
+
+
 # (name, factory, baseline the ratio is taken against)
 OPTIMIZERS: list[tuple[str, Factory]] = [
     ("torch AdamW fused", lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01, fused=True)),
@@ -160,18 +193,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (state creation)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds over all optimizers; the best is shown")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd LAMB step (its "
+                        "compilation, about a minute per model, is left out of the timing)")
     parser.add_argument("--only", default="", help="comma-separated substrings: run only matching optimizers "
                         "(the fused AdamW baseline always runs)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     models = ["BERT-small"] if args.quick else list(MODELS)
     steps = 3 if args.quick else args.steps
-    selected = [(n, f) for n, f in OPTIMIZERS if n == OPTIMIZERS[0][0] or not args.only
+    candidates = OPTIMIZERS + ([("torch.compile'd LAMB (reference for a generated kernel)",
+                                 lambda p: CompiledLamb(p, lr=1e-3, weight_decay=0.01))] if args.compile else [])
+    selected = [(n, f) for n, f in candidates if n == OPTIMIZERS[0][0] or not args.only
                 or any(part in n for part in args.only.split(","))]
 
     print(f"# Optimizer step benchmark\n\n- machine: {machine()}\n- date: {datetime.date.today()}\n"
           f"- torch {torch.__version__}, Python {platform.python_version()}\n"
-          f"- command: `python benchmarks/optimizer_step.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
+          f"- command: `{' '.join(['python benchmarks/optimizer_step.py', *(argv if argv is not None else sys.argv[1:])])}`"
           f"\n- per optimizer: best of {args.rounds} rounds, each the median of {steps} steps after {args.warmup} "
           "warm-up steps; fp32\n")
     for model in models:

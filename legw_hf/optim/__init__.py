@@ -1,5 +1,6 @@
 """LAMB and LARS for PyTorch, with the reference implementations' behaviours as presets."""
 
+from ._base import LayerwiseOptimizer
 from .groups import DEFAULT_NO_DECAY_PATTERNS, decay_param_groups, decay_parameter_names
 from .lamb import LAMB_PRESETS, Lamb
 from .lars import LARS_PRESETS, Lars
@@ -10,6 +11,7 @@ __all__ = [
     "LARS_PRESETS",
     "Lamb",
     "Lars",
+    "LayerwiseOptimizer",
     "decay_param_groups",
     "decay_parameter_names",
 ]
