@@ -38,10 +38,11 @@ from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from legw_hf import Lamb, Lars  # noqa: E402
+from legw_hf import Lamb, Lars
 
 MODELS = {
-    "BERT-small": {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8, "intermediate_size": 2048},
+    "BERT-small": {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
+                   "intermediate_size": 2048},
     "BERT-base": {},
 }
 
@@ -94,7 +95,8 @@ OPTIMIZERS: list[tuple[str, Factory]] = [
     ("torch-optimizer Lamb", torch_optimizer_lamb),
     ("legw_hf Lamb (default: fused Adam kernel)", lambda p: Lamb(p, lr=1e-3, weight_decay=0.01)),
     ("legw_hf Lamb keep_workspace=False", lambda p: Lamb(p, lr=1e-3, weight_decay=0.01, keep_workspace=False)),
-    ("legw_hf Lamb fused_adam=False (_foreach_ ops)", lambda p: Lamb(p, lr=1e-3, weight_decay=0.01, fused_adam=False)),
+    ("legw_hf Lamb fused_adam=False (_foreach_ ops)",
+     lambda p: Lamb(p, lr=1e-3, weight_decay=0.01, fused_adam=False)),
     ("legw_hf Lamb preset=nvidia (in-place fused AdamW kernel)", lambda p: Lamb(p, lr=1e-3, preset="nvidia")),
     ("legw_hf Lamb single-tensor reference", lambda p: Lamb(p, lr=1e-3, weight_decay=0.01, foreach=False)),
     ("torch SGD momentum foreach", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4,
@@ -219,9 +221,10 @@ def main(argv: list[str] | None = None) -> None:
     selected = [(n, f) for n, f in candidates if n == OPTIMIZERS[0][0] or not args.only
                 or any(part in n for part in args.only.split(","))]
 
+    command = " ".join(["python benchmarks/optimizer_step.py", *(sys.argv[1:] if argv is None else argv)])
     print(f"# Optimizer step benchmark\n\n- machine: {machine()}\n- date: {datetime.date.today()}\n"
           f"- torch {torch.__version__}, Python {platform.python_version()}\n"
-          f"- command: `{' '.join(['python benchmarks/optimizer_step.py', *(argv if argv is not None else sys.argv[1:])])}`"
+          f"- command: `{command}`"
           f"\n- fp32; ms/step: best of {args.rounds} rounds, each the median of {steps} steps after {args.warmup} "
           "warm-up steps; × fused AdamW: median over the rounds of the ratio to a fused-AdamW block timed just "
           "before\n")
@@ -258,8 +261,8 @@ def main(argv: list[str] | None = None) -> None:
         del baseline
         gc.collect()
         for name, ms, ratio, result in rows:
-            print(f"| {name} | {ms:.1f} | {ratio:.2f} | {memory(result['state'], params_bytes)} | "
-                  f"{memory(result['kept'], params_bytes)} | {memory(result['scratch'], params_bytes)} |", flush=True)
+            columns = [memory(result[key], params_bytes) for key in ("state", "kept", "scratch")]
+            print(f"| {name} | {ms:.1f} | {ratio:.2f} | {' | '.join(columns)} |", flush=True)
         print()
 
 

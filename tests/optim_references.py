@@ -13,11 +13,10 @@ import jax
 jax.config.update("jax_enable_x64", False)
 jax.config.update("jax_platforms", "cpu")
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-
-from optim_problem import DECAYED, NAMES, NOT_DECAYED, STEPS, Arrays, GradientField, initial_params  # noqa: E402
+import jax.numpy as jnp
+import numpy as np
+import optax
+from optim_problem import DECAYED, NAMES, NOT_DECAYED, STEPS, Arrays, GradientField, initial_params
 
 F32 = np.float32
 
@@ -76,8 +75,9 @@ def apex_fused_lamb(field: GradientField, *, lr: float, decay: float, betas=(0.9
     return params
 
 
-def deepspeed_fused_lamb(field: GradientField, *, lr: float, decay: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                         eps_inside_sqrt: bool = False, min_coeff: float = 0.01, max_coeff: float = 10.0) -> Arrays:
+def deepspeed_fused_lamb(field: GradientField, *, lr: float, decay: float, betas=(0.9, 0.999),
+                         eps: float = 1e-8, eps_inside_sqrt: bool = False, min_coeff: float = 0.01,
+                         max_coeff: float = 10.0) -> Arrays:
     """DeepSpeed ``deepspeed/ops/lamb/fused_lamb.py`` ``FusedLamb.step`` with
     ``csrc/lamb/fused_lamb_cuda_kernel.cu`` (``fused_lamb_cuda``, ``lamb_cuda_kernel_part1/2/3``): fp32 params,
     bias_correction=True, scale=1, max_grad_norm=0."""

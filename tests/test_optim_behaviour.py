@@ -46,8 +46,8 @@ CONFIGS = {
 class HostSyncDetector(TorchDispatchMode):
     """Fails on any op that copies a device value into a Python number."""
 
-    SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
-               torch.ops.aten.is_nonzero.default}
+    SYNCING = frozenset({torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
+                         torch.ops.aten.is_nonzero.default})
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in self.SYNCING:
@@ -97,10 +97,11 @@ def test_step_leaves_gradients_untouched(name):
     optimizer = CONFIGS[name](groups)
     for seed in range(3):
         set_grads(groups, seed)
-        grads = [p.grad for group in groups for p in group["params"]]
+        params = [p for group in groups for p in group["params"]]
+        grads = [p.grad for p in params]
         copies = [g.clone() for g in grads]
         optimizer.step()
-        assert all(p.grad is g for p, g in zip((p for group in groups for p in group["params"]), grads, strict=True))
+        assert all(p.grad is g for p, g in zip(params, grads, strict=True))
         assert all(torch.equal(g, c) for g, c in zip(grads, copies, strict=True))
 
 

@@ -144,9 +144,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
         torch casts every floating state tensor to its parameter's dtype, which would round fp32 moments of
         bf16 parameters to bf16. Here each tensor is re-placed from the saved value instead: moments and masters
-        in :func:`state_dtype`, ``step`` in fp32, all on the parameter's device. A saved master is dropped when this
-        optimizer keeps none for that parameter, and created from the parameter at the next step when it needs
-        one the checkpoint lacks.
+        in :func:`state_dtype`, ``step`` in fp32, all on the parameter's device. A saved master is dropped when
+        this optimizer keeps none for that parameter, and created from the parameter at the next step when it
+        needs one the checkpoint lacks.
         """
         saved_state = state_dict["state"]
         saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
@@ -198,7 +198,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def squared_norms(self, tensors: list[Tensor]) -> Tensor:
-        """Squared norms of ``tensors`` (same-device runs together) as one vector, then :meth:`reduce_squared_norms`."""
+        """Squared norms of ``tensors`` as one vector (one call per run of same-device tensors), passed through
+        :meth:`reduce_squared_norms`."""
         runs: list[list[Tensor]] = []
         for tensor in tensors:
             if runs and runs[-1][0].device == tensor.device:
@@ -216,7 +217,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         for param, weight in zip(bucket.params, bucket.weights, strict=True):
             keep = self.keep_workspace if self.keep_workspace is not None else weight.device.type == "cpu"
             buffer = self._kept_workspace.get(id(param)) if keep else None
-            if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != (weight.shape, dtype, weight.device):
+            wanted = (weight.shape, dtype, weight.device)
+            if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != wanted:
                 buffer = torch.empty_like(weight, dtype=dtype, memory_format=torch.contiguous_format)
                 if keep:
                     self._kept_workspace[id(param)] = buffer

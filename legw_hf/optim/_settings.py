@@ -117,6 +117,7 @@ def check_parameter(param: torch.Tensor) -> None:
         raise SettingError("params", "must be dense tensors (sparse parameters are not supported)", param.layout)
     dtensor = sys.modules.get("torch.distributed.tensor")  # no DTensor can exist before that module is loaded
     if dtensor is not None and isinstance(param, dtensor.DTensor):
-        raise SettingError("params", "must be plain tensors: sharded (DTensor, FSDP2) parameters are not supported "
-                           "yet", type(param).__name__, detail="a trust ratio needs norms of whole tensors; per-shard "
-                           "norms would silently give wrong ratios")
+        raise SettingError("params", "must be plain tensors: sharded (DTensor, FSDP2) parameters are not "
+                           "supported yet", type(param).__name__,
+                           detail="a trust ratio needs norms of whole tensors; per-shard norms would give "
+                           "wrong ratios")

@@ -77,8 +77,10 @@ def stats_table(param_norm: Tensor, update_norm: Tensor, ratio: Tensor) -> Tenso
     return torch.stack((param_norm, update_norm, ratio), dim=1)
 
 
-def summarize(stats: Tensor, names: Sequence[str], adapted: Sequence[bool], *, per_parameter: bool) -> dict[str, float]:
-    """Min / median / max trust ratio over the adapted tensors that had a gradient, plus per-tensor rows on request.
+def summarize(
+    stats: Tensor, names: Sequence[str], adapted: Sequence[bool], *, per_parameter: bool
+) -> dict[str, float]:
+    """Min / median / max trust ratio over the adapted tensors that had a gradient; per-tensor rows on request.
 
     This reads the table back to the host (one transfer), so call it at logging time, not every step.
     """

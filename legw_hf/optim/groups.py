@@ -70,8 +70,8 @@ def decay_param_groups(
         check_flag("adapt_no_decay", adapt_no_decay)
     decayed = set(decay_parameter_names(model, no_decay_patterns, no_decay_layers))
     named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
-    decay_group = {"params": [p for n, p in named if n in decayed], "param_names": [n for n, _ in named if n in decayed],
-                   "weight_decay": weight_decay}
+    decay_group = {"params": [p for n, p in named if n in decayed],
+                   "param_names": [n for n, _ in named if n in decayed], "weight_decay": weight_decay}
     rest_group = {"params": [p for n, p in named if n not in decayed],
                   "param_names": [n for n, _ in named if n not in decayed], "weight_decay": 0.0}
     if adapt_no_decay is not None:

@@ -88,13 +88,14 @@ class Lamb(LayerwiseOptimizer):
 
     Per tensor, with ``bc1 = 1-β1^t``, ``bc2 = 1-β2^t``, ``β3 = 1-β1`` (``grad_averaging``) or 1::
 
-        g ← g / max(1, G / max_grad_norm)          G = global norm of all gradients; only if max_grad_norm
-        g ← g + λ·p                                 only if weight_decay_mode="l2"
+        g ← g / max(1, G / max_grad_norm)       G = global norm of all gradients; only if max_grad_norm
+        g ← g + λ·p                              only if weight_decay_mode="l2"
         m ← β1·m + β3·g ;  v ← β2·v + (1-β2)·g²
-        r = m̂ / (√v̂ + ε)   or   m̂ / √(v̂ + ε)      eps_inside_sqrt; m̂, v̂ = m/bc1, v/bc2 if bias_correction="inside"
-        u = r + λ·p                                 only if weight_decay_mode="decoupled"
-        ratio = clamp(‖p‖ / ‖u‖, *trust_clamp)      1 if ‖p‖ = 0 or ‖u‖ = 0, or the group is not adapted
-        p ← p - η·k·ratio·u                         k = √bc2 / bc1 if bias_correction="step_size", else 1
+        r = m̂ / (√v̂ + ε)  or  m̂ / √(v̂ + ε)       the latter with eps_inside_sqrt
+                                                 m̂, v̂ = m/bc1, v/bc2 with bias_correction="inside", else m, v
+        u = r + λ·p                              only if weight_decay_mode="decoupled"
+        ratio = clamp(‖p‖ / ‖u‖, *trust_clamp)   1 if ‖p‖ = 0 or ‖u‖ = 0, or the group is not adapted
+        p ← p - η·k·ratio·u                      k = √bc2 / bc1 if bias_correction="step_size", else 1
 
     Presets (``preset=``), each reproducing its reference to float tolerance:
 
@@ -148,6 +149,8 @@ class Lamb(LayerwiseOptimizer):
             CPU or CUDA). None uses them where possible; True insists.
         master_weights: keep an fp32 copy of fp16/bf16 parameters and update that (moments are fp32 for such
             parameters either way).
+        keep_workspace: keep the step's parameter-sized scratch list between steps; None keeps it on CPU only
+            (see :class:`~legw_hf.optim.LayerwiseOptimizer`).
     """
 
     def __init__(
@@ -216,8 +219,8 @@ class Lamb(LayerwiseOptimizer):
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
         # the step counter lives on the device, so bias corrections never need its value on the host
         state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
-        state["exp_avg"] = torch.zeros_like(param, dtype=state_dtype(param), memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(param, dtype=state_dtype(param), memory_format=torch.preserve_format)
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key] = torch.zeros_like(param, dtype=state_dtype(param), memory_format=torch.preserve_format)
 
     # ------------------------------------------------------------------------------------------------ step
     def _update(self, buckets: list[Bucket]) -> tuple[Tensor, Tensor, Tensor]:

@@ -87,8 +87,8 @@ class Lars(LayerwiseOptimizer):
     No keyword combination is refused for a preset: every override has one meaning.
 
     Args:
-        params: parameters or param groups; a group may override every keyword below except ``foreach`` and
-            ``master_weights``, and may set ``layer_adaptation`` (bool).
+        params: parameters or param groups; a group may override every keyword below except ``preset``,
+            ``foreach``, ``master_weights`` and ``keep_workspace``, and may set ``layer_adaptation`` (bool).
         lr: η, a float or a one-element tensor.
         momentum: μ in [0, 1).
         weight_decay: λ >= 0.
@@ -102,6 +102,8 @@ class Lars(LayerwiseOptimizer):
         adapt: ``"all"`` or ``"decayed"`` (only groups with λ ≠ 0).
         foreach: multi-tensor path (default) or, with False, the single-tensor reference path.
         master_weights: keep an fp32 copy of fp16/bf16 parameters and update that.
+        keep_workspace: keep the step's gradient-sized scratch list between steps; None keeps it on CPU only
+            (see :class:`~legw_hf.optim.LayerwiseOptimizer`).
     """
 
     def __init__(
