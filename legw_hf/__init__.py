@@ -20,6 +20,12 @@ _LAZY = {
     "SCHEDULER_NAMES": "legw_hf.scheduler",
     "LegwScheduler": "legw_hf.scheduler",
     "get_scheduler": "legw_hf.scheduler",
+    "LAMB_PRESETS": "legw_hf.optim",
+    "LARS_PRESETS": "legw_hf.optim",
+    "Lamb": "legw_hf.optim",
+    "Lars": "legw_hf.optim",
+    "decay_param_groups": "legw_hf.optim",
+    "decay_parameter_names": "legw_hf.optim",
     "LegwArguments": "legw_hf.integrations.trainer",
     "LegwTrainingArguments": "legw_hf.integrations.trainer",
     "LegwTrainer": "legw_hf.integrations.trainer",
@@ -35,21 +41,39 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'legw_hf' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
 __all__ = [
     "DECAYS",
+    "LAMB_PRESETS",
+    "LARS_PRESETS",
     "RULES",
+    "SCHEDULER_NAMES",
+    "AcceleratorLegwScheduler",
     "Constant",
     "Cosine",
     "Exponential",
+    "Lamb",
+    "Lars",
+    "LegwArguments",
+    "LegwCallback",
     "LegwConfig",
     "LegwPlan",
+    "LegwScheduler",
+    "LegwTrainer",
+    "LegwTrainingArguments",
     "MultiStep",
     "Phase",
     "PhasedPlan",
     "Polynomial",
     "SettingError",
+    "create_legw_scheduler",
+    "decay_param_groups",
+    "decay_parameter_names",
     "epoch_steps",
+    "get_scheduler",
     "make_decay",
     "plan_from_dict",
-    *_LAZY,
 ]

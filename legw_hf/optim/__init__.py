@@ -1,0 +1,17 @@
+"""LAMB and LARS for PyTorch, with the reference implementations' behaviours as presets."""
+
+from ._base import LayerwiseOptimizer
+from .groups import DEFAULT_NO_DECAY_PATTERNS, decay_param_groups, decay_parameter_names
+from .lamb import LAMB_PRESETS, Lamb
+from .lars import LARS_PRESETS, Lars
+
+__all__ = [
+    "DEFAULT_NO_DECAY_PATTERNS",
+    "LAMB_PRESETS",
+    "LARS_PRESETS",
+    "Lamb",
+    "Lars",
+    "LayerwiseOptimizer",
+    "decay_param_groups",
+    "decay_parameter_names",
+]

@@ -1,0 +1,270 @@
+"""What Lamb and Lars share: gathering tensors, state and master weights, the one norm call, trust statistics.
+
+A subclass implements ``_update(buckets)``: the algorithm itself, over buckets of tensors that share a param
+group, device and dtype. Everything else (which tensors take part, their state, fp32 masters, checkpoints, the
+trust-ratio table) lives here once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import SettingError
+from . import _trust
+from ._settings import check_flag, check_parameter
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def state_dtype(param: Tensor) -> torch.dtype:
+    """Moments, momentum buffers and masters of fp16/bf16 parameters are fp32; others match the parameter."""
+    return torch.float32 if param.dtype in LOW_PRECISION else param.dtype
+
+
+@dataclass
+class Bucket:
+    """Tensors of one param group on one device with one dtype, in param-group order.
+
+    ``weights`` are what the update is computed from and written to: the fp32 master when there is one,
+    otherwise the parameter itself.
+    """
+
+    group: dict[str, Any]
+    positions: list[int] = field(default_factory=list)
+    params: list[Tensor] = field(default_factory=list)
+    weights: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor] = field(default_factory=list)
+    states: list[dict[str, Any]] = field(default_factory=list)
+
+    def state_list(self, key: str) -> list[Tensor]:
+        return [state[key] for state in self.states]
+
+    @property
+    def has_masters(self) -> bool:
+        return self.weights[0] is not self.params[0]
+
+
+class LayerwiseOptimizer(torch.optim.Optimizer):
+    """Base of :class:`~legw_hf.Lamb` and :class:`~legw_hf.Lars`.
+
+    After each ``step()``, :attr:`trust_stats` holds one ``(n_params, 3)`` fp32 tensor on the parameters' device:
+    per parameter (in param-group order) ‖p‖, the norm the trust ratio divides by, and the trust ratio applied.
+    Rows of parameters that had no gradient in that step are NaN. It is a by-product of the step (those norms are
+    needed anyway) and reading it never waits for the device; :meth:`trust_summary` turns it into numbers to log.
+
+    The multi-tensor path needs one parameter-sized scratch list per step (the update direction, whose norm must be
+    known before any parameter changes). With ``keep_workspace`` it is kept between steps instead of being
+    allocated afresh; the default keeps it on CPU, where a fresh allocation of that size is returned to the OS on
+    free and page-faulted back in on every step, which costs more than the rest of the step. On CUDA the caching
+    allocator already reuses the memory, so the default there is not to keep it. :attr:`workspace_bytes` says
+    what is held.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        defaults: dict[str, Any],
+        *,
+        foreach: bool | None,
+        master_weights: bool,
+        keep_workspace: bool | None,
+    ) -> None:
+        self.foreach = None if foreach is None else check_flag("foreach", foreach)
+        self.master_weights = check_flag("master_weights", master_weights)
+        self.keep_workspace = None if keep_workspace is None else check_flag("keep_workspace", keep_workspace)
+        # keyed by id(param): contents never matter, so a reused id can only reuse a buffer of the right shape
+        self._kept_workspace: dict[int, Tensor] = {}
+        self.trust_stats: Tensor | None = None
+        self._scatter_index: tuple[tuple[int, ...], Tensor] | None = None
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------------------------------------- groups
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Validate (and normalise in place) a group's hyperparameters; subclasses extend this."""
+        if "layer_adaptation" in group and group["layer_adaptation"] is not None:
+            check_flag("layer_adaptation", group["layer_adaptation"])
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for param in group["params"]:
+            check_parameter(param)
+        self._check_group(group)
+
+    @staticmethod
+    def is_adapted(group: dict[str, Any]) -> bool:
+        """Whether a group's tensors get the trust ratio: its ``layer_adaptation`` key when set, else the
+        group's ``adapt`` rule (``"all"``, or ``"decayed"``: only when its weight decay is not 0)."""
+        flag = group.get("layer_adaptation")
+        if flag is not None:
+            return flag
+        return group["adapt"] == "all" or group["weight_decay"] != 0
+
+    # ----------------------------------------------------------------------------------------------- state
+    def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
+        """Create a parameter's state on its first step (subclasses)."""
+        raise NotImplementedError
+
+    def _wants_master(self, param: Tensor) -> bool:
+        return self.master_weights and param.dtype in LOW_PRECISION
+
+    def _gather(self) -> list[Bucket]:
+        """Buckets of the parameters that have a gradient, creating missing state on the way."""
+        buckets: dict[tuple[int, torch.device, torch.dtype], Bucket] = {}
+        position = 0
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    if param.grad.is_sparse:
+                        raise SettingError("params", "must have dense gradients (sparse gradients are not "
+                                           "supported)", param.grad.layout)
+                    state = self.state[param]
+                    if not state:
+                        self._init_state(group, param, state)
+                    if self._wants_master(param) and "master" not in state:
+                        state["master"] = param.detach().to(torch.float32, copy=True)
+                    key = (id(group), param.device, param.dtype)
+                    bucket = buckets.setdefault(key, Bucket(group))
+                    bucket.positions.append(position)
+                    bucket.params.append(param)
+                    bucket.weights.append(state.get("master", param))
+                    bucket.grads.append(param.grad)
+                    bucket.states.append(state)
+                position += 1
+        # Same-device buckets next to each other, so the norms of a device come from one call.
+        return sorted(buckets.values(), key=lambda bucket: str(bucket.params[0].device))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load like :meth:`torch.optim.Optimizer.load_state_dict`, keeping this optimizer's dtypes.
+
+        torch casts every floating state tensor to its parameter's dtype, which would round fp32 moments of
+        bf16 parameters to bf16. Here each tensor is re-placed from the saved value instead: moments and masters
+        in :func:`state_dtype`, ``step`` in fp32, all on the parameter's device. A saved master is dropped when
+        this optimizer keeps none for that parameter, and created from the parameter at the next step when it
+        needs one the checkpoint lacks.
+        """
+        saved_state = state_dict["state"]
+        saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
+        super().load_state_dict(state_dict)
+        params = [param for group in self.param_groups for param in group["params"]]
+        for saved_id, param in zip(saved_ids, params, strict=True):
+            if saved_id in saved_state:
+                self.state[param] = self._restore_state(param, saved_state[saved_id])
+
+    def _restore_state(self, param: Tensor, saved: dict[str, Any]) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        for key, value in saved.items():
+            if not isinstance(value, Tensor):
+                state[key] = value
+            elif key == "master":
+                if self._wants_master(param):
+                    state[key] = value.to(device=param.device, dtype=torch.float32, copy=True)
+            elif key == "step":
+                state[key] = value.to(device=param.device, dtype=torch.float32, copy=True)
+            else:
+                state[key] = value.to(device=param.device, dtype=state_dtype(param), copy=True)
+        return state
+
+    # ----------------------------------------------------------------------------------------------- step
+    @property
+    def uses_foreach(self) -> bool:
+        """Whether ``step`` takes the multi-tensor path (``foreach=None`` means yes)."""
+        return self.foreach is not False
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One update of every parameter that has a gradient. Never reads a tensor back to the host."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        buckets = self._gather()
+        if buckets:
+            param_norm, update_norm, ratio = self._update(buckets)
+            for bucket in buckets:
+                if bucket.has_masters:
+                    torch._foreach_copy_(bucket.params, bucket.weights)
+            self._record(buckets, _trust.stats_table(param_norm, update_norm, ratio))
+        return loss
+
+    def _update(self, buckets: list[Bucket]) -> tuple[Tensor, Tensor, Tensor]:
+        """Apply the algorithm; return per-tensor ‖p‖, the ratio's denominator norm and the ratio, in bucket
+        order (subclasses)."""
+        raise NotImplementedError
+
+    def squared_norms(self, tensors: list[Tensor]) -> Tensor:
+        """Squared norms of ``tensors`` as one vector (one call per run of same-device tensors), passed through
+        :meth:`reduce_squared_norms`."""
+        runs: list[list[Tensor]] = []
+        for tensor in tensors:
+            if runs and runs[-1][0].device == tensor.device:
+                runs[-1].append(tensor)
+            else:
+                runs.append([tensor])
+        parts = [_trust.squared_norms(run, foreach=self.uses_foreach) for run in runs]
+        squares = parts[0] if len(parts) == 1 else torch.cat([part.to(parts[0].device) for part in parts])
+        return self.reduce_squared_norms(squares)
+
+    def workspace(self, bucket: Bucket) -> list[Tensor]:
+        """One scratch tensor per tensor of ``bucket``, in the state dtype, contents undefined."""
+        dtype = state_dtype(bucket.params[0])
+        buffers = []
+        for param, weight in zip(bucket.params, bucket.weights, strict=True):
+            keep = self.keep_workspace if self.keep_workspace is not None else weight.device.type == "cpu"
+            buffer = self._kept_workspace.get(id(param)) if keep else None
+            wanted = (weight.shape, dtype, weight.device)
+            if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != wanted:
+                buffer = torch.empty_like(weight, dtype=dtype, memory_format=torch.contiguous_format)
+                if keep:
+                    self._kept_workspace[id(param)] = buffer
+            buffers.append(buffer)
+        return buffers
+
+    @property
+    def workspace_bytes(self) -> int:
+        """Bytes of scratch kept between steps (0 when ``keep_workspace`` is off)."""
+        return sum(buffer.nbytes for buffer in self._kept_workspace.values())
+
+    def reduce_squared_norms(self, squares: Tensor) -> Tensor:
+        """Hook for sharded training: sum partial squared norms across ranks (one all-reduce). Identity here."""
+        return squares
+
+    # ----------------------------------------------------------------------------------------------- stats
+    def _record(self, buckets: list[Bucket], table: Tensor) -> None:
+        positions = tuple(position for bucket in buckets for position in bucket.positions)
+        count = sum(len(group["params"]) for group in self.param_groups)
+        if positions == tuple(range(count)):
+            self.trust_stats = table
+            return
+        if self._scatter_index is None or self._scatter_index[0] != positions:
+            self._scatter_index = (positions, torch.tensor(positions, device=table.device))
+        full = torch.full((count, 3), float("nan"), dtype=table.dtype, device=table.device)
+        self.trust_stats = full.index_copy_(0, self._scatter_index[1], table)
+
+    def parameter_names(self) -> list[str]:
+        """One name per parameter, in :attr:`trust_stats` row order: the group's ``param_names`` when it has them
+        (named parameters or :func:`~legw_hf.decay_param_groups`), else ``"group<g>.<i>"``."""
+        names = []
+        for index, group in enumerate(self.param_groups):
+            given = group.get("param_names")
+            names += list(given) if given else [f"group{index}.{i}" for i in range(len(group["params"]))]
+        return names
+
+    def trust_summary(self, per_parameter: bool = False) -> dict[str, float]:
+        """The last step's trust ratios as plain floats, for logging.
+
+        Returns ``{"trust_ratio/min", "trust_ratio/median", "trust_ratio/max"}`` over the adapted parameters
+        that had a gradient (parameters that are not adapted always have ratio 1 and are left out); with
+        ``per_parameter=True`` also ``"trust_ratio/<name>"``, ``"param_norm/<name>"`` and ``"update_norm/<name>"``
+        for every parameter updated in that step. Empty before the first step. Copies :attr:`trust_stats` to the
+        host, i.e. waits for the device: call it when logging, not every step.
+        """
+        if self.trust_stats is None:
+            return {}
+        adapted = [self.is_adapted(group) for group in self.param_groups for _ in group["params"]]
+        return _trust.summarize(self.trust_stats, self.parameter_names(), adapted, per_parameter=per_parameter)

@@ -1,0 +1,457 @@
+"""LAMB: Adam's direction, decoupled weight decay, then a per-tensor trust ratio ‖p‖/‖u‖ scaling the step.
+
+The math is a chain of small steps, each written once:
+
+1. optional global gradient pre-normalisation ``g ← g / max(1, G / max_grad_norm)``,
+2. Adam moments and the Adam direction ``r`` (:func:`_adam_direction` is the reference form),
+3. decoupled decay ``u = r + λp`` (or L2 decay folded into ``g`` before step 2),
+4. the trust ratio from :mod:`._trust`,
+5. the step ``p ← p - η·k·ratio·u`` (``k`` carries bias correction in the DeepSpeed form).
+
+Where LAMB implementations disagree, a keyword says which way to go; presets are dicts of those keywords.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import SettingError, non_negative
+from . import _ops
+from ._base import Bucket, LayerwiseOptimizer, state_dtype
+from ._settings import (
+    FROM_PRESET,
+    check_betas,
+    check_choice,
+    check_clamp,
+    check_flag,
+    check_lr,
+    check_optional_positive,
+    resolve,
+)
+from ._trust import trust_ratio
+
+BIAS_CORRECTIONS = ("inside", "step_size", "off")
+ADAPT_RULES = ("all", "decayed")
+DECAY_MODES = ("decoupled", "l2")
+
+#: Keyword values of :class:`Lamb` without a preset.
+LAMB_DEFAULTS: dict[str, Any] = {
+    "lr": 1e-3,
+    "betas": (0.9, 0.999),
+    "eps": 1e-6,
+    "weight_decay": 0.01,
+    "bias_correction": "inside",
+    "eps_inside_sqrt": False,
+    "weight_decay_mode": "decoupled",
+    "grad_averaging": True,
+    "max_grad_norm": None,
+    "trust_clamp": None,
+    "adapt": "all",
+}
+
+#: Each reference implementation as keyword values (explicit keywords override them).
+LAMB_PRESETS: dict[str, dict[str, Any]] = {
+    # apex.optimizers.FusedLAMB defaults, as NVIDIA's BERT recipe runs it (csrc/multi_tensor_lamb.cu).
+    "nvidia": {
+        "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.01, "bias_correction": "inside",
+        "eps_inside_sqrt": False, "weight_decay_mode": "decoupled", "grad_averaging": True,
+        "max_grad_norm": 1.0, "trust_clamp": None, "adapt": "decayed",
+    },
+    # deepspeed.ops.lamb.FusedLamb (csrc/lamb/fused_lamb_cuda_kernel.cu).
+    "deepspeed": {
+        "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "bias_correction": "step_size",
+        "eps_inside_sqrt": False, "weight_decay_mode": "decoupled", "grad_averaging": True,
+        "max_grad_norm": None, "trust_clamp": (0.01, 10.0), "adapt": "all",
+    },
+    # optax.lamb: chain(scale_by_adam, add_decayed_weights, scale_by_trust_ratio, scale_by_learning_rate).
+    "optax": {
+        "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0, "bias_correction": "inside",
+        "eps_inside_sqrt": False, "weight_decay_mode": "decoupled", "grad_averaging": True,
+        "max_grad_norm": None, "trust_clamp": None, "adapt": "all",
+    },
+    # The paper's Algorithm 2 as tensorflow_addons.optimizers.LAMB implements it.
+    "paper": {
+        "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0, "bias_correction": "inside",
+        "eps_inside_sqrt": False, "weight_decay_mode": "decoupled", "grad_averaging": True,
+        "max_grad_norm": None, "trust_clamp": None, "adapt": "decayed",
+    },
+}
+
+
+class Lamb(LayerwiseOptimizer):
+    r"""LAMB (You et al., "Large Batch Optimization for Deep Learning: Training BERT in 76 minutes", 2019).
+
+    Per tensor, with ``bc1 = 1-β1^t``, ``bc2 = 1-β2^t``, ``β3 = 1-β1`` (``grad_averaging``) or 1::
+
+        g ← g / max(1, G / max_grad_norm)       G = global norm of all gradients; only if max_grad_norm
+        g ← g + λ·p                              only if weight_decay_mode="l2"
+        m ← β1·m + β3·g ;  v ← β2·v + (1-β2)·g²
+        r = m̂ / (√v̂ + ε)  or  m̂ / √(v̂ + ε)       the latter with eps_inside_sqrt
+                                                 m̂, v̂ = m/bc1, v/bc2 with bias_correction="inside", else m, v
+        u = r + λ·p                              only if weight_decay_mode="decoupled"
+        ratio = clamp(‖p‖ / ‖u‖, *trust_clamp)   1 if ‖p‖ = 0 or ‖u‖ = 0, or the group is not adapted
+        p ← p - η·k·ratio·u                      k = √bc2 / bc1 if bias_correction="step_size", else 1
+
+    Presets (``preset=``), each reproducing its reference to float tolerance:
+
+    - ``"nvidia"``: apex ``FusedLAMB`` as NVIDIA's BERT recipe runs it. ``g ← g / max(1, G/1.0)``,
+      ``r = m̂/(√v̂ + ε)``, ``u = r + λp``, ratio ``‖p‖/‖u‖`` only in groups with λ ≠ 0 (apex's ``use_nvlamb``
+      is ``adapt="all"``). ε 1e-6, λ 0.01, max_grad_norm 1.0.
+    - ``"deepspeed"``: DeepSpeed ``FusedLamb``. ``r = m/(√v + ε)`` on uncorrected moments, ``u = r + λp``,
+      ``p ← p - η·(√bc2/bc1)·clamp(‖p‖/‖u‖, 0.01, 10)·u``. ε 1e-8, λ 0; its ``eps_inside_sqrt`` is ours.
+    - ``"optax"``: ``optax.lamb``. ``r = m̂/(√v̂ + ε)``, ``u = r + λp``, ratio ``‖p‖/‖u‖`` for every tensor;
+      per-group λ plays optax's decay ``mask``. ε 1e-6, λ 0.
+    - ``"paper"``: Algorithm 2 as ``tensorflow_addons.optimizers.LAMB``: as optax, but tensors excluded from
+      decay (groups with λ = 0) are excluded from adaptation too, TF-addons' default for
+      ``exclude_from_layer_adaptation``. ε 1e-6, λ 0.
+
+    All use lr 1e-3 and betas (0.9, 0.999) unless given. Without a preset: ε 1e-6, λ 0.01, bias correction
+    inside, every tensor adapted, no pre-normalisation, no clamp. Explicit keywords override the preset. Two notes
+    on fidelity: TF-addons adapts every layer when no decay exclusion list is given even with λ = 0; with
+    ``preset="paper"`` and λ = 0 everywhere pass ``adapt="all"`` for that. DeepSpeed's optional ``max_grad_norm``
+    relies on norms its engine passes in; the engine's own clipping is the intended route there.
+
+    Refused combinations (:class:`~legw_hf.SettingError`), each because the result would be ambiguous:
+    ``preset="deepspeed"`` with ``max_grad_norm`` (DeepSpeed's in-optimizer clipping uses a different formula on
+    loss-scaled norms; clip in the engine or Trainer instead), a bool ``bias_correction`` (``True`` means
+    "inside" in apex but "step_size" in DeepSpeed), ``fused_adam=True`` with ``foreach=False``.
+
+    Args:
+        params: parameters or param groups. A group may override ``lr``, ``betas``, ``eps``, ``weight_decay``,
+            ``bias_correction``, ``eps_inside_sqrt``, ``weight_decay_mode``, ``grad_averaging``,
+            ``trust_clamp`` and ``adapt``, and may set ``layer_adaptation`` (bool) to force the trust ratio on or
+            off for its tensors (see :func:`~legw_hf.decay_param_groups`).
+        lr: learning rate η: a float or a one-element tensor (a tensor LR is read on device, never synced).
+        betas: (β1, β2), each in [0, 1).
+        eps: ε >= 0.
+        weight_decay: λ >= 0.
+        preset: ``"nvidia"``, ``"deepspeed"``, ``"optax"``, ``"paper"`` or None.
+        bias_correction: ``"inside"`` (m̂, v̂ in r), ``"step_size"`` (√bc2/bc1 multiplies the step after the trust
+            ratio) or ``"off"``.
+        eps_inside_sqrt: put ε inside the square root.
+        weight_decay_mode: ``"decoupled"`` (u = r + λp) or ``"l2"`` (λp added to the gradient before the moments;
+            apex's ``adam_w_mode=False``).
+        grad_averaging: m takes (1-β1)·g; False adds g itself (apex's ``grad_averaging=False``).
+        max_grad_norm: divide all gradients by ``max(1, G/max_grad_norm)`` before the moments, with G their global
+            norm (apex). None turns it off. Optimizer-wide, not per group. Do not combine with Trainer's own
+            ``max_grad_norm`` clipping unless clipping twice is meant.
+        trust_clamp: ``(min, max)`` bounds of a defined trust ratio, or None.
+        adapt: ``"all"`` or ``"decayed"`` (only groups with λ ≠ 0).
+        foreach: multi-tensor path (default) or, with False, the single-tensor reference path.
+        fused_adam: compute the Adam part with torch's fused Adam kernels (``torch._fused_adam_`` /
+            ``_fused_adamw_``, private ops checked once per process against the formula) when the settings allow
+            it (bias correction inside, ε outside the root, decoupled decay, gradient averaging, fp32 tensors on
+            CPU or CUDA). None uses them where possible; True insists.
+        master_weights: keep an fp32 copy of fp16/bf16 parameters and update that (moments are fp32 for such
+            parameters either way).
+        keep_workspace: keep the step's parameter-sized scratch list between steps; None keeps it on CPU only
+            (see :class:`~legw_hf.optim.LayerwiseOptimizer`).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = FROM_PRESET,
+        betas: tuple[float, float] = FROM_PRESET,
+        eps: float = FROM_PRESET,
+        weight_decay: float = FROM_PRESET,
+        *,
+        preset: str | None = None,
+        bias_correction: str = FROM_PRESET,
+        eps_inside_sqrt: bool = FROM_PRESET,
+        weight_decay_mode: str = FROM_PRESET,
+        grad_averaging: bool = FROM_PRESET,
+        max_grad_norm: float | None = FROM_PRESET,
+        trust_clamp: tuple[float, float] | None = FROM_PRESET,
+        adapt: str = FROM_PRESET,
+        foreach: bool | None = None,
+        fused_adam: bool | None = None,
+        master_weights: bool = False,
+        keep_workspace: bool | None = None,
+    ) -> None:
+        given = {
+            "lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "bias_correction": bias_correction,
+            "eps_inside_sqrt": eps_inside_sqrt, "weight_decay_mode": weight_decay_mode,
+            "grad_averaging": grad_averaging, "max_grad_norm": max_grad_norm, "trust_clamp": trust_clamp,
+            "adapt": adapt,
+        }
+        if preset == "deepspeed" and max_grad_norm is not FROM_PRESET and max_grad_norm is not None:
+            raise SettingError("max_grad_norm", "cannot be combined with preset='deepspeed'", max_grad_norm,
+                               detail="DeepSpeed clips in its engine with its own formula; set gradient_clipping "
+                               "or Trainer's max_grad_norm instead, or pick preset='nvidia'")
+        settings = resolve(LAMB_DEFAULTS, LAMB_PRESETS, preset, given)
+        self.preset = preset
+        self.max_grad_norm = check_optional_positive("max_grad_norm", settings.pop("max_grad_norm"))
+        self.fused_adam = None if fused_adam is None else check_flag("fused_adam", fused_adam)
+        if self.fused_adam and foreach is False:
+            raise SettingError("fused_adam", "needs the multi-tensor path", fused_adam,
+                               detail="foreach=False selects the single-tensor reference path")
+        # The one-time checks of the private kernels run here, never inside a step (they read results back).
+        if self.fused_adam is not False:
+            available = _fused_adam_agrees()
+            _fused_adam_agrees(in_place=True)
+            if self.fused_adam and not available:
+                raise SettingError("fused_adam", "is not available in this torch build", fused_adam)
+        super().__init__(params, settings, foreach=foreach, master_weights=master_weights,
+                         keep_workspace=keep_workspace)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        group["lr"] = check_lr(group["lr"])
+        group["betas"] = check_betas(group["betas"])
+        group["eps"] = non_negative("eps", group["eps"])
+        group["weight_decay"] = non_negative("weight_decay", group["weight_decay"])
+        group["bias_correction"] = check_choice(
+            "bias_correction", group["bias_correction"], BIAS_CORRECTIONS,
+            detail="a bool is ambiguous: apex's True corrects inside the update, DeepSpeed's after the trust ratio"
+            if isinstance(group["bias_correction"], bool) else "")
+        group["eps_inside_sqrt"] = check_flag("eps_inside_sqrt", group["eps_inside_sqrt"])
+        group["weight_decay_mode"] = check_choice("weight_decay_mode", group["weight_decay_mode"], DECAY_MODES)
+        group["grad_averaging"] = check_flag("grad_averaging", group["grad_averaging"])
+        group["trust_clamp"] = check_clamp("trust_clamp", group["trust_clamp"])
+        group["adapt"] = check_choice("adapt", group["adapt"], ADAPT_RULES)
+
+    def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
+        # the step counter lives on the device, so bias corrections never need its value on the host
+        state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key] = torch.zeros_like(param, dtype=state_dtype(param), memory_format=torch.preserve_format)
+
+    # ------------------------------------------------------------------------------------------------ step
+    def _update(self, buckets: list[Bucket]) -> tuple[Tensor, Tensor, Tensor]:
+        grad_divisor = self._grad_divisor(buckets)
+        updates: list[Tensor] = []
+        inner_scales: list[Tensor] = []
+        for bucket in buckets:
+            steps = bucket.state_list("step")
+            if self.uses_foreach:
+                torch._foreach_add_(steps, 1.0)
+            else:
+                for step in steps:
+                    step.add_(1.0)
+            bucket_updates, inner_scale = self._direction(bucket, grad_divisor)
+            updates += bucket_updates
+            inner_scales.append(inner_scale)
+
+        weights = [weight for bucket in buckets for weight in bucket.weights]
+        squares = self.squared_norms(weights + updates)
+        param_norms = squares[: len(weights)].sqrt()
+        update_norms = squares[len(weights):].sqrt() * torch.cat(inner_scales)
+
+        ratios = []
+        start = 0
+        for bucket, step_factor in zip(buckets, inner_scales, strict=True):
+            group, end = bucket.group, start + len(bucket.weights)
+            param_norm, update_norm = param_norms[start:end], update_norms[start:end]
+            if self.is_adapted(group):
+                ratio = trust_ratio(param_norm, update_norm, clamp=group["trust_clamp"])
+            else:
+                ratio = torch.ones_like(param_norm)
+            if group["bias_correction"] == "step_size":
+                bc1, bc2 = _bias_corrections(bucket, group)
+                step_factor = step_factor * bc2.sqrt() / bc1
+            _ops.add_scaled_(bucket.weights, updates[start:end], -group["lr"] * step_factor * ratio,
+                             foreach=self.uses_foreach)
+            ratios.append(ratio)
+            start = end
+        return param_norms, update_norms, torch.cat(ratios)
+
+    def _grad_divisor(self, buckets: list[Bucket]) -> Tensor | None:
+        """``max(1, G / max_grad_norm)`` over every gradient of this step, on device; None when off."""
+        if self.max_grad_norm is None:
+            return None
+        global_norm = self.squared_norms([grad for bucket in buckets for grad in bucket.grads]).sum().sqrt()
+        return torch.where(global_norm > self.max_grad_norm, global_norm / self.max_grad_norm,
+                           torch.ones_like(global_norm))
+
+    def _direction(self, bucket: Bucket, grad_divisor: Tensor | None) -> tuple[list[Tensor], Tensor]:
+        """Update the moments and return ``(u', c)`` with the update direction ``u = c·u'`` (c per tensor)."""
+        if not self.uses_foreach:
+            updates = [_adam_direction(weight, grad, state, bucket.group, grad_divisor)
+                       for weight, grad, state in zip(bucket.weights, bucket.grads, bucket.states, strict=True)]
+            return updates, torch.ones(len(updates), device=bucket.weights[0].device)
+        if self._takes_fused_adam(bucket, grad_divisor):
+            return _fused_adam_direction(bucket, self.workspace(bucket), grad_divisor)
+        return _foreach_direction(bucket, grad_divisor, self.workspace(bucket))
+
+    def _takes_fused_adam(self, bucket: Bucket, grad_divisor: Tensor | None) -> bool:
+        if self.fused_adam is False:
+            return False
+        group, weight, grad = bucket.group, bucket.weights[0], bucket.grads[0]
+        settings_fit = (group["bias_correction"] == "inside" and not group["eps_inside_sqrt"]
+                        and group["weight_decay_mode"] == "decoupled" and group["grad_averaging"])
+        tensors_fit = (weight.dtype == grad.dtype == torch.float32 and not bucket.has_masters
+                       and weight.device.type in ("cpu", "cuda"))
+        kernel_fits = _fused_adam_agrees(in_place=grad_divisor is not None)
+        if self.fused_adam and not (settings_fit and tensors_fit and kernel_fits):
+            raise SettingError("fused_adam", "needs bias_correction='inside', eps outside the root, decoupled "
+                               "decay, grad_averaging and fp32 tensors on CPU or CUDA", True)
+        return settings_fit and tensors_fit and kernel_fits
+
+
+# ---------------------------------------------------------------------------------------------------- math
+def _adam_direction(weight: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any],
+                    grad_divisor: Tensor | None) -> Tensor:
+    """The reference form of steps 1-3 for one tensor: updates its moments, returns u."""
+    beta1, beta2 = group["betas"]
+    eps, decay = group["eps"], group["weight_decay"]
+    exp_avg, exp_avg_sq, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
+    grad = grad.to(exp_avg.dtype)
+    if grad_divisor is not None:
+        grad = grad / grad_divisor
+    if group["weight_decay_mode"] == "l2":
+        grad = grad + decay * weight
+    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1 if group["grad_averaging"] else 1.0)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    if group["bias_correction"] == "inside":
+        bias_correction1, bias_correction2 = 1 - beta1**step, 1 - beta2**step
+    else:
+        bias_correction1 = bias_correction2 = 1.0
+    # in place on fresh tensors from here: one update per tensor is kept until the norms are known
+    first, second = exp_avg / bias_correction1, exp_avg_sq / bias_correction2
+    denominator = second.add_(eps).sqrt_() if group["eps_inside_sqrt"] else second.sqrt_().add_(eps)
+    update = first.div_(denominator)
+    if group["weight_decay_mode"] == "decoupled":
+        update.add_(weight, alpha=decay)
+    return update
+
+
+def _bias_corrections(bucket: Bucket, group: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """Per-tensor ``(1-β1^t, 1-β2^t)`` vectors, from the step counters on device."""
+    steps = torch.stack(bucket.state_list("step"))
+    beta1, beta2 = group["betas"]
+    return 1 - beta1**steps, 1 - beta2**steps
+
+
+def _foreach_direction(bucket: Bucket, grad_divisor: Tensor | None,
+                       scratch: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+    """Steps 1-3 over the bucket with ``_foreach_`` ops, in the one ``scratch`` list.
+
+    With bias correction inside, ``r = c·m / (√v + ε√bc2)`` (or ``c·m / √(v + ε·bc2)``) with ``c = √bc2/bc1``
+    is the same quotient as ``m̂/(√v̂ + ε)``; ``c`` stays a per-tensor factor of the result instead of a pass
+    over memory, and the decay term is added as ``(λ/c)·p`` so the returned list is ``u / c``.
+    """
+    group = bucket.group
+    beta1, beta2 = group["betas"]
+    eps, decay = group["eps"], group["weight_decay"]
+    weights, grads = bucket.weights, bucket.grads
+    exp_avgs, exp_avg_sqs = bucket.state_list("exp_avg"), bucket.state_list("exp_avg_sq")
+    dtype = exp_avgs[0].dtype
+
+    l2 = group["weight_decay_mode"] == "l2" and decay != 0
+    grads_in_scratch = grad_divisor is not None or l2 or grads[0].dtype != dtype
+    if grads_in_scratch:  # the gradient the moments see must differ from p.grad, which stays untouched
+        if grad_divisor is not None and grads[0].dtype == dtype:
+            _ops.divide_by_into(grads, grad_divisor, scratch)
+        else:  # upcast first: the quotient of fp16/bf16 values would be rounded to their precision
+            torch._foreach_copy_(scratch, grads)
+            if grad_divisor is not None:
+                torch._foreach_div_(scratch, grad_divisor)
+        if l2:
+            torch._foreach_add_(scratch, weights, alpha=decay)
+        grads = scratch
+
+    if group["grad_averaging"]:
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    else:
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, grads)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+
+    if group["bias_correction"] == "inside":
+        bc1, bc2 = _bias_corrections(bucket, group)
+        inner_scale = bc2.sqrt() / bc1
+        eps_term = eps * (bc2 if group["eps_inside_sqrt"] else bc2.sqrt())
+    else:
+        inner_scale = torch.ones(len(weights), device=weights[0].device)
+        eps_term = torch.full_like(inner_scale, eps)
+    eps_terms = eps_term.unbind()
+
+    if group["eps_inside_sqrt"]:
+        _ops.add_into(exp_avg_sqs, eps_terms, scratch)
+        torch._foreach_sqrt_(scratch)
+    else:
+        _ops.sqrt_into(exp_avg_sqs, scratch)
+    if not group["eps_inside_sqrt"]:
+        torch._foreach_add_(scratch, eps_terms)
+    _ops.divide_into(exp_avgs, scratch)
+    if group["weight_decay_mode"] == "decoupled" and decay != 0:
+        _ops.add_scaled_(scratch, weights, decay / inner_scale, foreach=True)
+    return scratch, inner_scale
+
+
+def _fused_adam_direction(bucket: Bucket, scratch: list[Tensor],
+                          grad_divisor: Tensor | None) -> tuple[list[Tensor], Tensor]:
+    """Steps 1-3 through torch's fused Adam kernel, which updates the moments and forms ``m̂/(√v̂ + ε)`` in one
+    pass over memory.
+
+    Run on a scratch "parameter" holding ``λ·p`` with LR -1, the kernel leaves ``λ·p + m̂/(√v̂ + ε) = u``. With
+    pre-normalisation the moments must see ``g / divisor``, which has to live in the scratch list (``p.grad`` is
+    not ours to change); there the scratch is both gradient and parameter of the AdamW kernel, whose decoupled
+    factor ``1 - lr·wd`` is 0 for lr = wd = -1, so the gradient is dropped and ``m̂/(√v̂ + ε)`` remains; ``λ·p`` is
+    added after.
+    """
+    group = bucket.group
+    beta1, beta2 = group["betas"]
+    decay = group["weight_decay"]
+    moments = (bucket.state_list("exp_avg"), bucket.state_list("exp_avg_sq"), [], bucket.state_list("step"))
+    options = {"beta1": beta1, "beta2": beta2, "eps": group["eps"], "amsgrad": False, "maximize": False}
+    if grad_divisor is None:
+        if decay != 0:
+            _ops.scale_into(bucket.weights, decay, scratch)
+        else:
+            torch._foreach_zero_(scratch)
+        torch._fused_adam_(scratch, bucket.grads, *moments, lr=-1.0, weight_decay=0.0, **options)
+    else:
+        _ops.divide_by_into(bucket.grads, grad_divisor, scratch)
+        torch._fused_adamw_(scratch, scratch, *moments, lr=-1.0, weight_decay=-1.0, **options)
+        if decay != 0:
+            torch._foreach_add_(scratch, bucket.weights, alpha=decay)
+    return scratch, torch.ones(len(scratch), device=scratch[0].device)
+
+
+def _kernel_matches(in_place: bool) -> bool:
+    """Run the fused kernel the way :func:`_fused_adam_direction` does on 37 values (whole SIMD vectors and a
+    tail) and compare with the Adam formula."""
+    generator = torch.Generator().manual_seed(0)
+    grad, base = torch.randn(37, generator=generator), torch.randn(37, generator=generator)
+    exp_avg = 0.1 * torch.randn(37, generator=generator)
+    exp_avg_sq = 0.01 * torch.rand(37, generator=generator)
+    m, v, step = exp_avg.clone(), exp_avg_sq.clone(), torch.tensor(3.0)
+    options = {"beta1": 0.9, "beta2": 0.99, "eps": 1e-6, "amsgrad": False, "maximize": False}
+    if in_place:
+        out = start = grad.clone()
+        torch._fused_adamw_([out], [out], [m], [v], [], [step], lr=-1.0, weight_decay=-1.0, **options)
+        start, untouched = torch.zeros(37), True
+    else:
+        out, grad_in, start = base.clone(), grad.clone(), base
+        torch._fused_adam_([out], [grad_in], [m], [v], [], [step], lr=-1.0, weight_decay=0.0, **options)
+        untouched = torch.equal(grad_in, grad)
+    m_ref = 0.9 * exp_avg + 0.1 * grad
+    v_ref = 0.99 * exp_avg_sq + 0.01 * grad * grad
+    expected = start + (m_ref / (1 - 0.9**3)) / ((v_ref / (1 - 0.99**3)).sqrt() + 1e-6)
+    return bool(untouched and torch.allclose(m, m_ref, rtol=1e-5, atol=1e-7)
+                and torch.allclose(v, v_ref, rtol=1e-5, atol=1e-7)
+                and torch.allclose(out, expected, rtol=1e-5, atol=1e-6))
+
+
+@functools.cache
+def _fused_adam_agrees(in_place: bool = False) -> bool:
+    """Whether torch's private fused Adam kernel exists and computes what :func:`_fused_adam_direction` relies
+    on (``in_place``: the AdamW kernel with gradient and parameter in one buffer). Checked once per process on CPU,
+    outside any step, since the check reads results back."""
+    if getattr(torch, "_fused_adamw_" if in_place else "_fused_adam_", None) is None:
+        return False
+    try:
+        return _kernel_matches(in_place)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+__all__ = ["LAMB_DEFAULTS", "LAMB_PRESETS", "Lamb"]

@@ -1,0 +1,242 @@
+"""LARS: SGD with momentum whose per-tensor step is rescaled by a trust ratio ``tc·‖p‖ / ‖gradient side‖``.
+
+The chain: decayed gradient ``u = g + λp`` → trust ratio (:mod:`._trust`) → momentum → LR. References differ in
+the ratio's denominator, in whether the LR is capped (LARC's clip mode), and in whether the momentum buffer holds
+gradients (torch SGD, LR applied after) or LR-scaled steps (optax); each is a keyword, each reference a preset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import SettingError, non_negative, positive
+from . import _ops
+from ._base import Bucket, LayerwiseOptimizer, state_dtype
+from ._settings import FROM_PRESET, check_choice, check_flag, check_fraction, check_lr, resolve
+from ._trust import trust_ratio
+
+DENOMINATORS = ("norm_sum", "update_norm")
+ADAPT_RULES = ("all", "decayed")
+
+#: Keyword values of :class:`Lars` without a preset: the ``"larc_scale"`` rule with momentum 0.9.
+LARS_DEFAULTS: dict[str, Any] = {
+    "momentum": 0.9,
+    "weight_decay": 0.0,
+    "trust_coefficient": 0.001,
+    "eps": 1e-8,
+    "nesterov": False,
+    "trust_denominator": "norm_sum",
+    "local_lr_clip": False,
+    "lr_before_momentum": False,
+    "adapt": "all",
+}
+
+#: Each reference implementation as keyword values (explicit keywords override them). LARC wraps a torch SGD,
+#: whose momentum, nesterov and weight decay are the caller's choice, so its presets leave those to the defaults.
+LARS_PRESETS: dict[str, dict[str, Any]] = {
+    # apex.parallel.LARC(torch.optim.SGD(...)) with its defaults: clip=True, trust_coefficient=0.02, eps=1e-8.
+    "larc": {
+        "trust_coefficient": 0.02, "eps": 1e-8, "trust_denominator": "norm_sum", "local_lr_clip": True,
+        "lr_before_momentum": False, "adapt": "all",
+    },
+    # apex.parallel.LARC(..., clip=False): the LARS paper's local LR with its trust coefficient 0.001.
+    "larc_scale": {
+        "trust_coefficient": 0.001, "eps": 1e-8, "trust_denominator": "norm_sum", "local_lr_clip": False,
+        "lr_before_momentum": False, "adapt": "all",
+    },
+    # optax.lars: chain(add_decayed_weights, masked(scale_by_trust_ratio), scale_by_learning_rate, trace).
+    "optax": {
+        "momentum": 0.9, "weight_decay": 0.0, "trust_coefficient": 0.001, "eps": 0.0, "nesterov": False,
+        "trust_denominator": "update_norm", "local_lr_clip": False, "lr_before_momentum": True, "adapt": "all",
+    },
+}
+
+
+class Lars(LayerwiseOptimizer):
+    r"""LARS (You, Gitman, Ginsburg, "Large Batch Training of Convolutional Networks", 2017).
+
+    Per tensor, with trust coefficient ``tc``::
+
+        trust_denominator="norm_sum" (LARC):     ratio = tc·‖p‖ / (‖g‖ + λ‖p‖ + ε),  g' = ratio·(g + λp)
+        trust_denominator="update_norm" (optax): u = g + λp,  ratio = tc·‖p‖ / (‖u‖ + ε),  g' = ratio·u
+        local_lr_clip:                           ratio ← min(ratio / η, 1)      (LARC clip: η·ratio <= η)
+        lr_before_momentum=False (torch SGD):    buf ← μ·buf + g' ;    p ← p - η·buf
+        lr_before_momentum=True (optax trace):   buf ← μ·buf + η·g' ;  p ← p - buf
+        nesterov:                                the step uses (g' + μ·buf) in place of buf (η·g' + μ·buf)
+
+    The ratio is 1 where ``‖p‖`` or the gradient side (``‖g‖``, resp. ``‖u‖``) is 0, and for groups that are not
+    adapted (note: 1, not ``tc``, as in optax's ``trust_ratio_mask``). With ``"norm_sum"`` the decay term goes
+    with the ratio: where the ratio falls back to 1 because a norm is 0, LARC leaves the gradient undecayed, and
+    so does this. ``momentum=0`` keeps no buffer.
+
+    Presets (``preset=``), each reproducing its reference to float tolerance:
+
+    - ``"larc"``: apex ``LARC(torch.optim.SGD(...))`` in its default clip mode: ``"norm_sum"``, local LR capped
+      at η, tc 0.02, ε 1e-8, torch-SGD momentum (μ, nesterov, λ are the SGD's: pass them).
+    - ``"larc_scale"``: the same with ``clip=False``, i.e. the LARS paper's local LR, tc 0.001, ε 1e-8; this is
+      also the default rule.
+    - ``"optax"``: ``optax.lars``: ``"update_norm"``, momentum after the LR scaling, tc 0.001, ε 0, μ 0.9.
+      Groups' λ play ``weight_decay_mask``; ``adapt="decayed"`` or ``layer_adaptation`` play
+      ``trust_ratio_mask``.
+
+    The two momentum placements coincide while η is constant and differ when a schedule changes it.
+    No keyword combination is refused for a preset: every override has one meaning.
+
+    Args:
+        params: parameters or param groups; a group may override every keyword below except ``preset``,
+            ``foreach``, ``master_weights`` and ``keep_workspace``, and may set ``layer_adaptation`` (bool).
+        lr: η, a float or a one-element tensor.
+        momentum: μ in [0, 1).
+        weight_decay: λ >= 0.
+        trust_coefficient: tc > 0.
+        eps: ε >= 0 in the ratio's denominator.
+        nesterov: Nesterov momentum (needs μ > 0).
+        preset: ``"larc"``, ``"larc_scale"``, ``"optax"`` or None.
+        trust_denominator: ``"norm_sum"`` or ``"update_norm"``.
+        local_lr_clip: LARC's clip mode.
+        lr_before_momentum: optax's order (buffer of LR-scaled steps).
+        adapt: ``"all"`` or ``"decayed"`` (only groups with λ ≠ 0).
+        foreach: multi-tensor path (default) or, with False, the single-tensor reference path.
+        master_weights: keep an fp32 copy of fp16/bf16 parameters and update that.
+        keep_workspace: keep the step's gradient-sized scratch list between steps; None keeps it on CPU only
+            (see :class:`~legw_hf.optim.LayerwiseOptimizer`).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor,
+        momentum: float = FROM_PRESET,
+        weight_decay: float = FROM_PRESET,
+        trust_coefficient: float = FROM_PRESET,
+        eps: float = FROM_PRESET,
+        nesterov: bool = FROM_PRESET,
+        *,
+        preset: str | None = None,
+        trust_denominator: str = FROM_PRESET,
+        local_lr_clip: bool = FROM_PRESET,
+        lr_before_momentum: bool = FROM_PRESET,
+        adapt: str = FROM_PRESET,
+        foreach: bool | None = None,
+        master_weights: bool = False,
+        keep_workspace: bool | None = None,
+    ) -> None:
+        given = {
+            "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "trust_coefficient": trust_coefficient,
+            "eps": eps, "nesterov": nesterov, "trust_denominator": trust_denominator,
+            "local_lr_clip": local_lr_clip, "lr_before_momentum": lr_before_momentum, "adapt": adapt,
+        }
+        self.preset = preset
+        settings = resolve(LARS_DEFAULTS, LARS_PRESETS, preset, given)
+        super().__init__(params, settings, foreach=foreach, master_weights=master_weights,
+                         keep_workspace=keep_workspace)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        group["lr"] = check_lr(group["lr"])
+        group["momentum"] = check_fraction("momentum", group["momentum"])
+        group["weight_decay"] = non_negative("weight_decay", group["weight_decay"])
+        group["trust_coefficient"] = positive("trust_coefficient", group["trust_coefficient"])
+        group["eps"] = non_negative("eps", group["eps"])
+        group["nesterov"] = check_flag("nesterov", group["nesterov"])
+        if group["nesterov"] and group["momentum"] == 0:
+            raise SettingError("nesterov", "needs momentum > 0", True)
+        group["trust_denominator"] = check_choice("trust_denominator", group["trust_denominator"], DENOMINATORS)
+        group["local_lr_clip"] = check_flag("local_lr_clip", group["local_lr_clip"])
+        group["lr_before_momentum"] = check_flag("lr_before_momentum", group["lr_before_momentum"])
+        group["adapt"] = check_choice("adapt", group["adapt"], ADAPT_RULES)
+
+    def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
+        if group["momentum"] != 0:
+            state["momentum_buffer"] = torch.zeros_like(param, dtype=state_dtype(param),
+                                                        memory_format=torch.preserve_format)
+
+    def _update(self, buckets: list[Bucket]) -> tuple[Tensor, Tensor, Tensor]:
+        directions = [self._decayed_gradient(bucket) for bucket in buckets]
+        weights = [weight for bucket in buckets for weight in bucket.weights]
+        squares = self.squared_norms(weights + [tensor for direction in directions for tensor in direction])
+        param_norms = squares[: len(weights)].sqrt()
+        direction_norms = squares[len(weights):].sqrt()
+
+        denominators, ratios = [], []
+        start = 0
+        for bucket, direction in zip(buckets, directions, strict=True):
+            group, end = bucket.group, start + len(bucket.weights)
+            param_norm, direction_norm = param_norms[start:end], direction_norms[start:end]
+            decay_norm = None
+            if group["trust_denominator"] == "norm_sum" and group["weight_decay"] != 0:
+                decay_norm = group["weight_decay"] * param_norm
+            ratio = torch.ones_like(param_norm)
+            if self.is_adapted(group):
+                ratio = trust_ratio(param_norm, direction_norm, coefficient=group["trust_coefficient"],
+                                    eps=group["eps"], decay_norm=decay_norm,
+                                    local_lr_clip=group["lr"] if group["local_lr_clip"] else None)
+            if decay_norm is not None:
+                direction = self._add_gated_decay(bucket, direction, param_norm, direction_norm)
+            self._momentum_step(bucket, direction, ratio)
+            denominators.append(direction_norm if decay_norm is None else direction_norm + decay_norm)
+            ratios.append(ratio)
+            start = end
+        return param_norms, torch.cat(denominators), torch.cat(ratios)
+
+    def _decayed_gradient(self, bucket: Bucket) -> list[Tensor]:
+        """The tensors whose norms form the ratio's denominator: ``g + λp`` for ``"update_norm"``, else ``g``.
+
+        A copy in the workspace (the step's one scratch list) only when the gradient must change: decay, or an
+        fp16/bf16 gradient that the fp32 state needs upcast.
+        """
+        group, grads = bucket.group, bucket.grads
+        decay_here = group["trust_denominator"] == "update_norm" and group["weight_decay"] != 0
+        if not decay_here and grads[0].dtype == state_dtype(bucket.params[0]):
+            return grads
+        direction = self.workspace(bucket)
+        torch._foreach_copy_(direction, grads)
+        if decay_here:
+            _ops.add_scaled_(direction, bucket.weights, group["weight_decay"], foreach=self.uses_foreach)
+        return direction
+
+    def _add_gated_decay(self, bucket: Bucket, direction: list[Tensor], param_norm: Tensor,
+                         grad_norm: Tensor) -> list[Tensor]:
+        """``g + λ·p`` for LARC's sum form, where the decay is part of the adaptation: an adapted tensor with
+        ``‖p‖ = 0`` or ``‖g‖ = 0`` keeps its plain gradient."""
+        group = bucket.group
+        decay = torch.full_like(param_norm, group["weight_decay"])
+        if self.is_adapted(group):
+            decay = torch.where((param_norm > 0) & (grad_norm > 0), decay, torch.zeros_like(decay))
+        if direction is bucket.grads:
+            direction = self.workspace(bucket)
+            torch._foreach_copy_(direction, bucket.grads)
+        _ops.add_scaled_(direction, bucket.weights, decay, foreach=self.uses_foreach)
+        return direction
+
+    def _momentum_step(self, bucket: Bucket, direction: list[Tensor], ratio: Tensor) -> None:
+        group = bucket.group
+        lr, momentum = group["lr"], group["momentum"]
+        into_buffer = ratio * lr if group["lr_before_momentum"] else ratio
+        out_of_buffer = 1.0 if group["lr_before_momentum"] else lr
+        foreach = self.uses_foreach
+        if momentum == 0:
+            _ops.add_scaled_(bucket.weights, direction, -out_of_buffer * into_buffer, foreach=foreach)
+            return
+        for state, param in zip(bucket.states, bucket.params, strict=True):
+            if "momentum_buffer" not in state:  # the group's momentum was 0 when its state was created
+                self._init_state(group, param, state)
+        buffers = bucket.state_list("momentum_buffer")
+        if foreach:
+            torch._foreach_mul_(buffers, momentum)
+        else:
+            for buffer in buffers:
+                buffer.mul_(momentum)
+        _ops.add_scaled_(buffers, direction, into_buffer, foreach=foreach)
+        if group["nesterov"]:
+            _ops.add_scaled_(bucket.weights, direction, -out_of_buffer * into_buffer, foreach=foreach)
+            _ops.add_scaled_(bucket.weights, buffers, -out_of_buffer * momentum, foreach=foreach)
+        else:
+            _ops.add_scaled_(bucket.weights, buffers, -out_of_buffer, foreach=foreach)
+
+
+__all__ = ["LARS_DEFAULTS", "LARS_PRESETS", "Lars"]

@@ -1,0 +1,172 @@
+"""Lamb against independent references over 50 steps, and agreement of its three code paths."""
+
+from __future__ import annotations
+
+import optax
+import pytest
+import torch
+from optim_problem import NOT_DECAYED, GradientField, assert_close, relative_errors, run_torch, torch_groups
+from optim_references import (
+    DECAY_MASK,
+    apex_fused_lamb,
+    deepspeed_fused_lamb,
+    run_optax,
+    tf_addons_lamb,
+)
+
+from legw_hf import Lamb, SettingError
+from legw_hf.optim import lamb as lamb_module
+
+FIELD = GradientField()
+LR = 1e-2
+
+
+def lamb_run(decay: float = 0.01, no_decay_extra: dict | None = None, **kwargs):
+    return run_torch(lambda p: Lamb(torch_groups(p, decay, **(no_decay_extra or {})), lr=LR, **kwargs), FIELD)
+
+
+@pytest.mark.parametrize("use_nvlamb", [False, True])
+def test_nvidia_preset_matches_apex_fused_lamb(use_nvlamb):
+    extra = {"adapt": "all"} if use_nvlamb else {}
+    result, optimizer = lamb_run(preset="nvidia", **extra)
+    assert optimizer.max_grad_norm == 1.0
+    assert_close(result, apex_fused_lamb(FIELD, lr=LR, decay=0.01, use_nvlamb=use_nvlamb))
+
+
+@pytest.mark.parametrize("eps_inside_sqrt", [False, True])
+def test_deepspeed_preset_matches_deepspeed_fused_lamb(eps_inside_sqrt):
+    result, optimizer = lamb_run(preset="deepspeed", eps_inside_sqrt=eps_inside_sqrt)
+    assert_close(result, deepspeed_fused_lamb(FIELD, lr=LR, decay=0.01, eps_inside_sqrt=eps_inside_sqrt))
+    # the always-zero gradient makes u = λp, ratio 1/λ = 100, clamped to 10
+    assert optimizer.trust_stats[3, 2].item() == pytest.approx(10.0)
+
+
+def test_deepspeed_preset_with_bing_bert_clamp():
+    result, _ = lamb_run(preset="deepspeed", trust_clamp=(0.01, 0.3))
+    assert_close(result, deepspeed_fused_lamb(FIELD, lr=LR, decay=0.01, max_coeff=0.3))
+
+
+def test_optax_preset_matches_optax_lamb():
+    result, _ = lamb_run(preset="optax")
+    reference = run_optax(optax.lamb(LR, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01, mask=DECAY_MASK), FIELD)
+    assert_close(result, reference)
+
+
+def test_eps_inside_sqrt_matches_optax_eps_root():
+    result, _ = lamb_run(preset="optax", eps=1e-6, eps_inside_sqrt=True)
+    reference = run_optax(optax.lamb(LR, eps=0.0, eps_root=1e-6, weight_decay=0.01, mask=DECAY_MASK), FIELD)
+    assert_close(result, reference)
+
+
+def test_paper_preset_matches_tf_addons_lamb():
+    result, _ = lamb_run(preset="paper")
+    assert_close(result, tf_addons_lamb(FIELD, lr=LR, decay=0.01, exclude_from_weight_decay=NOT_DECAYED))
+
+
+def test_layer_adaptation_group_flags_match_tf_addons_exclusion_lists():
+    # decay everywhere but the bias, adaptation everywhere but norm_weight: group flags express both lists
+    result, _ = run_torch(lambda p: Lamb([
+        {"params": [p[n] for n in ("matrix", "kernel", "scalar", "frozen")], "weight_decay": 0.01},
+        {"params": [p["norm_weight"]], "weight_decay": 0.01, "layer_adaptation": False},
+        {"params": [p["bias"]], "weight_decay": 0.0, "layer_adaptation": True},
+    ], lr=LR, preset="paper"), FIELD)
+    assert_close(result, tf_addons_lamb(FIELD, lr=LR, decay=0.01, exclude_from_weight_decay=("bias",),
+                                        exclude_from_layer_adaptation=("norm_weight",)))
+
+
+CONFIGS = [
+    {},
+    {"preset": "nvidia"},
+    {"preset": "deepspeed"},
+    {"preset": "deepspeed", "eps_inside_sqrt": True},
+    {"preset": "optax", "eps_inside_sqrt": True},
+    {"bias_correction": "off", "trust_clamp": (0.5, 2.0)},
+    {"weight_decay_mode": "l2", "grad_averaging": False},
+    {"max_grad_norm": 0.5, "adapt": "decayed"},
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+def test_single_tensor_multi_tensor_and_fused_paths_agree(config):
+    single, _ = lamb_run(foreach=False, **config)
+    for path in ({"fused_adam": False}, {}):  # plain _foreach_ ops; fused kernel wherever the settings allow
+        multi, _ = lamb_run(**path, **config)
+        errors = relative_errors(multi, single)
+        assert max(errors.values()) <= 1e-5, (path, errors)
+
+
+def count_kernel_calls(monkeypatch) -> dict[str, int]:
+    calls = {"_fused_adam_": 0, "_fused_adamw_": 0}
+    for name in calls:
+        kernel = getattr(torch, name)
+
+        def counted(*args, _name=name, _kernel=kernel, **kwargs):
+            calls[_name] += 1
+            return _kernel(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, counted)
+    return calls
+
+
+def test_fused_kernels_are_taken_where_the_settings_allow(monkeypatch):
+    calls = count_kernel_calls(monkeypatch)
+    lamb_run(foreach=False)
+    lamb_run(fused_adam=False)
+    assert calls == {"_fused_adam_": 0, "_fused_adamw_": 0}
+    lamb_run()
+    assert calls == {"_fused_adam_": 50 * 2, "_fused_adamw_": 0}  # one call per bucket (two groups) per step
+    lamb_run(preset="nvidia")  # pre-normalised gradients: the in-place AdamW form
+    assert calls == {"_fused_adam_": 50 * 2, "_fused_adamw_": 50 * 2}
+    for config in ({"preset": "deepspeed"}, {"eps_inside_sqrt": True}, {"weight_decay_mode": "l2"},
+                   {"grad_averaging": False}):
+        lamb_run(**config)
+    assert calls == {"_fused_adam_": 50 * 2, "_fused_adamw_": 50 * 2}
+    with pytest.raises(SettingError, match="fused_adam"):
+        lamb_run(preset="deepspeed", fused_adam=True)
+
+
+@pytest.mark.parametrize("kernel", ["_fused_adam_", "_fused_adamw_"])
+def test_fused_kernel_self_check_rejects_a_kernel_that_disagrees(kernel, monkeypatch):
+    lamb_module._fused_adam_agrees.cache_clear()
+    monkeypatch.setattr(torch, kernel, lambda params, *a, **k: [p.mul_(2) for p in params])
+    try:
+        in_place = kernel == "_fused_adamw_"
+        assert not lamb_module._fused_adam_agrees(in_place=in_place)
+        config = {"preset": "nvidia"} if in_place else {}  # a config that would take the patched kernel
+        single, _ = lamb_run(foreach=False, **config)
+        result, _ = lamb_run(**config)  # the check failed, so the plain multi-tensor path runs
+        assert max(relative_errors(result, single).values()) <= 1e-5
+    finally:
+        lamb_module._fused_adam_agrees.cache_clear()
+
+
+def test_tensor_lr_gives_the_float_lr_result():
+    floats, _ = lamb_run(preset="nvidia")
+    tensors, _ = run_torch(lambda p: Lamb(torch_groups(p, 0.01), lr=torch.tensor(LR), preset="nvidia"), FIELD)
+    assert max(relative_errors(tensors, floats).values()) <= 1e-6
+
+
+def test_one_norm_reduction_per_step_covers_params_and_updates():
+    seen = []
+
+    class Recording(Lamb):
+        def reduce_squared_norms(self, squares):
+            seen.append(squares.shape)
+            return squares
+
+    run_torch(lambda p: Recording(torch_groups(p, 0.01), lr=LR), FIELD, steps=3)
+    assert seen == [torch.Size([12])] * 3  # 6 params, then 6 updates: one vector, one future all-reduce
+
+
+def test_the_references_really_differ():
+    """Matching one reference must exclude the others, or the preset tests would prove little."""
+    references = {
+        "nvidia": apex_fused_lamb(FIELD, lr=LR, decay=0.01),
+        "deepspeed": deepspeed_fused_lamb(FIELD, lr=LR, decay=0.01),
+        "paper": tf_addons_lamb(FIELD, lr=LR, decay=0.01),
+        "optax": run_optax(optax.lamb(LR, weight_decay=0.01, mask=DECAY_MASK), FIELD),
+    }
+    names = list(references)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            assert max(relative_errors(references[first], references[second]).values()) > 1e-3, (first, second)
