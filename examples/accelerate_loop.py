@@ -1,10 +1,13 @@
 """A plain accelerate training loop with a LEGW schedule.
 
-    accelerate launch --num_processes 2 --cpu examples/accelerate_loop.py --base-batch-size 8 \\
-        --per-device-batch-size 8 --gradient-accumulation-steps 2 --epochs 3
+Two CPU processes over gloo (``--cpu`` would start only one: see the README):
 
-Trains a small regression MLP on a synthetic dataset. With ``--lr-log FILE`` every process appends one JSON
-line per optimizer update with the LR that update used, which the tests compare with the plan.
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 examples/accelerate_loop.py \\
+        --base-batch-size 8 --per-device-batch-size 8 --gradient-accumulation-steps 2 --epochs 3 --optimizer lamb
+
+Trains a small regression MLP on a synthetic dataset with SGD, LAMB or LARS (``--optimizer``). With
+``--lr-log FILE`` every process appends one JSON line per optimizer update with the LR that update used, which
+the tests compare with the plan.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, TensorDataset
 
-from legw_hf import LegwConfig, Polynomial
+from legw_hf import Lamb, Lars, LegwConfig, Polynomial, decay_param_groups
 from legw_hf.integrations.accelerate import create_legw_scheduler
 
 
@@ -32,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset-size", type=int, default=250)
     parser.add_argument("--lr-log", help="append the LR of every update as JSON lines to this file")
     parser.add_argument("--output-dir", help="save_state here at the end")
+    parser.add_argument("--optimizer", choices=("sgd", "lamb", "lars"), default="sgd")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -49,7 +53,13 @@ def main(argv: list[str] | None = None) -> None:
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
     set_seed(args.seed)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.base_lr, momentum=0.9)
+    groups = decay_param_groups(model, weight_decay=0.01)
+    if args.optimizer == "lamb":
+        optimizer = Lamb(groups, lr=args.base_lr, preset="nvidia")
+    elif args.optimizer == "lars":
+        optimizer = Lars(groups, lr=args.base_lr, momentum=0.9, preset="larc_scale", trust_coefficient=0.02)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=args.base_lr, momentum=0.9)
     loader = DataLoader(
         synthetic_regression(args.dataset_size, args.seed), batch_size=args.per_device_batch_size, shuffle=True
     )

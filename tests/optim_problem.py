@@ -48,15 +48,18 @@ class GradientField:
     def __init__(self, seed: int = 1, steps: int = STEPS, noise: float = 0.3) -> None:
         rng = np.random.default_rng(seed)
         self.curvature = {name: rng.uniform(0.5, 1.5, shape).astype(np.float32) for name, shape in SHAPES.items()}
-        self.noise = [{name: (noise * rng.normal(size=shape)).astype(np.float32) for name, shape in SHAPES.items()}
-                      for _ in range(steps)]
+        self.noise = [
+            {name: (noise * rng.normal(size=shape)).astype(np.float32) for name, shape in SHAPES.items()}
+            for _ in range(steps)
+        ]
         self.curvature["frozen"][...] = 0.0
         for noise_t in self.noise:
             noise_t["frozen"][...] = 0.0
 
     def __call__(self, params: Arrays, step: int) -> Arrays:
-        return {name: (self.curvature[name] * params[name] + self.noise[step][name]).astype(np.float32)
-                for name in params}
+        return {
+            name: (self.curvature[name] * params[name] + self.noise[step][name]).astype(np.float32) for name in params
+        }
 
 
 def torch_params(arrays: Arrays, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -66,13 +69,21 @@ def torch_params(arrays: Arrays, dtype: torch.dtype = torch.float32) -> dict[str
 def torch_groups(params: dict[str, torch.Tensor], decay: float, **no_decay_extra) -> list[dict]:
     return [
         {"params": [params[n] for n in DECAYED], "param_names": list(DECAYED), "weight_decay": decay},
-        {"params": [params[n] for n in NOT_DECAYED], "param_names": list(NOT_DECAYED), "weight_decay": 0.0,
-         **no_decay_extra},
+        {
+            "params": [params[n] for n in NOT_DECAYED],
+            "param_names": list(NOT_DECAYED),
+            "weight_decay": 0.0,
+            **no_decay_extra,
+        },
     ]
 
 
-def run_torch(make_optimizer: Callable[[dict[str, torch.Tensor]], torch.optim.Optimizer], field: GradientField,
-              steps: int = STEPS, dtype: torch.dtype = torch.float32) -> tuple[Arrays, torch.optim.Optimizer]:
+def run_torch(
+    make_optimizer: Callable[[dict[str, torch.Tensor]], torch.optim.Optimizer],
+    field: GradientField,
+    steps: int = STEPS,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Arrays, torch.optim.Optimizer]:
     """Train with the optimizer on the gradient field; returns final parameters as fp32 arrays."""
     params = torch_params(initial_params(), dtype)
     optimizer = make_optimizer(params)

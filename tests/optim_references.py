@@ -29,8 +29,16 @@ def _groups(decay: float) -> list[tuple[tuple[str, ...], float]]:
     return [(DECAYED, decay), (NOT_DECAYED, 0.0)]
 
 
-def apex_fused_lamb(field: GradientField, *, lr: float, decay: float, betas=(0.9, 0.999), eps: float = 1e-6,
-                    max_grad_norm: float = 1.0, use_nvlamb: bool = False) -> Arrays:
+def apex_fused_lamb(
+    field: GradientField,
+    *,
+    lr: float,
+    decay: float,
+    betas=(0.9, 0.999),
+    eps: float = 1e-6,
+    max_grad_norm: float = 1.0,
+    use_nvlamb: bool = False,
+) -> Arrays:
     """NVIDIA/apex ``apex/optimizers/fused_lamb.py`` ``FusedLAMB.step`` with ``csrc/multi_tensor_lamb.cu``
     (``multi_tensor_lamb_cuda``, ``LAMBStage1Functor``, ``LAMBStage2Functor``): fp32 params, bias_correction=True,
     adam_w_mode=True (MOMENT_MODE_1), grad_averaging=True, one decayed and one λ=0 group."""
@@ -75,9 +83,17 @@ def apex_fused_lamb(field: GradientField, *, lr: float, decay: float, betas=(0.9
     return params
 
 
-def deepspeed_fused_lamb(field: GradientField, *, lr: float, decay: float, betas=(0.9, 0.999),
-                         eps: float = 1e-8, eps_inside_sqrt: bool = False, min_coeff: float = 0.01,
-                         max_coeff: float = 10.0) -> Arrays:
+def deepspeed_fused_lamb(
+    field: GradientField,
+    *,
+    lr: float,
+    decay: float,
+    betas=(0.9, 0.999),
+    eps: float = 1e-8,
+    eps_inside_sqrt: bool = False,
+    min_coeff: float = 0.01,
+    max_coeff: float = 10.0,
+) -> Arrays:
     """DeepSpeed ``deepspeed/ops/lamb/fused_lamb.py`` ``FusedLamb.step`` with
     ``csrc/lamb/fused_lamb_cuda_kernel.cu`` (``fused_lamb_cuda``, ``lamb_cuda_kernel_part1/2/3``): fp32 params,
     bias_correction=True, scale=1, max_grad_norm=0."""
@@ -114,9 +130,16 @@ def deepspeed_fused_lamb(field: GradientField, *, lr: float, decay: float, betas
     return params
 
 
-def tf_addons_lamb(field: GradientField, *, lr: float, decay: float, betas=(0.9, 0.999), eps: float = 1e-6,
-                   exclude_from_weight_decay: tuple[str, ...] | None = NOT_DECAYED,
-                   exclude_from_layer_adaptation: tuple[str, ...] | None = None) -> Arrays:
+def tf_addons_lamb(
+    field: GradientField,
+    *,
+    lr: float,
+    decay: float,
+    betas=(0.9, 0.999),
+    eps: float = 1e-6,
+    exclude_from_weight_decay: tuple[str, ...] | None = NOT_DECAYED,
+    exclude_from_layer_adaptation: tuple[str, ...] | None = None,
+) -> Arrays:
     """tensorflow/addons ``tensorflow_addons/optimizers/lamb.py``: ``LAMB._prepare_local``,
     ``_resource_apply_dense``, ``_do_use_weight_decay``, ``_do_layer_adaptation``; the layer-adaptation
     exclusions default to the weight-decay exclusions (``__init__``)."""
@@ -152,8 +175,17 @@ def tf_addons_lamb(field: GradientField, *, lr: float, decay: float, betas=(0.9,
     return params
 
 
-def apex_larc_sgd(field: GradientField, *, lr: float, decay: float, momentum: float, trust_coefficient: float,
-                  clip: bool, eps: float = 1e-8, nesterov: bool = False) -> Arrays:
+def apex_larc_sgd(
+    field: GradientField,
+    *,
+    lr: float,
+    decay: float,
+    momentum: float,
+    trust_coefficient: float,
+    clip: bool,
+    eps: float = 1e-8,
+    nesterov: bool = False,
+) -> Arrays:
     """apex ``apex/parallel/LARC.py`` ``LARC.step`` wrapping ``torch.optim.SGD`` (``torch/optim/sgd.py``
     ``_single_tensor_sgd``, dampening 0). LARC takes each group's weight decay and sets the SGD's to 0."""
     params = initial_params()
@@ -164,8 +196,9 @@ def apex_larc_sgd(field: GradientField, *, lr: float, decay: float, momentum: fl
             for n in names:
                 param_norm, grad_norm = _norm(params[n]), _norm(grads[n])
                 if param_norm != 0 and grad_norm != 0:
-                    adaptive_lr = F32(trust_coefficient) * param_norm / (
-                        grad_norm + param_norm * F32(weight_decay) + F32(eps))
+                    adaptive_lr = (
+                        F32(trust_coefficient) * param_norm / (grad_norm + param_norm * F32(weight_decay) + F32(eps))
+                    )
                     if clip:
                         adaptive_lr = min(adaptive_lr / F32(lr), F32(1))
                     grads[n] += F32(weight_decay) * params[n]

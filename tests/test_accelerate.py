@@ -126,44 +126,22 @@ def test_refuses_an_unprepared_dataloader_and_a_wrong_batch(fresh_accelerate_sta
 
 
 @pytest.mark.multiprocess
-def test_accelerate_launch_two_processes_use_the_planned_lr_on_every_rank(repo, tmp_path):
+@pytest.mark.parametrize("optimizer", ["sgd", "lamb"])
+def test_accelerate_launch_two_processes_use_the_planned_lr_on_every_rank(repo, tmp_path, optimizer):
     # accelerate 1.x: `launch --cpu --num_processes 2` starts ONE process (its simple launcher); two CPU
     # processes over gloo need the multi-process launcher with ACCELERATE_USE_CPU set.
     log = tmp_path / "lr"
     env = python_env() | {"ACCELERATE_USE_CPU": "true"}
+    launcher = "--multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no"
+    loop = "--base-batch-size 8 --per-device-batch-size 8 --gradient-accumulation-steps 2 --epochs 3 --dataset-size 250"
     command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29517",
-        str(repo / "examples" / "accelerate_loop.py"),
-        "--base-batch-size",
-        "8",
-        "--per-device-batch-size",
-        "8",
-        "--gradient-accumulation-steps",
-        "2",
-        "--epochs",
-        "3",
-        "--dataset-size",
-        "250",
-        "--lr-log",
-        str(log),
+        *[sys.executable, "-m", "accelerate.commands.launch", *launcher.split(), "--main_process_port", "29517"],
+        *[str(repo / "examples" / "accelerate_loop.py"), *loop.split(), "--optimizer", optimizer],
+        *["--lr-log", str(log), "--output-dir", str(tmp_path / "state")],
     ]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     # 250 examples over 2 ranks: 125 each, 16 micro-batches of 8, windows of 2 -> 8 updates per epoch
-    per_rank = []
     for rank in (0, 1):
         rows = [json.loads(line) for line in (tmp_path / f"lr.rank{rank}").read_text().splitlines()]
         assert {row["processes"] for row in rows} == {2}
@@ -175,5 +153,7 @@ def test_accelerate_launch_two_processes_use_the_planned_lr_on_every_rank(repo, 
             for n in range(24)
         ]
         assert [row["lr"] for row in rows] == pytest.approx(wanted, rel=1e-12, abs=1e-15)
-        per_rank.append(rows)
     assert "batch 32 (k=4 x base 8)" in result.stdout
+    # both ranks applied the same updates: the saved model is one model
+    saved = [path.name for path in (tmp_path / "state").iterdir()]
+    assert "model.safetensors" in saved and "custom_checkpoint_0.pkl" in saved

@@ -14,17 +14,9 @@ import pytest
 from legw_hf.cli import main
 
 IMAGENET_ARGS = [
-    "plan",
-    "--base-batch",
-    "1024",
-    "--base-lr",
+    *"plan --base-batch 1024 --base-lr".split(),
     repr(2**2.5),
-    "--base-warmup-epochs",
-    "0.3125",
-    "--epochs",
-    "90",
-    "--dataset-size",
-    "1281167",
+    *"--base-warmup-epochs 0.3125 --epochs 90 --dataset-size 1281167".split(),
 ]
 
 

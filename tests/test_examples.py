@@ -9,30 +9,10 @@ from procs import REPO, python_env
 
 LEGW_LINE_MARK = "# LEGW"
 TINY_RUN = [
-    "--train_file",
-    str(REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"),
-    "--max_train_samples",
-    "64",
-    "--max_seq_length",
-    "32",
-    "--vocab_size",
-    "600",
-    "--num_train_epochs",
-    "1",
-    "--per_device_train_batch_size",
-    "8",
-    "--gradient_accumulation_steps",
-    "2",
-    "--learning_rate",
-    "1e-3",
-    "--save_strategy",
-    "no",
-    "--report_to",
-    "none",
-    "--disable_tqdm",
-    "true",
-    "--logging_steps",
-    "1",
+    *["--train_file", str(REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt")],
+    *"--max_train_samples 64 --max_seq_length 32 --vocab_size 600 --num_train_epochs 1".split(),
+    *"--per_device_train_batch_size 8 --gradient_accumulation_steps 2 --learning_rate 1e-3".split(),
+    *"--save_strategy no --report_to none --disable_tqdm true --logging_steps 1".split(),
 ]
 LEGW_FLAGS = ["--legw_base_batch_size", "8", "--legw_base_warmup_epochs", "0.125"]
 

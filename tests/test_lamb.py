@@ -65,13 +65,28 @@ def test_paper_preset_matches_tf_addons_lamb():
 
 def test_layer_adaptation_group_flags_match_tf_addons_exclusion_lists():
     # decay everywhere but the bias, adaptation everywhere but norm_weight: group flags express both lists
-    result, _ = run_torch(lambda p: Lamb([
-        {"params": [p[n] for n in ("matrix", "kernel", "scalar", "frozen")], "weight_decay": 0.01},
-        {"params": [p["norm_weight"]], "weight_decay": 0.01, "layer_adaptation": False},
-        {"params": [p["bias"]], "weight_decay": 0.0, "layer_adaptation": True},
-    ], lr=LR, preset="paper"), FIELD)
-    assert_close(result, tf_addons_lamb(FIELD, lr=LR, decay=0.01, exclude_from_weight_decay=("bias",),
-                                        exclude_from_layer_adaptation=("norm_weight",)))
+    result, _ = run_torch(
+        lambda p: Lamb(
+            [
+                {"params": [p[n] for n in ("matrix", "kernel", "scalar", "frozen")], "weight_decay": 0.01},
+                {"params": [p["norm_weight"]], "weight_decay": 0.01, "layer_adaptation": False},
+                {"params": [p["bias"]], "weight_decay": 0.0, "layer_adaptation": True},
+            ],
+            lr=LR,
+            preset="paper",
+        ),
+        FIELD,
+    )
+    assert_close(
+        result,
+        tf_addons_lamb(
+            FIELD,
+            lr=LR,
+            decay=0.01,
+            exclude_from_weight_decay=("bias",),
+            exclude_from_layer_adaptation=("norm_weight",),
+        ),
+    )
 
 
 CONFIGS = [
@@ -117,8 +132,12 @@ def test_fused_kernels_are_taken_where_the_settings_allow(monkeypatch):
     assert calls == {"_fused_adam_": 50 * 2, "_fused_adamw_": 0}  # one call per bucket (two groups) per step
     lamb_run(preset="nvidia")  # pre-normalised gradients: the in-place AdamW form
     assert calls == {"_fused_adam_": 50 * 2, "_fused_adamw_": 50 * 2}
-    for config in ({"preset": "deepspeed"}, {"eps_inside_sqrt": True}, {"weight_decay_mode": "l2"},
-                   {"grad_averaging": False}):
+    for config in (
+        {"preset": "deepspeed"},
+        {"eps_inside_sqrt": True},
+        {"weight_decay_mode": "l2"},
+        {"grad_averaging": False},
+    ):
         lamb_run(**config)
     assert calls == {"_fused_adam_": 50 * 2, "_fused_adamw_": 50 * 2}
     with pytest.raises(SettingError, match="fused_adam"):
@@ -168,5 +187,5 @@ def test_the_references_really_differ():
     }
     names = list(references)
     for i, first in enumerate(names):
-        for second in names[i + 1:]:
+        for second in names[i + 1 :]:
             assert max(relative_errors(references[first], references[second]).values()) > 1e-3, (first, second)

@@ -20,8 +20,10 @@ def lars_run(lr: float, decay: float = 0.01, no_decay_extra: dict | None = None,
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_larc_preset_matches_apex_larc_over_torch_sgd(nesterov):
     result, optimizer = lars_run(0.005, preset="larc", momentum=0.9, nesterov=nesterov)
-    assert_close(result, apex_larc_sgd(FIELD, lr=0.005, decay=0.01, momentum=0.9, trust_coefficient=0.02,
-                                       clip=True, nesterov=nesterov))
+    assert_close(
+        result,
+        apex_larc_sgd(FIELD, lr=0.005, decay=0.01, momentum=0.9, trust_coefficient=0.02, clip=True, nesterov=nesterov),
+    )
     ratios = optimizer.trust_stats[:, 2]
     assert (ratios[:3] == 1).any() and (ratios[:3] < 1).any()  # both sides of the LR cap were exercised
 
@@ -29,22 +31,34 @@ def test_larc_preset_matches_apex_larc_over_torch_sgd(nesterov):
 @pytest.mark.parametrize("momentum", [0.9, 0.0])
 def test_larc_scale_preset_matches_apex_larc_without_clip(momentum):
     result, _ = lars_run(0.5, preset="larc_scale", momentum=momentum)
-    assert_close(result, apex_larc_sgd(FIELD, lr=0.5, decay=0.01, momentum=momentum, trust_coefficient=0.001,
-                                       clip=False))
+    assert_close(
+        result, apex_larc_sgd(FIELD, lr=0.5, decay=0.01, momentum=momentum, trust_coefficient=0.001, clip=False)
+    )
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_optax_preset_matches_optax_lars(nesterov):
     result, _ = lars_run(0.5, preset="optax", nesterov=nesterov)
-    reference = run_optax(optax.lars(0.5, weight_decay=0.01, weight_decay_mask=DECAY_MASK,
-                                     trust_coefficient=0.001, eps=0.0, momentum=0.9, nesterov=nesterov), FIELD)
+    reference = run_optax(
+        optax.lars(
+            0.5,
+            weight_decay=0.01,
+            weight_decay_mask=DECAY_MASK,
+            trust_coefficient=0.001,
+            eps=0.0,
+            momentum=0.9,
+            nesterov=nesterov,
+        ),
+        FIELD,
+    )
     assert_close(result, reference)
 
 
 def test_optax_trust_ratio_mask_is_the_adapt_rule():
     result, _ = lars_run(0.5, preset="optax", adapt="decayed")
-    reference = run_optax(optax.lars(0.5, weight_decay=0.01, weight_decay_mask=DECAY_MASK,
-                                     trust_ratio_mask=DECAY_MASK), FIELD)
+    reference = run_optax(
+        optax.lars(0.5, weight_decay=0.01, weight_decay_mask=DECAY_MASK, trust_ratio_mask=DECAY_MASK), FIELD
+    )
     assert_close(result, reference)
 
 

@@ -17,8 +17,10 @@ def problem(dtype: torch.dtype = torch.float32) -> list[dict]:
     torch.manual_seed(0)
     shapes = [(6, 5), (5,), (1,), (3, 2, 2)]
     params = [nn.Parameter(torch.randn(shape, dtype=dtype)) for shape in shapes]
-    return [{"params": params[:3], "weight_decay": 0.01, "param_names": ["w", "b", "s"]},
-            {"params": params[3:], "weight_decay": 0.0, "param_names": ["k"]}]
+    return [
+        {"params": params[:3], "weight_decay": 0.01, "param_names": ["w", "b", "s"]},
+        {"params": params[3:], "weight_decay": 0.0, "param_names": ["k"]},
+    ]
 
 
 def set_grads(groups: list[dict], seed: int) -> None:
@@ -46,8 +48,9 @@ CONFIGS = {
 class HostSyncDetector(TorchDispatchMode):
     """Fails on any op that copies a device value into a Python number."""
 
-    SYNCING = frozenset({torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
-                         torch.ops.aten.is_nonzero.default})
+    SYNCING = frozenset(
+        {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default, torch.ops.aten.is_nonzero.default}
+    )
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in self.SYNCING:
@@ -110,8 +113,7 @@ def test_zero_norms_give_ratio_one_and_no_nan(name):
     zero_param = nn.Parameter(torch.zeros(4, 3))
     zero_grad_param = nn.Parameter(torch.randn(5))
     normal = nn.Parameter(torch.randn(3, 3))
-    optimizer = CONFIGS[name]([{"params": [zero_param, normal]},
-                               {"params": [zero_grad_param], "weight_decay": 0.0}])
+    optimizer = CONFIGS[name]([{"params": [zero_param, normal]}, {"params": [zero_grad_param], "weight_decay": 0.0}])
     zero_param.grad, zero_grad_param.grad, normal.grad = torch.randn(4, 3), torch.zeros(5), torch.randn(3, 3)
     before = zero_grad_param.detach().clone()
     optimizer.step()
@@ -150,8 +152,9 @@ def test_trust_stats_and_summary():
 
     summary = optimizer.trust_summary()
     adapted = sorted([stats[0, 2].item(), stats[2, 2].item()])
-    assert summary == pytest.approx({"trust_ratio/min": adapted[0], "trust_ratio/max": adapted[1],
-                                     "trust_ratio/median": sum(adapted) / 2})
+    assert summary == pytest.approx(
+        {"trust_ratio/min": adapted[0], "trust_ratio/max": adapted[1], "trust_ratio/median": sum(adapted) / 2}
+    )
     detailed = optimizer.trust_summary(per_parameter=True)
     assert detailed["trust_ratio/w"] == pytest.approx(stats[0, 2].item())
     assert detailed["param_norm/k"] == pytest.approx(stats[3, 0].item())
@@ -180,8 +183,14 @@ class TinyBlock(nn.Module):
 def test_decay_names_match_transformers_trainer():
     from transformers import BertConfig, BertForMaskedLM, Trainer
 
-    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=32)
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
     for model in (BertForMaskedLM(config), TinyBlock()):
         assert decay_parameter_names(model) == Trainer.get_decay_parameter_names(None, model)
 
@@ -194,8 +203,9 @@ def test_decay_param_groups_split_like_trainer_and_carry_names():
     assert (decay["weight_decay"], rest["weight_decay"]) == (0.05, 0.0)
     assert "layer_adaptation" not in rest
     named = dict(model.named_parameters())
-    assert all(p is named[n] for group in (decay, rest) for p, n in zip(group["params"], group["param_names"],
-                                                                        strict=True))
+    assert all(
+        p is named[n] for group in (decay, rest) for p, n in zip(group["params"], group["param_names"], strict=True)
+    )
     _, rest = decay_param_groups(model, 0.05, adapt_no_decay=False)
     optimizer = Lamb(decay_param_groups(model, 0.05, adapt_no_decay=False), lr=1e-3)
     assert rest["layer_adaptation"] is False

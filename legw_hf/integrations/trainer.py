@@ -22,6 +22,8 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..errors import SettingError
+from ..optim import LAMB_PRESETS, LARS_PRESETS, Lamb, Lars, decay_param_groups
+from ..optim._settings import check_fraction
 from ..plan import RULES, LegwConfig, LegwPlan, epoch_steps
 from ..scheduler import LegwScheduler
 from ..schedules import DECAY_OPTIONS, DECAYS, make_decay
@@ -29,8 +31,33 @@ from .accelerate import SkippedStepDetector
 
 logger = logging.getLogger(__name__)
 
-#: Optimizers selectable with ``--legw_optimizer``.
-OPTIMIZER_NAMES = ("adamw", "sgd")
+#: Optimizers selectable with ``--legw_optimizer``, each with the flags it takes (flag -> optimizer keyword).
+#: ``adamw`` takes Trainer's own ``--adam_*`` flags instead.
+OPTIMIZER_FLAGS: dict[str, dict[str, str]] = {
+    "adamw": {},
+    "sgd": {"legw_momentum": "momentum", "legw_nesterov": "nesterov"},
+    "lamb": {
+        "legw_optimizer_preset": "preset",
+        "legw_betas": "betas",
+        "legw_eps": "eps",
+        "legw_bias_correction": "bias_correction",
+        "legw_lamb_max_grad_norm": "max_grad_norm",
+        "legw_trust_clamp": "trust_clamp",
+        "legw_adapt": "adapt",
+        "legw_master_weights": "master_weights",
+    },
+    "lars": {
+        "legw_optimizer_preset": "preset",
+        "legw_momentum": "momentum",
+        "legw_nesterov": "nesterov",
+        "legw_eps": "eps",
+        "legw_trust_coefficient": "trust_coefficient",
+        "legw_adapt": "adapt",
+        "legw_master_weights": "master_weights",
+    },
+}
+OPTIMIZER_NAMES = tuple(OPTIMIZER_FLAGS)
+_OPTIMIZER_CLASSES = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "lamb": Lamb, "lars": Lars}
 
 # Core setting name -> the Trainer argument a user typed, so errors name the flag they can fix.
 _ARGUMENT_FOR_SETTING = {
@@ -96,18 +123,56 @@ class LegwArguments:
         default=None, metadata={"help": "Examples per epoch, for train datasets without a length (streaming)."}
     )
     legw_optimizer: Literal[OPTIMIZER_NAMES] | None = field(
-        default=None, metadata={"help": "Optimizer to build instead of --optim's."}
+        default=None, metadata={"help": "Optimizer to build instead of --optim's: adamw, sgd, lamb or lars."}
     )
-    legw_momentum: float = field(default=0.9, metadata={"help": "sgd: momentum."})
-    legw_nesterov: bool = field(default=False, metadata={"help": "sgd: Nesterov momentum."})
+    legw_optimizer_preset: str | None = field(
+        default=None,
+        metadata={"help": f"lamb: {', '.join(LAMB_PRESETS)}; lars: {', '.join(LARS_PRESETS)} (see legw_hf.Lamb)."},
+    )
+    legw_betas: list[float] | None = field(default=None, metadata={"help": "lamb: beta1 beta2 (preset's)."})
+    legw_eps: float | None = field(default=None, metadata={"help": "lamb, lars: epsilon (preset's)."})
+    legw_momentum: float | None = field(default=None, metadata={"help": "sgd (0.9), lars (preset's): momentum."})
+    legw_nesterov: bool | None = field(default=None, metadata={"help": "sgd, lars: Nesterov momentum."})
+    legw_bias_correction: Literal["inside", "step_size", "off"] | None = field(
+        default=None, metadata={"help": "lamb: where Adam's bias correction goes (preset's)."}
+    )
+    legw_lamb_max_grad_norm: float | None = field(
+        default=None,
+        metadata={"help": "lamb: global gradient pre-normalisation max norm, 0 = off (preset's; nvidia: 1.0). "
+                  "When it is on, Trainer's --max_grad_norm clipping is turned off."},
+    )
+    legw_trust_clamp: list[float] | None = field(
+        default=None, metadata={"help": "lamb: min max bounds of the trust ratio (preset's; deepspeed: 0.01 10)."}
+    )
+    legw_trust_coefficient: float | None = field(default=None, metadata={"help": "lars: trust coefficient."})
+    legw_adapt: Literal["all", "decayed"] | None = field(
+        default=None, metadata={"help": "lamb, lars: trust ratio for all tensors or only decayed ones."}
+    )
+    legw_master_weights: bool | None = field(
+        default=None, metadata={"help": "lamb, lars: fp32 master copies of fp16/bf16 parameters."}
+    )
+    legw_trust_log: Literal["summary", "per_layer", "off"] = field(
+        default="summary", metadata={"help": "lamb, lars: trust ratios in the logs: min/median/max, per layer, none."}
+    )
 
     def __post_init__(self) -> None:
+        if self.legw_optimizer is not None:
+            self._settle_clipping(_probe_optimizer(self))
         super().__post_init__()
         if self.legw_enabled:
             self.legw_config()
             self._check_global_batch()
-        if self.legw_optimizer == "sgd" and not 0 <= self.legw_momentum < 1:
-            raise SettingError("legw_momentum", "must be in [0, 1)", self.legw_momentum)
+
+    def _settle_clipping(self, optimizer: torch.optim.Optimizer) -> None:
+        # Before TrainingArguments.__post_init__, which copies max_grad_norm into DeepSpeed's "auto" clipping.
+        pre_normalisation = getattr(optimizer, "max_grad_norm", None)
+        if pre_normalisation is not None and self.max_grad_norm > 0:
+            logger.warning(
+                "LAMB pre-normalises gradients by their global norm (max norm %g); Trainer's own clipping "
+                "(max_grad_norm=%g) is turned off so gradients are not clipped twice.",
+                pre_normalisation, self.max_grad_norm,
+            )
+            self.max_grad_norm = 0.0
 
     @property
     def legw_enabled(self) -> bool:
@@ -255,20 +320,56 @@ class LegwTrainer(Trainer):
 
     @staticmethod
     def get_optimizer_cls_and_kwargs(args: TrainingArguments, model: Any = None) -> tuple[Any, dict[str, Any]]:
-        name = getattr(args, "legw_optimizer", None)
-        if name is None:
+        if getattr(args, "legw_optimizer", None) is None:
             return Trainer.get_optimizer_cls_and_kwargs(args, model)
-        if name == "adamw":
-            return torch.optim.AdamW, {
-                "lr": args.learning_rate,
-                "betas": (args.adam_beta1, args.adam_beta2),
-                "eps": args.adam_epsilon,
-            }
-        return torch.optim.SGD, {
-            "lr": args.learning_rate,
-            "momentum": args.legw_momentum,
-            "nesterov": args.legw_nesterov,
-        }
+        cls, kwargs = optimizer_cls_and_kwargs(args)
+        if cls in (Lamb, Lars) and model is not None:
+            # Trainer's decay / no-decay split, with parameter names for the per-layer trust-ratio logs.
+            kwargs["params"] = decay_param_groups(model, args.weight_decay)
+        return cls, kwargs
+
+
+def optimizer_cls_and_kwargs(args: LegwArguments) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """The class and keywords ``--legw_optimizer`` and its flags select (weight decay comes from Trainer's
+    groups). A flag the chosen optimizer does not take is an error rather than silently ignored."""
+    name = args.legw_optimizer
+    taken = OPTIMIZER_FLAGS[name]
+    for flag in sorted({flag for flags in OPTIMIZER_FLAGS.values() for flag in flags} - set(taken)):
+        if getattr(args, flag) is not None:
+            raise SettingError(flag, f"is not an option of --legw_optimizer {name}", getattr(args, flag))
+    kwargs: dict[str, Any] = {"lr": args.learning_rate}
+    for flag, keyword in taken.items():
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if keyword in ("betas", "trust_clamp"):
+            value = tuple(value)
+        elif keyword == "max_grad_norm" and value == 0:
+            value = None  # 0 switches the pre-normalisation off
+        kwargs[keyword] = value
+    if name == "adamw":
+        kwargs.update(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    elif name == "sgd":
+        kwargs["momentum"] = check_fraction("momentum", kwargs.get("momentum", 0.9))
+    return _OPTIMIZER_CLASSES[name], kwargs
+
+
+_KEYWORD_FLAGS = {keyword: flag for flags in OPTIMIZER_FLAGS.values() for flag, keyword in flags.items()}
+
+
+def _probe_optimizer(args: LegwArguments) -> torch.optim.Optimizer:
+    """The chosen optimizer built over one dummy parameter: its own checks validate the flags up front."""
+    cls = _OPTIMIZER_CLASSES[args.legw_optimizer]
+    try:
+        _, kwargs = optimizer_cls_and_kwargs(args)
+        return cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+    except SettingError as error:
+        keyword = error.field.split("[")[0]
+        raise error.renamed({"lr": "learning_rate"}.get(keyword, _KEYWORD_FLAGS.get(keyword, keyword))) from None
+    except ValueError as error:  # torch's own optimizers
+        raise SettingError(
+            "legw_optimizer", f"settings are refused by {cls.__name__}", args.legw_optimizer, detail=str(error)
+        ) from None
 
 
 def _check_plan_before_training(args: LegwArguments, train_dataset: Any) -> None:
@@ -300,7 +401,9 @@ class LegwCallback(TrainerCallback):
 
     On train begin: the scheduler must be a :class:`LegwScheduler` whose plan matches Trainer's global
     batch, steps per epoch and total steps (else ``ValueError`` before the first step). Each log gets
-    ``legw_k`` (batch ÷ base batch) and ``legw_lr_scale`` (logged LR ÷ base LR).
+    ``legw_k`` (batch ÷ base batch) and ``legw_lr_scale`` (logged LR ÷ base LR), and with
+    :class:`~legw_hf.Lamb` or :class:`~legw_hf.Lars` the last step's trust ratios
+    (``trust_ratio/min|median|max``; per parameter with ``--legw_trust_log per_layer``).
 
     With fp16 loss scaling it also marks GradScaler-skipped steps that accelerate reports as applied (fused
     AdamW, see :class:`~legw_hf.integrations.accelerate.SkippedStepDetector`), so Trainer does not step the
@@ -330,11 +433,17 @@ class LegwCallback(TrainerCallback):
         if state.is_world_process_zero:
             logger.info(plan.describe())
 
-    def on_log(self, args, state, control, logs=None, lr_scheduler=None, **kwargs):
-        if not isinstance(lr_scheduler, LegwScheduler) or logs is None or "learning_rate" not in logs:
+    def on_log(self, args, state, control, logs=None, lr_scheduler=None, optimizer=None, **kwargs):
+        if logs is None or "learning_rate" not in logs:  # evaluation and end-of-training logs
             return
-        plan = lr_scheduler.plan
-        extra = {"legw_k": plan.k, "legw_lr_scale": logs["learning_rate"] / plan.base_lr}
+        extra: dict[str, float] = {}
+        if isinstance(lr_scheduler, LegwScheduler):
+            plan = lr_scheduler.plan
+            extra.update(legw_k=plan.k, legw_lr_scale=logs["learning_rate"] / plan.base_lr)
+        trust_log = getattr(args, "legw_trust_log", "summary")
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
+        if trust_log != "off" and hasattr(inner, "trust_summary"):
+            extra.update(inner.trust_summary(per_parameter=trust_log == "per_layer"))
         logs.update(extra)
         # Trainer appended a copy of these logs to log_history just before calling us.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
