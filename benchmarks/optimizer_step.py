@@ -41,8 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from legw_hf import Lamb, Lars
 
 MODELS = {
-    "BERT-small": {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
-                   "intermediate_size": 2048},
+    "BERT-small": {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8, "intermediate_size": 2048},
     "BERT-base": {},
 }
 
@@ -80,12 +79,23 @@ class CompiledLamb(torch.optim.Optimizer):
         params = group["params"]
         for p in params:
             if not self.state[p]:
-                self.state[p] = {"step": torch.zeros(()), "exp_avg": torch.zeros_like(p),
-                                 "exp_avg_sq": torch.zeros_like(p)}
+                self.state[p] = {
+                    "step": torch.zeros(()),
+                    "exp_avg": torch.zeros_like(p),
+                    "exp_avg_sq": torch.zeros_like(p),
+                }
         states = [self.state[p] for p in params]
-        self.compiled(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                      [s["exp_avg_sq"] for s in states], [s["step"] for s in states], group["lr"],
-                      *group["betas"], group["eps"], group["weight_decay"])
+        self.compiled(
+            params,
+            [p.grad for p in params],
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["step"] for s in states],
+            group["lr"],
+            *group["betas"],
+            group["eps"],
+            group["weight_decay"],
+        )
 
 
 # (name, factory, baseline the ratio is taken against)
@@ -95,16 +105,13 @@ OPTIMIZERS: list[tuple[str, Factory]] = [
     ("torch-optimizer Lamb", torch_optimizer_lamb),
     ("legw_hf Lamb (default: fused Adam kernel)", lambda p: Lamb(p, lr=1e-3, weight_decay=0.01)),
     ("legw_hf Lamb keep_workspace=False", lambda p: Lamb(p, lr=1e-3, weight_decay=0.01, keep_workspace=False)),
-    ("legw_hf Lamb fused_adam=False (_foreach_ ops)",
-     lambda p: Lamb(p, lr=1e-3, weight_decay=0.01, fused_adam=False)),
+    ("legw_hf Lamb fused_adam=False (_foreach_ ops)", lambda p: Lamb(p, lr=1e-3, weight_decay=0.01, fused_adam=False)),
     ("legw_hf Lamb preset=nvidia (in-place fused AdamW kernel)", lambda p: Lamb(p, lr=1e-3, preset="nvidia")),
     ("legw_hf Lamb single-tensor reference", lambda p: Lamb(p, lr=1e-3, weight_decay=0.01, foreach=False)),
-    ("torch SGD momentum foreach", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4,
-                                                             foreach=True)),
+    ("torch SGD momentum foreach", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=True)),
     ("legw_hf Lars (foreach)", lambda p: Lars(p, lr=0.1, momentum=0.9, weight_decay=1e-4)),
     ("legw_hf Lars preset=optax (foreach)", lambda p: Lars(p, lr=0.1, preset="optax", weight_decay=1e-4)),
-    ("legw_hf Lars single-tensor reference", lambda p: Lars(p, lr=0.1, momentum=0.9, weight_decay=1e-4,
-                                                            foreach=False)),
+    ("legw_hf Lars single-tensor reference", lambda p: Lars(p, lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=False)),
 ]
 
 
@@ -132,8 +139,9 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
+        inputs = {
+            t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
+        }
         for tensor in tree_flatten(out)[0]:
             if not isinstance(tensor, torch.Tensor):
                 continue
@@ -148,8 +156,12 @@ class LiveBytes(TorchDispatchMode):
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(value.nbytes for state in optimizer.state.values() for value in state.values()
-               if isinstance(value, torch.Tensor))
+    return sum(
+        value.nbytes
+        for state in optimizer.state.values()
+        for value in state.values()
+        if isinstance(value, torch.Tensor)
+    )
 
 
 def fresh_params(shapes: list[torch.Size], grads: list[torch.Tensor]) -> list[torch.nn.Parameter]:
@@ -170,14 +182,20 @@ def timed_block(optimizer: torch.optim.Optimizer, steps: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def measure(factory: Factory, shapes: list[torch.Size], grads: list[torch.Tensor], warmup: int,
-            steps: int, track_memory: bool) -> dict[str, float]:
+def measure(
+    factory: Factory, shapes: list[torch.Size], grads: list[torch.Tensor], warmup: int, steps: int, track_memory: bool
+) -> dict[str, float]:
     params = fresh_params(shapes, grads)
     optimizer = factory(params)
     for _ in range(warmup):
         optimizer.step()
-    result = {"ms": timed_block(optimizer, steps), "params": sum(p.nbytes for p in params),
-              "state": state_bytes(optimizer), "kept": getattr(optimizer, "workspace_bytes", 0), "scratch": 0}
+    result = {
+        "ms": timed_block(optimizer, steps),
+        "params": sum(p.nbytes for p in params),
+        "state": state_bytes(optimizer),
+        "kept": getattr(optimizer, "workspace_bytes", 0),
+        "scratch": 0,
+    }
     if track_memory:
         tracker = LiveBytes()
         with tracker:
@@ -208,33 +226,55 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (state creation)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all optimizers")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd LAMB step (its "
-                        "compilation, about a minute per model, is left out of the timing)")
-    parser.add_argument("--only", default="", help="comma-separated substrings: run only matching optimizers "
-                        "(the fused AdamW baseline always runs)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time a torch.compile'd LAMB step (its "
+        "compilation, about a minute per model, is left out of the timing)",
+    )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated substrings: run only matching optimizers (the fused AdamW baseline always runs)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     models = ["BERT-small"] if args.quick else list(MODELS)
     steps = 3 if args.quick else args.steps
-    candidates = OPTIMIZERS + ([("torch.compile'd LAMB (reference for a generated kernel)",
-                                 lambda p: CompiledLamb(p, lr=1e-3, weight_decay=0.01))] if args.compile else [])
-    selected = [(n, f) for n, f in candidates if n == OPTIMIZERS[0][0] or not args.only
-                or any(part in n for part in args.only.split(","))]
+    candidates = OPTIMIZERS + (
+        [
+            (
+                "torch.compile'd LAMB (reference for a generated kernel)",
+                lambda p: CompiledLamb(p, lr=1e-3, weight_decay=0.01),
+            )
+        ]
+        if args.compile
+        else []
+    )
+    selected = [
+        (n, f)
+        for n, f in candidates
+        if n == OPTIMIZERS[0][0] or not args.only or any(part in n for part in args.only.split(","))
+    ]
 
     command = " ".join(["python benchmarks/optimizer_step.py", *(sys.argv[1:] if argv is None else argv)])
-    print(f"# Optimizer step benchmark\n\n- machine: {machine()}\n- date: {datetime.date.today()}\n"
-          f"- torch {torch.__version__}, Python {platform.python_version()}\n"
-          f"- command: `{command}`"
-          f"\n- fp32; ms/step: best of {args.rounds} rounds, each the median of {steps} steps after {args.warmup} "
-          "warm-up steps; × fused AdamW: median over the rounds of the ratio to a fused-AdamW block timed just "
-          "before\n")
+    print(
+        f"# Optimizer step benchmark\n\n- machine: {machine()}\n- date: {datetime.date.today()}\n"
+        f"- torch {torch.__version__}, Python {platform.python_version()}\n"
+        f"- command: `{command}`"
+        f"\n- fp32; ms/step: best of {args.rounds} rounds, each the median of {steps} steps after {args.warmup} "
+        "warm-up steps; × fused AdamW: median over the rounds of the ratio to a fused-AdamW block timed just "
+        "before\n"
+    )
     for model in models:
         shapes = bert_shapes(model)
         generator = torch.Generator().manual_seed(1)
         grads = [1e-3 * torch.randn(shape, generator=generator) for shape in shapes]
         count = sum(s.numel() for s in shapes)
-        print(f"## {model}: {count / 1e6:.1f}M parameters in {len(shapes)} tensors ({4 * count / 2**20:,.0f} MiB "
-              "fp32)\n\nMemory as MiB (× parameter bytes).\n")
+        print(
+            f"## {model}: {count / 1e6:.1f}M parameters in {len(shapes)} tensors ({4 * count / 2**20:,.0f} MiB "
+            "fp32)\n\nMemory as MiB (× parameter bytes).\n"
+        )
         print("| optimizer | ms/step | × fused AdamW | state | workspace kept | peak allocated in step |")
         print("|---|---:|---:|---:|---:|---:|")
         # The fused AdamW baseline stays alive and runs a block right before every other optimizer's block, so
@@ -255,8 +295,7 @@ def main(argv: list[str] | None = None) -> None:
                     result = {**results[name], "ms": min(results[name]["ms"], result["ms"])}
                 results[name] = result
         params_bytes = sum(p.nbytes for p in baseline.param_groups[0]["params"])
-        rows = [(baseline_name, min(baseline_blocks), 1.0, {"state": state_bytes(baseline), "kept": 0,
-                                                            "scratch": 0})]
+        rows = [(baseline_name, min(baseline_blocks), 1.0, {"state": state_bytes(baseline), "kept": 0, "scratch": 0})]
         rows += [(name, result["ms"], statistics.median(ratios[name]), result) for name, result in results.items()]
         del baseline
         gc.collect()

@@ -138,8 +138,10 @@ class LegwArguments:
     )
     legw_lamb_max_grad_norm: float | None = field(
         default=None,
-        metadata={"help": "lamb: global gradient pre-normalisation max norm, 0 = off (preset's; nvidia: 1.0). "
-                  "When it is on, Trainer's --max_grad_norm clipping is turned off."},
+        metadata={
+            "help": "lamb: global gradient pre-normalisation max norm, 0 = off (preset's; nvidia: 1.0). "
+            "When it is on, Trainer's --max_grad_norm clipping is turned off."
+        },
     )
     legw_trust_clamp: list[float] | None = field(
         default=None, metadata={"help": "lamb: min max bounds of the trust ratio (preset's; deepspeed: 0.01 10)."}
@@ -170,7 +172,8 @@ class LegwArguments:
             logger.warning(
                 "LAMB pre-normalises gradients by their global norm (max norm %g); Trainer's own clipping "
                 "(max_grad_norm=%g) is turned off so gradients are not clipped twice.",
-                pre_normalisation, self.max_grad_norm,
+                pre_normalisation,
+                self.max_grad_norm,
             )
             self.max_grad_norm = 0.0
 

@@ -121,8 +121,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             for param in group["params"]:
                 if param.grad is not None:
                     if param.grad.is_sparse:
-                        raise SettingError("params", "must have dense gradients (sparse gradients are not "
-                                           "supported)", param.grad.layout)
+                        raise SettingError(
+                            "params",
+                            "must have dense gradients (sparse gradients are not supported)",
+                            param.grad.layout,
+                        )
                     state = self.state[param]
                     if not state:
                         self._init_state(group, param, state)

@@ -39,8 +39,7 @@ def divide_into(numerators: Sequence[Tensor], denominators: Sequence[Tensor]) ->
         torch.div(numerator, denominator, out=denominator)
 
 
-def add_scaled_(targets: Sequence[Tensor], sources: Sequence[Tensor], scales: Tensor | float, *,
-                foreach: bool) -> None:
+def add_scaled_(targets: Sequence[Tensor], sources: Sequence[Tensor], scales: Tensor | float, *, foreach: bool) -> None:
     """``targets[i] += scales[i]·sources[i]``: ``scales`` is a vector with one entry per tensor (on device), or one
     number for all."""
     if isinstance(scales, Tensor) and scales.dim() == 1:

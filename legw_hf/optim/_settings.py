@@ -109,15 +109,18 @@ def check_clamp(field: str, value: Any) -> tuple[float, float] | None:
 def check_parameter(param: torch.Tensor) -> None:
     """Only real floating-point tensors can be optimized here."""
     if param.is_complex():
-        raise SettingError("params", "must be real floating-point tensors (complex parameters are not supported)",
-                           param.dtype)
+        raise SettingError(
+            "params", "must be real floating-point tensors (complex parameters are not supported)", param.dtype
+        )
     if not param.is_floating_point():
         raise SettingError("params", "must be floating-point tensors", param.dtype)
     if param.is_sparse:
         raise SettingError("params", "must be dense tensors (sparse parameters are not supported)", param.layout)
     dtensor = sys.modules.get("torch.distributed.tensor")  # no DTensor can exist before that module is loaded
     if dtensor is not None and isinstance(param, dtensor.DTensor):
-        raise SettingError("params", "must be plain tensors: sharded (DTensor, FSDP2) parameters are not "
-                           "supported yet", type(param).__name__,
-                           detail="a trust ratio needs norms of whole tensors; per-shard norms would give "
-                           "wrong ratios")
+        raise SettingError(
+            "params",
+            "must be plain tensors: sharded (DTensor, FSDP2) parameters are not supported yet",
+            type(param).__name__,
+            detail="a trust ratio needs norms of whole tensors; per-shard norms would give wrong ratios",
+        )

@@ -77,16 +77,15 @@ def stats_table(param_norm: Tensor, update_norm: Tensor, ratio: Tensor) -> Tenso
     return torch.stack((param_norm, update_norm, ratio), dim=1)
 
 
-def summarize(
-    stats: Tensor, names: Sequence[str], adapted: Sequence[bool], *, per_parameter: bool
-) -> dict[str, float]:
+def summarize(stats: Tensor, names: Sequence[str], adapted: Sequence[bool], *, per_parameter: bool) -> dict[str, float]:
     """Min / median / max trust ratio over the adapted tensors that had a gradient; per-tensor rows on request.
 
     This reads the table back to the host (one transfer), so call it at logging time, not every step.
     """
     rows = stats.detach().to("cpu", torch.float64).tolist()
-    ratios = sorted(row[2] for row, is_adapted in zip(rows, adapted, strict=True)
-                    if is_adapted and not math.isnan(row[2]))
+    ratios = sorted(
+        row[2] for row, is_adapted in zip(rows, adapted, strict=True) if is_adapted and not math.isnan(row[2])
+    )
     summary: dict[str, float] = {}
     if ratios:
         middle = len(ratios) // 2

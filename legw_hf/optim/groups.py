@@ -13,8 +13,13 @@ from ._settings import check_flag
 
 #: Name patterns (searched in the lower-cased dotted name) that exclude a parameter from weight decay; the list
 #: ``transformers.Trainer.get_decay_parameter_names`` uses.
-DEFAULT_NO_DECAY_PATTERNS: tuple[str, ...] = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)",
-                                              r"_norm(?:$|\.)")
+DEFAULT_NO_DECAY_PATTERNS: tuple[str, ...] = (
+    r"bias",
+    r"layernorm",
+    r"rmsnorm",
+    r"(?:^|\.)norm(?:$|\.)",
+    r"_norm(?:$|\.)",
+)
 
 
 def decay_parameter_names(
@@ -37,8 +42,11 @@ def decay_parameter_names(
     def walk(module: nn.Module) -> list[str]:
         names = []
         for child_name, child in module.named_children():
-            names += [f"{child_name}.{name}" for name in walk(child)
-                      if not isinstance(child, layers) and allowed(f"{child_name}.{name}")]
+            names += [
+                f"{child_name}.{name}"
+                for name in walk(child)
+                if not isinstance(child, layers) and allowed(f"{child_name}.{name}")
+            ]
         return names + [name for name in module._parameters if allowed(name)]
 
     return walk(model)
@@ -70,10 +78,16 @@ def decay_param_groups(
         check_flag("adapt_no_decay", adapt_no_decay)
     decayed = set(decay_parameter_names(model, no_decay_patterns, no_decay_layers))
     named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
-    decay_group = {"params": [p for n, p in named if n in decayed],
-                   "param_names": [n for n, _ in named if n in decayed], "weight_decay": weight_decay}
-    rest_group = {"params": [p for n, p in named if n not in decayed],
-                  "param_names": [n for n, _ in named if n not in decayed], "weight_decay": 0.0}
+    decay_group = {
+        "params": [p for n, p in named if n in decayed],
+        "param_names": [n for n, _ in named if n in decayed],
+        "weight_decay": weight_decay,
+    }
+    rest_group = {
+        "params": [p for n, p in named if n not in decayed],
+        "param_names": [n for n, _ in named if n not in decayed],
+        "weight_decay": 0.0,
+    }
     if adapt_no_decay is not None:
         rest_group["layer_adaptation"] = adapt_no_decay
     return [group for group in (decay_group, rest_group) if group["params"]]

@@ -58,27 +58,59 @@ LAMB_DEFAULTS: dict[str, Any] = {
 LAMB_PRESETS: dict[str, dict[str, Any]] = {
     # apex.optimizers.FusedLAMB defaults, as NVIDIA's BERT recipe runs it (csrc/multi_tensor_lamb.cu).
     "nvidia": {
-        "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.01, "bias_correction": "inside",
-        "eps_inside_sqrt": False, "weight_decay_mode": "decoupled", "grad_averaging": True,
-        "max_grad_norm": 1.0, "trust_clamp": None, "adapt": "decayed",
+        "lr": 1e-3,
+        "betas": (0.9, 0.999),
+        "eps": 1e-6,
+        "weight_decay": 0.01,
+        "bias_correction": "inside",
+        "eps_inside_sqrt": False,
+        "weight_decay_mode": "decoupled",
+        "grad_averaging": True,
+        "max_grad_norm": 1.0,
+        "trust_clamp": None,
+        "adapt": "decayed",
     },
     # deepspeed.ops.lamb.FusedLamb (csrc/lamb/fused_lamb_cuda_kernel.cu).
     "deepspeed": {
-        "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "bias_correction": "step_size",
-        "eps_inside_sqrt": False, "weight_decay_mode": "decoupled", "grad_averaging": True,
-        "max_grad_norm": None, "trust_clamp": (0.01, 10.0), "adapt": "all",
+        "lr": 1e-3,
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "bias_correction": "step_size",
+        "eps_inside_sqrt": False,
+        "weight_decay_mode": "decoupled",
+        "grad_averaging": True,
+        "max_grad_norm": None,
+        "trust_clamp": (0.01, 10.0),
+        "adapt": "all",
     },
     # optax.lamb: chain(scale_by_adam, add_decayed_weights, scale_by_trust_ratio, scale_by_learning_rate).
     "optax": {
-        "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0, "bias_correction": "inside",
-        "eps_inside_sqrt": False, "weight_decay_mode": "decoupled", "grad_averaging": True,
-        "max_grad_norm": None, "trust_clamp": None, "adapt": "all",
+        "lr": 1e-3,
+        "betas": (0.9, 0.999),
+        "eps": 1e-6,
+        "weight_decay": 0.0,
+        "bias_correction": "inside",
+        "eps_inside_sqrt": False,
+        "weight_decay_mode": "decoupled",
+        "grad_averaging": True,
+        "max_grad_norm": None,
+        "trust_clamp": None,
+        "adapt": "all",
     },
     # The paper's Algorithm 2 as tensorflow_addons.optimizers.LAMB implements it.
     "paper": {
-        "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0, "bias_correction": "inside",
-        "eps_inside_sqrt": False, "weight_decay_mode": "decoupled", "grad_averaging": True,
-        "max_grad_norm": None, "trust_clamp": None, "adapt": "decayed",
+        "lr": 1e-3,
+        "betas": (0.9, 0.999),
+        "eps": 1e-6,
+        "weight_decay": 0.0,
+        "bias_correction": "inside",
+        "eps_inside_sqrt": False,
+        "weight_decay_mode": "decoupled",
+        "grad_averaging": True,
+        "max_grad_norm": None,
+        "trust_clamp": None,
+        "adapt": "decayed",
     },
 }
 
@@ -175,30 +207,46 @@ class Lamb(LayerwiseOptimizer):
         keep_workspace: bool | None = None,
     ) -> None:
         given = {
-            "lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "bias_correction": bias_correction,
-            "eps_inside_sqrt": eps_inside_sqrt, "weight_decay_mode": weight_decay_mode,
-            "grad_averaging": grad_averaging, "max_grad_norm": max_grad_norm, "trust_clamp": trust_clamp,
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "bias_correction": bias_correction,
+            "eps_inside_sqrt": eps_inside_sqrt,
+            "weight_decay_mode": weight_decay_mode,
+            "grad_averaging": grad_averaging,
+            "max_grad_norm": max_grad_norm,
+            "trust_clamp": trust_clamp,
             "adapt": adapt,
         }
         if preset == "deepspeed" and max_grad_norm is not FROM_PRESET and max_grad_norm is not None:
-            raise SettingError("max_grad_norm", "cannot be combined with preset='deepspeed'", max_grad_norm,
-                               detail="DeepSpeed clips in its engine with its own formula; set gradient_clipping "
-                               "or Trainer's max_grad_norm instead, or pick preset='nvidia'")
+            raise SettingError(
+                "max_grad_norm",
+                "cannot be combined with preset='deepspeed'",
+                max_grad_norm,
+                detail="DeepSpeed clips in its engine with its own formula; set gradient_clipping "
+                "or Trainer's max_grad_norm instead, or pick preset='nvidia'",
+            )
         settings = resolve(LAMB_DEFAULTS, LAMB_PRESETS, preset, given)
         self.preset = preset
         self.max_grad_norm = check_optional_positive("max_grad_norm", settings.pop("max_grad_norm"))
         self.fused_adam = None if fused_adam is None else check_flag("fused_adam", fused_adam)
         if self.fused_adam and foreach is False:
-            raise SettingError("fused_adam", "needs the multi-tensor path", fused_adam,
-                               detail="foreach=False selects the single-tensor reference path")
+            raise SettingError(
+                "fused_adam",
+                "needs the multi-tensor path",
+                fused_adam,
+                detail="foreach=False selects the single-tensor reference path",
+            )
         # The one-time checks of the private kernels run here, never inside a step (they read results back).
         if self.fused_adam is not False:
             available = _fused_adam_agrees()
             _fused_adam_agrees(in_place=True)
             if self.fused_adam and not available:
                 raise SettingError("fused_adam", "is not available in this torch build", fused_adam)
-        super().__init__(params, settings, foreach=foreach, master_weights=master_weights,
-                         keep_workspace=keep_workspace)
+        super().__init__(
+            params, settings, foreach=foreach, master_weights=master_weights, keep_workspace=keep_workspace
+        )
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
@@ -207,9 +255,13 @@ class Lamb(LayerwiseOptimizer):
         group["eps"] = non_negative("eps", group["eps"])
         group["weight_decay"] = non_negative("weight_decay", group["weight_decay"])
         group["bias_correction"] = check_choice(
-            "bias_correction", group["bias_correction"], BIAS_CORRECTIONS,
+            "bias_correction",
+            group["bias_correction"],
+            BIAS_CORRECTIONS,
             detail="a bool is ambiguous: apex's True corrects inside the update, DeepSpeed's after the trust ratio"
-            if isinstance(group["bias_correction"], bool) else "")
+            if isinstance(group["bias_correction"], bool)
+            else "",
+        )
         group["eps_inside_sqrt"] = check_flag("eps_inside_sqrt", group["eps_inside_sqrt"])
         group["weight_decay_mode"] = check_choice("weight_decay_mode", group["weight_decay_mode"], DECAY_MODES)
         group["grad_averaging"] = check_flag("grad_averaging", group["grad_averaging"])
@@ -241,7 +293,7 @@ class Lamb(LayerwiseOptimizer):
         weights = [weight for bucket in buckets for weight in bucket.weights]
         squares = self.squared_norms(weights + updates)
         param_norms = squares[: len(weights)].sqrt()
-        update_norms = squares[len(weights):].sqrt() * torch.cat(inner_scales)
+        update_norms = squares[len(weights) :].sqrt() * torch.cat(inner_scales)
 
         ratios = []
         start = 0
@@ -255,8 +307,9 @@ class Lamb(LayerwiseOptimizer):
             if group["bias_correction"] == "step_size":
                 bc1, bc2 = _bias_corrections(bucket, group)
                 step_factor = step_factor * bc2.sqrt() / bc1
-            _ops.add_scaled_(bucket.weights, updates[start:end], -group["lr"] * step_factor * ratio,
-                             foreach=self.uses_foreach)
+            _ops.add_scaled_(
+                bucket.weights, updates[start:end], -group["lr"] * step_factor * ratio, foreach=self.uses_foreach
+            )
             ratios.append(ratio)
             start = end
         return param_norms, update_norms, torch.cat(ratios)
@@ -266,14 +319,17 @@ class Lamb(LayerwiseOptimizer):
         if self.max_grad_norm is None:
             return None
         global_norm = self.squared_norms([grad for bucket in buckets for grad in bucket.grads]).sum().sqrt()
-        return torch.where(global_norm > self.max_grad_norm, global_norm / self.max_grad_norm,
-                           torch.ones_like(global_norm))
+        return torch.where(
+            global_norm > self.max_grad_norm, global_norm / self.max_grad_norm, torch.ones_like(global_norm)
+        )
 
     def _direction(self, bucket: Bucket, grad_divisor: Tensor | None) -> tuple[list[Tensor], Tensor]:
         """Update the moments and return ``(u', c)`` with the update direction ``u = c·u'`` (c per tensor)."""
         if not self.uses_foreach:
-            updates = [_adam_direction(weight, grad, state, bucket.group, grad_divisor)
-                       for weight, grad, state in zip(bucket.weights, bucket.grads, bucket.states, strict=True)]
+            updates = [
+                _adam_direction(weight, grad, state, bucket.group, grad_divisor)
+                for weight, grad, state in zip(bucket.weights, bucket.grads, bucket.states, strict=True)
+            ]
             return updates, torch.ones(len(updates), device=bucket.weights[0].device)
         if self._takes_fused_adam(bucket, grad_divisor):
             return _fused_adam_direction(bucket, self.workspace(bucket), grad_divisor)
@@ -283,20 +339,32 @@ class Lamb(LayerwiseOptimizer):
         if self.fused_adam is False:
             return False
         group, weight, grad = bucket.group, bucket.weights[0], bucket.grads[0]
-        settings_fit = (group["bias_correction"] == "inside" and not group["eps_inside_sqrt"]
-                        and group["weight_decay_mode"] == "decoupled" and group["grad_averaging"])
-        tensors_fit = (weight.dtype == grad.dtype == torch.float32 and not bucket.has_masters
-                       and weight.device.type in ("cpu", "cuda"))
+        settings_fit = (
+            group["bias_correction"] == "inside"
+            and not group["eps_inside_sqrt"]
+            and group["weight_decay_mode"] == "decoupled"
+            and group["grad_averaging"]
+        )
+        tensors_fit = (
+            weight.dtype == grad.dtype == torch.float32
+            and not bucket.has_masters
+            and weight.device.type in ("cpu", "cuda")
+        )
         kernel_fits = _fused_adam_agrees(in_place=grad_divisor is not None)
         if self.fused_adam and not (settings_fit and tensors_fit and kernel_fits):
-            raise SettingError("fused_adam", "needs bias_correction='inside', eps outside the root, decoupled "
-                               "decay, grad_averaging and fp32 tensors on CPU or CUDA", True)
+            raise SettingError(
+                "fused_adam",
+                "needs bias_correction='inside', eps outside the root, decoupled "
+                "decay, grad_averaging and fp32 tensors on CPU or CUDA",
+                True,
+            )
         return settings_fit and tensors_fit and kernel_fits
 
 
 # ---------------------------------------------------------------------------------------------------- math
-def _adam_direction(weight: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any],
-                    grad_divisor: Tensor | None) -> Tensor:
+def _adam_direction(
+    weight: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any], grad_divisor: Tensor | None
+) -> Tensor:
     """The reference form of steps 1-3 for one tensor: updates its moments, returns u."""
     beta1, beta2 = group["betas"]
     eps, decay = group["eps"], group["weight_decay"]
@@ -328,8 +396,9 @@ def _bias_corrections(bucket: Bucket, group: dict[str, Any]) -> tuple[Tensor, Te
     return 1 - beta1**steps, 1 - beta2**steps
 
 
-def _foreach_direction(bucket: Bucket, grad_divisor: Tensor | None,
-                       scratch: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+def _foreach_direction(
+    bucket: Bucket, grad_divisor: Tensor | None, scratch: list[Tensor]
+) -> tuple[list[Tensor], Tensor]:
     """Steps 1-3 over the bucket with ``_foreach_`` ops, in the one ``scratch`` list.
 
     With bias correction inside, ``r = c·m / (√v + ε√bc2)`` (or ``c·m / √(v + ε·bc2)``) with ``c = √bc2/bc1``
@@ -386,8 +455,9 @@ def _foreach_direction(bucket: Bucket, grad_divisor: Tensor | None,
     return scratch, inner_scale
 
 
-def _fused_adam_direction(bucket: Bucket, scratch: list[Tensor],
-                          grad_divisor: Tensor | None) -> tuple[list[Tensor], Tensor]:
+def _fused_adam_direction(
+    bucket: Bucket, scratch: list[Tensor], grad_divisor: Tensor | None
+) -> tuple[list[Tensor], Tensor]:
     """Steps 1-3 through torch's fused Adam kernel, which updates the moments and forms ``m̂/(√v̂ + ε)`` in one
     pass over memory.
 
@@ -436,9 +506,12 @@ def _kernel_matches(in_place: bool) -> bool:
     m_ref = 0.9 * exp_avg + 0.1 * grad
     v_ref = 0.99 * exp_avg_sq + 0.01 * grad * grad
     expected = start + (m_ref / (1 - 0.9**3)) / ((v_ref / (1 - 0.99**3)).sqrt() + 1e-6)
-    return bool(untouched and torch.allclose(m, m_ref, rtol=1e-5, atol=1e-7)
-                and torch.allclose(v, v_ref, rtol=1e-5, atol=1e-7)
-                and torch.allclose(out, expected, rtol=1e-5, atol=1e-6))
+    return bool(
+        untouched
+        and torch.allclose(m, m_ref, rtol=1e-5, atol=1e-7)
+        and torch.allclose(v, v_ref, rtol=1e-5, atol=1e-7)
+        and torch.allclose(out, expected, rtol=1e-5, atol=1e-6)
+    )
 
 
 @functools.cache

@@ -40,18 +40,33 @@ LARS_DEFAULTS: dict[str, Any] = {
 LARS_PRESETS: dict[str, dict[str, Any]] = {
     # apex.parallel.LARC(torch.optim.SGD(...)) with its defaults: clip=True, trust_coefficient=0.02, eps=1e-8.
     "larc": {
-        "trust_coefficient": 0.02, "eps": 1e-8, "trust_denominator": "norm_sum", "local_lr_clip": True,
-        "lr_before_momentum": False, "adapt": "all",
+        "trust_coefficient": 0.02,
+        "eps": 1e-8,
+        "trust_denominator": "norm_sum",
+        "local_lr_clip": True,
+        "lr_before_momentum": False,
+        "adapt": "all",
     },
     # apex.parallel.LARC(..., clip=False): the LARS paper's local LR with its trust coefficient 0.001.
     "larc_scale": {
-        "trust_coefficient": 0.001, "eps": 1e-8, "trust_denominator": "norm_sum", "local_lr_clip": False,
-        "lr_before_momentum": False, "adapt": "all",
+        "trust_coefficient": 0.001,
+        "eps": 1e-8,
+        "trust_denominator": "norm_sum",
+        "local_lr_clip": False,
+        "lr_before_momentum": False,
+        "adapt": "all",
     },
     # optax.lars: chain(add_decayed_weights, masked(scale_by_trust_ratio), scale_by_learning_rate, trace).
     "optax": {
-        "momentum": 0.9, "weight_decay": 0.0, "trust_coefficient": 0.001, "eps": 0.0, "nesterov": False,
-        "trust_denominator": "update_norm", "local_lr_clip": False, "lr_before_momentum": True, "adapt": "all",
+        "momentum": 0.9,
+        "weight_decay": 0.0,
+        "trust_coefficient": 0.001,
+        "eps": 0.0,
+        "nesterov": False,
+        "trust_denominator": "update_norm",
+        "local_lr_clip": False,
+        "lr_before_momentum": True,
+        "adapt": "all",
     },
 }
 
@@ -126,14 +141,22 @@ class Lars(LayerwiseOptimizer):
         keep_workspace: bool | None = None,
     ) -> None:
         given = {
-            "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "trust_coefficient": trust_coefficient,
-            "eps": eps, "nesterov": nesterov, "trust_denominator": trust_denominator,
-            "local_lr_clip": local_lr_clip, "lr_before_momentum": lr_before_momentum, "adapt": adapt,
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "trust_coefficient": trust_coefficient,
+            "eps": eps,
+            "nesterov": nesterov,
+            "trust_denominator": trust_denominator,
+            "local_lr_clip": local_lr_clip,
+            "lr_before_momentum": lr_before_momentum,
+            "adapt": adapt,
         }
         self.preset = preset
         settings = resolve(LARS_DEFAULTS, LARS_PRESETS, preset, given)
-        super().__init__(params, settings, foreach=foreach, master_weights=master_weights,
-                         keep_workspace=keep_workspace)
+        super().__init__(
+            params, settings, foreach=foreach, master_weights=master_weights, keep_workspace=keep_workspace
+        )
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
@@ -152,15 +175,16 @@ class Lars(LayerwiseOptimizer):
 
     def _init_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
         if group["momentum"] != 0:
-            state["momentum_buffer"] = torch.zeros_like(param, dtype=state_dtype(param),
-                                                        memory_format=torch.preserve_format)
+            state["momentum_buffer"] = torch.zeros_like(
+                param, dtype=state_dtype(param), memory_format=torch.preserve_format
+            )
 
     def _update(self, buckets: list[Bucket]) -> tuple[Tensor, Tensor, Tensor]:
         directions = [self._decayed_gradient(bucket) for bucket in buckets]
         weights = [weight for bucket in buckets for weight in bucket.weights]
         squares = self.squared_norms(weights + [tensor for direction in directions for tensor in direction])
         param_norms = squares[: len(weights)].sqrt()
-        direction_norms = squares[len(weights):].sqrt()
+        direction_norms = squares[len(weights) :].sqrt()
 
         denominators, ratios = [], []
         start = 0
@@ -172,9 +196,14 @@ class Lars(LayerwiseOptimizer):
                 decay_norm = group["weight_decay"] * param_norm
             ratio = torch.ones_like(param_norm)
             if self.is_adapted(group):
-                ratio = trust_ratio(param_norm, direction_norm, coefficient=group["trust_coefficient"],
-                                    eps=group["eps"], decay_norm=decay_norm,
-                                    local_lr_clip=group["lr"] if group["local_lr_clip"] else None)
+                ratio = trust_ratio(
+                    param_norm,
+                    direction_norm,
+                    coefficient=group["trust_coefficient"],
+                    eps=group["eps"],
+                    decay_norm=decay_norm,
+                    local_lr_clip=group["lr"] if group["local_lr_clip"] else None,
+                )
             if decay_norm is not None:
                 direction = self._add_gated_decay(bucket, direction, param_norm, direction_norm)
             self._momentum_step(bucket, direction, ratio)
@@ -199,8 +228,9 @@ class Lars(LayerwiseOptimizer):
             _ops.add_scaled_(direction, bucket.weights, group["weight_decay"], foreach=self.uses_foreach)
         return direction
 
-    def _add_gated_decay(self, bucket: Bucket, direction: list[Tensor], param_norm: Tensor,
-                         grad_norm: Tensor) -> list[Tensor]:
+    def _add_gated_decay(
+        self, bucket: Bucket, direction: list[Tensor], param_norm: Tensor, grad_norm: Tensor
+    ) -> list[Tensor]:
         """``g + λ·p`` for LARC's sum form, where the decay is part of the adaptation: an adapted tensor with
         ``‖p‖ = 0`` or ``‖g‖ = 0`` keeps its plain gradient."""
         group = bucket.group
