@@ -101,13 +101,48 @@ CONFIGS = [
 ]
 
 
+PATHS = {
+    "foreach": {"fused": False, "fused_adam": False},  # plain _foreach_ ops
+    "fused-adam": {"fused": False},  # torch's fused Adam kernel wherever the settings allow
+    "cpu-kernel": {"fused": True},  # legw_hf's two-pass kernel
+}
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
 def test_single_tensor_multi_tensor_and_fused_paths_agree(config):
     single, _ = lamb_run(foreach=False, **config)
-    for path in ({"fused_adam": False}, {}):  # plain _foreach_ ops; fused kernel wherever the settings allow
+    for name, path in PATHS.items():
         multi, _ = lamb_run(**path, **config)
         errors = relative_errors(multi, single)
-        assert max(errors.values()) <= 1e-5, (path, errors)
+        assert max(errors.values()) <= 1e-5, (name, errors)
+
+
+def test_cpu_kernel_is_the_default_for_fp32_cpu_tensors(monkeypatch):
+    passes = []
+    original = Lamb._kernel_pass
+
+    def counted(self, buckets, grad_divisor):
+        passes.append(len(buckets))
+        return original(self, buckets, grad_divisor)
+
+    monkeypatch.setattr(Lamb, "_kernel_pass", counted)
+    _, optimizer = lamb_run()
+    assert optimizer._kernel is not None and passes == [2] * 50  # both groups, every step
+    passes.clear()
+    lamb_run(fused=False)
+    assert passes == []
+    assert optimizer.workspace_bytes == 0  # the kernel needs no scratch
+
+
+def test_cpu_kernel_refuses_what_it_cannot_run():
+    params = [torch.nn.Parameter(torch.randn(4, dtype=torch.bfloat16))]
+    params[0].grad = torch.randn(4, dtype=torch.bfloat16)
+    optimizer = Lamb(params, lr=LR, fused=True, master_weights=True)
+    with pytest.raises(SettingError, match="^fused needs contiguous fp32 CPU"):
+        optimizer.step()
+    relaxed = Lamb(params, lr=LR, master_weights=True)  # the default falls back to torch ops
+    relaxed.step()
+    assert relaxed.trust_stats is not None
 
 
 def count_kernel_calls(monkeypatch) -> dict[str, int]:
@@ -126,11 +161,12 @@ def count_kernel_calls(monkeypatch) -> dict[str, int]:
 def test_fused_kernels_are_taken_where_the_settings_allow(monkeypatch):
     calls = count_kernel_calls(monkeypatch)
     lamb_run(foreach=False)
-    lamb_run(fused_adam=False)
+    lamb_run(fused=False, fused_adam=False)
+    lamb_run()  # legw_hf's CPU kernel takes precedence over torch's
     assert calls == {"_fused_adam_": 0, "_fused_adamw_": 0}
-    lamb_run()
+    lamb_run(fused=False)
     assert calls == {"_fused_adam_": 50 * 2, "_fused_adamw_": 0}  # one call per bucket (two groups) per step
-    lamb_run(preset="nvidia")  # pre-normalised gradients: the in-place AdamW form
+    lamb_run(fused=False, preset="nvidia")  # pre-normalised gradients: the in-place AdamW form
     assert calls == {"_fused_adam_": 50 * 2, "_fused_adamw_": 50 * 2}
     for config in (
         {"preset": "deepspeed"},
@@ -138,10 +174,10 @@ def test_fused_kernels_are_taken_where_the_settings_allow(monkeypatch):
         {"weight_decay_mode": "l2"},
         {"grad_averaging": False},
     ):
-        lamb_run(**config)
+        lamb_run(fused=False, **config)
     assert calls == {"_fused_adam_": 50 * 2, "_fused_adamw_": 50 * 2}
     with pytest.raises(SettingError, match="fused_adam"):
-        lamb_run(preset="deepspeed", fused_adam=True)
+        lamb_run(fused=False, preset="deepspeed", fused_adam=True)
 
 
 @pytest.mark.parametrize("kernel", ["_fused_adam_", "_fused_adamw_"])
@@ -153,7 +189,7 @@ def test_fused_kernel_self_check_rejects_a_kernel_that_disagrees(kernel, monkeyp
         assert not lamb_module._fused_adam_agrees(in_place=in_place)
         config = {"preset": "nvidia"} if in_place else {}  # a config that would take the patched kernel
         single, _ = lamb_run(foreach=False, **config)
-        result, _ = lamb_run(**config)  # the check failed, so the plain multi-tensor path runs
+        result, _ = lamb_run(fused=False, **config)  # the check failed, so the plain multi-tensor path runs
         assert max(relative_errors(result, single).values()) <= 1e-5
     finally:
         lamb_module._fused_adam_agrees.cache_clear()

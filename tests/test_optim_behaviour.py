@@ -33,7 +33,8 @@ def set_grads(groups: list[dict], seed: int) -> None:
 CONFIGS = {
     "lamb": lambda g: Lamb(g, lr=1e-2),
     "lamb-single": lambda g: Lamb(g, lr=1e-2, foreach=False),
-    "lamb-no-fused": lambda g: Lamb(g, lr=1e-2, fused_adam=False),
+    "lamb-foreach": lambda g: Lamb(g, lr=1e-2, fused=False, fused_adam=False),
+    "lamb-fused-adam": lambda g: Lamb(g, lr=1e-2, fused=False),
     "lamb-nvidia": lambda g: Lamb(g, lr=1e-2, preset="nvidia"),
     "lamb-deepspeed": lambda g: Lamb(g, lr=torch.tensor(1e-2), preset="deepspeed", eps_inside_sqrt=True),
     "lamb-paper-l2": lambda g: Lamb(g, lr=1e-2, preset="paper", weight_decay_mode="l2", grad_averaging=False),
@@ -243,6 +244,8 @@ LAMB_ERRORS = [
     ({"max_grad_norm": -1.0}, "max_grad_norm"),
     ({"preset": "deepspeed", "max_grad_norm": 1.0}, "max_grad_norm"),
     ({"fused_adam": True, "foreach": False}, "fused_adam"),
+    ({"fused": True, "foreach": False}, "fused"),
+    ({"fused": 1}, "fused"),
     ({"foreach": "yes"}, "foreach"),
     ({"master_weights": None}, "master_weights"),
 ]

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..errors import SettingError, non_negative
-from . import _ops
+from . import _cpu_kernel, _ops
 from ._base import Bucket, LayerwiseOptimizer, state_dtype
 from ._settings import (
     FROM_PRESET,
@@ -175,6 +175,10 @@ class Lamb(LayerwiseOptimizer):
         trust_clamp: ``(min, max)`` bounds of a defined trust ratio, or None.
         adapt: ``"all"`` or ``"decayed"`` (only groups with λ ≠ 0).
         foreach: multi-tensor path (default) or, with False, the single-tensor reference path.
+        fused: legw_hf's own two-pass kernel for fp32 tensors on the CPU (``csrc/lamb_cpu.cpp``, compiled on
+            first use; see :mod:`legw_hf.optim._cpu_kernel`): the update is never materialised, so a step needs
+            no scratch memory and two passes over it. None uses it where it fits and can be built (a one-time
+            warning says why when it cannot); True insists; False never builds it.
         fused_adam: compute the Adam part with torch's fused Adam kernels (``torch._fused_adam_`` /
             ``_fused_adamw_``, private ops checked once per process against the formula) when the settings allow
             it (bias correction inside, ε outside the root, decoupled decay, gradient averaging, fp32 tensors on
@@ -202,6 +206,7 @@ class Lamb(LayerwiseOptimizer):
         trust_clamp: tuple[float, float] | None = FROM_PRESET,
         adapt: str = FROM_PRESET,
         foreach: bool | None = None,
+        fused: bool | None = None,
         fused_adam: bool | None = None,
         master_weights: bool = False,
         keep_workspace: bool | None = None,
@@ -244,8 +249,29 @@ class Lamb(LayerwiseOptimizer):
             _fused_adam_agrees(in_place=True)
             if self.fused_adam and not available:
                 raise SettingError("fused_adam", "is not available in this torch build", fused_adam)
+        self.fused = None if fused is None else check_flag("fused", fused)
+        if self.fused and foreach is False:
+            raise SettingError(
+                "fused",
+                "cannot be combined with foreach=False",
+                fused,
+                detail="foreach=False selects the single-tensor reference path",
+            )
         super().__init__(
             params, settings, foreach=foreach, master_weights=master_weights, keep_workspace=keep_workspace
+        )
+        # Built here, never inside a step: the first build takes about half a minute.
+        self._kernel = None
+        if self.fused or (self.fused is None and self.uses_foreach and self._has_cpu_fp32_params()):
+            self._kernel = _cpu_kernel.load()
+        if self.fused and self._kernel is None:
+            raise SettingError("fused", "needs LAMB's CPU kernel, which cannot be built here", fused)
+
+    def _has_cpu_fp32_params(self) -> bool:
+        return any(
+            param.device.type == "cpu" and param.dtype == torch.float32
+            for group in self.param_groups
+            for param in group["params"]
         )
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -277,8 +303,6 @@ class Lamb(LayerwiseOptimizer):
     # ------------------------------------------------------------------------------------------------ step
     def _update(self, buckets: list[Bucket]) -> tuple[Tensor, Tensor, Tensor]:
         grad_divisor = self._grad_divisor(buckets)
-        updates: list[Tensor] = []
-        inner_scales: list[Tensor] = []
         for bucket in buckets:
             steps = bucket.state_list("step")
             if self.uses_foreach:
@@ -286,33 +310,115 @@ class Lamb(LayerwiseOptimizer):
             else:
                 for step in steps:
                     step.add_(1.0)
-            bucket_updates, inner_scale = self._direction(bucket, grad_divisor)
-            updates += bucket_updates
-            inner_scales.append(inner_scale)
+        if self._takes_kernel(buckets):
+            squares, apply = self._kernel_pass(buckets, grad_divisor)
+        else:
+            squares, apply = self._torch_pass(buckets, grad_divisor)
+        count = squares.numel() // 2
+        param_norms, update_norms = squares[:count].sqrt(), squares[count:].sqrt()
 
-        weights = [weight for bucket in buckets for weight in bucket.weights]
-        squares = self.squared_norms(weights + updates)
-        param_norms = squares[: len(weights)].sqrt()
-        update_norms = squares[len(weights) :].sqrt() * torch.cat(inner_scales)
-
-        ratios = []
-        start = 0
-        for bucket, step_factor in zip(buckets, inner_scales, strict=True):
+        ratios, step_sizes, start = [], [], 0
+        for bucket in buckets:
             group, end = bucket.group, start + len(bucket.weights)
             param_norm, update_norm = param_norms[start:end], update_norms[start:end]
             if self.is_adapted(group):
                 ratio = trust_ratio(param_norm, update_norm, clamp=group["trust_clamp"])
             else:
                 ratio = torch.ones_like(param_norm)
+            step_size = group["lr"] * ratio
             if group["bias_correction"] == "step_size":
                 bc1, bc2 = _bias_corrections(bucket, group)
-                step_factor = step_factor * bc2.sqrt() / bc1
-            _ops.add_scaled_(
-                bucket.weights, updates[start:end], -group["lr"] * step_factor * ratio, foreach=self.uses_foreach
-            )
+                step_size = step_size * bc2.sqrt() / bc1
             ratios.append(ratio)
+            step_sizes.append(step_size)
             start = end
+        apply(step_sizes)
         return param_norms, update_norms, torch.cat(ratios)
+
+    def _torch_pass(self, buckets: list[Bucket], grad_divisor: Tensor | None) -> tuple[Tensor, Any]:
+        """Moments and a materialised ``u = c·u'`` per tensor (torch ops); squared norms of p and u, and a
+        function applying ``p -= step_size·u``."""
+        updates: list[Tensor] = []
+        inner_scales: list[Tensor] = []
+        for bucket in buckets:
+            bucket_updates, inner_scale = self._direction(bucket, grad_divisor)
+            updates += bucket_updates
+            inner_scales.append(inner_scale)
+        weights = [weight for bucket in buckets for weight in bucket.weights]
+        squares = self.squared_norms(weights + updates)
+        scales = torch.cat(inner_scales)
+        squares = torch.cat([squares[: len(weights)], squares[len(weights) :] * scales.square()])
+
+        def apply(step_sizes: list[Tensor]) -> None:
+            start = 0
+            for bucket, step_size in zip(buckets, step_sizes, strict=True):
+                end = start + len(bucket.weights)
+                _ops.add_scaled_(
+                    bucket.weights, updates[start:end], -step_size * scales[start:end], foreach=self.uses_foreach
+                )
+                start = end
+
+        return squares, apply
+
+    def _kernel_pass(self, buckets: list[Bucket], grad_divisor: Tensor | None) -> tuple[Tensor, Any]:
+        """Pass 1 of the CPU kernel: moments and squared norms without materialising u; the returned function
+        runs pass 2."""
+        divisor = torch.ones(1) if grad_divisor is None else grad_divisor.reshape(1).float()
+        parts, passes = [], []
+        for bucket in buckets:
+            group = bucket.group
+            beta1, beta2 = group["betas"]
+            decay = group["weight_decay"]
+            l2 = group["weight_decay_mode"] == "l2"
+            if group["bias_correction"] == "inside":
+                bc1, bc2 = (c.float().contiguous() for c in _bias_corrections(bucket, group))
+            else:
+                bc1 = bc2 = torch.ones(len(bucket.weights))
+            settings = (group["eps"], 0.0 if l2 else decay, group["eps_inside_sqrt"])
+            exp_avgs, exp_avg_sqs = bucket.state_list("exp_avg"), bucket.state_list("exp_avg_sq")
+            parts.append(
+                self._kernel.moments_and_squared_norms(
+                    bucket.weights,
+                    bucket.grads,
+                    exp_avgs,
+                    exp_avg_sqs,
+                    bc1,
+                    bc2,
+                    divisor,
+                    beta1,
+                    beta2,
+                    1 - beta1 if group["grad_averaging"] else 1.0,
+                    group["eps"],
+                    decay if l2 else 0.0,
+                    *settings[1:],
+                )
+            )
+            passes.append((bucket.weights, exp_avgs, exp_avg_sqs, bc1, bc2, settings))
+        local = torch.cat(parts)
+        squares = self.reduce_squared_norms(torch.cat([local[:, 0], local[:, 1]]))
+
+        def apply(step_sizes: list[Tensor]) -> None:
+            for (weights, exp_avgs, exp_avg_sqs, bc1, bc2, settings), step_size in zip(passes, step_sizes, strict=True):
+                steps = step_size.float().contiguous()
+                self._kernel.apply_updates(weights, exp_avgs, exp_avg_sqs, bc1, bc2, steps, *settings)
+
+        return squares, apply
+
+    def _takes_kernel(self, buckets: list[Bucket]) -> bool:
+        if self._kernel is None:
+            return False
+        fits = all(
+            not bucket.has_masters
+            and all(
+                t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+                for t in (*bucket.weights, *bucket.grads)
+            )
+            and (not isinstance(bucket.group["lr"], Tensor) or bucket.group["lr"].device.type == "cpu")
+            for bucket in buckets
+        )
+        if self.fused and not fits:
+            raise SettingError("fused", "needs contiguous fp32 CPU parameters and gradients without masters", True)
+        return fits
 
     def _grad_divisor(self, buckets: list[Bucket]) -> Tensor | None:
         """``max(1, G / max_grad_norm)`` over every gradient of this step, on device; None when off."""
