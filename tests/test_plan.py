@@ -17,6 +17,7 @@ from legw_hf import (
     PhasedPlan,
     Polynomial,
     SettingError,
+    make_decay,
     plan_from_dict,
 )
 
@@ -236,6 +237,13 @@ def test_bad_decay_options_fail_when_the_shape_is_built(decay, options, field, w
     with pytest.raises(SettingError) as caught:
         decay(**options)
     assert caught.value.field == field and words in str(caught.value)
+
+
+def test_unknown_decay_name_lists_the_valid_ones():
+    with pytest.raises(SettingError) as caught:
+        make_decay("step", gamma=0.5)
+    assert caught.value.field == "decay"
+    assert "'poly', 'multistep', 'exp', 'cosine', 'constant'" in str(caught.value)
 
 
 def test_warmup_must_be_given_exactly_once():

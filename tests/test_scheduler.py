@@ -221,3 +221,25 @@ def test_multistep_scheduler_lr_drops_at_milestone_epochs():
     # 10 steps per epoch: update n completes epoch (n+1)/10; the drop applies from epoch 2 (update 19)
     assert lrs[18] == pytest.approx(peak) and lrs[19] == pytest.approx(peak / 2)
     assert lrs[38] == pytest.approx(peak / 2) and lrs[39] == pytest.approx(peak / 4)
+
+
+def test_phased_plan_drives_the_scheduler_across_the_phase_boundary():
+    phase1 = LegwConfig(base_batch_size=10, base_lr=0.1, base_warmup_epochs=0.5).plan(
+        batch_size=40, dataset_size=400, epochs=5
+    )
+    phase2 = LegwConfig(base_batch_size=20, base_lr=0.05, base_warmup_steps=4, decay=Polynomial(power=0.5)).plan(
+        batch_size=20, dataset_size=100, epochs=2
+    )
+    plan = legw_hf.PhasedPlan((legw_hf.Phase("seq128", phase1), legw_hf.Phase("seq512", phase2)))
+    optimizer = make_optimizer()
+    scheduler = LegwScheduler(optimizer, plan)
+    lrs = lr_trajectory(scheduler, optimizer, 60)
+    assert lrs[:50] == pytest.approx([expected_lr(n) for n in range(50)])
+    # phase 2: 5 steps per epoch, warmup 4 steps from 0 to 0.05, then (1 - f)^0.5 over the remaining 6 steps
+    assert lrs[50:54] == pytest.approx([0.05 * (n + 1) / 4 for n in range(4)])
+    assert lrs[54:] == pytest.approx([0.05 * (1 - (n + 1) / 6) ** 0.5 for n in range(6)])
+
+    resumed_opt = make_optimizer()
+    resumed = LegwScheduler(resumed_opt, legw_hf.plan_from_dict(_save_load(scheduler.state_dict())["plan"]))
+    resumed.load_state_dict(_save_load(scheduler.state_dict()))
+    assert resumed.updates == 60 and resumed.plan == plan
