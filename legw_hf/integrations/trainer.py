@@ -365,6 +365,8 @@ def _probe_optimizer(args: LegwArguments) -> torch.optim.Optimizer:
     cls = _OPTIMIZER_CLASSES[args.legw_optimizer]
     try:
         _, kwargs = optimizer_cls_and_kwargs(args)
+        if cls is Lamb:
+            kwargs["fused"] = False  # a CPU probe must not build the CPU kernel for a run that may be on a GPU
         return cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)
     except SettingError as error:
         keyword = error.field.split("[")[0]
