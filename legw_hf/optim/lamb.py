@@ -54,64 +54,25 @@ LAMB_DEFAULTS: dict[str, Any] = {
     "adapt": "all",
 }
 
-#: Each reference implementation as keyword values (explicit keywords override them).
+#: Each reference implementation as keyword values: what it changes from :data:`LAMB_DEFAULTS`, whose lr 1e-3,
+#: betas (0.9, 0.999), bias correction inside the update, ε outside the root, decoupled decay and gradient
+#: averaging all of them share. Explicit keywords override a preset.
 LAMB_PRESETS: dict[str, dict[str, Any]] = {
     # apex.optimizers.FusedLAMB defaults, as NVIDIA's BERT recipe runs it (csrc/multi_tensor_lamb.cu).
-    "nvidia": {
-        "lr": 1e-3,
-        "betas": (0.9, 0.999),
-        "eps": 1e-6,
-        "weight_decay": 0.01,
-        "bias_correction": "inside",
-        "eps_inside_sqrt": False,
-        "weight_decay_mode": "decoupled",
-        "grad_averaging": True,
-        "max_grad_norm": 1.0,
-        "trust_clamp": None,
-        "adapt": "decayed",
-    },
+    "nvidia": {**LAMB_DEFAULTS, "max_grad_norm": 1.0, "adapt": "decayed"},
     # deepspeed.ops.lamb.FusedLamb (csrc/lamb/fused_lamb_cuda_kernel.cu).
     "deepspeed": {
-        "lr": 1e-3,
-        "betas": (0.9, 0.999),
+        **LAMB_DEFAULTS,
         "eps": 1e-8,
         "weight_decay": 0.0,
         "bias_correction": "step_size",
-        "eps_inside_sqrt": False,
-        "weight_decay_mode": "decoupled",
-        "grad_averaging": True,
-        "max_grad_norm": None,
         "trust_clamp": (0.01, 10.0),
-        "adapt": "all",
     },
     # optax.lamb: chain(scale_by_adam, add_decayed_weights, scale_by_trust_ratio, scale_by_learning_rate).
-    "optax": {
-        "lr": 1e-3,
-        "betas": (0.9, 0.999),
-        "eps": 1e-6,
-        "weight_decay": 0.0,
-        "bias_correction": "inside",
-        "eps_inside_sqrt": False,
-        "weight_decay_mode": "decoupled",
-        "grad_averaging": True,
-        "max_grad_norm": None,
-        "trust_clamp": None,
-        "adapt": "all",
-    },
-    # The paper's Algorithm 2 as tensorflow_addons.optimizers.LAMB implements it.
-    "paper": {
-        "lr": 1e-3,
-        "betas": (0.9, 0.999),
-        "eps": 1e-6,
-        "weight_decay": 0.0,
-        "bias_correction": "inside",
-        "eps_inside_sqrt": False,
-        "weight_decay_mode": "decoupled",
-        "grad_averaging": True,
-        "max_grad_norm": None,
-        "trust_clamp": None,
-        "adapt": "decayed",
-    },
+    "optax": {**LAMB_DEFAULTS, "weight_decay": 0.0},
+    # The paper's Algorithm 2 as tensorflow_addons.optimizers.LAMB implements it: optax's chain, except that
+    # tensors excluded from decay are excluded from adaptation too (exclude_from_layer_adaptation's default).
+    "paper": {**LAMB_DEFAULTS, "weight_decay": 0.0, "adapt": "decayed"},
 }
 
 
