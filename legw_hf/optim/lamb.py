@@ -197,27 +197,21 @@ class Lamb(LayerwiseOptimizer):
         self.preset = preset
         self.max_grad_norm = check_optional_positive("max_grad_norm", settings.pop("max_grad_norm"))
         self.fused_adam = None if fused_adam is None else check_flag("fused_adam", fused_adam)
-        if self.fused_adam and foreach is False:
-            raise SettingError(
-                "fused_adam",
-                "needs the multi-tensor path",
-                fused_adam,
-                detail="foreach=False selects the single-tensor reference path",
-            )
+        self.fused = None if fused is None else check_flag("fused", fused)
+        for name, insisted in (("fused_adam", self.fused_adam), ("fused", self.fused)):
+            if insisted and foreach is False:
+                raise SettingError(
+                    name,
+                    "needs the multi-tensor path",
+                    insisted,
+                    detail="foreach=False selects the single-tensor reference path",
+                )
         # The one-time checks of the private kernels run here, never inside a step (they read results back).
         if self.fused_adam is not False:
             available = _fused_adam_agrees()
             _fused_adam_agrees(in_place=True)
             if self.fused_adam and not available:
                 raise SettingError("fused_adam", "is not available in this torch build", fused_adam)
-        self.fused = None if fused is None else check_flag("fused", fused)
-        if self.fused and foreach is False:
-            raise SettingError(
-                "fused",
-                "cannot be combined with foreach=False",
-                fused,
-                detail="foreach=False selects the single-tensor reference path",
-            )
         super().__init__(
             params, settings, foreach=foreach, master_weights=master_weights, keep_workspace=keep_workspace
         )
