@@ -80,6 +80,11 @@ def test_concurrent_processes_build_once_and_other_checkouts_reuse_the_build(tmp
     edited = checkout(tmp_path, "clone-c")
     source = edited / "legw_hf" / "optim" / "csrc" / "lamb_cpu.cpp"
     source.write_text("// edited\n" + source.read_text())
-    code = f"import sys; sys.path.insert(0, {str(edited)!r}); from legw_hf.optim import _cpu_kernel as k; print(k.library_path())"
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env(cache), check=True)
+    code = (
+        f"import sys; sys.path.insert(0, {str(edited)!r}); "
+        "from legw_hf.optim import _cpu_kernel as k; print(k.library_path())"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=child_env(cache), check=True
+    )
     assert other.stdout.strip() != library
