@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import transformers
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     BertConfig,
@@ -100,7 +101,17 @@ def build_dataset(data_args: DataTrainingArguments, tokenizer: PreTrainedTokeniz
 def main(argv: list[str] | None = None) -> None:
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
+    # Logging as transformers' example scripts set it up: the root logger keeps its WARNING level, and the
+    # transformers and datasets loggers follow --log_level (INFO on the main process by default).
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler(sys.stdout)])
+    if training_args.should_log:
+        transformers.utils.logging.set_verbosity_info()
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
     set_seed(training_args.seed)
 
     tokenizer = train_tokenizer(data_args.train_file, model_args.vocab_size)
@@ -115,9 +126,6 @@ def main(argv: list[str] | None = None) -> None:
         pad_token_id=tokenizer.pad_token_id,
     )
     model = BertForMaskedLM(config)
-    # BertForMaskedLM takes **kwargs but averages its loss itself and ignores num_items_in_batch; without this,
-    # Trainer (transformers 5) sums the micro-batch means and gradients grow with gradient accumulation.
-    model.accepts_loss_kwargs = False
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=data_args.mlm_probability)
     trainer = Trainer(
         model=model,

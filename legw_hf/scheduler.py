@@ -41,6 +41,10 @@ class LegwScheduler(LRScheduler):
         if not isinstance(plan, (LegwPlan, PhasedPlan)):
             raise TypeError(f"plan must be a LegwPlan or PhasedPlan, got {type(plan).__name__}")
         self.plan = plan
+        #: The plan (as a dict) of the checkpoint last loaded, when it differs from ``plan``; else None.
+        self.checkpoint_plan: dict[str, Any] | None = None
+        #: What the last load changed, as its warning said (Trainer swallows warnings raised while it loads).
+        self.resume_note: str | None = None
         super().__init__(optimizer)
 
     @property
@@ -67,6 +71,7 @@ class LegwScheduler(LRScheduler):
             current = self.plan.to_dict()
             if saved != current:
                 updates = self._carry_over(updates, saved)
+                self.checkpoint_plan = saved
         elif "last_epoch" in state_dict:
             updates = int(state_dict["last_epoch"])
             warnings.warn(
@@ -92,6 +97,7 @@ class LegwScheduler(LRScheduler):
             epochs_done = updates / saved["steps_per_epoch"]
             updates = round(epochs_done * self.plan.steps_per_epoch)
             message += f" Continuing at epoch {epochs_done:g} = update {updates} of the current plan."
+        self.resume_note = message
         warnings.warn(message, stacklevel=3)
         return updates
 

@@ -1,11 +1,19 @@
-"""The run_mlm.py-style example: LEGW is a one-line change, and both versions really train."""
+"""The run_mlm.py-style example: LEGW is a one-line change, and both versions really train.
+
+The example sets logging up as transformers' upstream scripts do (``basicConfig()`` with no level, the
+``transformers`` logger following ``--log_level``), so these runs show what a user of those scripts sees.
+"""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
+import pytest
 from procs import REPO, python_env
+
+from legw_hf import plan_from_dict
 
 LEGW_LINE_MARK = "# LEGW"
 TINY_RUN = [
@@ -17,9 +25,12 @@ TINY_RUN = [
 LEGW_FLAGS = ["--legw_base_batch_size", "8", "--legw_base_warmup_epochs", "0.125"]
 
 
-def run(script, output_dir, *args):
+PLAN_LINE = "LEGW plan (legw): batch 16 (k=2 x base 8)"
+
+
+def run(script, output_dir, *args, launcher=()):
     return subprocess.run(
-        [sys.executable, str(script), "--output_dir", str(output_dir), *TINY_RUN, *args],
+        [sys.executable, *launcher, str(script), "--output_dir", str(output_dir), *TINY_RUN, *args],
         capture_output=True,
         text=True,
         env=python_env(),
@@ -36,12 +47,59 @@ def plain_version(repo, tmp_path):
     return script
 
 
-def test_legw_version_trains_with_the_plan(repo, tmp_path):
+def test_legw_version_trains_with_the_plan_shown_and_recorded(repo, tmp_path):
     result = run(repo / "examples" / "run_mlm.py", tmp_path / "legw", *LEGW_FLAGS)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "LEGW plan (legw): batch 16 (k=2 x base 8)" in result.stdout
-    assert "'legw_k': '2'" in result.stdout
-    assert "train_loss" in result.stdout
+    output = result.stdout + result.stderr
+    assert "***** Running training *****" in output  # Trainer's own INFO lines are shown, and so is the plan
+    assert output.count(PLAN_LINE) == 1
+    assert "'legw_k': '2'" in result.stdout and "train_loss" in result.stdout
+    # BertForMaskedLM ignores num_items_in_batch: LegwTrainer says so and averages the accumulated losses
+    assert "BertForMaskedLM.forward takes **kwargs, but its loss does not depend on num_items_in_batch" in output
+
+    (entry,) = json.loads((tmp_path / "legw" / "legw_plan.json").read_text())
+    cli = subprocess.run(
+        [sys.executable, "-m", "legw_hf.cli", "plan", "--json", "--base-batch", "8", "--base-lr", "1e-3"]
+        + "--base-warmup-epochs 0.125 --epochs 1 --dataset-size 64 --batch 16".split(),
+        capture_output=True,
+        text=True,
+        env=python_env(),
+        check=True,
+    )
+    (expected,) = json.loads(cli.stdout)
+    assert {key: entry[key] for key in expected} == expected
+    assert entry["from_update"] == 0 and plan_from_dict(entry["plan"]).summary() == expected
+
+
+def test_log_level_warning_hides_the_plan_as_it_hides_trainers_messages(repo, tmp_path):
+    result = run(repo / "examples" / "run_mlm.py", tmp_path / "quiet", *LEGW_FLAGS, "--log_level", "warning")
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "***** Running training *****" not in output and PLAN_LINE not in output
+    assert (tmp_path / "quiet" / "legw_plan.json").is_file()  # recorded all the same
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(("replica_level", "copies"), [("warning", 1), ("info", 2)])
+def test_two_processes_show_the_plan_on_the_main_one_unless_replicas_log_info(repo, tmp_path, replica_level, copies):
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547"]
+    script = repo / "examples" / "run_mlm.py"
+    result = run(
+        script,
+        tmp_path / "ddp",
+        *LEGW_FLAGS,
+        "--use_cpu",
+        "true",
+        "--per_device_train_batch_size",
+        "4",
+        "--log_level_replica",
+        replica_level,
+        launcher=launcher,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert output.count("***** Running training *****") == copies
+    assert output.count(PLAN_LINE) == copies  # per-device 4 x accumulation 2 x 2 processes = 16
 
 
 def test_plain_version_is_an_ordinary_trainer_script(repo, tmp_path):

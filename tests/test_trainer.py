@@ -59,7 +59,7 @@ def test_every_update_uses_the_planned_lr_with_gradient_accumulation(tmp_path, c
     logs = [entry for entry in trainer.state.log_history if "learning_rate" in entry]
     assert all(entry["legw_k"] == 4.0 for entry in logs)
     assert [entry["legw_lr_scale"] for entry in logs] == pytest.approx([lr / 0.05 for lr in lrs])
-    plan_lines = [r.getMessage() for r in caplog.records if r.name.startswith("legw_hf")]
+    plan_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("LEGW plan (")]
     assert len(plan_lines) == 1 and "batch 16 (k=4" in plan_lines[0] and "21 steps" in plan_lines[0]
 
 

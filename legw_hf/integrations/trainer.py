@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal
 
 import torch
@@ -25,6 +25,7 @@ from ..errors import SettingError
 from ..optim import LAMB_PRESETS, LARS_PRESETS, Lamb, Lars, decay_param_groups
 from ..optim._settings import check_fraction
 from ..plan import RULES, LegwConfig, LegwPlan, epoch_steps
+from ..record import record_plan
 from ..scheduler import LegwScheduler
 from ..schedules import DECAY_OPTIONS, DECAYS, make_decay
 from .accelerate import SkippedStepDetector
@@ -82,6 +83,36 @@ _ARGUMENT_FOR_SETTING = {
 
 def _as_argument_error(error: SettingError) -> SettingError:
     return error.renamed(_ARGUMENT_FOR_SETTING.get(error.field, error.field))
+
+
+#: The LEGW flags that shape the plan; without ``--legw_base_batch_size`` they would be silently ignored.
+_PLAN_FLAGS = tuple(
+    dict.fromkeys(
+        flag for flag in _ARGUMENT_FOR_SETTING.values() if flag.startswith("legw_") and flag != "legw_base_batch_size"
+    )
+)
+_DECAY_FLAGS = ", ".join(f"--{_ARGUMENT_FOR_SETTING[option]}" for option in sorted(DECAY_OPTIONS))
+#: Trainer's own schedule arguments, which LEGW replaces, and the LEGW flags to use instead.
+_TRAINER_SCHEDULE_FLAGS = {
+    "lr_scheduler_type": "--legw_decay (poly, multistep, exp, cosine, constant)",
+    "warmup_steps": "--legw_base_warmup_epochs or --legw_base_warmup_steps (the warmup at the base batch)",
+    "lr_scheduler_kwargs": f"the decay flags ({_DECAY_FLAGS})",
+}
+
+
+def _non_default(args: Any, names: tuple[str, ...] | Any) -> list[str]:
+    """Which of the dataclass fields ``names`` hold something other than their default. An empty dict (also as
+    the JSON text a command line gives) stands for a default of None; an enum stands for its value."""
+    defaults = {f.name: f.default for f in fields(args) if f.default is not MISSING}
+    changed = []
+    for name in names:
+        value, default = getattr(args, name), defaults.get(name)
+        value = getattr(value, "value", value)  # Trainer converts some of these to enums
+        if value in ({}, "", "{}") and default is None:
+            continue
+        if value != default:
+            changed.append(name)
+    return changed
 
 
 @dataclass
@@ -158,12 +189,37 @@ class LegwArguments:
     )
 
     def __post_init__(self) -> None:
+        self._refuse_ignored_settings()
+        self._legw_clipping_off = None
         if self.legw_optimizer is not None:
             self._settle_clipping(_probe_optimizer(self))
         super().__post_init__()
+        if self._legw_clipping_off is not None:
+            self._settle_deepspeed_clipping()
         if self.legw_enabled:
             self.legw_config()
             self._check_global_batch()
+
+    def _refuse_ignored_settings(self) -> None:
+        """Settings that would be silently ignored are errors: LEGW flags with LEGW off, and Trainer's own
+        schedule arguments with LEGW on (the LEGW plan replaces that schedule)."""
+        if not self.legw_enabled:
+            orphans = _non_default(self, _PLAN_FLAGS)
+            if orphans:
+                raise SettingError(
+                    "legw_base_batch_size",
+                    f"is required by {', '.join('--' + flag for flag in orphans)}: without it LEGW is off and "
+                    "Trainer's own schedule would run; give the global batch --learning_rate was tuned at",
+                    None,
+                )
+            return
+        for name in _non_default(self, tuple(_TRAINER_SCHEDULE_FLAGS)):
+            raise SettingError(
+                name,
+                f"must keep its default with LEGW on (--legw_base_batch_size): the LEGW plan replaces Trainer's "
+                f"schedule; use {_TRAINER_SCHEDULE_FLAGS[name]} instead",
+                getattr(getattr(self, name), "value", getattr(self, name)),
+            )
 
     def _settle_clipping(self, optimizer: torch.optim.Optimizer) -> None:
         # Before TrainingArguments.__post_init__, which copies max_grad_norm into DeepSpeed's "auto" clipping.
@@ -175,7 +231,33 @@ class LegwArguments:
                 pre_normalisation,
                 self.max_grad_norm,
             )
+            self._legw_clipping_off = (self.max_grad_norm, pre_normalisation)
             self.max_grad_norm = 0.0
+
+    def _settle_deepspeed_clipping(self) -> None:
+        """DeepSpeed clips in its engine too: a number in the config would clip a second time (and Trainer would
+        later report it as a mismatch with the max_grad_norm=0 set here), and no entry means DeepSpeed's default
+        of 1.0. Refuse the first now, saying why; set the second to 0, saying so."""
+        ds_config = getattr(getattr(self, "hf_deepspeed_config", None), "config", None)
+        if ds_config is None:
+            return
+        trainer_norm, lamb_norm = self._legw_clipping_off
+        clipping = ds_config.get("gradient_clipping")
+        why = (
+            f"--legw_optimizer {self.legw_optimizer} pre-normalises gradients by their global norm (max norm "
+            f"{lamb_norm:g}), so legw_hf turned Trainer's max_grad_norm ({trainer_norm:g}) off to clip once"
+        )
+        if clipping is None:
+            logger.warning("%s; DeepSpeed's own clipping (default 1.0) is turned off too (gradient_clipping=0).", why)
+            ds_config["gradient_clipping"] = 0.0
+        elif clipping != "auto" and float(clipping) != 0:
+            raise SettingError(
+                "gradient_clipping",
+                f'in the DeepSpeed config would clip a second time: {why}. Set "gradient_clipping" to "auto" or 0 '
+                "in the DeepSpeed config, or keep DeepSpeed's clipping and turn LAMB's off with "
+                "--legw_lamb_max_grad_norm 0",
+                clipping,
+            )
 
     @property
     def legw_enabled(self) -> bool:
@@ -272,10 +354,60 @@ class LegwTrainer(Trainer):
         if isinstance(training_args, LegwArguments) and training_args.legw_enabled:
             _check_plan_before_training(training_args, bound.get("train_dataset"))
         super().__init__(*args, **kwargs)
+        follow_trainer_log_level(self.args)
         if not any(isinstance(cb, LegwCallback) for cb in self.callback_handler.callbacks):
             # First, so reporting integrations and the progress printer see the keys it adds to the logs.
             self.callback_handler.callbacks.insert(0, LegwCallback())
         self._legw_run = _RunShape(None, None)
+        self._legw_loss_kwargs_unchecked = True
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None):
+        if self._legw_loss_kwargs_unchecked:
+            self._legw_loss_kwargs_unchecked = False
+            if (
+                self.model_accepts_loss_kwargs
+                and num_items_in_batch is not None
+                and self.compute_loss_func is None
+                and self.label_smoother is None
+                and getattr(self, "loss_is_scaled_for_ga", None) is None
+            ):
+                self._check_model_uses_num_items(model, inputs, num_items_in_batch)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _check_model_uses_num_items(self, model: torch.nn.Module, inputs: dict[str, Any], num_items: Any) -> None:
+        """Whether the model's loss really is normalised by ``num_items_in_batch``; if not, Trainer must average.
+
+        Trainer passes ``num_items_in_batch`` to every model whose ``forward`` takes ``**kwargs`` and then skips
+        its own division by the accumulation steps (and multiplies by the processes), trusting the model to
+        normalise. Models such as ``BertForMaskedLM`` take ``**kwargs`` yet average their loss themselves, so the
+        gradients come out ``gradient_accumulation_steps`` (× processes) times too large. The test: one forward
+        of the first micro-batch with the item count doubled, in eval mode and without touching the RNG. A loss
+        that does not change at all ignores the count; one that changes uses it.
+        """
+        inputs = self._prepare_inputs(inputs)
+        was_training = model.training
+        model.eval()
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=devices), self.compute_loss_context_manager():
+                losses = [_loss_of(model(**inputs, num_items_in_batch=n)) for n in (num_items, 2 * num_items)]
+        finally:
+            model.train(was_training)
+        if any(loss is None for loss in losses):
+            return
+        single, double = (loss.detach().float() for loss in losses)
+        if bool(torch.isfinite(single)) and bool(single != 0) and bool(torch.isclose(single, double, rtol=1e-5)):
+            name = type(self.accelerator.unwrap_model(model)).__name__
+            logger.warning(
+                "%s.forward takes **kwargs, but its loss does not depend on num_items_in_batch: Trainer would skip "
+                "its division by gradient_accumulation_steps and the gradients would be %d times too large. "
+                "legw_hf lets Trainer average the micro-batch losses instead (as model.accepts_loss_kwargs = False "
+                "would).",
+                name,
+                self.args.gradient_accumulation_steps
+                * (self.accelerator.num_processes if self.args.average_tokens_across_devices else 1),
+            )
+            self.model_accepts_loss_kwargs = False
 
     @property
     def legw_enabled(self) -> bool:
@@ -330,6 +462,26 @@ class LegwTrainer(Trainer):
             # Trainer's decay / no-decay split, with parameter names for the per-layer trust-ratio logs.
             kwargs["params"] = decay_param_groups(model, args.weight_decay)
         return cls, kwargs
+
+
+def _loss_of(outputs: Any) -> torch.Tensor | None:
+    return outputs.get("loss") if isinstance(outputs, dict) else outputs[0]
+
+
+def follow_trainer_log_level(args: TrainingArguments) -> None:
+    """Make legw_hf's messages follow ``--log_level`` / ``--log_level_replica`` as Trainer's own do.
+
+    Trainer sets the ``transformers`` logger to ``args.get_process_log_level()``; upstream example scripts leave
+    the root logger at WARNING (``basicConfig()`` with no level), where legw_hf's INFO lines (the plan) would
+    vanish. The ``legw_hf`` logger gets the same level; where nothing would print its records (no handler on it
+    or the root), it gets a stderr handler like the one ``transformers`` uses.
+    """
+    package_logger = logging.getLogger("legw_hf")
+    package_logger.setLevel(args.get_process_log_level())
+    if not package_logger.hasHandlers():
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(levelname)s|%(name)s] %(message)s"))
+        package_logger.addHandler(handler)
 
 
 def optimizer_cls_and_kwargs(args: LegwArguments) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
@@ -435,8 +587,18 @@ class LegwCallback(TrainerCallback):
         plan = lr_scheduler.plan
         _check_plan_matches_run(plan, args, state, train_dataloader)
         self.plan = plan
+        # Every process logs at its own level, as Trainer does: by default only the main process shows it.
+        logger.info(plan.describe())
+        if lr_scheduler.resume_note is not None:
+            logger.warning(lr_scheduler.resume_note)
         if state.is_world_process_zero:
-            logger.info(plan.describe())
+            path = record_plan(
+                args.output_dir,
+                plan,
+                from_update=lr_scheduler.updates,
+                checkpoint_plan=lr_scheduler.checkpoint_plan,
+            )
+            logger.info("LEGW plan recorded in %s", path)
 
     def on_log(self, args, state, control, logs=None, lr_scheduler=None, optimizer=None, **kwargs):
         if logs is None or "learning_rate" not in logs:  # evaluation and end-of-training logs
@@ -456,7 +618,13 @@ class LegwCallback(TrainerCallback):
 
 
 def _check_plan_matches_run(plan: LegwPlan, args: LegwArguments, state: Any, train_dataloader: Any) -> None:
-    global_batch = args.legw_global_batch(state.train_batch_size)
+    # The prepared dataloader knows the batch of all processes; state.train_batch_size is the checkpoint's after
+    # a resume, even when the run resumes at another batch.
+    loader_batch = getattr(train_dataloader, "total_batch_size", None)
+    if loader_batch is not None:
+        global_batch = loader_batch * args.gradient_accumulation_steps
+    else:
+        global_batch = args.legw_global_batch(state.train_batch_size)
     mismatches = []
     if plan.batch_size != global_batch:
         mismatches.append(f"global batch {plan.batch_size} vs Trainer's {global_batch}")

@@ -1,0 +1,144 @@
+"""Settings a Trainer user could get silently ignored are refused, and the plan a run used is recorded."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from test_trainer import StopAt
+from toy import Regressor, legw_training_args, regression_dataset
+from transformers import HfArgumentParser
+
+from legw_hf import LegwTrainer, LegwTrainingArguments, SettingError, plan_from_dict
+
+
+def parse(tmp_path, *flags: str) -> LegwTrainingArguments:
+    (args,) = HfArgumentParser(LegwTrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path / "out"), "--use_cpu", "true", *flags]
+    )
+    return args
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--legw_base_warmup_epochs", "0.1"], "--legw_base_warmup_epochs"),
+        (["--legw_decay", "cosine", "--legw_rule", "sqrt"], "--legw_rule, --legw_decay"),
+        (["--legw_global_batch_size", "256"], "--legw_global_batch_size"),
+    ],
+)
+def test_legw_flags_without_the_base_batch_are_refused(tmp_path, flags, named):
+    with pytest.raises(SettingError) as caught:
+        parse(tmp_path, *flags)
+    assert caught.value.field == "legw_base_batch_size"
+    assert f"is required by {named}" in str(caught.value) and "Trainer's own schedule would run" in str(caught.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_optimizer_flags_alone_keep_trainers_schedule(tmp_path):
+    args = parse(tmp_path, "--legw_optimizer", "lamb", "--lr_scheduler_type", "cosine", "--warmup_steps", "5")
+    assert not args.legw_enabled and args.legw_optimizer == "lamb"
+
+
+LEGW = ["--legw_base_batch_size", "64", "--legw_base_warmup_epochs", "0.1"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "field", "instead"),
+    [
+        (["--lr_scheduler_type", "cosine"], "lr_scheduler_type", "use --legw_decay"),
+        (["--warmup_steps", "100"], "warmup_steps", "use --legw_base_warmup_epochs or --legw_base_warmup_steps"),
+        (["--warmup_steps", "0.1"], "warmup_steps", "--legw_base_warmup_epochs"),
+        (["--lr_scheduler_kwargs", '{"power": 2}'], "lr_scheduler_kwargs", "--legw_power"),
+    ],
+)
+def test_trainers_schedule_flags_with_legw_are_refused(tmp_path, flags, field, instead):
+    with pytest.raises(SettingError) as caught:
+        parse(tmp_path, *LEGW, *flags)
+    assert caught.value.field == field
+    assert "the LEGW plan replaces Trainer's schedule" in str(caught.value) and instead in str(caught.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_trainers_schedule_flags_at_their_defaults_are_accepted(tmp_path):
+    args = parse(tmp_path, *LEGW, "--lr_scheduler_type", "linear", "--warmup_steps", "0", "--lr_scheduler_kwargs", "{}")
+    assert args.legw_enabled
+
+
+def deepspeed_args(tmp_path, preset="nvidia", **config) -> LegwTrainingArguments:
+    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", **config}
+    return LegwTrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        legw_optimizer="lamb",
+        legw_optimizer_preset=preset,
+        deepspeed={"zero_optimization": {"stage": 2}, **ds},
+    )
+
+
+def test_deepspeed_clipping_beside_lamb_pre_normalisation_is_explained(tmp_path):
+    # Trainer would fail at train time on "ds gradient_clipping=1.0 vs hf max_grad_norm=0.0", a value the user
+    # never set; the error comes now, and says what happened and what to do.
+    with pytest.raises(SettingError) as caught:
+        deepspeed_args(tmp_path, gradient_clipping=1.0)
+    message = str(caught.value)
+    assert caught.value.field == "gradient_clipping" and "would clip a second time" in message
+    assert "pre-normalises gradients by their global norm (max norm 1)" in message
+    assert "turned Trainer's max_grad_norm (1) off" in message
+    assert '"auto" or 0' in message and "--legw_lamb_max_grad_norm 0" in message
+
+
+def test_deepspeed_clipping_auto_or_absent_is_turned_off_once(tmp_path, caplog):
+    auto = deepspeed_args(tmp_path, gradient_clipping="auto")
+    assert auto.hf_deepspeed_config.config["gradient_clipping"] == 0.0 and not auto.hf_deepspeed_config.mismatches
+    with caplog.at_level(logging.WARNING, logger="legw_hf"):
+        absent = deepspeed_args(tmp_path)
+    # DeepSpeed would clip at its default 1.0 with no entry: the config handed to DeepSpeed says 0
+    assert absent.deepspeed_plugin.deepspeed_config["gradient_clipping"] == 0.0
+    assert any("DeepSpeed's own clipping (default 1.0) is turned off" in r.getMessage() for r in caplog.records)
+
+
+def test_deepspeed_clipping_stays_with_a_lamb_that_does_not_pre_normalise(tmp_path):
+    args = deepspeed_args(tmp_path, preset="deepspeed", gradient_clipping=1.0)
+    assert args.max_grad_norm == 1.0 and args.hf_deepspeed_config.config["gradient_clipping"] == 1.0
+
+
+def test_the_plan_is_recorded_and_a_resume_with_another_plan_records_both(tmp_path, caplog):
+    data = regression_dataset(100)
+    first = legw_training_args(tmp_path / "run", save_strategy="steps", save_steps=1000)
+    LegwTrainer(model=Regressor(), args=first, train_dataset=data, callbacks=[StopAt(6)]).train()
+    record = tmp_path / "run" / "legw_plan.json"
+    (entry,) = json.loads(record.read_text())
+    assert entry["batch"] == 16 and entry["steps_per_epoch"] == 7 and entry["from_update"] == 0
+
+    # the same plan resumed: nothing new
+    same = LegwTrainer(model=Regressor(), args=first, train_dataset=data, callbacks=[StopAt(7)])
+    same.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-6"))
+    assert json.loads(record.read_text()) == [entry]
+
+    # resumed at twice the batch: 6 of 7 updates per epoch become 3 of 4, and both plans are on record
+    bigger = legw_training_args(tmp_path / "run", per_device_train_batch_size=16, save_strategy="no")
+    resumed = LegwTrainer(model=Regressor(), args=bigger, train_dataset=data)
+    with caplog.at_level(logging.WARNING, logger="legw_hf"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-6"))
+    # Trainer swallows warnings raised while it loads a scheduler; the change is logged instead
+    (note,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("The LEGW plan changed")]
+    assert "Continuing at epoch 0.857143 = update 3 of the current plan" in note
+    old, new = json.loads(record.read_text())
+    assert old == entry
+    assert (new["batch"], new["k"], new["steps_per_epoch"], new["from_update"]) == (32, 8.0, 4, 3)
+    assert plan_from_dict(new["plan"]) == resumed.lr_scheduler.plan
+
+
+def test_a_resume_into_a_new_output_dir_records_the_checkpoints_plan_first(tmp_path):
+    data = regression_dataset(100)
+    first = legw_training_args(tmp_path / "run", save_strategy="steps", save_steps=1000)
+    LegwTrainer(model=Regressor(), args=first, train_dataset=data, callbacks=[StopAt(6)]).train()
+    (saved,) = json.loads((tmp_path / "run" / "legw_plan.json").read_text())
+    moved = legw_training_args(tmp_path / "elsewhere", per_device_train_batch_size=16)
+    LegwTrainer(model=Regressor(), args=moved, train_dataset=data).train(
+        resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-6")
+    )
+    old, new = json.loads((tmp_path / "elsewhere" / "legw_plan.json").read_text())
+    assert old == {**saved, "from_update": None} and new["batch"] == 32
