@@ -313,7 +313,7 @@ def test_explicit_keywords_override_the_preset():
     assert lars.param_groups[0]["local_lr_clip"] is False and lars.param_groups[0]["trust_coefficient"] == 0.001
 
 
-def test_sharded_dtensor_parameters_are_refused():
+def test_dtensor_parameters_step_like_plain_ones_and_odd_placements_are_refused():
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -321,8 +321,20 @@ def test_sharded_dtensor_parameters_are_refused():
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
-        sharded = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
-        with pytest.raises(SettingError, match="DTensor"):
-            Lamb([sharded])
+        values, grad = torch.randn(4, 3), torch.randn(4, 3)
+        for cls, kwargs in ((Lamb, {"weight_decay": 0.01}), (Lars, {"momentum": 0.9, "weight_decay": 0.01})):
+            plain = nn.Parameter(values.clone())
+            plain.grad = grad.clone()
+            sharded = nn.Parameter(distribute_tensor(values.clone(), mesh, [Shard(0)]))
+            sharded.grad = distribute_tensor(grad.clone(), mesh, [Shard(0)])
+            for param in (plain, sharded):
+                optimizer = cls([param], lr=0.1, **kwargs)
+                optimizer.step()
+                optimizer.step()
+            torch.testing.assert_close(sharded.full_tensor(), plain.detach(), rtol=1e-6, atol=1e-7)
+        grid = init_device_mesh("cpu", (1, 1))
+        twice = nn.Parameter(distribute_tensor(torch.randn(4, 3), grid, [Shard(0), Shard(1)]))
+        with pytest.raises(SettingError, match="sharded over exactly one mesh dimension"):
+            Lamb([twice])
     finally:
         dist.destroy_process_group()

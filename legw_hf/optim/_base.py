@@ -2,7 +2,12 @@
 
 A subclass implements ``_update(buckets)``: the algorithm itself, over buckets of tensors that share a param
 group, device and dtype. Everything else (which tensors take part, their state, fp32 masters, checkpoints, the
-trust-ratio table) lives here once.
+trust-ratio table, sharding) lives here once.
+
+The unit of a bucket is one *original* tensor, or rather the piece of it this process holds: the parameter
+itself, the local shard of a DTensor (FSDP2), or a stretch of a flat buffer that DeepSpeed put in the parameter's
+place (:class:`~legw_hf.distributed.FlatLayout`). Norms of pieces are partial; :meth:`reduce_squared_norms` makes
+them whole with one all-reduce, and the algorithm never needs to know it ran sharded.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..distributed import FlatLayout, NormReduction, local_tensor, shard_group
 from ..errors import SettingError
 from . import _trust
 from ._settings import check_flag, check_parameter
@@ -28,25 +34,47 @@ def state_dtype(param: Tensor) -> torch.dtype:
 
 @dataclass
 class Bucket:
-    """Tensors of one param group on one device with one dtype, in param-group order.
+    """Local pieces of original tensors of one param group on one device with one dtype, in param-group order.
 
     ``weights`` are what the update is computed from and written to: the fp32 master when there is one,
-    otherwise the parameter itself.
+    otherwise the parameter itself. ``states`` hold views of the state of the parameter each piece lives in, and
+    ``counters`` that state's step counters, once each (several pieces may share one flat parameter). ``rows``
+    are the original tensors' rows in :attr:`LayerwiseOptimizer.trust_stats`; ``keys`` name each piece's
+    scratch buffer.
     """
 
     group: dict[str, Any]
-    positions: list[int] = field(default_factory=list)
+    has_masters: bool = False
+    rows: list[int] = field(default_factory=list)
+    keys: list[tuple[int, int]] = field(default_factory=list)
     params: list[Tensor] = field(default_factory=list)
     weights: list[Tensor] = field(default_factory=list)
     grads: list[Tensor] = field(default_factory=list)
     states: list[dict[str, Any]] = field(default_factory=list)
+    counters: dict[int, Tensor] = field(default_factory=dict)
+    shard_groups: list[Any] = field(default_factory=list)
 
     def state_list(self, key: str) -> list[Tensor]:
         return [state[key] for state in self.states]
 
-    @property
-    def has_masters(self) -> bool:
-        return self.weights[0] is not self.params[0]
+
+def _pieces(tensor: Tensor, starts: tuple[int, ...], lengths: tuple[int, ...]) -> list[Tensor]:
+    flat = tensor.view(-1)
+    return [flat.narrow(0, start, length) for start, length in zip(starts, lengths, strict=True)]
+
+
+def _state_pieces(state: dict[str, Any], shape: torch.Size, starts, lengths) -> list[dict[str, Any]]:
+    """The state of each piece of a flat parameter: its parameter-shaped tensors viewed at the piece, the rest
+    (the step counter) shared."""
+    views: list[dict[str, Any]] = [{} for _ in starts]
+    for key, value in state.items():
+        if isinstance(value, Tensor) and value.shape == shape:
+            for view, piece in zip(views, _pieces(value, starts, lengths), strict=True):
+                view[key] = piece
+        else:
+            for view in views:
+                view[key] = value
+    return views
 
 
 class LayerwiseOptimizer(torch.optim.Optimizer):
@@ -77,10 +105,19 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.foreach = None if foreach is None else check_flag("foreach", foreach)
         self.master_weights = check_flag("master_weights", master_weights)
         self.keep_workspace = None if keep_workspace is None else check_flag("keep_workspace", keep_workspace)
-        # keyed by id(param): contents never matter, so a reused id can only reuse a buffer of the right shape
-        self._kept_workspace: dict[int, Tensor] = {}
+        # keyed by (id(param), piece start): contents never matter, so a reused id can only reuse a buffer of the
+        # right shape
+        self._kept_workspace: dict[tuple[int, int], Tensor] = {}
         self.trust_stats: Tensor | None = None
         self._scatter_index: tuple[tuple[int, ...], Tensor] | None = None
+        # The original tensors, as the optimizer was built with them: trust_stats has one row each, in this order,
+        # even when an engine later hands the optimizer flat partitions or empties its groups.
+        self._originals: list[tuple[Tensor, dict[str, Any], str]] = []
+        self._row_of: dict[int, int] = {}
+        #: Flat buffers an engine put in place of the original tensors (id of the buffer -> its layout).
+        self.layouts: dict[int, FlatLayout] = {}
+        self._reduction: NormReduction | None = None
+        self._global_grad_norm: Any = None
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------------------------------------- groups
@@ -94,7 +131,26 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         for param in group["params"]:
             check_parameter(param)
+            shard_group(param)  # refuses DTensor placements whose norms are not sums of local pieces
         self._check_group(group)
+        index = len(self.param_groups) - 1
+        names = group.get("param_names") or [f"group{index}.{i}" for i in range(len(group["params"]))]
+        for param, name in zip(group["params"], names, strict=True):
+            self._row_of[id(param)] = len(self._originals)
+            self._originals.append((param, group, name))
+
+    def use_layouts(self, layouts: dict[int, FlatLayout]) -> None:
+        """Register the flat buffers an engine (DeepSpeed) puts in this optimizer's groups in place of the
+        original tensors; every tensor they span must be one this optimizer was built with."""
+        for layout in layouts.values():
+            strangers = [tuple(t.shape) for t in layout.tensors if id(t) not in self._row_of]
+            if strangers:
+                raise SettingError(
+                    "params",
+                    f"of the {layout.engine} partitions must be tensors this optimizer was built with",
+                    strangers[:3],
+                )
+        self.layouts.update(layouts)
 
     @staticmethod
     def is_adapted(group: dict[str, Any]) -> bool:
@@ -113,34 +169,94 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def _wants_master(self, param: Tensor) -> bool:
         return self.master_weights and param.dtype in LOW_PRECISION
 
+    def _ensure_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
+        """Create what a parameter's state lacks (all of it on its first step); subclasses may add to this."""
+        if not state:
+            self._init_state(group, param, state)
+        if self._wants_master(param) and "master" not in state:
+            state["master"] = param.detach().to(torch.float32, copy=True)
+
     def _gather(self) -> list[Bucket]:
-        """Buckets of the parameters that have a gradient, creating missing state on the way."""
+        """Buckets of the pieces of the tensors that have a gradient, creating missing state on the way.
+
+        Also settles how this step's partial norms are reduced, and fills in NaN rows of :attr:`trust_stats`
+        for the tensors without a gradient.
+        """
         buckets: dict[tuple[int, torch.device, torch.dtype], Bucket] = {}
-        position = 0
+        idle_rows: list[int] = []
+        layout_norm = None
         for group in self.param_groups:
             for param in group["params"]:
-                if param.grad is not None:
-                    if param.grad.is_sparse:
-                        raise SettingError(
-                            "params",
-                            "must have dense gradients (sparse gradients are not supported)",
-                            param.grad.layout,
-                        )
-                    state = self.state[param]
-                    if not state:
-                        self._init_state(group, param, state)
-                    if self._wants_master(param) and "master" not in state:
-                        state["master"] = param.detach().to(torch.float32, copy=True)
-                    key = (id(group), param.device, param.dtype)
-                    bucket = buckets.setdefault(key, Bucket(group))
-                    bucket.positions.append(position)
-                    bucket.params.append(param)
-                    bucket.weights.append(state.get("master", param))
-                    bucket.grads.append(param.grad)
-                    bucket.states.append(state)
-                position += 1
+                layout = self.layouts.get(id(param))
+                if layout is None and id(param) not in self._row_of:
+                    layout = self._layout_for_stranger(param)
+                if param.grad is None:
+                    idle_rows += self._rows_of(param, layout)
+                    continue
+                if param.grad.is_sparse:
+                    raise SettingError(
+                        "params", "must have dense gradients (sparse gradients are not supported)", param.grad.layout
+                    )
+                state = self.state[param]
+                self._ensure_state(group, param, state)
+                weight = state.get("master", param)
+                key = (id(group), param.device, param.dtype)
+                bucket = buckets.setdefault(key, Bucket(group, has_masters="master" in state))
+                if layout is not None:
+                    starts, lengths = layout.starts, layout.lengths
+                    bucket.rows += [self._row_of[id(t)] for t in layout.tensors]
+                    bucket.keys += [(id(param), start) for start in starts]
+                    bucket.params += _pieces(param, starts, lengths)
+                    bucket.weights += _pieces(weight, starts, lengths)
+                    bucket.grads += _pieces(param.grad, starts, lengths)
+                    bucket.states += _state_pieces(state, param.shape, starts, lengths)
+                    bucket.shard_groups += [layout.group] * len(starts)
+                    layout_norm = layout.global_grad_norm or layout_norm
+                else:
+                    bucket.rows.append(self._row_of[id(param)])
+                    bucket.keys.append((id(param), 0))
+                    bucket.params.append(local_tensor(param))
+                    bucket.weights.append(local_tensor(weight))
+                    bucket.grads.append(local_tensor(param.grad))
+                    bucket.states.append({k: local_tensor(v) if isinstance(v, Tensor) else v for k, v in state.items()})
+                    bucket.shard_groups.append(shard_group(param))
+                if "step" in state:
+                    bucket.counters[id(state["step"])] = local_tensor(state["step"])
         # Same-device buckets next to each other, so the norms of a device come from one call.
-        return sorted(buckets.values(), key=lambda bucket: str(bucket.params[0].device))
+        ordered = sorted(buckets.values(), key=lambda bucket: str(bucket.weights[0].device))
+        groups = [g for bucket in ordered for g in bucket.shard_groups]
+        sharded = any(g is not None for g in groups)
+        self._reduction = NormReduction(groups, ordered[0].weights[0].device) if sharded else None
+        self._global_grad_norm = layout_norm
+        self._idle_rows = idle_rows
+        return ordered
+
+    def _rows_of(self, param: Tensor, layout: FlatLayout | None) -> list[int]:
+        if layout is None:
+            return [self._row_of[id(param)]]
+        return [self._row_of[id(t)] for t in layout.tensors]
+
+    def _layout_for_stranger(self, param: Tensor) -> FlatLayout:
+        """A tensor this optimizer was not built with sits in a group: an engine swapped its parameters (DeepSpeed
+        does so without ``add_param_group``). Ask the engine how its buffers map to the original tensors, or stop
+        before any update: a trust ratio over such a buffer would silently be wrong."""
+        from ..distributed.deepspeed import layouts_from_caller
+
+        layouts = layouts_from_caller(self)
+        if layouts is not None:
+            self.use_layouts(layouts)
+        layout = self.layouts.get(id(param))
+        if layout is None:
+            raise SettingError(
+                "params",
+                f"must be the tensors {type(self).__name__} was built with or the pieces of them an engine reports; "
+                f"found an unknown tensor of shape {tuple(param.shape)} in its param groups",
+                tuple(param.shape),
+                detail="an engine that replaces parameters by flat partitions (DeepSpeed ZeRO, its fp16/bf16 "
+                "optimizers) makes every trust ratio span many layers; legw_hf knows DeepSpeed's ZeRO 1-3 and fp16 "
+                "layouts, and takes FSDP2 DTensors as they are",
+            )
+        return layout
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load like :meth:`torch.optim.Optimizer.load_state_dict`, keeping this optimizer's dtypes.
@@ -217,14 +333,14 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """One scratch tensor per tensor of ``bucket``, in the state dtype, contents undefined."""
         dtype = state_dtype(bucket.params[0])
         buffers = []
-        for param, weight in zip(bucket.params, bucket.weights, strict=True):
+        for key, weight in zip(bucket.keys, bucket.weights, strict=True):
             keep = self.keep_workspace if self.keep_workspace is not None else weight.device.type == "cpu"
-            buffer = self._kept_workspace.get(id(param)) if keep else None
+            buffer = self._kept_workspace.get(key) if keep else None
             wanted = (weight.shape, dtype, weight.device)
             if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != wanted:
                 buffer = torch.empty_like(weight, dtype=dtype, memory_format=torch.contiguous_format)
                 if keep:
-                    self._kept_workspace[id(param)] = buffer
+                    self._kept_workspace[key] = buffer
             buffers.append(buffer)
         return buffers
 
@@ -234,29 +350,45 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         return sum(buffer.nbytes for buffer in self._kept_workspace.values())
 
     def reduce_squared_norms(self, squares: Tensor) -> Tensor:
-        """Hook for sharded training: sum partial squared norms across ranks (one all-reduce). Identity here."""
-        return squares
+        """Whole squared norms from this process's partial ones: one all-reduce over the shard group when the
+        step's tensors are sharded (ZeRO partitions, FSDP2 shards), the identity otherwise.
+
+        ``squares`` is one or more vectors of one entry per tensor of the step, in bucket order, concatenated.
+        """
+        return squares if self._reduction is None else self._reduction(squares)
+
+    def global_grad_norm(self, buckets: list[Bucket]) -> Tensor:
+        """The norm of all the model's gradients, on device: the engine's when it steps one group at a time
+        (DeepSpeed ZeRO computes it over every group first), else from this step's gradients (one reduction)."""
+        if self._global_grad_norm is not None:
+            norm = self._global_grad_norm()
+            device = buckets[0].weights[0].device
+            return torch.as_tensor(norm, device=device).to(device=device, dtype=torch.float32)
+        return self.squared_norms([grad for bucket in buckets for grad in bucket.grads]).sum().sqrt()
 
     # ----------------------------------------------------------------------------------------------- stats
     def _record(self, buckets: list[Bucket], table: Tensor) -> None:
-        positions = tuple(position for bucket in buckets for position in bucket.positions)
-        count = sum(len(group["params"]) for group in self.param_groups)
+        """Write this step's rows into :attr:`trust_stats`. An engine that steps one group at a time (DeepSpeed)
+        calls ``step`` once per group: rows of the other groups keep their values from those calls."""
+        positions = tuple(row for bucket in buckets for row in bucket.rows)
+        count = len(self._originals)
         if positions == tuple(range(count)):
             self.trust_stats = table
             return
         if self._scatter_index is None or self._scatter_index[0] != positions:
             self._scatter_index = (positions, torch.tensor(positions, device=table.device))
         full = torch.full((count, 3), float("nan"), dtype=table.dtype, device=table.device)
+        previous = self.trust_stats
+        if previous is not None:
+            full[: len(previous)] = previous.to(table.device)
+        if self._idle_rows:
+            full[self._idle_rows] = float("nan")
         self.trust_stats = full.index_copy_(0, self._scatter_index[1], table)
 
     def parameter_names(self) -> list[str]:
-        """One name per parameter, in :attr:`trust_stats` row order: the group's ``param_names`` when it has them
-        (named parameters or :func:`~legw_hf.decay_param_groups`), else ``"group<g>.<i>"``."""
-        names = []
-        for index, group in enumerate(self.param_groups):
-            given = group.get("param_names")
-            names += list(given) if given else [f"group{index}.{i}" for i in range(len(group["params"]))]
-        return names
+        """One name per original tensor, in :attr:`trust_stats` row order: the group's ``param_names`` when it has
+        them (named parameters or :func:`~legw_hf.decay_param_groups`), else ``"group<g>.<i>"``."""
+        return [name for _, _, name in self._originals]
 
     def trust_summary(self, per_parameter: bool = False) -> dict[str, float]:
         """The last step's trust ratios as plain floats, for logging.
@@ -269,5 +401,5 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """
         if self.trust_stats is None:
             return {}
-        adapted = [self.is_adapted(group) for group in self.param_groups for _ in group["params"]]
+        adapted = [self.is_adapted(group) for _, group, _ in self._originals]
         return _trust.summarize(self.trust_stats, self.parameter_names(), adapted, per_parameter=per_parameter)

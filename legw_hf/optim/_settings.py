@@ -8,7 +8,6 @@ not passed; ``None`` is a real value (it turns a feature off).
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -116,11 +115,3 @@ def check_parameter(param: torch.Tensor) -> None:
         raise SettingError("params", "must be floating-point tensors", param.dtype)
     if param.is_sparse:
         raise SettingError("params", "must be dense tensors (sparse parameters are not supported)", param.layout)
-    dtensor = sys.modules.get("torch.distributed.tensor")  # no DTensor can exist before that module is loaded
-    if dtensor is not None and isinstance(param, dtensor.DTensor):
-        raise SettingError(
-            "params",
-            "must be plain tensors: sharded (DTensor, FSDP2) parameters are not supported yet",
-            type(param).__name__,
-            detail="a trust ratio needs norms of whole tensors; per-shard norms would give wrong ratios",
-        )

@@ -259,7 +259,7 @@ class Lamb(LayerwiseOptimizer):
     def _update(self, buckets: list[Bucket]) -> tuple[Tensor, Tensor, Tensor]:
         grad_divisor = self._grad_divisor(buckets)
         for bucket in buckets:
-            steps = bucket.state_list("step")
+            steps = list(bucket.counters.values())
             if self.uses_foreach:
                 torch._foreach_add_(steps, 1.0)
             else:
@@ -379,7 +379,7 @@ class Lamb(LayerwiseOptimizer):
         """``max(1, G / max_grad_norm)`` over every gradient of this step, on device; None when off."""
         if self.max_grad_norm is None:
             return None
-        global_norm = self.squared_norms([grad for bucket in buckets for grad in bucket.grads]).sum().sqrt()
+        global_norm = self.global_grad_norm(buckets)
         return torch.where(
             global_norm > self.max_grad_norm, global_norm / self.max_grad_norm, torch.ones_like(global_norm)
         )

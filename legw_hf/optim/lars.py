@@ -179,6 +179,11 @@ class Lars(LayerwiseOptimizer):
                 param, dtype=state_dtype(param), memory_format=torch.preserve_format
             )
 
+    def _ensure_state(self, group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> None:
+        super()._ensure_state(group, param, state)
+        if group["momentum"] != 0 and "momentum_buffer" not in state:  # momentum was 0 when the state was made
+            self._init_state(group, param, state)
+
     def _update(self, buckets: list[Bucket]) -> tuple[Tensor, Tensor, Tensor]:
         directions = [self._decayed_gradient(bucket) for bucket in buckets]
         weights = [weight for bucket in buckets for weight in bucket.weights]
@@ -252,9 +257,6 @@ class Lars(LayerwiseOptimizer):
         if momentum == 0:
             _ops.add_scaled_(bucket.weights, direction, -out_of_buffer * into_buffer, foreach=foreach)
             return
-        for state, param in zip(bucket.states, bucket.params, strict=True):
-            if "momentum_buffer" not in state:  # the group's momentum was 0 when its state was created
-                self._init_state(group, param, state)
         buffers = bucket.state_list("momentum_buffer")
         if foreach:
             torch._foreach_mul_(buffers, momentum)

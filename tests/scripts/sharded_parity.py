@@ -1,0 +1,207 @@
+"""Lamb and Lars under DeepSpeed ZeRO 0-3 and FSDP2 against one process with the same global batch.
+
+Run under ``deepspeed --num_gpus 2`` (``DS_ACCELERATOR=cpu``) with engine ``deepspeed``, or under ``torchrun
+--nproc_per_node 2`` with engine ``fsdp2``. For every optimizer configuration it trains a small transformer for
+``STEPS`` steps sharded, and, on rank 0, the same model on the whole batch in one process; it also trains once with
+the sharding awareness switched off (each flat partition or local shard taken as a tensor of its own, norms not
+reduced), which must be far off. Rank 0 writes ``result.json`` beside the output path: per engine and
+configuration the relative parameter error of the aware and the naive run, and the all-reduces per ``step()``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from legw_hf import Lamb, Lars, decay_param_groups
+from legw_hf.distributed import NormReduction
+from legw_hf.optim._base import LayerwiseOptimizer
+
+STEPS, VOCAB, DIM, SEQ, BATCH = 20, 37, 14, 6, 8
+
+CONFIGS = {
+    "lamb-nvidia": (Lamb, {"lr": 0.02, "preset": "nvidia"}),
+    "lamb-deepspeed": (Lamb, {"lr": 0.02, "preset": "deepspeed", "weight_decay": 0.01}),
+    "lamb-optax": (Lamb, {"lr": 0.02, "preset": "optax", "weight_decay": 0.01}),
+    "lars": (Lars, {"lr": 0.5, "preset": "larc_scale", "momentum": 0.9, "weight_decay": 1e-4}),
+}
+
+
+class TinyTransformer(nn.Module):
+    """Embedding, self-attention, LayerNorm, an MLP with biases: sizes that do not split evenly in two."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.attention = nn.MultiheadAttention(DIM, 2, batch_first=True)
+        self.norm = nn.LayerNorm(DIM)
+        self.hidden = nn.Linear(DIM, 19)
+        self.out = nn.Linear(19, VOCAB)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        x = self.norm(x + self.attention(x, x, x, need_weights=False)[0])
+        logits = self.out(torch.tanh(self.hidden(x)))
+        return nn.functional.cross_entropy(logits.reshape(-1, VOCAB), tokens.roll(1, dims=1).reshape(-1))
+
+
+def model() -> TinyTransformer:
+    torch.manual_seed(0)
+    return TinyTransformer()
+
+
+def batches() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator) for _ in range(STEPS)]
+
+
+def build_optimizer(name: str, net: nn.Module) -> LayerwiseOptimizer:
+    cls, kwargs = CONFIGS[name]
+    decay = kwargs.get("weight_decay", 0.01)
+    return cls(decay_param_groups(net, decay, adapt_no_decay=None), **{k: v for k, v in kwargs.items()})
+
+
+def flat(params) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).float() for p in params])
+
+
+def single_process(name: str) -> torch.Tensor:
+    net = model()
+    optimizer = build_optimizer(name, net)
+    for tokens in batches():
+        net(tokens).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return flat(net.parameters())
+
+
+class CollectiveCounter:
+    """All-reduces issued inside the client optimizer's ``step()`` calls."""
+
+    def __init__(self, optimizer: LayerwiseOptimizer) -> None:
+        self.calls, self.reduces = 0, 0
+        original_step, original_all_reduce = optimizer.step, dist.all_reduce
+
+        def counting_all_reduce(*args, **kwargs):
+            self.reduces += 1
+            return original_all_reduce(*args, **kwargs)
+
+        def counted_step(*args, **kwargs):
+            self.calls += 1
+            dist.all_reduce = counting_all_reduce
+            try:
+                return original_step(*args, **kwargs)
+            finally:
+                dist.all_reduce = original_all_reduce
+
+        optimizer.step = counted_step
+
+
+def naive(enabled: bool) -> None:
+    """Switch the sharding awareness off: flat buffers are tensors of their own, partial norms stay partial."""
+
+    def stranger_as_tensor(self, param):
+        self._row_of[id(param)] = len(self._originals)
+        self._originals.append((param, self.param_groups[0], f"flat{len(self._originals)}"))
+        return None
+
+    if enabled:
+        LayerwiseOptimizer._layout_for_stranger = stranger_as_tensor
+        NormReduction.__call__ = lambda self, squares: squares
+    else:
+        LayerwiseOptimizer._layout_for_stranger = ORIGINAL_STRANGER
+        NormReduction.__call__ = ORIGINAL_REDUCE
+
+
+ORIGINAL_STRANGER = LayerwiseOptimizer._layout_for_stranger
+ORIGINAL_REDUCE = NormReduction.__call__
+
+
+def deepspeed_run(name: str, stage: int, persistence: int = 0) -> tuple[torch.Tensor, CollectiveCounter]:
+    import deepspeed
+
+    net = model()
+    optimizer = build_optimizer(name, net)
+    counter = CollectiveCounter(optimizer)
+    config = {
+        "train_micro_batch_size_per_gpu": BATCH // dist.get_world_size(),
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": persistence},
+    }
+    engine, _, _, _ = deepspeed.initialize(model=net, optimizer=optimizer, config=config)
+    rank, half = dist.get_rank(), BATCH // dist.get_world_size()
+    for tokens in batches():
+        engine.backward(engine(tokens[rank * half : (rank + 1) * half]))
+        engine.step()
+    params = list(net.parameters())
+    if stage == 3:
+        with deepspeed.zero.GatheredParameters(params):
+            return flat(params), counter
+    return flat(params), counter
+
+
+def fsdp2_run(name: str) -> tuple[torch.Tensor, CollectiveCounter]:
+    from torch.distributed.fsdp import fully_shard
+
+    net = model()
+    for module in (net.embed, net.attention, net.hidden, net.out):
+        fully_shard(module)
+    fully_shard(net)
+    optimizer = build_optimizer(name, net)
+    counter = CollectiveCounter(optimizer)
+    rank, half = dist.get_rank(), BATCH // dist.get_world_size()
+    for tokens in batches():
+        net(tokens[rank * half : (rank + 1) * half]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return torch.cat([p.full_tensor().reshape(-1).float() for p in net.parameters()]), counter
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).norm() / expected.norm())
+
+
+def main(engine: str, output: str) -> None:
+    if engine == "fsdp2":
+        dist.init_process_group("gloo")
+        runs = {"fsdp2": fsdp2_run}
+    else:
+        import deepspeed
+
+        deepspeed.init_distributed("gloo")
+        runs = {f"zero{stage}": (lambda name, s=stage: deepspeed_run(name, s)) for stage in range(4)}
+        # ZeRO-3's default keeps tensors under 100K elements whole on every rank (persistent)
+        runs["zero3-persistent"] = lambda name: deepspeed_run(name, 3, persistence=100_000)
+    result: dict[str, dict[str, dict[str, float]]] = {}
+    for run_name, run in runs.items():
+        for name in CONFIGS:
+            naive(False)
+            aware, counter = run(name)
+            naive(True)
+            off, _ = run(name)
+            naive(False)
+            if dist.get_rank() == 0:
+                reference = single_process(name)
+                result.setdefault(run_name, {})[name] = {
+                    "aware": relative_error(aware, reference),
+                    "naive": relative_error(off, reference),
+                    "reduces_per_step_call": counter.reduces / max(counter.calls, 1),
+                    "step_calls": counter.calls,
+                }
+    if dist.get_rank() == 0:
+        Path(output).write_text(json.dumps(result, indent=2))
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    arguments = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main(*arguments)
