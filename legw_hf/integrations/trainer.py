@@ -21,8 +21,9 @@ from typing import Any, Literal
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from ..distributed import deepspeed as deepspeed_layouts
 from ..errors import SettingError
-from ..optim import LAMB_PRESETS, LARS_PRESETS, Lamb, Lars, decay_param_groups
+from ..optim import LAMB_PRESETS, LARS_PRESETS, Lamb, Lars, decay_param_groups, layerwise_optimizer_of
 from ..optim._settings import check_fraction
 from ..plan import RULES, LegwConfig, LegwPlan, epoch_steps
 from ..record import record_plan
@@ -194,6 +195,7 @@ class LegwArguments:
         if self.legw_optimizer is not None:
             self._settle_clipping(_probe_optimizer(self))
         super().__post_init__()
+        self._check_deepspeed_blocks()
         if self._legw_clipping_off is not None:
             self._settle_deepspeed_clipping()
         if self.legw_enabled:
@@ -219,6 +221,46 @@ class LegwArguments:
                 f"must keep its default with LEGW on (--legw_base_batch_size): the LEGW plan replaces Trainer's "
                 f"schedule; use {_TRAINER_SCHEDULE_FLAGS[name]} instead",
                 getattr(getattr(self, name), "value", getattr(self, name)),
+            )
+
+    def _check_deepspeed_blocks(self) -> None:
+        """A DeepSpeed config's own ``"scheduler"`` and ``"optimizer"`` blocks, beside LEGW and --legw_optimizer."""
+        ds_config = getattr(getattr(self, "hf_deepspeed_config", None), "config", None)
+        if not ds_config:
+            return
+        if self.legw_enabled and "scheduler" in ds_config:
+            raise SettingError(
+                "deepspeed",
+                'config must not have a "scheduler" block with LEGW on: that is a second schedule, and DeepSpeed\'s '
+                "would replace the LEGW plan. Delete the block; the --legw_* flags set the schedule",
+                ds_config["scheduler"].get("type"),
+            )
+        block = ds_config.get("optimizer")
+        if block is None:
+            return
+        kind = str(block.get("type", "")).lower()
+        stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        if self.legw_optimizer is not None:
+            raise SettingError(
+                "deepspeed",
+                f'config has an "optimizer" block ({block.get("type")}) and --legw_optimizer {self.legw_optimizer} '
+                "chooses one too. Delete the block to train with legw_hf's optimizer",
+                block.get("type"),
+            )
+        if kind in ("lamb", "onebitlamb", "lars") and stage >= 1:
+            raise SettingError(
+                "deepspeed",
+                f'config has an "optimizer" block of type {block.get("type")} with ZeRO stage {stage}: DeepSpeed\'s '
+                "own layer-wise optimizer takes its trust ratios over ZeRO's flat partitions, which span many "
+                "tensors. Delete the block and pass --legw_optimizer lamb (or lars), which is shard-aware",
+                block.get("type"),
+            )
+        if self.legw_enabled:
+            logger.warning(
+                'DeepSpeed builds the optimizer from the config\'s "optimizer" block (%s) with a single param group, '
+                "so weight decay also applies to biases and LayerNorm weights; the LEGW plan drives its LR. For "
+                "Trainer's decay groups, delete the block (and pass --legw_optimizer to choose the optimizer).",
+                block.get("type"),
             )
 
     def _settle_clipping(self, optimizer: torch.optim.Optimizer) -> None:
@@ -577,8 +619,11 @@ class LegwCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, lr_scheduler=None, train_dataloader=None, optimizer=None, **kwargs):
         self._skips = SkippedStepDetector(getattr(optimizer, "scaler", None))
+        # Under DeepSpeed, learn its partitions now: a setting that would make trust ratios wrong fails here.
+        deepspeed_layouts.attach(optimizer)
         if not (isinstance(args, LegwArguments) and args.legw_enabled):
             return
+        lr_scheduler = _unwrap_scheduler(lr_scheduler)
         if not isinstance(lr_scheduler, LegwScheduler):
             raise ValueError(
                 f"LEGW arguments are set but Trainer's LR scheduler is {type(lr_scheduler).__name__}: use "
@@ -604,17 +649,25 @@ class LegwCallback(TrainerCallback):
         if logs is None or "learning_rate" not in logs:  # evaluation and end-of-training logs
             return
         extra: dict[str, float] = {}
+        lr_scheduler = _unwrap_scheduler(lr_scheduler)
         if isinstance(lr_scheduler, LegwScheduler):
             plan = lr_scheduler.plan
             extra.update(legw_k=plan.k, legw_lr_scale=logs["learning_rate"] / plan.base_lr)
         trust_log = getattr(args, "legw_trust_log", "summary")
-        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
-        if trust_log != "off" and hasattr(inner, "trust_summary"):
+        inner = layerwise_optimizer_of(optimizer)  # behind accelerate's and DeepSpeed's wrappers
+        if trust_log != "off" and inner is not None:
             extra.update(inner.trust_summary(per_parameter=trust_log == "per_layer"))
         logs.update(extra)
         # Trainer appended a copy of these logs to log_history just before calling us.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)
+
+
+def _unwrap_scheduler(scheduler: Any) -> Any:
+    """The scheduler inside accelerate's ``AcceleratedScheduler`` (which DeepSpeed runs get), or itself."""
+    while not isinstance(scheduler, LegwScheduler) and hasattr(scheduler, "scheduler"):
+        scheduler = scheduler.scheduler
+    return scheduler
 
 
 def _check_plan_matches_run(plan: LegwPlan, args: LegwArguments, state: Any, train_dataloader: Any) -> None:

@@ -1,6 +1,6 @@
 """LAMB and LARS for PyTorch, with the reference implementations' behaviours as presets."""
 
-from ._base import LayerwiseOptimizer
+from ._base import LayerwiseOptimizer, layerwise_optimizer_of
 from .groups import DEFAULT_NO_DECAY_PATTERNS, decay_param_groups, decay_parameter_names
 from .lamb import LAMB_PRESETS, Lamb
 from .lars import LARS_PRESETS, Lars
@@ -14,4 +14,5 @@ __all__ = [
     "LayerwiseOptimizer",
     "decay_param_groups",
     "decay_parameter_names",
+    "layerwise_optimizer_of",
 ]

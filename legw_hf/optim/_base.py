@@ -77,6 +77,18 @@ def _state_pieces(state: dict[str, Any], shape: torch.Size, starts, lengths) -> 
     return views
 
 
+def layerwise_optimizer_of(optimizer: Any) -> LayerwiseOptimizer | None:
+    """The :class:`LayerwiseOptimizer` inside a chain of wrappers (accelerate's ``AcceleratedOptimizer``,
+    DeepSpeed's ZeRO optimizers, each holding the next as ``.optimizer``), or None."""
+    seen = set()
+    while optimizer is not None and id(optimizer) not in seen:
+        if isinstance(optimizer, LayerwiseOptimizer):
+            return optimizer
+        seen.add(id(optimizer))
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
+
+
 class LayerwiseOptimizer(torch.optim.Optimizer):
     """Base of :class:`~legw_hf.Lamb` and :class:`~legw_hf.Lars`.
 
