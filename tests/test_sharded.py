@@ -35,15 +35,21 @@ def launch(launcher: list[str], script: str, *args: str) -> subprocess.Completed
 
 
 def check_parity(result: dict, engines: list[str]) -> None:
-    assert sorted(result) == sorted(engines)
     for engine in engines:
         assert sorted(result[engine]) == sorted(CONFIGS)
         for name, numbers in result[engine].items():
-            assert numbers["aware"] < 1e-5, (engine, name, numbers)
             assert numbers["step_calls"] > 0
-            if engine != "zero0":  # ZeRO-0 keeps whole tensors: awareness changes nothing there
-                assert numbers["naive"] > 1e-3, (engine, name, numbers)
-            expected = 0 if engine == "zero0" else 2 if (engine, name) == ("fsdp2", "lamb-nvidia") else 1
+            if engine.endswith("bf16"):
+                # against DeepSpeed's unsharded bf16 run: bf16 rounding differs with the reduction order
+                assert numbers["aware"] < 2.5e-2, (engine, name, numbers)
+                naive = numbers["naive"]
+                assert engine == "zero0-bf16" or not math.isfinite(naive) or naive > max(2e-2, 10 * numbers["aware"])
+            else:
+                assert numbers["aware"] < 1e-5, (engine, name, numbers)
+                if engine != "zero0":  # ZeRO-0 keeps whole tensors: awareness changes nothing there
+                    assert numbers["naive"] > 1e-3, (engine, name, numbers)
+            fsdp2_nvidia = engine.startswith("fsdp2") and name == "lamb-nvidia"
+            expected = 0 if engine.startswith("zero0") else 2 if fsdp2_nvidia else 1
             assert numbers["reduces_per_step_call"] == expected, (engine, name, numbers)
 
 
@@ -55,7 +61,22 @@ def test_deepspeed_zero_0_to_3_match_one_process(tmp_path):
         "deepspeed",
         str(output),
     )
-    check_parity(json.loads(output.read_text()), ["zero0", "zero1", "zero2", "zero3", "zero3-persistent"])
+    result = json.loads(output.read_text())
+    engines = ["zero0", "zero1", "zero2", "zero3", "zero3-persistent", "zero0-bf16", "zero2-bf16", "zero3-bf16"]
+    check_parity(result, engines)
+    # ZeRO-2 in bf16 is DeepSpeed's unsharded bf16 run bit for bit, whose fp16/bf16 wrapper calls step() once on
+    # zero gradients at start-up to create state (a LAMB step there would move the weights)
+    assert result["zero2-bf16"]["lamb-nvidia"]["aware"] == 0.0 == result["zero2-bf16"]["lars"]["aware"]
+
+    checks = result["checks"]
+    # a LegwScheduler handed to deepspeed.initialize drives the LR of every update (8 examples a step, 5 a epoch)
+    planned = [
+        legw_poly_lr(n, base_lr=0.02, base_batch=4, batch=8, base_warmup_epochs=0.25, epochs=4, steps_per_epoch=5)
+        for n in range(20)
+    ]
+    assert checks["scheduled_lrs"] == pytest.approx(planned, rel=1e-12, abs=1e-15)
+    # DeepSpeed's clipping (default 1.0) and LAMB's pre-normalisation would both run: refused at the first step
+    assert checks["double_clipping"].startswith("gradient_clipping must be 0 in the DeepSpeed config")
 
 
 def test_fsdp2_matches_one_process(tmp_path):
@@ -66,7 +87,11 @@ def test_fsdp2_matches_one_process(tmp_path):
         "fsdp2",
         str(output),
     )
-    check_parity(json.loads(output.read_text()), ["fsdp2"])
+    result = json.loads(output.read_text())
+    # fsdp2-accelerate: the optimizer built on the plain model, its parameters swapped by accelerate's FSDP2 code
+    check_parity(result, ["fsdp2", "fsdp2-accelerate"])
+    # half the steps, a torch.distributed.checkpoint of model and optimizer, a fresh start from it, the rest
+    assert result["fsdp2-resume"] == dict.fromkeys(CONFIGS, 0.0)
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -11,6 +11,8 @@ directly (no ``add_param_group``):
   is called once per sub-group with that group's ``params`` set to the buffer.
 - bf16 (``BF16_Optimizer``): per group, this rank's partition of the flattened tensors, all groups in one call.
 - fp16 at stage 0 (``FP16_Optimizer``): per group, all of its tensors flattened, all groups in one call.
+- bf16/fp16 at stage 0 with other client optimizers (``FP16_UnfusedOptimizer``): an fp32 copy of each tensor, of
+  its own shape; a layout of one whole piece each, so the copies are known for what they are.
 
 ZeRO steps one group at a time, so a global gradient norm must come from the engine, which computes it over every
 group (and every rank) first. The wrapper is found from the optimizer's own ``step`` (it is the caller whose
@@ -27,7 +29,13 @@ from torch import Tensor
 from ..errors import SettingError
 from .layout import FlatLayout
 
-_WRAPPERS = ("DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3", "BF16_Optimizer", "FP16_Optimizer")
+_WRAPPERS = (
+    "DeepSpeedZeroOptimizer",
+    "DeepSpeedZeroOptimizer_Stage3",
+    "BF16_Optimizer",
+    "FP16_Optimizer",
+    "FP16_UnfusedOptimizer",
+)
 
 
 def _is_wrapper(obj: Any) -> bool:
@@ -56,6 +64,19 @@ def layouts_from_caller(optimizer: Any) -> dict[int, FlatLayout] | None:
             return layouts_of(owner, optimizer)
         frame = frame.f_back
     return None
+
+
+def initialising_state(optimizer: Any) -> bool:
+    """Whether DeepSpeed's fp16/bf16 wrappers are calling ``optimizer.step()`` on zero gradients to make the
+    state exist (``initialize_optimizer_states``). That call must create state and change nothing else: a real
+    LAMB step on zero gradients would still apply the decay term at a trust ratio of 1/λ."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if frame.f_code.co_name == "initialize_optimizer_states" and owner is not None and _is_wrapper(owner):
+            return getattr(owner, "optimizer", None) is optimizer
+        frame = frame.f_back
+    return False
 
 
 def attach(optimizer: Any) -> bool:
@@ -102,6 +123,10 @@ def layouts_of(wrapper: Any, optimizer: Any) -> dict[int, FlatLayout]:
             offsets = [sum(t.numel() for t in tensors[:j]) for j in range(len(tensors))]
             size = flat.numel()
             layouts[id(flat)] = _partition(tensors, offsets, dist.get_rank(group=group) * size, size, group, None, kind)
+    elif kind == "FP16_UnfusedOptimizer":
+        for originals, copies in zip(wrapper.fp16_groups, wrapper.fp32_groups, strict=True):
+            for original, copy in zip(originals, copies, strict=True):
+                layouts[id(copy)] = FlatLayout((original,), (0,), (copy.numel(),), None, None, kind)
     elif kind == "FP16_Optimizer":
         for i, flat in enumerate(wrapper.fp32_groups_flat):
             tensors = wrapper.fp16_groups[i]

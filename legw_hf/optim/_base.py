@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..distributed import FlatLayout, NormReduction, local_tensor, shard_group
+from ..distributed.layout import is_dtensor
 from ..errors import SettingError
 from . import _trust
 from ._settings import check_flag, check_parameter
@@ -126,9 +127,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         # even when an engine later hands the optimizer flat partitions or empties its groups.
         self._originals: list[tuple[Tensor, dict[str, Any], str]] = []
         self._row_of: dict[int, int] = {}
+        self._group_rows: dict[int, list[int]] = {}
         #: Flat buffers an engine put in place of the original tensors (id of the buffer -> its layout).
         self.layouts: dict[int, FlatLayout] = {}
         self._reduction: NormReduction | None = None
+        self._stepped = False
         self._global_grad_norm: Any = None
         super().__init__(params, defaults)
 
@@ -147,8 +150,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._check_group(group)
         index = len(self.param_groups) - 1
         names = group.get("param_names") or [f"group{index}.{i}" for i in range(len(group["params"]))]
+        rows = self._group_rows.setdefault(id(group), [])
         for param, name in zip(group["params"], names, strict=True):
             self._row_of[id(param)] = len(self._originals)
+            rows.append(len(self._originals))
             self._originals.append((param, group, name))
 
     def use_layouts(self, layouts: dict[int, FlatLayout]) -> None:
@@ -198,9 +203,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         idle_rows: list[int] = []
         layout_norm = None
         for group in self.param_groups:
-            for param in group["params"]:
+            for index, param in enumerate(group["params"]):
                 layout = self.layouts.get(id(param))
-                if layout is None and id(param) not in self._row_of:
+                if layout is None and id(param) not in self._row_of and not self._adopt_shard(group, index, param):
                     layout = self._layout_for_stranger(param)
                 if param.grad is None:
                     idle_rows += self._rows_of(param, layout)
@@ -247,6 +252,20 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if layout is None:
             return [self._row_of[id(param)]]
         return [self._row_of[id(t)] for t in layout.tensors]
+
+    def _adopt_shard(self, group: dict[str, Any], index: int, param: Tensor) -> bool:
+        """accelerate's FSDP2 ``prepare`` swaps each parameter of an optimizer built on the plain model for its
+        DTensor, in place in the same group: take it as the original at that position when the shapes agree."""
+        rows = self._group_rows.get(id(group), [])
+        if not is_dtensor(param) or len(rows) != len(group["params"]):
+            return False
+        original, _, name = self._originals[rows[index]]
+        if tuple(original.shape) != tuple(param.shape):
+            return False
+        shard_group(param)
+        self._row_of[id(param)] = rows[index]
+        self._originals[rows[index]] = (param, group, name)
+        return True
 
     def _layout_for_stranger(self, param: Tensor) -> FlatLayout:
         """A tensor this optimizer was not built with sits in a group: an engine swapped its parameters (DeepSpeed
@@ -315,6 +334,12 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         buckets = self._gather()
+        if buckets and not self._stepped:
+            from ..distributed.deepspeed import initialising_state
+
+            if initialising_state(self):  # DeepSpeed's state-creating call: the state now exists, nothing moves
+                return loss
+            self._stepped = True
         if buckets:
             param_norm, update_norm, ratio = self._update(buckets)
             for bucket in buckets:

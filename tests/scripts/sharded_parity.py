@@ -64,15 +64,16 @@ def batches() -> list[torch.Tensor]:
 def build_optimizer(name: str, net: nn.Module) -> LayerwiseOptimizer:
     cls, kwargs = CONFIGS[name]
     decay = kwargs.get("weight_decay", 0.01)
-    return cls(decay_param_groups(net, decay, adapt_no_decay=None), **{k: v for k, v in kwargs.items()})
+    masters = next(net.parameters()).dtype == torch.bfloat16  # as DeepSpeed keeps fp32 masters of bf16 weights
+    return cls(decay_param_groups(net, decay, adapt_no_decay=None), master_weights=masters, **kwargs)
 
 
 def flat(params) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).float() for p in params])
 
 
-def single_process(name: str) -> torch.Tensor:
-    net = model()
+def single_process(name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    net = model().to(dtype)
     optimizer = build_optimizer(name, net)
     for tokens in batches():
         net(tokens).backward()
@@ -82,10 +83,10 @@ def single_process(name: str) -> torch.Tensor:
 
 
 class CollectiveCounter:
-    """All-reduces issued inside the client optimizer's ``step()`` calls."""
+    """All-reduces issued inside the client optimizer's ``step()`` calls, and the LR of each call."""
 
     def __init__(self, optimizer: LayerwiseOptimizer) -> None:
-        self.calls, self.reduces = 0, 0
+        self.calls, self.reduces, self.lrs = 0, 0, []
         original_step, original_all_reduce = optimizer.step, dist.all_reduce
 
         def counting_all_reduce(*args, **kwargs):
@@ -94,6 +95,7 @@ class CollectiveCounter:
 
         def counted_step(*args, **kwargs):
             self.calls += 1
+            self.lrs.append(float(optimizer.param_groups[0]["lr"]))
             dist.all_reduce = counting_all_reduce
             try:
                 return original_step(*args, **kwargs)
@@ -123,20 +125,24 @@ ORIGINAL_STRANGER = LayerwiseOptimizer._layout_for_stranger
 ORIGINAL_REDUCE = NormReduction.__call__
 
 
-def deepspeed_run(name: str, stage: int, persistence: int = 0) -> tuple[torch.Tensor, CollectiveCounter]:
+def deepspeed_run(
+    name: str, stage: int, persistence: int = 0, bf16: bool = False, clipping: float = 0.0, scheduler=None
+) -> tuple[torch.Tensor, CollectiveCounter]:
     import deepspeed
 
     net = model()
     optimizer = build_optimizer(name, net)
+    lr_scheduler = scheduler(optimizer) if scheduler is not None else None  # before the counter wraps step()
     counter = CollectiveCounter(optimizer)
     config = {
         "train_micro_batch_size_per_gpu": BATCH // dist.get_world_size(),
         "gradient_accumulation_steps": 1,
-        "gradient_clipping": 0.0,
+        "gradient_clipping": clipping,
         "zero_allow_untested_optimizer": True,
         "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": persistence},
+        "bf16": {"enabled": bf16},
     }
-    engine, _, _, _ = deepspeed.initialize(model=net, optimizer=optimizer, config=config)
+    engine, _, _, _ = deepspeed.initialize(model=net, optimizer=optimizer, config=config, lr_scheduler=lr_scheduler)
     rank, half = dist.get_rank(), BATCH // dist.get_world_size()
     for tokens in batches():
         engine.backward(engine(tokens[rank * half : (rank + 1) * half]))
@@ -148,21 +154,89 @@ def deepspeed_run(name: str, stage: int, persistence: int = 0) -> tuple[torch.Te
     return flat(params), counter
 
 
-def fsdp2_run(name: str) -> tuple[torch.Tensor, CollectiveCounter]:
+def sharded_model(net: nn.Module) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
-    net = model()
     for module in (net.embed, net.attention, net.hidden, net.out):
         fully_shard(module)
-    fully_shard(net)
-    optimizer = build_optimizer(name, net)
-    counter = CollectiveCounter(optimizer)
+    return fully_shard(net)
+
+
+def fsdp2_train(net: nn.Module, optimizer: LayerwiseOptimizer, steps: range) -> None:
     rank, half = dist.get_rank(), BATCH // dist.get_world_size()
-    for tokens in batches():
-        net(tokens[rank * half : (rank + 1) * half]).backward()
+    data = batches()
+    for step in steps:
+        net(data[step][rank * half : (rank + 1) * half]).backward()
         optimizer.step()
         optimizer.zero_grad()
-    return torch.cat([p.full_tensor().reshape(-1).float() for p in net.parameters()]), counter
+
+
+def full_parameters(net: nn.Module) -> torch.Tensor:
+    return torch.cat([p.full_tensor().reshape(-1).float() for p in net.parameters()])
+
+
+def fsdp2_run(name: str) -> tuple[torch.Tensor, CollectiveCounter]:
+    net = sharded_model(model())
+    optimizer = build_optimizer(name, net)
+    counter = CollectiveCounter(optimizer)
+    fsdp2_train(net, optimizer, range(STEPS))
+    return full_parameters(net), counter
+
+
+def fsdp2_accelerate_run(name: str) -> tuple[torch.Tensor, CollectiveCounter]:
+    """As accelerate's FSDP2 ``prepare`` does it: the optimizer is built on the plain model, then each of its
+    parameters is swapped for its DTensor (accelerate's own function)."""
+    from accelerate.utils.fsdp_utils import fsdp2_switch_optimizer_parameters
+
+    net = model()
+    optimizer = build_optimizer(name, net)
+    old = {p.data_ptr: name for name, p in net.named_parameters()}
+    sharded_model(net)
+    new = dict(net.named_parameters())
+    fsdp2_switch_optimizer_parameters(optimizer, {key: new[name] for key, name in old.items()})
+    counter = CollectiveCounter(optimizer)
+    fsdp2_train(net, optimizer, range(STEPS))
+    return full_parameters(net), counter
+
+
+def fsdp2_resumed(name: str, directory: Path) -> torch.Tensor:
+    """Half the steps, a distributed checkpoint of model and optimizer, a fresh model and optimizer loaded from
+    it, the other half."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    net = sharded_model(model())
+    optimizer = build_optimizer(name, net)
+    fsdp2_train(net, optimizer, range(STEPS // 2))
+    model_state, optimizer_state = get_state_dict(net, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory / name))
+    del net, optimizer
+
+    net = sharded_model(model())
+    optimizer = build_optimizer(name, net)
+    model_state, optimizer_state = get_state_dict(net, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(directory / name))
+    set_state_dict(net, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    fsdp2_train(net, optimizer, range(STEPS // 2, STEPS))
+    return full_parameters(net)
+
+
+PLAN = {"base_batch_size": 4, "base_lr": 0.02, "base_warmup_epochs": 0.25}
+
+
+def deepspeed_checks() -> dict:
+    """A LEGW scheduler handed to ``deepspeed.initialize``; DeepSpeed's clipping beside LAMB pre-normalisation."""
+    from legw_hf import LegwConfig, LegwScheduler, SettingError
+
+    plan = LegwConfig(**PLAN).plan(batch_size=BATCH, dataset_size=5 * BATCH, epochs=STEPS / 5)
+    _, counter = deepspeed_run("lamb-optax", 2, scheduler=lambda optimizer: LegwScheduler(optimizer, plan))
+    try:
+        deepspeed_run("lamb-nvidia", 2, clipping=1.0)
+        refusal = None
+    except SettingError as error:
+        refusal = str(error)
+    return {"scheduled_lrs": counter.lrs[::2], "double_clipping": refusal}
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -172,7 +246,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def main(engine: str, output: str) -> None:
     if engine == "fsdp2":
         dist.init_process_group("gloo")
-        runs = {"fsdp2": fsdp2_run}
+        runs = {"fsdp2": fsdp2_run, "fsdp2-accelerate": fsdp2_accelerate_run}
     else:
         import deepspeed
 
@@ -180,7 +254,11 @@ def main(engine: str, output: str) -> None:
         runs = {f"zero{stage}": (lambda name, s=stage: deepspeed_run(name, s)) for stage in range(4)}
         # ZeRO-3's default keeps tensors under 100K elements whole on every rank (persistent)
         runs["zero3-persistent"] = lambda name: deepspeed_run(name, 3, persistence=100_000)
+        # bf16: DeepSpeed's BF16_Optimizer at stage 0, its ZeRO partitions of fp32 masters at 2 and 3
+        for stage in (0, 2, 3):
+            runs[f"zero{stage}-bf16"] = lambda name, s=stage: deepspeed_run(name, s, bf16=True)
     result: dict[str, dict[str, dict[str, float]]] = {}
+    kept: dict[str, torch.Tensor] = {}
     for run_name, run in runs.items():
         for name in CONFIGS:
             naive(False)
@@ -189,13 +267,25 @@ def main(engine: str, output: str) -> None:
             off, _ = run(name)
             naive(False)
             if dist.get_rank() == 0:
-                reference = single_process(name)
+                if run_name.endswith("bf16"):
+                    # bf16 rounds differently in every pipeline: DeepSpeed's own unsharded bf16 run is the reference
+                    reference = kept.setdefault(name, aware) if run_name == "zero0-bf16" else kept[name]
+                else:
+                    reference = single_process(name)
                 result.setdefault(run_name, {})[name] = {
                     "aware": relative_error(aware, reference),
                     "naive": relative_error(off, reference),
                     "reduces_per_step_call": counter.reduces / max(counter.calls, 1),
                     "step_calls": counter.calls,
                 }
+    if engine == "deepspeed":
+        result["checks"] = deepspeed_checks()
+    if engine == "fsdp2":
+        for name in CONFIGS:
+            uninterrupted, _ = fsdp2_run(name)
+            resumed = fsdp2_resumed(name, Path(output).parent / "checkpoints")
+            if dist.get_rank() == 0:
+                result.setdefault("fsdp2-resume", {})[name] = relative_error(resumed, uninterrupted)
     if dist.get_rank() == 0:
         Path(output).write_text(json.dumps(result, indent=2))
     dist.barrier()
