@@ -96,13 +96,9 @@ def test_fsdp2_matches_one_process(tmp_path):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_trainer_with_deepspeed_and_lamb_follows_the_plan_and_matches_one_process(tmp_path, stage):
-    launch(
-        ["deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(29573 + stage)],
-        "trainer_deepspeed.py",
-        str(tmp_path),
-        str(stage),
-        "nvidia",
-    )
+    resume = "resume" if stage == 2 else "no"
+    launcher = ["deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(29573 + stage)]
+    launch(launcher, "trainer_deepspeed.py", str(tmp_path), str(stage), "nvidia", resume)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     # per-device 4 x accumulation 2 x 2 processes = 16, as in the one-process run with per-device 8; 96 examples
     # make whole batches, so both runs see the same samples in each update
@@ -130,3 +126,7 @@ def test_trainer_with_deepspeed_and_lamb_follows_the_plan_and_matches_one_proces
         actual = torch.tensor(record["params"])
         error = float((actual - expected).norm() / expected.norm())
         assert error < 1e-5 and math.isfinite(error)
+        if resume == "resume":
+            # stopped after 5 updates with a DeepSpeed checkpoint, resumed by a new Trainer: the same weights
+            assert record["resumed"]["params"] == record["params"]
+            assert record["resumed"]["lrs"] == pytest.approx(planned, rel=1e-12, abs=1e-15)  # log_history resumes too

@@ -11,18 +11,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from toy import Regressor, legw_training_args, logged_learning_rates, regression_dataset
+from transformers import TrainerCallback
 
 from legw_hf import LegwTrainer
 
 
-def main(output: str, stage: str, preset: str) -> None:
+class StopAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+def fresh_accelerator_state() -> None:
+    """Each Trainer here brings its own DeepSpeed plugin; accelerate keeps one per process unless told to forget."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def flat_parameters(trainer: LegwTrainer) -> list[float]:
+    return torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()]).tolist()
+
+
+def main(output: str, stage: str, preset: str, resume: str = "no") -> None:
     ds_config = {
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
         "zero_optimization": {"stage": int(stage) if stage != "ddp" else 0},
     }
-    args = legw_training_args(
-        Path(output) / "out",
+    settings = dict(
         per_device_train_batch_size=4,
         num_train_epochs=2,
         legw_optimizer="lamb",
@@ -30,15 +51,30 @@ def main(output: str, stage: str, preset: str) -> None:
         weight_decay=0.01,
         deepspeed=ds_config if stage != "ddp" else None,
     )
+    args = legw_training_args(Path(output) / "out", **settings)
     trainer = LegwTrainer(model=Regressor(), args=args, train_dataset=regression_dataset(96))
     trainer.train()
-    params = list(trainer.model.parameters())
+    resumed = None
+    if resume == "resume":  # stop after 5 of 12 updates with a checkpoint, then a new Trainer resumes from it
+        fresh_accelerator_state()
+        interrupted_args = legw_training_args(
+            Path(output) / "interrupted", save_strategy="steps", save_steps=1000, **settings
+        )
+        first = LegwTrainer(
+            model=Regressor(), args=interrupted_args, train_dataset=regression_dataset(96), callbacks=[StopAt(5)]
+        )
+        first.train()
+        fresh_accelerator_state()
+        second = LegwTrainer(model=Regressor(), args=interrupted_args, train_dataset=regression_dataset(96))
+        second.train(resume_from_checkpoint=str(Path(output) / "interrupted" / "checkpoint-5"))
+        resumed = {"params": flat_parameters(second), "lrs": logged_learning_rates(second.state.log_history)}
     record = {
         "world_size": args.world_size,
         "plan": trainer.lr_scheduler.plan.summary() if hasattr(trainer.lr_scheduler, "plan") else None,
         "lrs": logged_learning_rates(trainer.state.log_history),
         "trust_keys": sorted({k for e in trainer.state.log_history for k in e if k.startswith("trust_ratio/")}),
-        "params": torch.cat([p.detach().reshape(-1) for p in params]).tolist(),
+        "params": flat_parameters(trainer),
+        "resumed": resumed,
         "gradient_clipping": getattr(getattr(args, "hf_deepspeed_config", None), "config", {}).get("gradient_clipping"),
     }
     (Path(output) / f"rank{args.process_index}.json").write_text(json.dumps(record))
