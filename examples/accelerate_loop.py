@@ -5,6 +5,10 @@ Two CPU processes over gloo (``--cpu`` would start only one: see the README):
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 examples/accelerate_loop.py \\
         --base-batch-size 8 --per-device-batch-size 8 --gradient-accumulation-steps 2 --epochs 3 --optimizer lamb
 
+Under a DeepSpeed plugin (``accelerate launch --use_deepspeed --deepspeed_config_file ds.json``) LAMB and LARS
+learn DeepSpeed's partitions when the scheduler is created; with ``--optimizer lamb`` (the nvidia preset, which
+pre-normalises gradients) the config must set ``"gradient_clipping": 0``.
+
 Trains a small regression MLP on a synthetic dataset with SGD, LAMB or LARS (``--optimizer``). With
 ``--lr-log FILE`` every process appends one JSON line per optimizer update with the LR that update used, which
 the tests compare with the plan.
@@ -35,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset-size", type=int, default=250)
     parser.add_argument("--lr-log", help="append the LR of every update as JSON lines to this file")
     parser.add_argument("--output-dir", help="save_state here at the end")
+    parser.add_argument("--parameters-out", help="write the trained model's state dict here (torch.save)")
     parser.add_argument("--optimizer", choices=("sgd", "lamb", "lars"), default="sgd")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -95,6 +100,10 @@ def main(argv: list[str] | None = None) -> None:
         log.close()
     if args.output_dir:
         accelerator.save_state(args.output_dir)
+    if args.parameters_out:
+        state = accelerator.get_state_dict(model)  # whole tensors, also from DeepSpeed's partitions
+        if accelerator.is_main_process:
+            torch.save(state, args.parameters_out)
     accelerator.print(f"done: {scheduler.updates} updates, final LR {scheduler.get_last_lr()[0]:.6g}")
 
 

@@ -157,3 +157,48 @@ def test_accelerate_launch_two_processes_use_the_planned_lr_on_every_rank(repo, 
     # both ranks applied the same updates: the saved model is one model
     saved = [path.name for path in (tmp_path / "state").iterdir()]
     assert "model.safetensors" in saved and "custom_checkpoint_0.pkl" in saved
+
+
+@pytest.mark.multiprocess
+def test_accelerate_deepspeed_plugin_lamb_equals_the_plain_loop(repo, tmp_path):
+    # accelerate's DeepSpeed plugin counts one process on CPU-only machines (its train_batch_size disagrees with
+    # DeepSpeed's world of 2), so this runs one process: ZeRO-2 still hands LAMB one flat buffer per param group,
+    # spanning all its tensors, and the trust ratios must still be per tensor.
+    config = tmp_path / "ds.json"
+    config.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {"stage": 2},
+                "gradient_clipping": 0.0,  # the nvidia preset pre-normalises: clip once
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+                "train_batch_size": "auto",
+            }
+        )
+    )
+    loop = [str(repo / "examples" / "accelerate_loop.py"), "--optimizer", "lamb", "--epochs", "2"]
+    env = python_env() | {"DS_ACCELERATOR": "cpu"}
+    deepspeed = [
+        *[
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--use_deepspeed",
+            "--deepspeed_config_file",
+            str(config),
+        ],
+        *["--num_processes", "1", "--main_process_port", "29518", *loop],
+        *["--lr-log", str(tmp_path / "ds"), "--parameters-out", str(tmp_path / "ds.pt")],
+    ]
+    plain = [sys.executable, *loop, "--lr-log", str(tmp_path / "plain"), "--parameters-out", str(tmp_path / "plain.pt")]
+    for command in (deepspeed, plain):
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    lrs = {
+        run: [json.loads(line)["lr"] for line in (tmp_path / f"{run}.rank0").read_text().splitlines()]
+        for run in ("ds", "plain")
+    }
+    assert lrs["ds"] == lrs["plain"] and len(lrs["ds"]) == 64
+    trained = {run: torch.load(tmp_path / f"{run}.pt", weights_only=True) for run in ("ds", "plain")}
+    for name, expected in trained["plain"].items():
+        torch.testing.assert_close(trained["ds"][name], expected, rtol=1e-5, atol=1e-6, msg=name)

@@ -23,7 +23,7 @@ from legw_hf import LegwTrainer
 
 pytestmark = pytest.mark.multiprocess
 SCRIPTS = REPO / "tests" / "scripts"
-CONFIGS = ("lamb-nvidia", "lamb-deepspeed", "lamb-optax", "lars")
+CONFIGS = ("lamb-nvidia", "lamb-deepspeed", "lamb-optax", "lamb-optax-torch-ops", "lars")
 
 
 def launch(launcher: list[str], script: str, *args: str) -> subprocess.CompletedProcess:

@@ -23,6 +23,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.data_loader import DataLoaderDispatcher, DataLoaderShard
 
+from ..distributed import deepspeed as deepspeed_layouts
 from ..errors import SettingError
 from ..plan import LegwConfig, LegwPlan
 from ..scheduler import LegwScheduler
@@ -135,6 +136,8 @@ def create_legw_scheduler(
         steps_per_epoch=max(-(-len(train_dataloader) // ga), 1),
         drop_last=bool(getattr(train_dataloader, "drop_last", False)),
     )
+    # Under a DeepSpeed plugin, learn its partitions now: a setting that would make trust ratios wrong fails here.
+    deepspeed_layouts.attach(optimizer)
     scheduler = AcceleratorLegwScheduler(LegwScheduler(optimizer, plan), accelerator)
     accelerator.register_for_checkpointing(scheduler)
     return scheduler

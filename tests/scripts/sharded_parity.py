@@ -29,6 +29,8 @@ CONFIGS = {
     "lamb-nvidia": (Lamb, {"lr": 0.02, "preset": "nvidia"}),
     "lamb-deepspeed": (Lamb, {"lr": 0.02, "preset": "deepspeed", "weight_decay": 0.01}),
     "lamb-optax": (Lamb, {"lr": 0.02, "preset": "optax", "weight_decay": 0.01}),
+    # the others take LAMB's CPU kernel (the default for fp32 CPU tensors); this one the torch-ops path
+    "lamb-optax-torch-ops": (Lamb, {"lr": 0.02, "preset": "optax", "weight_decay": 0.01, "fused": False}),
     "lars": (Lars, {"lr": 0.5, "preset": "larc_scale", "momentum": 0.9, "weight_decay": 1e-4}),
 }
 
