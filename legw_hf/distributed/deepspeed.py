@@ -9,10 +9,11 @@ directly (no ``add_param_group``):
 - ZeRO 3 (``DeepSpeedZeroOptimizer_Stage3``): per sub-group, the concatenation of this rank's partition of each
   tensor (``ds_tensor``, ``ds_numel`` elements of which the first ``numel - rank·ds_numel`` are real); ``step()``
   is called once per sub-group with that group's ``params`` set to the buffer.
-- bf16 (``BF16_Optimizer``): per group, this rank's partition of the flattened tensors, all groups in one call.
-- fp16 at stage 0 (``FP16_Optimizer``): per group, all of its tensors flattened, all groups in one call.
-- bf16/fp16 at stage 0 with other client optimizers (``FP16_UnfusedOptimizer``): an fp32 copy of each tensor, of
-  its own shape; a layout of one whole piece each, so the copies are known for what they are.
+- bf16 at ZeRO-1 with fp32 gradient accumulation (``BF16_Optimizer``): per group, this rank's partition of the
+  flattened tensors, all groups in one call.
+- bf16/fp16 at stage 0 (``FP16_UnfusedOptimizer``; DeepSpeed keeps its flattening ``FP16_Optimizer`` for its own
+  fused optimizers): an fp32 copy of each tensor, of its own shape; a layout of one whole piece each, so the copies
+  are known for what they are.
 
 ZeRO steps one group at a time, so a global gradient norm must come from the engine, which computes it over every
 group (and every rank) first. The wrapper is found from the optimizer's own ``step`` (it is the caller whose
@@ -33,7 +34,6 @@ _WRAPPERS = (
     "DeepSpeedZeroOptimizer",
     "DeepSpeedZeroOptimizer_Stage3",
     "BF16_Optimizer",
-    "FP16_Optimizer",
     "FP16_UnfusedOptimizer",
 )
 
@@ -127,11 +127,6 @@ def layouts_of(wrapper: Any, optimizer: Any) -> dict[int, FlatLayout]:
         for originals, copies in zip(wrapper.fp16_groups, wrapper.fp32_groups, strict=True):
             for original, copy in zip(originals, copies, strict=True):
                 layouts[id(copy)] = FlatLayout((original,), (0,), (copy.numel(),), None, None, kind)
-    elif kind == "FP16_Optimizer":
-        for i, flat in enumerate(wrapper.fp32_groups_flat):
-            tensors = wrapper.fp16_groups[i]
-            offsets = [sum(t.numel() for t in tensors[:j]) for j in range(len(tensors))]
-            layouts[id(flat)] = _partition(tensors, offsets, 0, flat.numel(), None, None, kind)
     return layouts
 
 

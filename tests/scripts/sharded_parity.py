@@ -128,7 +128,13 @@ ORIGINAL_REDUCE = NormReduction.__call__
 
 
 def deepspeed_run(
-    name: str, stage: int, persistence: int = 0, bf16: bool = False, clipping: float = 0.0, scheduler=None
+    name: str,
+    stage: int,
+    persistence: int = 0,
+    bf16: bool = False,
+    clipping: float = 0.0,
+    scheduler=None,
+    extra: dict | None = None,
 ) -> tuple[torch.Tensor, CollectiveCounter]:
     import deepspeed
 
@@ -143,6 +149,7 @@ def deepspeed_run(
         "zero_allow_untested_optimizer": True,
         "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": persistence},
         "bf16": {"enabled": bf16},
+        **(extra or {}),
     }
     engine, _, _, _ = deepspeed.initialize(model=net, optimizer=optimizer, config=config, lr_scheduler=lr_scheduler)
     rank, half = dist.get_rank(), BATCH // dist.get_world_size()
@@ -259,6 +266,10 @@ def main(engine: str, output: str) -> None:
         # bf16: DeepSpeed's BF16_Optimizer at stage 0, its ZeRO partitions of fp32 masters at 2 and 3
         for stage in (0, 2, 3):
             runs[f"zero{stage}-bf16"] = lambda name, s=stage: deepspeed_run(name, s, bf16=True)
+        # ZeRO-1 in bf16 with fp32 gradient accumulation: DeepSpeed's BF16_Optimizer
+        runs["zero1-bf16"] = lambda name: deepspeed_run(
+            name, 1, bf16=True, extra={"data_types": {"grad_accum_dtype": "fp32"}}
+        )
     result: dict[str, dict[str, dict[str, float]]] = {}
     kept: dict[str, torch.Tensor] = {}
     for run_name, run in runs.items():
