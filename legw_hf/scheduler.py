@@ -102,6 +102,28 @@ class LegwScheduler(LRScheduler):
         return updates
 
 
+class SkippedStepDetector:
+    """Tells whether the GradScaler skipped the last optimizer step.
+
+    ``accelerator.optimizer_step_was_skipped`` (accelerate 1.x) only notices a skip when the scaler did not
+    call ``optimizer.step()``. Optimizers that take the inf check inside ``step()`` — fused AdamW, Trainer's
+    default optimizer since transformers 5 — are always called, so accelerate reports every overflowed step as
+    applied and schedulers advance through it. A skipped step always lowers the scale (growth never follows
+    an overflow in the same update), so a lower scale than at the previous check is a skip.
+    """
+
+    def __init__(self, scaler: torch.amp.GradScaler | None) -> None:
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        self._scale = self.scaler.get_scale() if self.scaler is not None else None
+
+    def step_was_skipped(self) -> bool:
+        """Whether the scale dropped since the last call (a host sync, only when a scaler is in use)."""
+        if self.scaler is None:
+            return False
+        scale, self._scale = self._scale, self.scaler.get_scale()
+        return self._scale < scale
+
+
 def get_scheduler(
     name: str,
     optimizer: torch.optim.Optimizer,

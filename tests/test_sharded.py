@@ -46,6 +46,7 @@ def check_parity(result: dict, engines: list[str]) -> None:
                 assert engine == "zero0-bf16" or not math.isfinite(naive) or naive > max(2e-2, 10 * numbers["aware"])
             else:
                 assert numbers["aware"] < 1e-5, (engine, name, numbers)
+                assert numbers["trust_ratios"] < 1e-4, (engine, name, numbers)
                 if engine != "zero0":  # ZeRO-0 keeps whole tensors: awareness changes nothing there
                     assert numbers["naive"] > 1e-3, (engine, name, numbers)
             # pre-normalisation needs a global norm of its own where all groups are stepped in one call

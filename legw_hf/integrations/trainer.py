@@ -27,9 +27,8 @@ from ..optim import LAMB_PRESETS, LARS_PRESETS, Lamb, Lars, decay_param_groups, 
 from ..optim._settings import check_fraction
 from ..plan import RULES, LegwConfig, LegwPlan, epoch_steps
 from ..record import record_plan
-from ..scheduler import LegwScheduler
+from ..scheduler import LegwScheduler, SkippedStepDetector
 from ..schedules import DECAY_OPTIONS, DECAYS, make_decay
-from .accelerate import SkippedStepDetector
 
 logger = logging.getLogger(__name__)
 
@@ -605,7 +604,7 @@ class LegwCallback(TrainerCallback):
     (``trust_ratio/min|median|max``; per parameter with ``--legw_trust_log per_layer``).
 
     With fp16 loss scaling it also marks GradScaler-skipped steps that accelerate reports as applied (fused
-    AdamW, see :class:`~legw_hf.integrations.accelerate.SkippedStepDetector`), so Trainer does not step the
+    AdamW, see :class:`~legw_hf.scheduler.SkippedStepDetector`), so Trainer does not step the
     scheduler — any scheduler — through an overflow.
     """
 

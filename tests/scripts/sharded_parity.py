@@ -74,20 +74,22 @@ def flat(params) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).float() for p in params])
 
 
-def single_process(name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    net = model().to(dtype)
+def single_process(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The parameters after ``STEPS`` steps on the whole batch in one process, and the last step's trust ratios."""
+    net = model()
     optimizer = build_optimizer(name, net)
     for tokens in batches():
         net(tokens).backward()
         optimizer.step()
         optimizer.zero_grad()
-    return flat(net.parameters())
+    return flat(net.parameters()), optimizer.trust_stats[:, 2]
 
 
 class CollectiveCounter:
     """All-reduces issued inside the client optimizer's ``step()`` calls, and the LR of each call."""
 
     def __init__(self, optimizer: LayerwiseOptimizer) -> None:
+        self.optimizer = optimizer
         self.calls, self.reduces, self.lrs = 0, 0, []
         original_step, original_all_reduce = optimizer.step, dist.all_reduce
 
@@ -249,6 +251,7 @@ def deepspeed_checks() -> dict:
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.float(), expected.float()
     return float((actual - expected).norm() / expected.norm())
 
 
@@ -280,12 +283,16 @@ def main(engine: str, output: str) -> None:
             off, _ = run(name)
             naive(False)
             if dist.get_rank() == 0:
+                trust = None
                 if run_name.endswith("bf16"):
                     # bf16 rounds differently in every pipeline: DeepSpeed's own unsharded bf16 run is the reference
                     reference = kept.setdefault(name, aware) if run_name == "zero0-bf16" else kept[name]
                 else:
-                    reference = single_process(name)
+                    reference, ratios = single_process(name)
+                    # trust_stats: one row per original tensor, the whole tensor's ratio, as in one process
+                    trust = relative_error(counter.optimizer.trust_stats[:, 2], ratios)
                 result.setdefault(run_name, {})[name] = {
+                    "trust_ratios": trust,
                     "aware": relative_error(aware, reference),
                     "naive": relative_error(off, reference),
                     "reduces_per_step_call": counter.reduces / max(counter.calls, 1),
