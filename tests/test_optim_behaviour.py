@@ -338,3 +338,17 @@ def test_dtensor_parameters_step_like_plain_ones_and_odd_placements_are_refused(
             Lamb([twice])
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("cls", [Lamb, Lars])
+def test_a_tensor_swapped_in_behind_the_optimizers_back_is_refused_before_any_update(cls):
+    # what DeepSpeed ZeRO does: param_groups[...]["params"] replaced by a flat buffer, no add_param_group
+    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
+    optimizer = cls(model.parameters(), lr=0.1)
+    flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    flat.grad = torch.ones_like(flat)
+    optimizer.param_groups[0]["params"] = [flat]
+    before = flat.detach().clone()
+    with pytest.raises(SettingError, match="found an unknown tensor of shape"):
+        optimizer.step()
+    assert torch.equal(flat, before) and not optimizer.state

@@ -142,3 +142,43 @@ def test_a_resume_into_a_new_output_dir_records_the_checkpoints_plan_first(tmp_p
     )
     old, new = json.loads((tmp_path / "elsewhere" / "legw_plan.json").read_text())
     assert old == {**saved, "from_update": None} and new["batch"] == 32
+
+
+def deepspeed_block_args(tmp_path, legw_optimizer=None, **blocks) -> LegwTrainingArguments:
+    config = {"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}, **blocks}
+    return LegwTrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        legw_base_batch_size=64,
+        legw_base_warmup_epochs=0.1,
+        legw_optimizer=legw_optimizer,
+        deepspeed=config,
+    )
+
+
+def test_deepspeed_scheduler_block_beside_legw_is_refused(tmp_path):
+    with pytest.raises(SettingError) as caught:
+        deepspeed_block_args(tmp_path, scheduler={"type": "WarmupLR", "params": {}})
+    assert caught.value.field == "deepspeed" and "second schedule" in str(caught.value)
+    assert "Delete the block" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("legw_optimizer", "block", "words"),
+    [
+        ("lamb", {"type": "AdamW", "params": {}}, "--legw_optimizer lamb chooses one too"),
+        (None, {"type": "Lamb", "params": {}}, "takes its trust ratios over ZeRO's flat partitions"),
+    ],
+)
+def test_deepspeed_optimizer_blocks_that_would_mislead_are_refused(tmp_path, legw_optimizer, block, words):
+    with pytest.raises(SettingError) as caught:
+        deepspeed_block_args(tmp_path, legw_optimizer=legw_optimizer, optimizer=block)
+    assert caught.value.field == "deepspeed" and words in str(caught.value)
+
+
+def test_deepspeed_adam_block_is_driven_by_legw_with_a_warning(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="legw_hf"):
+        args = deepspeed_block_args(tmp_path, optimizer={"type": "AdamW", "params": {"lr": "auto"}})
+    assert args.legw_enabled
+    (note,) = [r.getMessage() for r in caplog.records if 'optimizer" block' in r.getMessage()]
+    assert "single param group" in note and "the LEGW plan drives its LR" in note
