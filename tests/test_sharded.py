@@ -123,6 +123,7 @@ def test_trainer_with_deepspeed_and_lamb_follows_the_plan_and_matches_one_proces
     for record in ranks:
         assert record["world_size"] == 2 and record["plan"]["batch"] == 16
         assert record["lrs"] == pytest.approx(planned, rel=1e-12, abs=1e-15)
+        assert record["applied_lrs"] == pytest.approx(planned, rel=1e-12, abs=1e-15)
         # the LAMB pre-normalises, so DeepSpeed's clipping was turned off: gradients are clipped once
         assert record["gradient_clipping"] == 0.0
         assert record["trust_keys"] == ["trust_ratio/max", "trust_ratio/median", "trust_ratio/min"]
@@ -133,3 +134,19 @@ def test_trainer_with_deepspeed_and_lamb_follows_the_plan_and_matches_one_proces
             # stopped after 5 updates with a DeepSpeed checkpoint, resumed by a new Trainer: the same weights
             assert record["resumed"]["params"] == record["params"]
             assert record["resumed"]["lrs"] == pytest.approx(planned, rel=1e-12, abs=1e-15)  # log_history resumes too
+
+
+def test_trainer_with_a_deepspeed_adamw_block_is_driven_by_the_plan(tmp_path):
+    # DeepSpeed builds the optimizer from the config's "optimizer" block and steps Trainer's LegwScheduler itself
+    launcher = ["deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29579"]
+    result = launch(launcher, "trainer_deepspeed.py", str(tmp_path), "2", "adamw-block")
+    assert (
+        'DeepSpeed builds the optimizer from the config\'s "optimizer" block (AdamW)' in result.stdout + result.stderr
+    )
+    planned = [
+        legw_poly_lr(n, base_lr=0.05, base_batch=4, batch=16, base_warmup_epochs=0.1, epochs=2, steps_per_epoch=6)
+        for n in range(12)
+    ]
+    for rank in (0, 1):
+        record = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert record["applied_lrs"] == pytest.approx(planned, rel=1e-12, abs=1e-15)

@@ -26,6 +26,20 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
+class AppliedLearningRates(TrainerCallback):
+    """The LR in the innermost optimizer's first group as each update's micro-batches begin: the LR that update
+    applies. (Under DeepSpeed the update and the scheduler step happen inside the last backward, so the LR Trainer
+    logs after it, and the one ``on_pre_optimizer_step`` sees, are already the next update's.)"""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        while getattr(optimizer, "optimizer", None) is not None:
+            optimizer = optimizer.optimizer
+        self.lrs.append(float(optimizer.param_groups[0]["lr"]))
+
+
 def fresh_accelerator_state() -> None:
     """Each Trainer here brings its own DeepSpeed plugin; accelerate keeps one per process unless told to forget."""
     from accelerate.state import AcceleratorState
@@ -33,26 +47,37 @@ def fresh_accelerator_state() -> None:
     AcceleratorState._reset_state(reset_partial_state=False)
 
 
+def _legw_scheduler(scheduler):
+    while not hasattr(scheduler, "plan"):  # accelerate wraps the scheduler DeepSpeed built
+        scheduler = scheduler.scheduler
+    return scheduler
+
+
 def flat_parameters(trainer: LegwTrainer) -> list[float]:
     return torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()]).tolist()
 
 
 def main(output: str, stage: str, preset: str, resume: str = "no") -> None:
+    """``preset`` "adamw-block": no --legw_optimizer; the DeepSpeed config's "optimizer" block builds torch AdamW."""
     ds_config = {
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
         "zero_optimization": {"stage": int(stage) if stage != "ddp" else 0},
     }
+    optimizer_flags = {"legw_optimizer": "lamb", "legw_optimizer_preset": preset}
+    if preset == "adamw-block":
+        ds_config["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True}}
+        optimizer_flags = {}
     settings = dict(
         per_device_train_batch_size=4,
         num_train_epochs=2,
-        legw_optimizer="lamb",
-        legw_optimizer_preset=preset,
+        **optimizer_flags,
         weight_decay=0.01,
         deepspeed=ds_config if stage != "ddp" else None,
     )
     args = legw_training_args(Path(output) / "out", **settings)
-    trainer = LegwTrainer(model=Regressor(), args=args, train_dataset=regression_dataset(96))
+    applied = AppliedLearningRates()
+    trainer = LegwTrainer(model=Regressor(), args=args, train_dataset=regression_dataset(96), callbacks=[applied])
     trainer.train()
     resumed = None
     if resume == "resume":  # stop after 5 of 12 updates with a checkpoint, then a new Trainer resumes from it
@@ -70,8 +95,9 @@ def main(output: str, stage: str, preset: str, resume: str = "no") -> None:
         resumed = {"params": flat_parameters(second), "lrs": logged_learning_rates(second.state.log_history)}
     record = {
         "world_size": args.world_size,
-        "plan": trainer.lr_scheduler.plan.summary() if hasattr(trainer.lr_scheduler, "plan") else None,
+        "plan": _legw_scheduler(trainer.lr_scheduler).plan.summary(),
         "lrs": logged_learning_rates(trainer.state.log_history),
+        "applied_lrs": applied.lrs,
         "trust_keys": sorted({k for e in trainer.state.log_history for k in e if k.startswith("trust_ratio/")}),
         "params": flat_parameters(trainer),
         "resumed": resumed,
