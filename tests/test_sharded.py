@@ -99,7 +99,7 @@ def test_fsdp2_matches_one_process(tmp_path):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_trainer_with_deepspeed_and_lamb_follows_the_plan_and_matches_one_process(tmp_path, stage):
-    resume = "resume" if stage == 2 else "no"
+    resume = "resume"
     launcher = ["deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(29573 + stage)]
     launch(launcher, "trainer_deepspeed.py", str(tmp_path), str(stage), "nvidia", resume)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

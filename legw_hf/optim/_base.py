@@ -131,6 +131,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         #: Flat buffers an engine put in place of the original tensors (id of the buffer -> its layout).
         self.layouts: dict[int, FlatLayout] = {}
         self._reduction: NormReduction | None = None
+        self._reductions: dict[tuple, NormReduction] = {}
         self._stepped = False
         self._global_grad_norm: Any = None
         super().__init__(params, defaults)
@@ -242,11 +243,20 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         # Same-device buckets next to each other, so the norms of a device come from one call.
         ordered = sorted(buckets.values(), key=lambda bucket: str(bucket.weights[0].device))
         groups = [g for bucket in ordered for g in bucket.shard_groups]
-        sharded = any(g is not None for g in groups)
-        self._reduction = NormReduction(groups, ordered[0].weights[0].device) if sharded else None
+        self._reduction = self._reduction_for(groups, ordered[0].weights[0].device)
         self._global_grad_norm = layout_norm
         self._idle_rows = idle_rows
         return ordered
+
+    def _reduction_for(self, groups: list[Any], device: torch.device) -> NormReduction | None:
+        """The reduction of a step whose tensors live in ``groups`` (None: nothing is sharded); kept while the
+        same tensors come back, so a step builds no device tensor from host data."""
+        if all(g is None for g in groups):
+            return None
+        key = (tuple(id(g) for g in groups), device)
+        if self._reductions.get(key) is None:
+            self._reductions[key] = NormReduction(groups, device)
+        return self._reductions[key]
 
     def _rows_of(self, param: Tensor, layout: FlatLayout | None) -> list[int]:
         if layout is None:
