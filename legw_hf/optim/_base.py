@@ -94,9 +94,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     """Base of :class:`~legw_hf.Lamb` and :class:`~legw_hf.Lars`.
 
     After each ``step()``, :attr:`trust_stats` holds one ``(n_params, 3)`` fp32 tensor on the parameters' device:
-    per parameter (in param-group order) ‖p‖, the norm the trust ratio divides by, and the trust ratio applied.
-    Rows of parameters that had no gradient in that step are NaN. It is a by-product of the step (those norms are
-    needed anyway) and reading it never waits for the device; :meth:`trust_summary` turns it into numbers to log.
+    per parameter the optimizer was built with (in that param-group order) ‖p‖, the norm the trust ratio divides by,
+    and the trust ratio applied — of the whole tensor, also when an engine hands the optimizer pieces of it (the
+    rows are then the same on every rank). Rows of parameters that had no gradient in that step are NaN. It is a
+    by-product of the step (those norms are needed anyway) and reading it never waits for the device;
+    :meth:`trust_summary` turns it into numbers to log.
 
     The multi-tensor path needs one parameter-sized scratch list per step (the update direction, whose norm must be
     known before any parameter changes). With ``keep_workspace`` it is kept between steps instead of being

@@ -10,20 +10,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+from test_trainer import StopAt
 from toy import Regressor, legw_training_args, logged_learning_rates, regression_dataset
 from transformers import TrainerCallback
 
 from legw_hf import LegwTrainer
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_save = True
-            control.should_training_stop = True
 
 
 class AppliedLearningRates(TrainerCallback):
