@@ -352,3 +352,19 @@ def test_a_tensor_swapped_in_behind_the_optimizers_back_is_refused_before_any_up
     with pytest.raises(SettingError, match="found an unknown tensor of shape"):
         optimizer.step()
     assert torch.equal(flat, before) and not optimizer.state
+
+
+def test_optimizers_by_name_take_their_own_keywords_only():
+    from legw_hf.optim.choice import check_optimizer, optimizer_class_and_keywords
+
+    cls, kwargs = optimizer_class_and_keywords("lamb", 1e-3, preset="nvidia", max_grad_norm=0, betas=[0.9, 0.98])
+    assert cls is Lamb and kwargs == {"lr": 1e-3, "preset": "nvidia", "max_grad_norm": None, "betas": (0.9, 0.98)}
+    assert optimizer_class_and_keywords("sgd", 0.1)[1] == {"lr": 0.1, "momentum": 0.9}
+    with pytest.raises(SettingError, match="^trust_clamp is not an option of optimizer 'lars'"):
+        optimizer_class_and_keywords("lars", 0.1, trust_clamp=(0.0, 1.0))
+    with pytest.raises(SettingError, match="^optimizer must be one of"):
+        optimizer_class_and_keywords("adafactor", 0.1)
+    with pytest.raises(SettingError) as caught:
+        check_optimizer("lars", 0.1, trust_coefficient=0.0)
+    assert caught.value.field == "trust_coefficient"
+    assert check_optimizer("lamb", 1e-3, preset="nvidia").max_grad_norm == 1.0

@@ -169,7 +169,7 @@ def test_lamb_run_resumes_bit_identically(tmp_path):
         (
             {"legw_optimizer": "sgd", "legw_trust_clamp": [0.0, 1.0]},
             "legw_trust_clamp",
-            "not an option of --legw_optimizer sgd",
+            "not an option of optimizer 'sgd'",
         ),
         ({"legw_optimizer": "adamw", "legw_momentum": 0.9}, "legw_momentum", "not an option"),
         ({"legw_optimizer": "lamb", "legw_optimizer_preset": "timm"}, "legw_optimizer_preset", "'nvidia'"),

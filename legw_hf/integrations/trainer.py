@@ -24,7 +24,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from ..distributed import deepspeed as deepspeed_layouts
 from ..errors import SettingError
 from ..optim import LAMB_PRESETS, LARS_PRESETS, Lamb, Lars, decay_param_groups, layerwise_optimizer_of
-from ..optim._settings import check_fraction
+from ..optim.choice import OPTIMIZER_NAMES, check_optimizer, optimizer_class_and_keywords
 from ..plan import RULES, LegwConfig, LegwPlan, epoch_steps
 from ..record import record_plan
 from ..scheduler import LegwScheduler, SkippedStepDetector
@@ -32,33 +32,25 @@ from ..schedules import DECAY_OPTIONS, DECAYS, make_decay
 
 logger = logging.getLogger(__name__)
 
-#: Optimizers selectable with ``--legw_optimizer``, each with the flags it takes (flag -> optimizer keyword).
-#: ``adamw`` takes Trainer's own ``--adam_*`` flags instead.
-OPTIMIZER_FLAGS: dict[str, dict[str, str]] = {
-    "adamw": {},
-    "sgd": {"legw_momentum": "momentum", "legw_nesterov": "nesterov"},
-    "lamb": {
-        "legw_optimizer_preset": "preset",
-        "legw_betas": "betas",
-        "legw_eps": "eps",
-        "legw_bias_correction": "bias_correction",
-        "legw_lamb_max_grad_norm": "max_grad_norm",
-        "legw_trust_clamp": "trust_clamp",
-        "legw_adapt": "adapt",
-        "legw_master_weights": "master_weights",
-    },
-    "lars": {
-        "legw_optimizer_preset": "preset",
-        "legw_momentum": "momentum",
-        "legw_nesterov": "nesterov",
-        "legw_eps": "eps",
-        "legw_trust_coefficient": "trust_coefficient",
-        "legw_adapt": "adapt",
-        "legw_master_weights": "master_weights",
-    },
+#: The ``--legw_*`` flags of :mod:`legw_hf.optim.choice`'s optimizer keywords (``--legw_optimizer adamw`` takes
+#: Trainer's own ``--adam_*`` flags instead of ``--legw_betas`` / ``--legw_eps``).
+_KEYWORD_OF_FLAG = {
+    "legw_optimizer_preset": "preset",
+    "legw_betas": "betas",
+    "legw_eps": "eps",
+    "legw_momentum": "momentum",
+    "legw_nesterov": "nesterov",
+    "legw_bias_correction": "bias_correction",
+    "legw_lamb_max_grad_norm": "max_grad_norm",
+    "legw_trust_clamp": "trust_clamp",
+    "legw_trust_coefficient": "trust_coefficient",
+    "legw_adapt": "adapt",
+    "legw_master_weights": "master_weights",
 }
-OPTIMIZER_NAMES = tuple(OPTIMIZER_FLAGS)
-_OPTIMIZER_CLASSES = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "lamb": Lamb, "lars": Lars}
+_FLAG_OF_KEYWORD = {keyword: flag for flag, keyword in _KEYWORD_OF_FLAG.items()} | {
+    "lr": "learning_rate",
+    "optimizer": "legw_optimizer",
+}
 
 # Core setting name -> the Trainer argument a user typed, so errors name the flag they can fix.
 _ARGUMENT_FOR_SETTING = {
@@ -525,49 +517,37 @@ def follow_trainer_log_level(args: TrainingArguments) -> None:
         package_logger.addHandler(handler)
 
 
+def _optimizer_keywords(args: LegwArguments) -> dict[str, Any]:
+    keywords = {keyword: getattr(args, flag) for flag, keyword in _KEYWORD_OF_FLAG.items()}
+    if args.legw_optimizer == "adamw":
+        for flag in ("legw_betas", "legw_eps"):
+            if getattr(args, flag) is not None:
+                value = getattr(args, flag)
+                raise SettingError(flag, "is not an option of optimizer 'adamw' (it takes --adam_*)", value)
+        keywords.update(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    return keywords
+
+
+def _as_flag_error(error: SettingError) -> SettingError:
+    keyword = error.field.split("[")[0]
+    return error.renamed(_FLAG_OF_KEYWORD.get(keyword, keyword))
+
+
 def optimizer_cls_and_kwargs(args: LegwArguments) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
     """The class and keywords ``--legw_optimizer`` and its flags select (weight decay comes from Trainer's
     groups). A flag the chosen optimizer does not take is an error rather than silently ignored."""
-    name = args.legw_optimizer
-    taken = OPTIMIZER_FLAGS[name]
-    for flag in sorted({flag for flags in OPTIMIZER_FLAGS.values() for flag in flags} - set(taken)):
-        if getattr(args, flag) is not None:
-            raise SettingError(flag, f"is not an option of --legw_optimizer {name}", getattr(args, flag))
-    kwargs: dict[str, Any] = {"lr": args.learning_rate}
-    for flag, keyword in taken.items():
-        value = getattr(args, flag)
-        if value is None:
-            continue
-        if keyword in ("betas", "trust_clamp"):
-            value = tuple(value)
-        elif keyword == "max_grad_norm" and value == 0:
-            value = None  # 0 switches the pre-normalisation off
-        kwargs[keyword] = value
-    if name == "adamw":
-        kwargs.update(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-    elif name == "sgd":
-        kwargs["momentum"] = check_fraction("momentum", kwargs.get("momentum", 0.9))
-    return _OPTIMIZER_CLASSES[name], kwargs
-
-
-_KEYWORD_FLAGS = {keyword: flag for flags in OPTIMIZER_FLAGS.values() for flag, keyword in flags.items()}
+    try:
+        return optimizer_class_and_keywords(args.legw_optimizer, args.learning_rate, **_optimizer_keywords(args))
+    except SettingError as error:
+        raise _as_flag_error(error) from None
 
 
 def _probe_optimizer(args: LegwArguments) -> torch.optim.Optimizer:
     """The chosen optimizer built over one dummy parameter: its own checks validate the flags up front."""
-    cls = _OPTIMIZER_CLASSES[args.legw_optimizer]
     try:
-        _, kwargs = optimizer_cls_and_kwargs(args)
-        if cls is Lamb:
-            kwargs["fused"] = False  # a CPU probe must not build the CPU kernel for a run that may be on a GPU
-        return cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+        return check_optimizer(args.legw_optimizer, args.learning_rate, **_optimizer_keywords(args))
     except SettingError as error:
-        keyword = error.field.split("[")[0]
-        raise error.renamed({"lr": "learning_rate"}.get(keyword, _KEYWORD_FLAGS.get(keyword, keyword))) from None
-    except ValueError as error:  # torch's own optimizers
-        raise SettingError(
-            "legw_optimizer", f"settings are refused by {cls.__name__}", args.legw_optimizer, detail=str(error)
-        ) from None
+        raise _as_flag_error(error) from None
 
 
 def _check_plan_before_training(args: LegwArguments, train_dataset: Any) -> None:

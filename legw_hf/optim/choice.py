@@ -1,0 +1,77 @@
+"""Choosing an optimizer by name with its keywords: what ``--legw_optimizer`` and its flags select.
+
+Framework-free, so Trainer's flags, an accelerate loop's command line or a DeepSpeed launcher can all say
+``optimizer_class_and_keywords("lamb", lr, preset="nvidia")`` and get the same checks. Each name lists the keywords it
+takes; a keyword another optimizer takes but this one does not is an error, not silently dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import SettingError
+from ._settings import check_fraction
+from .lamb import Lamb
+from .lars import Lars
+
+#: Optimizers by name, each with the keywords it takes from a caller (``lr`` and weight decay aside).
+OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], tuple[str, ...]]] = {
+    "adamw": (torch.optim.AdamW, ("betas", "eps")),
+    "sgd": (torch.optim.SGD, ("momentum", "nesterov")),
+    "lamb": (
+        Lamb,
+        ("preset", "betas", "eps", "bias_correction", "max_grad_norm", "trust_clamp", "adapt", "master_weights"),
+    ),
+    "lars": (Lars, ("preset", "momentum", "nesterov", "eps", "trust_coefficient", "adapt", "master_weights")),
+}
+OPTIMIZER_NAMES = tuple(OPTIMIZERS)
+KEYWORDS = tuple(dict.fromkeys(keyword for _, keywords in OPTIMIZERS.values() for keyword in keywords))
+
+
+def optimizer_class_and_keywords(
+    name: str, lr: float, **keywords: Any
+) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """The class called ``name`` and the keywords to build it with. ``None`` keywords take the optimizer's (or
+    preset's) default; sequences become tuples; ``max_grad_norm=0`` switches LAMB's pre-normalisation off; SGD's
+    momentum defaults to 0.9."""
+    if name not in OPTIMIZERS:
+        raise SettingError("optimizer", f"must be one of {', '.join(map(repr, OPTIMIZERS))}", name)
+    cls, taken = OPTIMIZERS[name]
+    unknown = sorted(set(keywords) - set(KEYWORDS))
+    if unknown:
+        raise SettingError(unknown[0], "is not an optimizer keyword", keywords[unknown[0]])
+    for keyword in sorted(set(keywords) - set(taken)):
+        if keywords[keyword] is not None:
+            raise SettingError(keyword, f"is not an option of optimizer {name!r}", keywords[keyword])
+    kwargs: dict[str, Any] = {"lr": lr}
+    for keyword in taken:
+        value = keywords.get(keyword)
+        if value is None:
+            continue
+        if keyword in ("betas", "trust_clamp"):
+            value = tuple(value)
+        elif keyword == "max_grad_norm" and value == 0:
+            value = None  # 0 switches the pre-normalisation off
+        kwargs[keyword] = value
+    if name == "sgd":
+        kwargs["momentum"] = check_fraction("momentum", kwargs.get("momentum", 0.9))
+    return cls, kwargs
+
+
+def check_optimizer(name: str, lr: float, **keywords: Any) -> torch.optim.Optimizer:
+    """Build the chosen optimizer over one dummy parameter, so its own checks run before any training work, and
+    return it (its settings, e.g. ``max_grad_norm``, can then be read). LAMB's CPU kernel is not built for this."""
+    cls, kwargs = optimizer_class_and_keywords(name, lr, **keywords)
+    if cls is Lamb:
+        kwargs["fused"] = False  # a CPU probe must not build the CPU kernel for a run that may be on a GPU
+    try:
+        return cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+    except SettingError:
+        raise
+    except ValueError as error:  # torch's own optimizers
+        raise SettingError("optimizer", f"settings are refused by {cls.__name__}", name, detail=str(error)) from None
+
+
+__all__ = ["KEYWORDS", "OPTIMIZERS", "OPTIMIZER_NAMES", "check_optimizer", "optimizer_class_and_keywords"]
