@@ -95,6 +95,8 @@ def test_fsdp2_matches_one_process(tmp_path):
     check_parity(result, ["fsdp2", "fsdp2-accelerate"])
     # half the steps, a torch.distributed.checkpoint of model and optimizer, a fresh start from it, the rest
     assert result["fsdp2-resume"] == dict.fromkeys(CONFIGS, 0.0)
+    # torch's GradScaler: only the overflowed third step leaves weights and step counters as they were
+    assert result["fsdp2-gradscaler"] == {"unchanged": [False, False, True, False], "scale": 2.0**9}
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -250,6 +250,32 @@ def deepspeed_checks() -> dict:
     return {"scheduled_lrs": counter.lrs[::2], "double_clipping": refusal}
 
 
+def fsdp2_overflow(name: str) -> dict:
+    """torch's GradScaler over FSDP2 shards: the step whose loss overflows changes no weight and no step counter."""
+    import math
+
+    net = sharded_model(model())
+    optimizer = build_optimizer(name, net)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    rank, half = dist.get_rank(), BATCH // dist.get_world_size()
+    data, unchanged = batches(), []
+    for step in range(4):
+        loss = net(data[step][rank * half : (rank + 1) * half])
+        scaler.scale(loss * math.inf if step == 2 else loss).backward()
+        weights = full_parameters(net)
+        counters = [state["step"].clone() for state in optimizer.state.values()]
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+        # before the first step there is no state (and no counter) to compare
+        states = list(optimizer.state.values())
+        same_counters = len(counters) == len(states) > 0 and all(
+            torch.equal(a, state["step"]) for a, state in zip(counters, states, strict=True)
+        )
+        unchanged.append(bool(torch.equal(weights, full_parameters(net)) and same_counters))
+    return {"unchanged": unchanged, "scale": scaler.get_scale()}
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.float(), expected.float()
     return float((actual - expected).norm() / expected.norm())
@@ -301,6 +327,9 @@ def main(engine: str, output: str) -> None:
     if engine == "deepspeed":
         result["checks"] = deepspeed_checks()
     if engine == "fsdp2":
+        overflow = fsdp2_overflow("lamb-nvidia")
+        if dist.get_rank() == 0:
+            result["fsdp2-gradscaler"] = overflow
         for name in CONFIGS:
             uninterrupted, _ = fsdp2_run(name)
             resumed = fsdp2_resumed(name, Path(output).parent / "checkpoints")
