@@ -41,11 +41,6 @@ class FlatLayout:
     global_grad_norm: Callable[[], Tensor] | None = None
     engine: str = ""
 
-    def pieces(self, flat: Tensor) -> list[Tensor]:
-        """The local piece of each original tensor, as views of ``flat``."""
-        flat = flat.view(-1)
-        return [flat.narrow(0, start, length) for start, length in zip(self.starts, self.lengths, strict=True)]
-
 
 def _dtensor_type() -> type | None:
     module = sys.modules.get("torch.distributed.tensor")  # no DTensor can exist before this module is loaded

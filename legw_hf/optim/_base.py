@@ -136,6 +136,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._reductions: dict[tuple, NormReduction] = {}
         self._stepped = False
         self._global_grad_norm: Any = None
+        self._idle_rows: list[int] = []
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------------------------------------- groups
