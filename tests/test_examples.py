@@ -29,11 +29,14 @@ PLAN_LINE = "LEGW plan (legw): batch 16 (k=2 x base 8)"
 
 
 def run(script, output_dir, *args, launcher=()):
+    # transformers lets its loggers propagate to the root logger when CI is set, printing Trainer's lines twice;
+    # a user's shell has no CI variable
+    env = {k: v for k, v in python_env().items() if k != "CI"}
     return subprocess.run(
         [sys.executable, *launcher, str(script), "--output_dir", str(output_dir), *TINY_RUN, *args],
         capture_output=True,
         text=True,
-        env=python_env(),
+        env=env,
         timeout=300,
     )
 
