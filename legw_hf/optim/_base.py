@@ -233,7 +233,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     bucket.states += _state_pieces(state, param.shape, starts, lengths)
                     bucket.shard_groups += [layout.group] * len(starts)
                     layout_norm = layout.global_grad_norm or layout_norm
-                else:
+                elif is_dtensor(param):  # FSDP2: the local shard, its norms summed over the shard group
                     bucket.rows.append(self._row_of[id(param)])
                     bucket.keys.append((id(param), 0))
                     bucket.params.append(local_tensor(param))
@@ -241,6 +241,14 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     bucket.grads.append(local_tensor(param.grad))
                     bucket.states.append({k: local_tensor(v) if isinstance(v, Tensor) else v for k, v in state.items()})
                     bucket.shard_groups.append(shard_group(param))
+                else:
+                    bucket.rows.append(self._row_of[id(param)])
+                    bucket.keys.append((id(param), 0))
+                    bucket.params.append(param)
+                    bucket.weights.append(weight)
+                    bucket.grads.append(param.grad)
+                    bucket.states.append(state)
+                    bucket.shard_groups.append(None)
                 if "step" in state:
                     bucket.counters[id(state["step"])] = local_tensor(state["step"])
         # Same-device buckets next to each other, so the norms of a device come from one call.
