@@ -214,9 +214,14 @@ class LegwArguments:
                 getattr(getattr(self, name), "value", getattr(self, name)),
             )
 
+    @property
+    def _deepspeed_config(self) -> dict[str, Any] | None:
+        """The parsed ``--deepspeed`` config, the dict DeepSpeed will be handed; None without DeepSpeed."""
+        return getattr(getattr(self, "hf_deepspeed_config", None), "config", None)
+
     def _check_deepspeed_blocks(self) -> None:
         """A DeepSpeed config's own ``"scheduler"`` and ``"optimizer"`` blocks, beside LEGW and --legw_optimizer."""
-        ds_config = getattr(getattr(self, "hf_deepspeed_config", None), "config", None)
+        ds_config = self._deepspeed_config
         if not ds_config:
             return
         if self.legw_enabled and "scheduler" in ds_config:
@@ -271,7 +276,7 @@ class LegwArguments:
         """DeepSpeed clips in its engine too: a number in the config would clip a second time (and Trainer would
         later report it as a mismatch with the max_grad_norm=0 set here), and no entry means DeepSpeed's default
         of 1.0. Refuse the first now, saying why; set the second to 0, saying so."""
-        ds_config = getattr(getattr(self, "hf_deepspeed_config", None), "config", None)
+        ds_config = self._deepspeed_config
         if ds_config is None:
             return
         trainer_norm, lamb_norm = self._legw_clipping_off
