@@ -1,21 +1,31 @@
-"""``legw-hf``: see a LEGW plan before training.
+"""``legw-hf``: see a LEGW plan before training, and write the DeepSpeed config and launch files of a cluster.
 
     legw-hf plan --base-batch 1024 --base-lr 5.657 --base-warmup-epochs 0.3125 --epochs 90 \\
         --dataset-size 1281167 --batch 4096 --batch 32768 [--rule legw] [--decay poly --power 2] [--json]
+    legw-hf plan --recipe bert-large-phase1              # a shipped recipe's base settings and batches
+    legw-hf ds-config --global-batch 65536 --nodes 64 --gpus-per-node 8 --micro-batch 64 [--zero 1] \\
+        [--precision fp16|bf16] [--offload-optimizer none|cpu] [--output ds.json] [--recipe bert-large-phase1]
+    legw-hf launch-check [--hostfile hostfile] [--accelerate-config node.yaml] [--nodes N --gpus-per-node G]
+    legw-hf recipes [--copy DIR]                         # list (or copy) the shipped configs and launch files
 
-Bad settings print one line, ``legw-hf plan: error: ...``, and exit with status 2.
+Bad settings print one line, ``legw-hf <command>: error: ...``, and exit with status 2, before any file is written.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from .errors import SettingError
+from .integrations import deepspeed as ds  # plain Python: writing a config needs no DeepSpeed
+from .launch import LaunchWorld, agreed_world, read_accelerate_config, read_hostfile, world_of
 from .plan import RULES, LegwConfig, LegwPlan
+from .recipes import PHASES, PretrainingPhase, phase, recipe_files
 from .schedules import DECAY_OPTIONS, DECAYS, make_decay
 
 # Core setting name -> the flag that sets it, so errors name what the user typed.
@@ -36,6 +46,18 @@ _FLAG_FOR_SETTING = {
     "gamma": "--gamma",
     "period": "--decay-period",
     "staircase": "--staircase",
+    "recipe": "--recipe",
+    "global_batch": "--global-batch",
+    "nodes": "--nodes",
+    "gpus_per_node": "--gpus-per-node",
+    "processes_per_node": "--gpus-per-node",
+    "micro_batch": "--micro-batch",
+    "zero": "--zero",
+    "precision": "--precision",
+    "offload_optimizer": "--offload-optimizer",
+    "output": "--output",
+    "hostfile": "--hostfile",
+    "accelerate_config": "--accelerate-config",
 }
 
 # (summary key, column width, number format)
@@ -55,57 +77,195 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _add_plan_flags(parser: argparse.ArgumentParser) -> None:
+    """The LEGW settings, shared by ``plan`` and ``ds-config``; a ``--recipe`` supplies the ones not given."""
+    parser.add_argument("--recipe", choices=tuple(PHASES), help="a shipped pretraining phase's base settings")
+    parser.add_argument("--base-batch", type=int, help="global batch B0 the base run was tuned at")
+    parser.add_argument("--base-lr", type=float, help="peak LR at B0")
+    warmup = parser.add_mutually_exclusive_group()
+    warmup.add_argument("--base-warmup-epochs", type=float, help="warmup at B0, in epochs")
+    warmup.add_argument("--base-warmup-steps", type=float, help="warmup at B0, in optimizer steps")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=float, help="training length in epochs (the same at every batch)")
+    length.add_argument("--base-steps", type=int, help="training length in optimizer steps at B0")
+    parser.add_argument("--dataset-size", type=int, help="examples per epoch N")
+    parser.add_argument("--rule", choices=tuple(RULES), default="legw")
+    parser.add_argument("--drop-last", action="store_true", help="drop the last partial batch of an epoch")
+    parser.add_argument("--decay", choices=tuple(DECAYS), help="decay shape after warmup (default poly)")
+    parser.add_argument("--power", type=float, help="poly: exponent (default 1)")
+    parser.add_argument("--end-lr", type=float, help="poly, cosine: final LR (default 0)")
+    parser.add_argument("--milestones", type=float, nargs="+", help="multistep: epochs where the LR is times --gamma")
+    parser.add_argument("--gamma", type=float, help="multistep, exp: decay factor")
+    parser.add_argument("--decay-period", type=float, help="exp: epochs per factor of gamma (default 1)")
+    parser.add_argument("--staircase", action="store_true", default=None, help="exp: decay in whole periods")
+
+
+def _add_world_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nodes", type=int, help="number of nodes (machines)")
+    parser.add_argument("--gpus-per-node", type=int, help="GPUs (processes) per node")
+    parser.add_argument("--hostfile", help="a DeepSpeed hostfile ('host slots=N' lines) to read the nodes from")
+    parser.add_argument("--accelerate-config", help="an accelerate launch config to read the machines from")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="legw-hf", description="Large-batch training helpers for HuggingFace.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
     plan = commands.add_parser("plan", help="print the LEGW plan for one or more target batch sizes")
-    plan.add_argument("--base-batch", type=int, required=True, help="global batch B0 the base run was tuned at")
-    plan.add_argument("--base-lr", type=float, required=True, help="peak LR at B0")
-    warmup = plan.add_mutually_exclusive_group(required=True)
-    warmup.add_argument("--base-warmup-epochs", type=float, help="warmup at B0, in epochs")
-    warmup.add_argument("--base-warmup-steps", type=float, help="warmup at B0, in optimizer steps")
-    length = plan.add_mutually_exclusive_group(required=True)
-    length.add_argument("--epochs", type=float, help="training length in epochs (the same at every batch)")
-    length.add_argument("--base-steps", type=int, help="training length in optimizer steps at B0")
-    plan.add_argument("--dataset-size", type=int, required=True, help="examples per epoch N")
-    plan.add_argument("--batch", type=int, action="append", required=True, help="target global batch (repeatable)")
-    plan.add_argument("--rule", choices=tuple(RULES), default="legw")
-    plan.add_argument("--drop-last", action="store_true", help="drop the last partial batch of an epoch")
-    plan.add_argument("--decay", choices=tuple(DECAYS), default="poly")
-    plan.add_argument("--power", type=float, help="poly: exponent (default 1)")
-    plan.add_argument("--end-lr", type=float, help="poly, cosine: final LR (default 0)")
-    plan.add_argument("--milestones", type=float, nargs="+", help="multistep: epochs where the LR is times --gamma")
-    plan.add_argument("--gamma", type=float, help="multistep, exp: decay factor")
-    plan.add_argument("--decay-period", type=float, help="exp: epochs per factor of gamma (default 1)")
-    plan.add_argument("--staircase", action="store_true", default=None, help="exp: decay in whole periods")
+    _add_plan_flags(plan)
+    plan.add_argument("--batch", type=int, action="append", help="target global batch (repeatable)")
     plan.add_argument("--json", action="store_true", help="print a JSON list, one object per batch")
     plan.add_argument("--plot", metavar="FILE.png", help="write a PNG of LR against epochs and steps")
+
+    config = commands.add_parser(
+        "ds-config", help="write a DeepSpeed config for a global batch on a cluster, with its LEGW plan"
+    )
+    config.add_argument("--global-batch", type=int, required=True, help="samples per optimizer update, all GPUs")
+    _add_world_flags(config)
+    config.add_argument("--micro-batch", type=int, required=True, help="samples per GPU per forward/backward")
+    config.add_argument("--zero", type=int, default=1, help="ZeRO stage 0-3 (default 1)")
+    config.add_argument("--precision", default="fp16", help="fp16 (dynamic loss scale, default) or bf16")
+    config.add_argument("--offload-optimizer", default="none", help="none (default) or cpu")
+    config.add_argument("--output", help="the config file to write (refused if it exists); default stdout")
+    _add_plan_flags(config)
+
+    check = commands.add_parser("launch-check", help="check that hostfile, accelerate config and flags agree")
+    _add_world_flags(check)
+
+    recipes = commands.add_parser("recipes", help="list the shipped DeepSpeed configs and launch files")
+    recipes.add_argument("--copy", metavar="DIR", help="copy them into DIR (existing files are left as they are)")
     return parser
 
 
+def _missing(flags: list[str], recipe_hint: bool = True) -> SettingError:
+    hint = " (or pass --recipe)" if recipe_hint else ""
+    return SettingError(flags[0], f"is required{hint}", None, detail=f"missing: {', '.join(flags)}")
+
+
+def _config_and_run(args: argparse.Namespace) -> tuple[LegwConfig, dict, PretrainingPhase | None]:
+    """The config and the run's shape (dataset size, length) from the flags, filled in by ``--recipe``."""
+    recipe = phase(args.recipe) if args.recipe else None
+    base = recipe.config() if recipe else None
+    options = {option: getattr(args, _FLAG_FOR_SETTING[option][2:].replace("-", "_")) for option in DECAY_OPTIONS}
+    if args.decay is None and base is not None and not any(v is not None for v in options.values()):
+        decay = base.decay
+    else:
+        decay = make_decay(args.decay or "poly", **options)
+    warmup_given = args.base_warmup_epochs is not None or args.base_warmup_steps is not None
+    settings = {
+        "base_batch_size": args.base_batch if args.base_batch is not None else base and base.base_batch_size,
+        "base_lr": args.base_lr if args.base_lr is not None else base and base.base_lr,
+        "base_warmup_epochs": args.base_warmup_epochs if warmup_given or not base else base.base_warmup_epochs,
+        "base_warmup_steps": args.base_warmup_steps if warmup_given or not base else base.base_warmup_steps,
+    }
+    required = (("base_batch_size", "--base-batch"), ("base_lr", "--base-lr"))
+    missing = [flag for key, flag in required if not settings[key]]
+    if not warmup_given and base is None:
+        missing.append("--base-warmup-epochs or --base-warmup-steps")
+    length_given = args.epochs is not None or args.base_steps is not None
+    if not length_given and recipe is None:
+        missing.append("--epochs or --base-steps")
+    dataset_size = args.dataset_size if args.dataset_size is not None else recipe and recipe.dataset_size
+    if dataset_size is None:
+        missing.append("--dataset-size")
+    if missing:
+        raise _missing(missing)
+    config = LegwConfig(rule=args.rule, decay=decay, **settings)
+    run = {"dataset_size": dataset_size, "drop_last": args.drop_last}
+    if length_given:
+        run.update(epochs=args.epochs, base_steps=args.base_steps)
+    elif args.dataset_size is None:
+        run["base_steps"] = recipe.base_steps
+    else:
+        # the recipe's length in sequences seen, as epochs of the given dataset
+        run["epochs"] = recipe.dataset_size / args.dataset_size
+    return config, run, recipe
+
+
 def _plans(args: argparse.Namespace) -> list[LegwPlan]:
-    decay = make_decay(
-        args.decay,
-        **{option: getattr(args, _FLAG_FOR_SETTING[option][2:].replace("-", "_")) for option in DECAY_OPTIONS},
+    config, run, recipe = _config_and_run(args)
+    batches = args.batch or (list(recipe.global_batches) if recipe else None)
+    if not batches:
+        raise _missing(["--batch"])
+    return [config.plan(batch_size=batch, **run) for batch in batches]
+
+
+def _world(args: argparse.Namespace, required: bool) -> LaunchWorld | None:
+    worlds = []
+    if args.hostfile:
+        worlds.append(read_hostfile(args.hostfile))
+    if args.accelerate_config:
+        worlds.append(read_accelerate_config(args.accelerate_config))
+    if args.nodes is not None or args.gpus_per_node is not None:
+        if args.nodes is None or args.gpus_per_node is None:
+            raise _missing(["--nodes" if args.nodes is None else "--gpus-per-node"], recipe_hint=False)
+        for flag, value in (("nodes", args.nodes), ("gpus_per_node", args.gpus_per_node)):
+            if value < 1:
+                raise SettingError(flag, "must be an integer >= 1", value)
+        worlds.append(world_of(args.nodes, args.gpus_per_node))
+    if not worlds:
+        if required:
+            raise _missing(["--nodes and --gpus-per-node", "--hostfile", "--accelerate-config"], recipe_hint=False)
+        return None
+    return agreed_world(worlds)
+
+
+def _ds_config(args: argparse.Namespace) -> str:
+    if args.output and Path(args.output).exists():
+        raise SettingError("output", "must not exist already (legw-hf never overwrites a file)", args.output)
+    world = _world(args, required=True)
+    split = ds.split_global_batch(
+        args.global_batch, nodes=world.nodes, gpus_per_node=world.processes_per_node, micro_batch=args.micro_batch
     )
-    config = LegwConfig(
-        base_batch_size=args.base_batch,
-        base_lr=args.base_lr,
-        base_warmup_epochs=args.base_warmup_epochs,
-        base_warmup_steps=args.base_warmup_steps,
-        rule=args.rule,
-        decay=decay,
+    config = ds.deepspeed_config(
+        zero=args.zero, precision=args.precision, offload_optimizer=args.offload_optimizer, split=split
     )
-    return [
-        config.plan(
-            batch_size=batch,
-            dataset_size=args.dataset_size,
-            epochs=args.epochs,
-            base_steps=args.base_steps,
-            drop_last=args.drop_last,
-        )
-        for batch in args.batch
+    if not args.recipe and args.base_batch is None:
+        args.recipe = "bert-large-phase1"
+    legw_config, run, _ = _config_and_run(args)
+    plan = legw_config.plan(batch_size=split.global_batch, **run)
+    text = json.dumps(config, indent=2) + "\n"
+    summary = [
+        split.describe(),
+        f"Trainer flags: {split.trainer_flags()} (world size {split.world_size})",
+        f"DeepSpeed: ZeRO-{args.zero}, {args.precision}, optimizer offload {args.offload_optimizer}; no optimizer or "
+        "scheduler block: the client LAMB and the LEGW plan; gradient_clipping 0 (LAMB pre-normalises)",
+        plan.describe(),
     ]
+    if args.output:
+        _write_new(Path(args.output), text)
+        summary.insert(0, f"wrote {args.output}")
+        return "\n".join(summary)
+    print("\n".join(summary), file=sys.stderr)
+    return text.rstrip("\n")
+
+
+def _write_new(path: Path, text: str) -> None:
+    try:
+        with path.open("x") as file:  # "x": fails rather than replace a file that appeared meanwhile
+            file.write(text)
+    except OSError as error:
+        raise SettingError("output", f"must be a new, writable file path ({error.strerror})", str(path)) from None
+
+
+def _recipes(args: argparse.Namespace) -> str:
+    files = recipe_files()
+    if not args.copy:
+        return "\n".join(str(path) for path in files)
+    target = Path(args.copy)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SettingError("copy", f"must be a directory legw-hf can create ({error.strerror})", args.copy) from None
+    lines = []
+    for path in files:
+        destination = target / path.parent.name / path.name
+        destination.parent.mkdir(exist_ok=True)
+        if destination.exists():
+            lines.append(f"kept   {destination} (exists)")
+            continue
+        shutil.copy2(path, destination)
+        lines.append(f"copied {destination}")
+    return "\n".join(lines)
 
 
 def _table(plans: list[LegwPlan]) -> str:
@@ -150,16 +310,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        plans = _plans(args)
-        if args.plot:
-            _plot(plans, args.plot)
+        if args.command == "plan":
+            plans = _plans(args)
+            if args.plot:
+                _plot(plans, args.plot)
+            output = json.dumps([p.summary() for p in plans], indent=2) if args.json else _table(plans)
+        elif args.command == "ds-config":
+            output = _ds_config(args)
+        elif args.command == "launch-check":
+            world = _world(args, required=True)
+            output = f"{world.nodes} nodes, {world.world_size} processes: the sources agree"
+        else:
+            output = _recipes(args)
     except SettingError as error:
         flag = _FLAG_FOR_SETTING.get(error.field, error.field)
         parser.exit(2, f"legw-hf {args.command}: error: {error.renamed(flag)}\n")
-    if args.json:
-        print(json.dumps([plan.summary() for plan in plans], indent=2))
-    else:
-        print(_table(plans))
+    print(output)
     return 0
 
 

@@ -15,7 +15,7 @@ import torch
 from torch.optim.lr_scheduler import LRScheduler
 
 from .errors import SettingError
-from .plan import LegwConfig, LegwPlan, PhasedPlan
+from .plan import LegwConfig, LegwPlan, PhasedPlan, plan_from_dict
 from .schedules import DECAY_OPTIONS, DECAYS, make_decay
 
 STATE_FORMAT = "legw_hf.LegwScheduler/1"
@@ -94,12 +94,33 @@ class LegwScheduler(LRScheduler):
         changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         message = f"The LEGW plan changed since the checkpoint ({', '.join(changed)} differ)."
         if isinstance(self.plan, LegwPlan) and "steps_per_epoch" in saved:
-            epochs_done = updates / saved["steps_per_epoch"]
-            updates = round(epochs_done * self.plan.steps_per_epoch)
-            message += f" Continuing at epoch {epochs_done:g} = update {updates} of the current plan."
+            converted = updates_in_new_plan(updates, saved, self.plan.steps_per_epoch)
+            message += (
+                f" Continuing at epoch {updates / saved['steps_per_epoch']:g}: update {updates} of the checkpoint's "
+                f"plan is update {converted} of the current plan."
+            )
+            updates = converted
+        message += f"\n  checkpoint: {_describe(saved)}\n  now:        {self.plan.describe()}"
         self.resume_note = message
         warnings.warn(message, stacklevel=3)
         return updates
+
+
+def updates_in_new_plan(updates: int, saved_plan: dict[str, Any], steps_per_epoch: int) -> int:
+    """``updates`` optimizer updates of a saved plan as updates of a plan with ``steps_per_epoch``: the same
+    epochs of progress. A run resumed at another global batch (more or fewer processes, another per-device batch)
+    continues at the same point of its epoch schedule."""
+    saved_steps = saved_plan.get("steps_per_epoch")
+    if not saved_steps or saved_steps == steps_per_epoch:
+        return updates
+    return round(updates / saved_steps * steps_per_epoch)
+
+
+def _describe(plan: dict[str, Any]) -> str:
+    try:
+        return plan_from_dict(plan).describe()
+    except (KeyError, TypeError, ValueError):
+        return str(plan)
 
 
 class SkippedStepDetector:

@@ -6,8 +6,8 @@ import json
 import logging
 
 import pytest
-from test_trainer import StopAt
-from toy import Regressor, legw_training_args, regression_dataset
+from test_trainer import StopAt, expected_lrs
+from toy import Regressor, legw_training_args, logged_learning_rates, regression_dataset
 from transformers import HfArgumentParser
 
 from legw_hf import LegwTrainer, LegwTrainingArguments, SettingError, plan_from_dict
@@ -124,7 +124,13 @@ def test_the_plan_is_recorded_and_a_resume_with_another_plan_records_both(tmp_pa
         resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-6"))
     # Trainer swallows warnings raised while it loads a scheduler; the change is logged instead
     (note,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("The LEGW plan changed")]
-    assert "Continuing at epoch 0.857143 = update 3 of the current plan" in note
+    assert "Continuing at epoch 0.857143: update 6 of the checkpoint's plan is update 3 of the current plan" in note
+    assert "checkpoint: LEGW plan (legw): batch 16" in note and "now:        LEGW plan (legw): batch 32" in note
+    # Trainer's own step count is converted the same way: 3 epochs of 4 updates end at 12, not 6 + 12
+    assert resumed.state.global_step == resumed.lr_scheduler.updates == resumed.lr_scheduler.plan.total_steps == 12
+    # the 9 updates after the resume use the new plan's LRs of updates 3..11 (written-out formula)
+    lrs = logged_learning_rates(resumed.state.log_history)[-9:]
+    assert lrs == pytest.approx(expected_lrs(bigger, 100, range(3, 12)), rel=1e-12)
     old, new = json.loads(record.read_text())
     assert old == entry
     assert (new["batch"], new["k"], new["steps_per_epoch"], new["from_update"]) == (32, 8.0, 4, 3)

@@ -16,6 +16,7 @@ import inspect
 import logging
 import math
 from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -27,8 +28,9 @@ from ..optim import LAMB_PRESETS, LARS_PRESETS, Lamb, Lars, decay_param_groups, 
 from ..optim.choice import OPTIMIZER_NAMES, check_optimizer, optimizer_class_and_keywords
 from ..plan import RULES, LegwConfig, LegwPlan, epoch_steps
 from ..record import record_plan
-from ..scheduler import LegwScheduler, SkippedStepDetector
+from ..scheduler import STATE_FORMAT as SCHEDULER_STATE_FORMAT, LegwScheduler, SkippedStepDetector, updates_in_new_plan
 from ..schedules import DECAY_OPTIONS, DECAYS, make_decay
+from . import deepspeed as deepspeed_config
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +183,8 @@ class LegwArguments:
     )
 
     def __post_init__(self) -> None:
+        if self.deepspeed:
+            deepspeed_config.require_deepspeed("deepspeed", self.deepspeed)
         self._refuse_ignored_settings()
         self._legw_clipping_off = None
         if self.legw_optimizer is not None:
@@ -220,43 +224,23 @@ class LegwArguments:
         return getattr(getattr(self, "hf_deepspeed_config", None), "config", None)
 
     def _check_deepspeed_blocks(self) -> None:
-        """A DeepSpeed config's own ``"scheduler"`` and ``"optimizer"`` blocks, beside LEGW and --legw_optimizer."""
+        """A DeepSpeed config's own ``"scheduler"`` and ``"optimizer"`` blocks beside LEGW and --legw_optimizer, and
+        an optimizer offload that would swap --legw_optimizer's optimizer for DeepSpeedCPUAdam."""
         ds_config = self._deepspeed_config
         if not ds_config:
             return
-        if self.legw_enabled and "scheduler" in ds_config:
-            raise SettingError(
-                "deepspeed",
-                'config must not have a "scheduler" block with LEGW on: that is a second schedule, and DeepSpeed\'s '
-                "would replace the LEGW plan. Delete the block; the --legw_* flags set the schedule",
-                ds_config["scheduler"].get("type"),
-            )
-        block = ds_config.get("optimizer")
-        if block is None:
-            return
-        kind = str(block.get("type", "")).lower()
-        stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-        if self.legw_optimizer is not None:
-            raise SettingError(
-                "deepspeed",
-                f'config has an "optimizer" block ({block.get("type")}) and --legw_optimizer {self.legw_optimizer} '
-                "chooses one too. Delete the block to train with legw_hf's optimizer",
-                block.get("type"),
-            )
-        if kind in ("lamb", "onebitlamb", "lars") and stage >= 1:
-            raise SettingError(
-                "deepspeed",
-                f'config has an "optimizer" block of type {block.get("type")} with ZeRO stage {stage}: DeepSpeed\'s '
-                "own layer-wise optimizer takes its trust ratios over ZeRO's flat partitions, which span many "
-                "tensors. Delete the block and pass --legw_optimizer lamb (or lars), which is shard-aware",
-                block.get("type"),
-            )
-        if self.legw_enabled:
+        warning = deepspeed_config.check_config_blocks(
+            ds_config,
+            legw=self.legw_enabled,
+            client_optimizer=None if self.legw_optimizer is None else f"--legw_optimizer {self.legw_optimizer}",
+        )
+        if warning:
+            logger.warning("%s", warning.replace("choose legw_hf's optimizer", "pass --legw_optimizer"))
+        if self.legw_optimizer is not None and deepspeed_config.keep_client_optimizer_under_offload(ds_config):
             logger.warning(
-                'DeepSpeed builds the optimizer from the config\'s "optimizer" block (%s) with a single param group, '
-                "so weight decay also applies to biases and LayerNorm weights; the LEGW plan drives its LR. For "
-                "Trainer's decay groups, delete the block (and pass --legw_optimizer to choose the optimizer).",
-                block.get("type"),
+                "The DeepSpeed config offloads the optimizer to the CPU: zero_force_ds_cpu_optimizer is set to false "
+                "so --legw_optimizer %s runs there (otherwise accelerate would replace it by DeepSpeedCPUAdam).",
+                self.legw_optimizer,
             )
 
     def _settle_clipping(self, optimizer: torch.optim.Optimizer) -> None:
@@ -457,6 +441,43 @@ class LegwTrainer(Trainer):
         self._legw_run = _RunShape(values[1] if sized else None, values[2] if sized else None)
         return values
 
+    def _init_training_state(
+        self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+    ) -> tuple[int, int]:
+        """Trainer's progress on resume, in this run's steps when the checkpoint's plan counted others.
+
+        Trainer restores ``global_step`` as it was saved and reads it in the new run's steps per epoch: resumed at
+        another global batch (another world size, say) it would skip the wrong part of the data, stop after the
+        wrong number of updates, and disagree with the LEGW scheduler, which carries progress over in epochs. The
+        step count is converted the scheduler's way, so the two agree.
+        """
+        epochs_trained, steps_trained = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+        )
+        saved = _checkpoint_plan(resume_from_checkpoint) if self.legw_enabled and resume_from_checkpoint else None
+        if saved is None:
+            return epochs_trained, steps_trained
+        saved_step = self.state.global_step
+        step = updates_in_new_plan(saved_step, saved, num_update_steps_per_epoch)
+        if step == saved_step:
+            return epochs_trained, steps_trained
+        logger.warning(
+            "Resuming at another global batch (%d, was %d): Trainer's step %d of %d per epoch becomes step %d of %d "
+            "per epoch (epoch %g), and the LEGW plan is re-derived for the new batch.",
+            self.args.legw_global_batch(self._train_batch_size),
+            saved.get("batch_size"),
+            saved_step,
+            saved["steps_per_epoch"],
+            step,
+            num_update_steps_per_epoch,
+            saved_step / saved["steps_per_epoch"],
+        )
+        self.state.global_step = step
+        epochs_trained = step // num_update_steps_per_epoch
+        if self.args.ignore_data_skip:
+            return epochs_trained, 0
+        return epochs_trained, step % num_update_steps_per_epoch * self.args.gradient_accumulation_steps
+
     def legw_plan(self, num_training_steps: int) -> LegwPlan:
         """The plan for this run, from Trainer's global batch and dataloader."""
         global_batch = self.args.legw_global_batch(self._train_batch_size)
@@ -500,6 +521,15 @@ class LegwTrainer(Trainer):
             # Trainer's decay / no-decay split, with parameter names for the per-layer trust-ratio logs.
             kwargs["params"] = decay_param_groups(model, args.weight_decay)
         return cls, kwargs
+
+
+def _checkpoint_plan(checkpoint: str) -> dict[str, Any] | None:
+    """The LEGW plan a Trainer checkpoint was saved under (its ``scheduler.pt``), or None."""
+    path = Path(checkpoint) / "scheduler.pt"
+    if not path.is_file():
+        return None
+    state = torch.load(path, weights_only=True)
+    return state.get("plan") if isinstance(state, dict) and state.get("format") == SCHEDULER_STATE_FORMAT else None
 
 
 def _loss_of(outputs: Any) -> torch.Tensor | None:

@@ -1,0 +1,125 @@
+"""Shipped recipes: BERT-large pretraining phases (LEGW base settings as data), DeepSpeed configs, launch files.
+
+The files live beside this module (``deepspeed/*.json``, ``launch/*``) and are installed with the package;
+``legw-hf recipes`` lists them and ``legw-hf recipes --copy DIR`` copies them for editing.
+
+Each :class:`PretrainingPhase` holds what was tuned, where the numbers come from, and the global batches the
+recipe is meant for. Its base settings are NVIDIA's BERT-large LAMB recipe (DeepLearningExamples, apex
+FusedLAMB): the peak LR at NVIDIA's own global batch, the warmup as the number of optimizer steps NVIDIA's
+``warmup_proportion × max_steps`` gives, and polynomial decay with power 0.5. LEGW carries them to other global
+batches: √k peak LR and the same number of warmup steps (k× the warmup in epochs), the same epochs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from ..errors import SettingError
+from ..plan import LegwConfig, LegwPlan
+from ..schedules import Polynomial
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainingPhase:
+    """One phase of a pretraining recipe: its data shape, its tuned base and the global batches it targets.
+
+    ``dataset_size`` is the number of sequences the phase sees at the base batch (``base_batch_size ×
+    base_steps``): NVIDIA samples pre-generated shards rather than counting epochs, so the phase is one such
+    "epoch". Pass your own dataset size to count real epochs; the plan's LR per step does not change.
+    """
+
+    name: str
+    seq_len: int
+    max_predictions_per_seq: int
+    base_batch_size: int
+    base_lr: float
+    base_warmup_steps: float
+    base_steps: int
+    power: float
+    global_batches: tuple[int, ...]
+    #: Per-GPU micro-batch that fits a BERT-large step on an 80 GB GPU in fp16/bf16 (NVIDIA's DGX A100 setting).
+    micro_batch_80gb: int
+    source: str
+
+    @property
+    def dataset_size(self) -> int:
+        return self.base_batch_size * self.base_steps
+
+    def config(self) -> LegwConfig:
+        return LegwConfig(
+            base_batch_size=self.base_batch_size,
+            base_lr=self.base_lr,
+            base_warmup_steps=self.base_warmup_steps,
+            rule="legw",
+            decay=Polynomial(power=self.power),
+        )
+
+    def plan(self, batch_size: int, dataset_size: int | None = None) -> LegwPlan:
+        """The LEGW plan of this phase at global batch ``batch_size`` (same epochs as the base run)."""
+        size = self.dataset_size if dataset_size is None else dataset_size
+        base_spe = -(-size // self.base_batch_size)
+        return self.config().plan(batch_size=batch_size, dataset_size=size, epochs=self.base_steps / base_spe)
+
+
+_NVIDIA = (
+    "NVIDIA DeepLearningExamples, PyTorch BERT-large pretraining with LAMB (scripts/run_pretraining.sh, "
+    "DGX A100): phase 1 global batch 65536, LR 6e-3, warmup_proportion 0.2843 of 7038 steps; phase 2 global "
+    "batch 32768, LR 4e-3, warmup_proportion 0.128 of 1563 steps; polynomial decay, power 0.5. LEGW to other "
+    "batches: You et al., 'Large Batch Optimization for Deep Learning: Training BERT in 76 minutes' (ICLR 2020), "
+    "which scales BERT with sqrt LR scaling and LEGW warmup"
+)
+
+#: Phases by name. Phase 2 starts from phase 1's weights and moments with a new step count and warmup.
+PHASES: dict[str, PretrainingPhase] = {
+    phase.name: phase
+    for phase in (
+        PretrainingPhase(
+            name="bert-large-phase1",
+            seq_len=128,
+            max_predictions_per_seq=20,
+            base_batch_size=65536,
+            base_lr=6e-3,
+            base_warmup_steps=0.2843 * 7038,
+            base_steps=7038,
+            power=0.5,
+            global_batches=(65536, 32768),
+            micro_batch_80gb=64,
+            source=_NVIDIA,
+        ),
+        PretrainingPhase(
+            name="bert-large-phase2",
+            seq_len=512,
+            max_predictions_per_seq=80,
+            base_batch_size=32768,
+            base_lr=4e-3,
+            base_warmup_steps=0.128 * 1563,
+            base_steps=1563,
+            power=0.5,
+            global_batches=(32768,),
+            micro_batch_80gb=16,
+            source=_NVIDIA,
+        ),
+    )
+}
+
+
+def phase(name: str) -> PretrainingPhase:
+    if name not in PHASES:
+        raise SettingError("recipe", f"must be one of {', '.join(map(repr, PHASES))}", name)
+    return PHASES[name]
+
+
+def recipe_files() -> list[Path]:
+    """Every shipped DeepSpeed config and launch file, sorted."""
+    root = Path(str(resources.files(__name__)))
+    return sorted(p for folder in ("deepspeed", "launch") for p in (root / folder).iterdir() if p.is_file())
+
+
+def recipe_file(name: str) -> Path:
+    """A shipped file by its name (``zero1-fp16.json``, ``hostfile``, ...)."""
+    files = {p.name: p for p in recipe_files()}
+    if name not in files:
+        raise SettingError("name", f"must be a shipped recipe file ({', '.join(sorted(files))})", name)
+    return files[name]
