@@ -5,6 +5,7 @@
     legw-hf plan --recipe bert-large-phase1              # a shipped recipe's base settings and batches
     legw-hf ds-config --global-batch 65536 --nodes 64 --gpus-per-node 8 --micro-batch 64 [--zero 1] \\
         [--precision fp16|bf16] [--offload-optimizer none|cpu] [--output ds.json] [--recipe bert-large-phase1]
+    legw-hf batch-flags --global-batch 65536 --nodes 64 --gpus-per-node 8 --micro-batch 64   # Trainer's flags
     legw-hf launch-check [--hostfile hostfile] [--accelerate-config node.yaml] [--nodes N --gpus-per-node G]
     legw-hf recipes [--copy DIR]                         # list (or copy) the shipped configs and launch files
 
@@ -128,6 +129,13 @@ def _parser() -> argparse.ArgumentParser:
     config.add_argument("--output", help="the config file to write (refused if it exists); default stdout")
     _add_plan_flags(config)
 
+    flags = commands.add_parser(
+        "batch-flags", help="print the Trainer batch flags that form a global batch on a cluster (for launch scripts)"
+    )
+    flags.add_argument("--global-batch", type=int, required=True, help="samples per optimizer update, all GPUs")
+    _add_world_flags(flags)
+    flags.add_argument("--micro-batch", type=int, required=True, help="samples per GPU per forward/backward")
+
     check = commands.add_parser("launch-check", help="check that hostfile, accelerate config and flags agree")
     _add_world_flags(check)
 
@@ -158,7 +166,7 @@ def _config_and_run(args: argparse.Namespace) -> tuple[LegwConfig, dict, Pretrai
         "base_warmup_steps": args.base_warmup_steps if warmup_given or not base else base.base_warmup_steps,
     }
     required = (("base_batch_size", "--base-batch"), ("base_lr", "--base-lr"))
-    missing = [flag for key, flag in required if not settings[key]]
+    missing = [flag for key, flag in required if settings[key] is None]
     if not warmup_given and base is None:
         missing.append("--base-warmup-epochs or --base-warmup-steps")
     length_given = args.epochs is not None or args.base_steps is not None
@@ -209,13 +217,17 @@ def _world(args: argparse.Namespace, required: bool) -> LaunchWorld | None:
     return agreed_world(worlds)
 
 
+def _split(args: argparse.Namespace) -> ds.BatchSplit:
+    world = _world(args, required=True)
+    return ds.split_global_batch(
+        args.global_batch, nodes=world.nodes, gpus_per_node=world.processes_per_node, micro_batch=args.micro_batch
+    )
+
+
 def _ds_config(args: argparse.Namespace) -> str:
     if args.output and Path(args.output).exists():
         raise SettingError("output", "must not exist already (legw-hf never overwrites a file)", args.output)
-    world = _world(args, required=True)
-    split = ds.split_global_batch(
-        args.global_batch, nodes=world.nodes, gpus_per_node=world.processes_per_node, micro_batch=args.micro_batch
-    )
+    split = _split(args)
     config = ds.deepspeed_config(
         zero=args.zero, precision=args.precision, offload_optimizer=args.offload_optimizer, split=split
     )
@@ -317,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             output = json.dumps([p.summary() for p in plans], indent=2) if args.json else _table(plans)
         elif args.command == "ds-config":
             output = _ds_config(args)
+        elif args.command == "batch-flags":
+            output = _split(args).trainer_flags()
         elif args.command == "launch-check":
             world = _world(args, required=True)
             output = f"{world.nodes} nodes, {world.world_size} processes: the sources agree"

@@ -100,7 +100,16 @@ def read_accelerate_config(path: str | Path) -> LaunchWorld:
             "main_process_ip", f"in {path} must name the rank-0 machine when num_machines is {machines}", None
         )
     world = LaunchWorld((processes // machines,) * machines, f"accelerate config {path}")
-    hostfile = (config.get("deepspeed_config") or {}).get("deepspeed_hostfile")
+    deepspeed = config.get("deepspeed_config") or {}
+    ds_file = deepspeed.get("deepspeed_config_file")
+    if config.get("distributed_type") == "DEEPSPEED" and ds_file and not Path(ds_file).is_file():
+        raise SettingError(
+            "deepspeed_config_file",
+            f"in {path} must name an existing DeepSpeed config (relative paths start where accelerate is launched, "
+            f"{Path.cwd()})",
+            ds_file,
+        )
+    hostfile = deepspeed.get("deepspeed_hostfile")
     if hostfile:
         agreed_world([world, read_hostfile(Path(path).parent / hostfile)])
     return world
