@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 from ..distributed import deepspeed as deepspeed_layouts
 from ..errors import SettingError
@@ -382,6 +383,50 @@ class LegwTrainer(Trainer):
             self.callback_handler.callbacks.insert(0, LegwCallback())
         self._legw_run = _RunShape(None, None)
         self._legw_loss_kwargs_unchecked = True
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        if resume_from_checkpoint and self.is_deepspeed_enabled:
+            checkpoint = resume_from_checkpoint
+            if checkpoint is True:
+                checkpoint = get_last_checkpoint(self.args.output_dir)
+            if checkpoint:
+                self._reshard_deepspeed_checkpoint(checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _reshard_deepspeed_checkpoint(self, checkpoint: str) -> None:
+        """Resuming a ZeRO checkpoint at another data-parallel world size: DeepSpeed refuses its own checkpoint
+        then, so convert it to DeepSpeed's universal form (once, on the main process) and have the engine load that,
+        which re-partitions the weights and optimizer moments for this world."""
+        saved = deepspeed_config.checkpoint_data_parallel_size(checkpoint)
+        world = self.args.world_size
+        if saved is None or saved == world:
+            return
+        ds_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        if stage not in (1, 2):
+            raise SettingError(
+                "resume_from_checkpoint",
+                f"was saved by {saved} DeepSpeed ranks and this run has {world}: legw_hf re-shards ZeRO-1/2 "
+                f"checkpoints (through DeepSpeed's universal checkpoint), not ZeRO stage {stage}. Resume at {saved} "
+                "processes, or convert it with deepspeed.checkpoint.ds_to_universal and set "
+                '"checkpoint": {"load_universal": true}',
+                checkpoint,
+            )
+        if self.args.should_save:  # the main process; the others wait for its files
+            deepspeed_config.convert_to_universal(checkpoint)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        universal = Path(checkpoint) / (Path(checkpoint) / "latest_universal").read_text().strip()
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        logger.warning(
+            "The checkpoint %s was saved by %d DeepSpeed ranks and this run has %d: resuming from its universal form "
+            "%s, which DeepSpeed re-partitions for %d ranks.",
+            checkpoint,
+            saved,
+            world,
+            universal,
+            world,
+        )
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None):
         if self._legw_loss_kwargs_unchecked:

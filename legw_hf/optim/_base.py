@@ -220,6 +220,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     )
                 state = self.state[param]
                 self._ensure_state(group, param, state)
+                step = state.get("step")
+                if step is not None and not (isinstance(step, Tensor) and step.device == param.device):
+                    # Loaders that write the state themselves (DeepSpeed's universal checkpoint) may leave a number
+                    # or a tensor on the device it was saved from.
+                    state["step"] = torch.as_tensor(step, dtype=torch.float32).to(param.device).reshape(())
                 weight = state.get("master", param)
                 key = (id(group), param.device, param.dtype)
                 bucket = buckets.setdefault(key, Bucket(group, has_masters="master" in state))
