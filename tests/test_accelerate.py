@@ -202,3 +202,9 @@ def test_accelerate_deepspeed_plugin_lamb_equals_the_plain_loop(repo, tmp_path):
     trained = {run: torch.load(tmp_path / f"{run}.pt", weights_only=True) for run in ("ds", "plain")}
     for name, expected in trained["plain"].items():
         torch.testing.assert_close(trained["ds"][name], expected, rtol=1e-5, atol=1e-6, msg=name)
+
+    # the same loop with a "scheduler" block in the config: DeepSpeed would run its schedule beside the plan
+    config.write_text(json.dumps({**json.loads(config.read_text()), "scheduler": {"type": "WarmupLR", "params": {}}}))
+    result = subprocess.run(deepspeed, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert result.returncode != 0
+    assert 'config must not have a "scheduler" block with LEGW on' in result.stderr, result.stderr[-3000:]

@@ -66,6 +66,7 @@ def test_deepspeed_zero_0_to_3_match_one_process(tmp_path):
     result = json.loads(output.read_text())
     engines = ["zero0", "zero1", "zero2", "zero3", "zero3-persistent", "zero0-bf16", "zero2-bf16", "zero3-bf16"]
     engines.append("zero1-bf16")  # DeepSpeed's BF16_Optimizer (fp32 gradient accumulation)
+    engines += ["zero2-offload", "zero3-offload"]  # optimizer offloaded to the host, legw_hf's optimizer kept
     check_parity(result, engines)
     # ZeRO-2 in bf16 is DeepSpeed's unsharded bf16 run bit for bit, whose fp16/bf16 wrapper calls step() once on
     # zero gradients at start-up to create state (a LAMB step there would move the weights)
@@ -99,10 +100,10 @@ def test_fsdp2_matches_one_process(tmp_path):
     assert result["fsdp2-gradscaler"] == {"unchanged": [False, False, True, False], "scale": 2.0**9}
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_trainer_with_deepspeed_and_lamb_follows_the_plan_and_matches_one_process(tmp_path, stage):
+@pytest.mark.parametrize(("stage", "port"), [("2", 29575), ("3", 29576), ("2-offload", 29572)])
+def test_trainer_with_deepspeed_and_lamb_follows_the_plan_and_matches_one_process(tmp_path, stage, port):
     resume = "resume"
-    launcher = ["deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(29573 + stage)]
+    launcher = ["deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port)]
     launch(launcher, "trainer_deepspeed.py", str(tmp_path), str(stage), "nvidia", resume)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     # per-device 4 x accumulation 2 x 2 processes = 16, as in the one-process run with per-device 8; 96 examples
@@ -129,6 +130,8 @@ def test_trainer_with_deepspeed_and_lamb_follows_the_plan_and_matches_one_proces
         # the LAMB pre-normalises, so DeepSpeed's clipping was turned off: gradients are clipped once
         assert record["gradient_clipping"] == 0.0
         assert record["trust_keys"] == ["trust_ratio/max", "trust_ratio/median", "trust_ratio/min"]
+        # with the optimizer offloaded too: accelerate would have swapped in DeepSpeedCPUAdam
+        assert record["optimizer_class"] == "Lamb"
         actual = torch.tensor(record["params"])
         error = float((actual - expected).norm() / expected.norm())
         assert error < 1e-5 and math.isfinite(error)

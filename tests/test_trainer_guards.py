@@ -99,6 +99,17 @@ def test_deepspeed_clipping_auto_or_absent_is_turned_off_once(tmp_path, caplog):
     assert any("DeepSpeed's own clipping (default 1.0) is turned off" in r.getMessage() for r in caplog.records)
 
 
+def test_an_offloaded_optimizer_keeps_legw_optimizer_instead_of_deepspeeds_cpu_adam(tmp_path, caplog):
+    offload = {"stage": 2, "offload_optimizer": {"device": "cpu"}}
+    with caplog.at_level(logging.WARNING, logger="legw_hf"):
+        args = deepspeed_args(tmp_path, zero_optimization=offload)
+    assert args.deepspeed_plugin.deepspeed_config["zero_force_ds_cpu_optimizer"] is False
+    assert any("otherwise accelerate would replace it by DeepSpeedCPUAdam" in r.getMessage() for r in caplog.records)
+    with pytest.raises(SettingError) as caught:
+        deepspeed_args(tmp_path, zero_optimization=offload, zero_force_ds_cpu_optimizer=True)
+    assert caught.value.field == "zero_force_ds_cpu_optimizer" and "replace it by DeepSpeedCPUAdam" in str(caught.value)
+
+
 def test_deepspeed_clipping_stays_with_a_lamb_that_does_not_pre_normalise(tmp_path):
     args = deepspeed_args(tmp_path, preset="deepspeed", gradient_clipping=1.0)
     assert args.max_grad_norm == 1.0 and args.hf_deepspeed_config.config["gradient_clipping"] == 1.0

@@ -17,6 +17,7 @@ returns a wrapper whose ``step()`` advances the plan once per real optimizer upd
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -27,6 +28,9 @@ from ..distributed import deepspeed as deepspeed_layouts
 from ..errors import SettingError
 from ..plan import LegwConfig, LegwPlan
 from ..scheduler import LegwScheduler, SkippedStepDetector
+from . import deepspeed as deepspeed_config
+
+logger = logging.getLogger(__name__)
 
 
 class AcceleratorLegwScheduler:
@@ -94,6 +98,11 @@ def create_legw_scheduler(
         num_epochs / max_steps: the training length, exactly one.
         batch_size: the global batch you expect; a ``SettingError`` if the loop forms another.
     """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:  # a "scheduler" block would be a second schedule beside the plan
+        warning = deepspeed_config.check_config_blocks(plugin.deepspeed_config, legw=True, client_optimizer=None)
+        if warning:
+            logger.warning("%s", warning)
     if not isinstance(train_dataloader, (DataLoaderShard, DataLoaderDispatcher)):
         raise SettingError(
             "train_dataloader", "must be the dataloader returned by accelerator.prepare", type(train_dataloader)

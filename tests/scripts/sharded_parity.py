@@ -299,6 +299,12 @@ def main(engine: str, output: str) -> None:
         runs["zero1-bf16"] = lambda name: deepspeed_run(
             name, 1, bf16=True, extra={"data_types": {"grad_accum_dtype": "fp32"}}
         )
+        # ZeRO-Offload: the fp32 partitions and moments on the host, the client optimizer kept (not DeepSpeedCPUAdam)
+        for stage in (2, 3):
+            offload = {"stage": stage, "offload_optimizer": {"device": "cpu"}}
+            runs[f"zero{stage}-offload"] = lambda name, o=offload: deepspeed_run(
+                name, o["stage"], extra={"zero_optimization": o, "zero_force_ds_cpu_optimizer": False}
+            )
     result: dict[str, dict[str, dict[str, float]]] = {}
     kept: dict[str, torch.Tensor] = {}
     for run_name, run in runs.items():

@@ -26,9 +26,7 @@ class AppliedLearningRates(TrainerCallback):
         self.lrs: list[float] = []
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
-        while getattr(optimizer, "optimizer", None) is not None:
-            optimizer = optimizer.optimizer
-        self.lrs.append(float(optimizer.param_groups[0]["lr"]))
+        self.lrs.append(float(_innermost(optimizer).param_groups[0]["lr"]))
 
 
 def fresh_accelerator_state() -> None:
@@ -44,6 +42,12 @@ def _legw_scheduler(scheduler):
     return scheduler
 
 
+def _innermost(optimizer):
+    while getattr(optimizer, "optimizer", None) is not None:
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 def flat_parameters(trainer: LegwTrainer) -> list[float]:
     return torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()]).tolist()
 
@@ -53,8 +57,10 @@ def main(output: str, stage: str, preset: str, resume: str = "no") -> None:
     ds_config = {
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
-        "zero_optimization": {"stage": int(stage) if stage != "ddp" else 0},
+        "zero_optimization": {"stage": int(stage.split("-")[0]) if stage != "ddp" else 0},
     }
+    if stage.endswith("-offload"):  # legw_hf sets zero_force_ds_cpu_optimizer false so the LAMB is kept
+        ds_config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     optimizer_flags = {"legw_optimizer": "lamb", "legw_optimizer_preset": preset}
     if preset == "adamw-block":
         ds_config["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True}}
@@ -89,6 +95,7 @@ def main(output: str, stage: str, preset: str, resume: str = "no") -> None:
         "plan": _legw_scheduler(trainer.lr_scheduler).plan.summary(),
         "lrs": logged_learning_rates(trainer.state.log_history),
         "applied_lrs": applied.lrs,
+        "optimizer_class": type(_innermost(trainer.optimizer)).__name__,
         "trust_keys": sorted({k for e in trainer.state.log_history for k in e if k.startswith("trust_ratio/")}),
         "params": flat_parameters(trainer),
         "resumed": resumed,
