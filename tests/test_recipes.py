@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -332,3 +333,19 @@ def test_a_missing_deepspeed_is_named_with_its_install_command(tmp_path):
         result.stdout + result.stderr
     )
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("phase", "name"), [("1", "bert-large-phase1"), ("2", "bert-large-phase2")])
+def test_the_launch_job_uses_the_recipes_base_settings(phase, name):
+    script = f'source {REPO / "legw_hf" / "recipes" / "launch" / "job.sh"}; printf "%s\\n" "${{JOB_ARGS[@]}}"'
+    env = {**os.environ, "PHASE": phase}
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, check=True, timeout=60)
+    words = result.stdout.split("\n")
+    flag = {words[i]: words[i + 1] for i in range(len(words) - 1) if words[i].startswith("--")}
+    recipe = PHASES[name]
+    assert int(flag["--legw_base_batch_size"]) == recipe.base_batch_size
+    assert float(flag["--learning_rate"]) == recipe.base_lr
+    assert float(flag["--legw_base_warmup_steps"]) == pytest.approx(recipe.base_warmup_steps, rel=1e-12)
+    assert float(flag["--legw_power"]) == recipe.power and int(flag["--max_seq_length"]) == recipe.seq_len
+    assert int(flag["--legw_global_batch_size"]) == recipe.global_batches[0]
+    assert flag["--legw_optimizer_preset"] == "nvidia" and "--fp16" in words
