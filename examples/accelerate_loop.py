@@ -12,6 +12,10 @@ pre-normalises gradients) the config must set ``"gradient_clipping": 0``.
 Trains a small regression MLP on a synthetic dataset with SGD, LAMB or LARS (``--optimizer``). With
 ``--lr-log FILE`` every process appends one JSON line per optimizer update with the LR that update used, which
 the tests compare with the plan.
+
+``--stop-after N --output-dir DIR`` stops after N updates with ``save_state``; ``--resume-from DIR`` continues from
+such a state, also with another number of processes: when that changes the global batch, the LEGW plan is the new
+batch's and the progress carries over in epochs; the loop picks the data up at that point of the epoch.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import json
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader, TensorDataset
 
 from legw_hf import Lamb, Lars, LegwConfig, Polynomial, decay_param_groups
@@ -38,7 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=float, default=3)
     parser.add_argument("--dataset-size", type=int, default=250)
     parser.add_argument("--lr-log", help="append the LR of every update as JSON lines to this file")
-    parser.add_argument("--output-dir", help="save_state here at the end")
+    parser.add_argument("--output-dir", help="save_state here at the end (or at --stop-after)")
+    parser.add_argument("--stop-after", type=int, help="stop after this many updates")
+    parser.add_argument("--resume-from", help="load_state from here first (saved at any number of processes)")
     parser.add_argument("--parameters-out", help="write the trained model's state dict here (torch.save)")
     parser.add_argument("--optimizer", choices=("sgd", "lamb", "lars"), default="sgd")
     parser.add_argument("--seed", type=int, default=0)
@@ -55,7 +61,12 @@ def synthetic_regression(size: int, seed: int) -> TensorDataset:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
+    # A seeded sampler shuffles by epoch, not by process-local RNG state: a resumed run at another number of processes
+    # sees the same order of samples.
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
     set_seed(args.seed)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
     groups = decay_param_groups(model, weight_decay=0.01)
@@ -78,13 +89,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     scheduler = create_legw_scheduler(accelerator, optimizer, config, loader, num_epochs=args.epochs)
     accelerator.print(scheduler.plan.describe())
+    if args.resume_from:
+        accelerator.load_state(args.resume_from)  # the scheduler's progress too, converted if the plan changed
 
     log = open(f"{args.lr_log}.rank{accelerator.process_index}", "w") if args.lr_log else None
-    epochs = int(-(-args.epochs // 1))
-    for _ in range(epochs):
+    last = scheduler.plan.total_steps if args.stop_after is None else min(args.stop_after, scheduler.plan.total_steps)
+    first_epoch, done_in_epoch = divmod(scheduler.updates, scheduler.plan.steps_per_epoch)
+    for epoch in range(first_epoch, int(-(-args.epochs // 1))):
         model.train()
-        for features, targets in loader:
-            if scheduler.updates >= scheduler.plan.total_steps:
+        loader.set_epoch(epoch)
+        batches = loader
+        if epoch == first_epoch and done_in_epoch:
+            batches = accelerator.skip_first_batches(loader, done_in_epoch * args.gradient_accumulation_steps)
+        for features, targets in batches:
+            if scheduler.updates >= last:
                 break
             with accelerator.accumulate(model):
                 loss = torch.nn.functional.mse_loss(model(features).squeeze(-1), targets)

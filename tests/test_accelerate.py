@@ -208,3 +208,52 @@ def test_accelerate_deepspeed_plugin_lamb_equals_the_plain_loop(repo, tmp_path):
     result = subprocess.run(deepspeed, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert result.returncode != 0
     assert 'config must not have a "scheduler" block with LEGW on' in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.multiprocess
+def test_accelerate_loop_resumed_at_another_world_size(repo, tmp_path):
+    """2 processes save after 5 of 24 updates (global batch 8); 1 process resumes: with the same per-device batch
+    (global 4: the plan is re-derived, 5 updates at 8 are 10 at 4) and with accumulation 2 (global 8 kept)."""
+    loop = [str(repo / "examples" / "accelerate_loop.py"), "--optimizer", "lamb", "--base-batch-size", "4"]
+    loop += ["--per-device-batch-size", "4", "--epochs", "2", "--dataset-size", "96"]
+    two = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    two += ["--main_process_port", "29669", *loop]
+    one = [sys.executable, *loop]
+    runs = {
+        "uninterrupted": [*two, "--parameters-out", str(tmp_path / "uninterrupted.pt")],
+        "interrupted": [*two, "--stop-after", "5", "--output-dir", str(tmp_path / "state")],
+        "changing": [*one, "--resume-from", str(tmp_path / "state")],
+        "fixed": [*one, "--gradient-accumulation-steps", "2", "--resume-from", str(tmp_path / "state")],
+    }
+    env = python_env() | {"ACCELERATE_USE_CPU": "true"}
+    logs = {}
+    for name, command in runs.items():
+        command = [*command, "--lr-log", str(tmp_path / name), "--parameters-out", str(tmp_path / f"{name}.pt")]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        logs[name] = result.stdout + result.stderr
+        rows = [json.loads(line) for line in (tmp_path / f"{name}.rank0").read_text().splitlines()]
+        logs[name + ".rows"] = rows
+
+    def lr(update: int, batch: int) -> float:  # LEGW written out: √k peak, k × 0.25 warmup epochs, poly power 2
+        return legw_poly_lr(
+            update,
+            base_lr=0.05,
+            base_batch=4,
+            batch=batch,
+            base_warmup_epochs=0.25,
+            epochs=2,
+            steps_per_epoch=96 // batch,
+            power=2.0,
+        )
+
+    changing = logs["changing.rows"]
+    assert [row["update"] for row in changing] == list(range(10, 48)) and changing[0]["processes"] == 1
+    assert [row["lr"] for row in changing] == pytest.approx([lr(n, 4) for n in range(10, 48)], rel=1e-12, abs=1e-15)
+    assert "update 5 of the checkpoint's plan is update 10 of the current plan" in logs["changing"]
+    # the same global batch by accumulation: the schedule and the weights continue as if never interrupted
+    fixed, uninterrupted = logs["fixed.rows"], logs["uninterrupted.rows"]
+    assert [row["lr"] for row in fixed] == [row["lr"] for row in uninterrupted][5:]
+    expected = torch.load(tmp_path / "uninterrupted.pt", weights_only=True)
+    for name, value in torch.load(tmp_path / "fixed.pt", weights_only=True).items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-6, atol=1e-7, msg=name)

@@ -61,8 +61,8 @@ def edit_yaml(path: Path, **changes) -> None:
     path.write_text(yaml.safe_dump(config))
 
 
-def run_two_nodes(script: Path, output: Path, env: dict, extra: list[str] = ()) -> list[dict]:
-    """Start ``script`` once per node (NODE_RANK 0 and 1) at the same time; the per-rank records."""
+def job_env(output: Path, **settings: str) -> dict[str, str]:
+    """job.sh's settings for the toy job (the probed run_mlm.py), the rank-0 address, and ``settings``."""
     env = python_env() | {
         "PYTHON": sys.executable,
         "SCRIPT": str(REPO / "tests" / "scripts" / "run_mlm_probe.py"),
@@ -71,9 +71,15 @@ def run_two_nodes(script: Path, output: Path, env: dict, extra: list[str] = ()) 
         "PRECISION": "fp32",
         "OUTPUT_DIR": str(output),
         "MASTER_ADDR": "127.0.0.1",
-        **env,
+        **settings,
     }
     env.pop("CI", None)  # transformers prints Trainer's lines twice with it; a user's shell has no CI
+    return env
+
+
+def run_two_nodes(script: Path, output: Path, env: dict, extra: list[str] = ()) -> list[dict]:
+    """Start ``script`` once per node (NODE_RANK 0 and 1) at the same time; the per-rank records."""
+    env = job_env(output, **env)
     nodes = [
         subprocess.Popen(
             ["bash", str(script), *JOB_FLAGS, *extra],
@@ -161,24 +167,17 @@ def test_slurm_recipe_as_two_nodes(recipes, tmp_path):
     )
     srun.chmod(0o755)
     output = tmp_path / "out"
-    env = python_env() | {
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-        "SLURM_JOB_NUM_NODES": "2",
-        "SLURM_GPUS_ON_NODE": "1",
-        "SLURM_JOB_ID": "4242",
-        "SLURM_JOB_NODELIST": "node[0-1]",
-        "SLURM_SUBMIT_DIR": str(recipes.parent),
-        "RECIPES": str(recipes),
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": "29657",
-        "PYTHON": sys.executable,
-        "SCRIPT": str(REPO / "tests" / "scripts" / "run_mlm_probe.py"),
-        "GLOBAL_BATCH": str(GLOBAL_BATCH),
-        "MICRO_BATCH": str(MICRO_BATCH),
-        "PRECISION": "fp32",
-        "OUTPUT_DIR": str(output),
-    }
-    env.pop("CI", None)
+    env = job_env(
+        output,
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_GPUS_ON_NODE="1",
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NODELIST="node[0-1]",
+        SLURM_SUBMIT_DIR=str(recipes.parent),
+        RECIPES=str(recipes),
+        MASTER_PORT="29657",
+    )
     result = subprocess.run(
         ["bash", str(recipes / "launch" / "slurm.sbatch"), *JOB_FLAGS],
         cwd=REPO,

@@ -107,7 +107,10 @@ def test_resume_recomputes_from_the_current_plan_not_the_saved_one():
     bigger = linear_decay_plan(batch_size=80)  # 5 steps per epoch, peak 0.2·√2
     resumed_opt = make_optimizer()
     resumed = LegwScheduler(resumed_opt, bigger)
-    with pytest.warns(UserWarning, match=r"batch_size.*differ.*epoch 3 = update 15"):
+    with pytest.warns(
+        UserWarning,
+        match=r"batch_size.*differ.*epoch 3: update 30 of the checkpoint.s plan is update 15 of the current plan",
+    ):
         resumed.load_state_dict(saved)
     assert resumed.updates == 15
     assert resumed_opt.param_groups[0]["lr"] == pytest.approx(bigger.lr_at_epoch(16 / 5))

@@ -69,7 +69,14 @@ class AcceleratorLegwScheduler:
         return self.scheduler.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the progress (``accelerator.load_state`` calls this), converted in epochs if the plan changed.
+
+        accelerate restores its micro-batch counter as saved, and decides from it which micro-batch ends an
+        accumulation window: resumed with another accumulation (the same global batch on fewer processes, say) the
+        windows would straddle updates. The counter is set to the restored updates' micro-batches of this run.
+        """
         self.scheduler.load_state_dict(state_dict)
+        self.accelerator.step = self.scheduler.updates * self.accelerator.gradient_accumulation_steps
 
 
 def global_batch_size(accelerator: Accelerator, train_dataloader: Any) -> int:
