@@ -349,3 +349,31 @@ def test_the_launch_job_uses_the_recipes_base_settings(phase, name):
     assert float(flag["--legw_power"]) == recipe.power and int(flag["--max_seq_length"]) == recipe.seq_len
     assert int(flag["--legw_global_batch_size"]) == recipe.global_batches[0]
     assert flag["--legw_optimizer_preset"] == "nvidia" and "--fp16" in words
+
+
+@pytest.mark.parametrize("name", ["accelerate-multinode.yaml", "accelerate-deepspeed.yaml", "accelerate-fsdp2.yaml"])
+def test_shipped_accelerate_configs_parse_in_accelerate_and_agree_with_themselves(tmp_path, name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    copied = tmp_path / "recipes"
+    assert run_cli("recipes", "--copy", str(copied)).returncode == 0
+    config = load_config_from_file(str(copied / "launch" / name))
+    assert (config.num_machines, config.num_processes, config.machine_rank) == (64, 512, 0)
+    assert config.main_process_ip and config.main_process_port
+    if name == "accelerate-fsdp2.yaml":
+        assert config.fsdp_config["fsdp_version"] == 2
+    # launch-check reads the same numbers; the DeepSpeed config file is found from where one launches (the copy)
+    result = subprocess.run(
+        [sys.executable, "-m", "legw_hf.cli", "launch-check", "--accelerate-config", f"launch/{name}"],
+        capture_output=True,
+        text=True,
+        cwd=copied,
+        env=python_env(),
+        timeout=120,
+    )
+    assert result.returncode == 0 and "64 nodes, 512 processes" in result.stdout, result.stderr
+    if name == "accelerate-deepspeed.yaml":
+        elsewhere = run_cli("launch-check", "--accelerate-config", str(copied / "launch" / name))
+        assert elsewhere.returncode == 2
+        assert "deepspeed_config_file in " in elsewhere.stderr
+        assert "must name an existing DeepSpeed config" in elsewhere.stderr
