@@ -197,7 +197,7 @@ def check_config_blocks(config: dict[str, Any], *, legw: bool, client_optimizer:
     return (
         f'DeepSpeed builds the optimizer from the config\'s "optimizer" block ({_block_type(block)}) with a single '
         "param group, so weight decay also applies to biases and LayerNorm weights; the LEGW plan drives its LR. "
-        "For decay groups, delete the block and choose legw_hf's optimizer."
+        "For decay groups, delete the block and choose legw_hf's optimizer (Trainer: --legw_optimizer)."
     )
 
 

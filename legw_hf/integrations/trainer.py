@@ -236,7 +236,7 @@ class LegwArguments:
             client_optimizer=None if self.legw_optimizer is None else f"--legw_optimizer {self.legw_optimizer}",
         )
         if warning:
-            logger.warning("%s", warning.replace("choose legw_hf's optimizer", "pass --legw_optimizer"))
+            logger.warning("%s", warning)
         if self.legw_optimizer is not None and deepspeed_config.keep_client_optimizer_under_offload(ds_config):
             logger.warning(
                 "The DeepSpeed config offloads the optimizer to the CPU: zero_force_ds_cpu_optimizer is set to false "
