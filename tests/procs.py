@@ -14,3 +14,14 @@ def python_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
     return env
+
+
+def end_distributed() -> None:
+    """Tear the default process group down before the interpreter exits, as torch asks scripts to: gloo's threads,
+    left to interpreter shutdown, can abort a process whose run succeeded ("terminate called without an active
+    exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -13,9 +13,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "examples"))
+sys.path.insert(0, str(REPO / "tests"))
 
 import run_mlm  # noqa: E402
 import torch  # noqa: E402
+from procs import end_distributed  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from legw_hf import LegwTrainer  # noqa: E402
@@ -60,3 +62,4 @@ run_mlm.Trainer = ProbedTrainer  # the script looks its Trainer up when main() r
 
 if __name__ == "__main__":
     run_mlm.main()
+    end_distributed()

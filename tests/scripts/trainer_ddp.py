@@ -8,6 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from procs import end_distributed
 from toy import Regressor, legw_training_args, logged_learning_rates, regression_dataset
 
 from legw_hf import LegwTrainer
@@ -35,3 +36,4 @@ def main(output: str, split_batches: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    end_distributed()

@@ -15,6 +15,9 @@ import json
 import os
 import sys
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from procs import end_distributed
+
 os.environ.update(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 os.environ.setdefault("MASTER_PORT", "29581")
 
@@ -87,3 +90,4 @@ def main(entries_path: str, output: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    end_distributed()
