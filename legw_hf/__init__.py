@@ -12,7 +12,7 @@ from typing import Any
 
 from .errors import SettingError
 from .plan import RULES, LegwConfig, LegwPlan, Phase, PhasedPlan, epoch_steps, plan_from_dict
-from .schedules import DECAYS, Constant, Cosine, Exponential, MultiStep, Polynomial, make_decay
+from .schedules import DECAYS, Constant, Cosine, Exponential, MultiStep, Polynomial, PolynomialOfRun, make_decay
 
 __version__ = "0.1.0.dev0"
 
@@ -68,6 +68,7 @@ __all__ = [
     "Phase",
     "PhasedPlan",
     "Polynomial",
+    "PolynomialOfRun",
     "SettingError",
     "create_legw_scheduler",
     "decay_param_groups",

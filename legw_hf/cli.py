@@ -8,6 +8,7 @@
     legw-hf batch-flags --global-batch 65536 --nodes 64 --gpus-per-node 8 --micro-batch 64   # Trainer's flags
     legw-hf launch-check [--hostfile hostfile] [--accelerate-config node.yaml] [--nodes N --gpus-per-node G]
     legw-hf recipes [--copy DIR]                         # list (or copy) the shipped configs and launch files
+    legw-hf average-checkpoints RUN_DIR --last N [--output DIR]   # Popel & Bojar's checkpoint averaging
 
 Bad settings print one line, ``legw-hf <command>: error: ...``, and exit with status 2, before any file is written.
 """
@@ -59,6 +60,8 @@ _FLAG_FOR_SETTING = {
     "output": "--output",
     "hostfile": "--hostfile",
     "accelerate_config": "--accelerate-config",
+    "last": "--last",
+    "run_dir": "RUN_DIR",
 }
 
 # (summary key, column width, number format)
@@ -93,7 +96,7 @@ def _add_plan_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rule", choices=tuple(RULES), default="legw")
     parser.add_argument("--drop-last", action="store_true", help="drop the last partial batch of an epoch")
     parser.add_argument("--decay", choices=tuple(DECAYS), help="decay shape after warmup (default poly)")
-    parser.add_argument("--power", type=float, help="poly: exponent (default 1)")
+    parser.add_argument("--power", type=float, help="poly: exponent (default 1); poly_run: (default 0.5)")
     parser.add_argument("--end-lr", type=float, help="poly, cosine: final LR (default 0)")
     parser.add_argument("--milestones", type=float, nargs="+", help="multistep: epochs where the LR is times --gamma")
     parser.add_argument("--gamma", type=float, help="multistep, exp: decay factor")
@@ -138,6 +141,13 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("launch-check", help="check that hostfile, accelerate config and flags agree")
     _add_world_flags(check)
+
+    average = commands.add_parser(
+        "average-checkpoints", help="average the weights of a run's last N checkpoints into a model directory"
+    )
+    average.add_argument("run_dir", help="the Trainer output directory holding checkpoint-N folders")
+    average.add_argument("--last", type=int, required=True, help="how many of the newest checkpoints to average")
+    average.add_argument("--output", help="model directory to write (must not exist; default RUN_DIR/averaged-last-N)")
 
     recipes = commands.add_parser("recipes", help="list the shipped DeepSpeed configs and launch files")
     recipes.add_argument("--copy", metavar="DIR", help="copy them into DIR (existing files are left as they are)")
@@ -334,6 +344,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "launch-check":
             world = _world(args, required=True)
             output = f"{world.nodes} nodes, {world.world_size} processes: the sources agree"
+        elif args.command == "average-checkpoints":
+            from .averaging import average_checkpoints  # needs torch
+
+            output = f"wrote {average_checkpoints(args.run_dir, args.last, args.output)}"
         else:
             output = _recipes(args)
     except SettingError as error:

@@ -69,6 +69,25 @@ class Polynomial(Decay):
 
 
 @dataclass(frozen=True)
+class PolynomialOfRun(Decay):
+    """``peak · (1 - epoch / epochs)^power``: the polynomial of the whole run's progress, warmup included.
+
+    NVIDIA's BERT scheduler (``PolyWarmUpScheduler``) decays this way, so the LR drops at the end of warmup from the
+    peak to ``peak · (1 - warmup/epochs)^power``; :class:`Polynomial` is the post-warmup form (HF's), which starts
+    the decay at the peak.
+    """
+
+    name: ClassVar[str] = "poly_run"
+    power: float = 0.5
+
+    def __post_init__(self) -> None:
+        positive("power", self.power)
+
+    def lr(self, peak_lr, epoch, warmup_epochs, epochs):
+        return peak_lr * (1.0 - epoch / epochs) ** self.power
+
+
+@dataclass(frozen=True)
 class Cosine(Decay):
     """Half a cosine from the peak down to ``end_lr`` over the post-warmup epochs."""
 
@@ -155,7 +174,9 @@ class Constant(Decay):
         return peak_lr
 
 
-DECAYS: dict[str, type[Decay]] = {cls.name: cls for cls in (Polynomial, MultiStep, Exponential, Cosine, Constant)}
+DECAYS: dict[str, type[Decay]] = {
+    cls.name: cls for cls in (Polynomial, PolynomialOfRun, MultiStep, Exponential, Cosine, Constant)
+}
 
 #: Every option any decay shape takes.
 DECAY_OPTIONS: frozenset[str] = frozenset(f.name for cls in DECAYS.values() for f in fields(cls))

@@ -35,14 +35,15 @@ JOB_FLAGS = [
 
 def expected_lrs() -> list[float]:
     """LEGW for the job's flags, written out: k = 16/8, peak √k·η0, warmup over the base's 2 steps (the same number of
-    steps at every batch), then job.sh's polynomial decay with power 0.5, over 96/16 = 6 updates."""
+    steps at every batch), then job.sh's NVIDIA-style polynomial of the run's progress, power 0.5, over 96/16 = 6
+    updates."""
     k = GLOBAL_BATCH / BASE_BATCH
     peak, total = BASE_LR * math.sqrt(k), BLOCKS // GLOBAL_BATCH
     warmup = BASE_WARMUP_STEPS / math.ceil(BLOCKS / BASE_BATCH) * k * total  # base warmup epochs x k, in steps
     lrs = []
     for update in range(total):
         t = update + 1
-        lrs.append(peak * t / warmup if t <= warmup else peak * (1 - (t - warmup) / (total - warmup)) ** 0.5)
+        lrs.append(peak * t / warmup if t < warmup else peak * (1 - t / total) ** 0.5)
     return lrs
 
 

@@ -16,6 +16,7 @@ from legw_hf import (
     Phase,
     PhasedPlan,
     Polynomial,
+    PolynomialOfRun,
     SettingError,
     make_decay,
     plan_from_dict,
@@ -114,13 +115,14 @@ def _plan(decay, **run):
         # written out: t epochs, w = 2 warmup epochs, E = 10 epochs, peak p
         (Polynomial(power=2.0, end_lr=0.01), lambda p, t: 0.01 + (p - 0.01) * (1 - (t - 2) / 8) ** 2),
         (Polynomial(power=0.5), lambda p, t: p * (1 - (t - 2) / 8) ** 0.5),
+        (PolynomialOfRun(power=0.5), lambda p, t: p * (1 - t / 10) ** 0.5),
         (Cosine(end_lr=0.0), lambda p, t: p * 0.5 * (1 + math.cos(math.pi * (t - 2) / 8))),
         (MultiStep(milestones=(4, 7), gamma=0.1), lambda p, t: p * (1 if t < 4 else 0.1 if t < 7 else 0.01)),
         (Exponential(gamma=0.5, period=2.0), lambda p, t: p * 0.5 ** ((t - 2) / 2)),
         (Exponential(gamma=0.5, period=2.0, staircase=True), lambda p, t: p * 0.5 ** math.floor((t - 2) / 2)),
         (Constant(), lambda p, t: p),
     ],
-    ids=["poly2", "poly0.5", "cosine", "multistep", "exp", "exp-staircase", "constant"],
+    ids=["poly2", "poly0.5", "poly_run", "cosine", "multistep", "exp", "exp-staircase", "constant"],
 )
 def test_every_update_lr_matches_written_out_schedule(decay, after_warmup):
     plan = _plan(decay)
@@ -130,6 +132,29 @@ def test_every_update_lr_matches_written_out_schedule(decay, after_warmup):
         t = (n + 1) / 25
         expected = peak * t / 2.0 if t < 2.0 else after_warmup(peak, t)
         assert plan.lr_for_update(n) == pytest.approx(expected, rel=1e-12, abs=1e-15), n
+
+
+def nvidia_poly_warmup(step: int, total_steps: int, warmup: float, base_lr: float, degree: float) -> float:
+    """DeepLearningExamples' BERT ``PolyWarmUpScheduler.get_lr``, written out: after ``step`` calls of ``step()``."""
+    progress = step / total_steps
+    if progress < warmup:
+        return base_lr * progress / warmup
+    return base_lr * (1.0 - progress) ** degree
+
+
+@pytest.mark.parametrize(("total", "warmup", "base_lr"), [(7038, 0.2843, 6e-3), (1563, 0.128, 4e-3)])
+def test_poly_run_at_the_base_batch_is_nvidias_bert_schedule(total, warmup, base_lr):
+    # NVIDIA's run_pretraining calls scheduler.step() before each optimizer step: update n uses step n + 1
+    config = LegwConfig(
+        base_batch_size=65536, base_lr=base_lr, base_warmup_steps=warmup * total, decay=PolynomialOfRun(power=0.5)
+    )
+    plan = config.plan(batch_size=65536, dataset_size=65536 * total, base_steps=total)
+    assert plan.total_steps == total
+    for n in range(total):
+        assert plan.lr_for_update(n) == pytest.approx(nvidia_poly_warmup(n + 1, total, warmup, base_lr, 0.5), rel=1e-9)
+    # the drop at the end of warmup, which the post-warmup polynomial does not have
+    first_decayed = math.ceil(warmup * total) - 1
+    assert plan.lr_for_update(first_decayed) < 0.95 * plan.lr_for_update(first_decayed - 1)  # x sqrt(1 - w)
 
 
 def test_multistep_milestones_are_the_same_epochs_at_every_batch():
@@ -243,7 +268,7 @@ def test_unknown_decay_name_lists_the_valid_ones():
     with pytest.raises(SettingError) as caught:
         make_decay("step", gamma=0.5)
     assert caught.value.field == "decay"
-    assert "'poly', 'multistep', 'exp', 'cosine', 'constant'" in str(caught.value)
+    assert "'poly', 'poly_run', 'multistep', 'exp', 'cosine', 'constant'" in str(caught.value)
 
 
 def test_warmup_must_be_given_exactly_once():

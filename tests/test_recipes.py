@@ -130,12 +130,13 @@ def test_a_config_that_does_not_add_up_fails_in_deepspeeds_parser_too(tmp_path):
 
 
 def legw_lr(update: int, base_lr: float, k: float, warmup_steps: float, total_steps: int, power: float) -> float:
-    """LEGW written out: peak √k·η0, linear warmup over the same number of steps as the base, poly decay."""
+    """LEGW written out: peak √k·η0, linear warmup over the same number of steps as the base, then NVIDIA's
+    polynomial of the whole phase's progress."""
     peak = base_lr * math.sqrt(k)
     progress = update + 1
-    if progress <= warmup_steps:
+    if progress < warmup_steps:
         return peak * progress / warmup_steps
-    return peak * (1 - (progress - warmup_steps) / (total_steps - warmup_steps)) ** power
+    return peak * (1 - progress / total_steps) ** power
 
 
 def test_recipe_plans_follow_legw_from_nvidias_settings():

@@ -89,7 +89,7 @@ _PLAN_FLAGS = tuple(
 _DECAY_FLAGS = ", ".join(f"--{_ARGUMENT_FOR_SETTING[option]}" for option in sorted(DECAY_OPTIONS))
 #: Trainer's own schedule arguments, which LEGW replaces, and the LEGW flags to use instead.
 _TRAINER_SCHEDULE_FLAGS = {
-    "lr_scheduler_type": "--legw_decay (poly, multistep, exp, cosine, constant)",
+    "lr_scheduler_type": f"--legw_decay ({', '.join(DECAYS)})",
     "warmup_steps": "--legw_base_warmup_epochs or --legw_base_warmup_steps (the warmup at the base batch)",
     "lr_scheduler_kwargs": f"the decay flags ({_DECAY_FLAGS})",
 }
@@ -133,7 +133,9 @@ class LegwArguments:
         default=None, metadata={"help": "Warmup at the base batch, in optimizer steps at that batch."}
     )
     legw_decay: Literal[tuple(DECAYS)] = field(default="poly", metadata={"help": "Decay shape after warmup."})
-    legw_power: float | None = field(default=None, metadata={"help": "poly: exponent (default 1)."})
+    legw_power: float | None = field(
+        default=None, metadata={"help": "poly: exponent (default 1); poly_run: (default 0.5)."}
+    )
     legw_end_lr: float | None = field(default=None, metadata={"help": "poly, cosine: final LR (default 0)."})
     legw_milestones: list[float] | None = field(
         default=None, metadata={"help": "multistep: epochs at which the LR is multiplied by --legw_gamma."}

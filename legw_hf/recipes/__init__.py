@@ -6,7 +6,8 @@ The files live beside this module (``deepspeed/*.json``, ``launch/*``) and are i
 Each :class:`PretrainingPhase` holds what was tuned, where the numbers come from, and the global batches the
 recipe is meant for. Its base settings are NVIDIA's BERT-large LAMB recipe (DeepLearningExamples, apex
 FusedLAMB): the peak LR at NVIDIA's own global batch, the warmup as the number of optimizer steps NVIDIA's
-``warmup_proportion × max_steps`` gives, and polynomial decay with power 0.5. LEGW carries them to other global
+``warmup_proportion × max_steps`` gives, and NVIDIA's polynomial decay with power 0.5 (of the whole phase's
+progress, :class:`~legw_hf.schedules.PolynomialOfRun`). LEGW carries them to other global
 batches: √k peak LR and the same number of warmup steps (k× the warmup in epochs), the same epochs.
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from ..errors import SettingError
 from ..plan import LegwConfig, LegwPlan
-from ..schedules import Polynomial
+from ..schedules import PolynomialOfRun
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,7 +54,7 @@ class PretrainingPhase:
             base_lr=self.base_lr,
             base_warmup_steps=self.base_warmup_steps,
             rule="legw",
-            decay=Polynomial(power=self.power),
+            decay=PolynomialOfRun(power=self.power),
         )
 
     def plan(self, batch_size: int, dataset_size: int | None = None) -> LegwPlan:

@@ -24,7 +24,7 @@ fi
 
 JOB_ARGS=(
     --output_dir "$OUTPUT_DIR"
-    "${BASE[@]}" --legw_decay poly --legw_power 0.5
+    "${BASE[@]}" --legw_decay poly_run --legw_power 0.5
     --legw_optimizer lamb --legw_optimizer_preset nvidia --weight_decay 0.01
     --legw_global_batch_size "$GLOBAL_BATCH" --num_train_epochs "$TRAIN_EPOCHS"
     --hidden_size 1024 --num_hidden_layers 24 --num_attention_heads 16 --intermediate_size 4096 --vocab_size 30522
