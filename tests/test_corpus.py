@@ -1,0 +1,57 @@
+"""The embedded offline corpus: made the same way every time, split by document, readable by `datasets`, reused,
+and never written over a user's files."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import datasets
+import pytest
+
+from legw_hf import SettingError
+from legw_hf.corpus import MIN_WORDS, in_validation, stdlib_docstrings, write_embedded_corpus
+
+
+@pytest.fixture(scope="module")
+def documents() -> list[str]:
+    return stdlib_docstrings()
+
+
+def test_documents_are_long_single_line_distinct_docstrings(documents):
+    assert len(documents) > 1000 and sum(len(d.split()) for d in documents) > 100_000
+    assert len(set(documents)) == len(documents)
+    assert all(len(d.split()) >= MIN_WORDS and "\n" not in d and d == " ".join(d.split()) for d in documents)
+    assert " ".join(json.__doc__.split()) in documents  # a docstring every CPython has, whitespace collapsed
+    assert stdlib_docstrings() == documents  # the same corpus, in the same order, every time
+
+
+def test_files_split_by_document_and_load_with_datasets(tmp_path, documents):
+    corpus = write_embedded_corpus(tmp_path / "corpus")
+    train = corpus.train_file.read_text().splitlines()
+    validation = corpus.validation_file.read_text().splitlines()
+    assert (len(train), len(validation)) == (corpus.train_documents, corpus.validation_documents)
+    assert sorted(train + validation) == sorted(documents) and not set(train) & set(validation)
+    assert all(in_validation(d, 5) for d in validation) and not any(in_validation(d, 5) for d in train)
+    assert 0.03 < len(validation) / len(documents) < 0.07
+    meta = json.loads((tmp_path / "corpus" / "corpus.json").read_text())
+    assert meta["python"] == sys.version.split()[0] and meta["validation_percent"] == 5
+    loaded = datasets.load_dataset(
+        "text", data_files={"train": str(corpus.train_file), "validation": str(corpus.validation_file)}
+    )
+    assert loaded["train"].num_rows == len(train) and loaded["validation"]["text"] == validation
+
+
+def test_an_existing_corpus_is_reused_and_other_files_are_never_overwritten(tmp_path):
+    first = write_embedded_corpus(tmp_path / "corpus")
+    stamp = first.train_file.stat().st_mtime_ns
+    again = write_embedded_corpus(tmp_path / "corpus")
+    assert again == first and again.train_file.stat().st_mtime_ns == stamp
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "train.txt").write_text("my data\n")
+    with pytest.raises(SettingError, match="holds a train.txt or validation.txt that is not an embedded corpus"):
+        write_embedded_corpus(mine)
+    assert (mine / "train.txt").read_text() == "my data\n"
+    with pytest.raises(SettingError, match=r"validation_percent must be an integer in 1\.\.50"):
+        write_embedded_corpus(tmp_path / "other", validation_percent=0)
