@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from elastic_trainer import Warnings
+from procs import end_distributed
 from sharded_parity import SEQ, VOCAB, build_optimizer, full_parameters, model, sharded_model
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -107,8 +108,8 @@ def main(phase: str, output: str) -> None:
     else:
         run(root, "r1-changing", accumulation=1, resume="i2")
         run(root, "r1-fixed", accumulation=2, resume="i2")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    end_distributed()

@@ -15,8 +15,11 @@ import os
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import torch
 import torch.distributed as dist
+from procs import end_distributed
 from torch import nn
 
 from legw_hf import Lamb, Lars, decay_param_groups
@@ -350,3 +353,4 @@ if __name__ == "__main__":
     arguments = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     main(*arguments)
+    end_distributed()
