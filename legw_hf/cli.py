@@ -182,20 +182,17 @@ def _config_and_run(args: argparse.Namespace) -> tuple[LegwConfig, dict, Pretrai
     length_given = args.epochs is not None or args.base_steps is not None
     if not length_given and recipe is None:
         missing.append("--epochs or --base-steps")
-    dataset_size = args.dataset_size if args.dataset_size is not None else recipe and recipe.dataset_size
-    if dataset_size is None:
+    if args.dataset_size is None and recipe is None:
         missing.append("--dataset-size")
     if missing:
         raise _missing(missing)
     config = LegwConfig(rule=args.rule, decay=decay, **settings)
-    run = {"dataset_size": dataset_size, "drop_last": args.drop_last}
+    run: dict = {"drop_last": args.drop_last}
     if length_given:
-        run.update(epochs=args.epochs, base_steps=args.base_steps)
-    elif args.dataset_size is None:
-        run["base_steps"] = recipe.base_steps
+        size = args.dataset_size if args.dataset_size is not None else recipe.dataset_size
+        run.update(dataset_size=size, epochs=args.epochs, base_steps=args.base_steps)
     else:
-        # the recipe's length in sequences seen, as epochs of the given dataset
-        run["epochs"] = recipe.dataset_size / args.dataset_size
+        run.update(recipe.length(args.dataset_size))
     return config, run, recipe
 
 
@@ -207,7 +204,7 @@ def _plans(args: argparse.Namespace) -> list[LegwPlan]:
     return [config.plan(batch_size=batch, **run) for batch in batches]
 
 
-def _world(args: argparse.Namespace, required: bool) -> LaunchWorld | None:
+def _world(args: argparse.Namespace) -> LaunchWorld:
     worlds = []
     if args.hostfile:
         worlds.append(read_hostfile(args.hostfile))
@@ -221,14 +218,12 @@ def _world(args: argparse.Namespace, required: bool) -> LaunchWorld | None:
                 raise SettingError(flag, "must be an integer >= 1", value)
         worlds.append(world_of(args.nodes, args.gpus_per_node))
     if not worlds:
-        if required:
-            raise _missing(["--nodes and --gpus-per-node", "--hostfile", "--accelerate-config"], recipe_hint=False)
-        return None
+        raise _missing(["--nodes and --gpus-per-node", "--hostfile", "--accelerate-config"], recipe_hint=False)
     return agreed_world(worlds)
 
 
 def _split(args: argparse.Namespace) -> ds.BatchSplit:
-    world = _world(args, required=True)
+    world = _world(args)
     return ds.split_global_batch(
         args.global_batch, nodes=world.nodes, gpus_per_node=world.processes_per_node, micro_batch=args.micro_batch
     )
@@ -342,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "batch-flags":
             output = _split(args).trainer_flags()
         elif args.command == "launch-check":
-            world = _world(args, required=True)
+            world = _world(args)
             output = f"{world.nodes} nodes, {world.world_size} processes: the sources agree"
         elif args.command == "average-checkpoints":
             from .averaging import average_checkpoints  # needs torch

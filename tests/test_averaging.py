@@ -71,22 +71,14 @@ def test_average_is_the_elementwise_mean_of_the_last_n_in_their_dtype(tmp_path, 
 
 def test_the_cli_averages_and_refuses_with_one_line(tmp_path):
     save_run(tmp_path)
-    cli = [sys.executable, "-m", "legw_hf.cli", "average-checkpoints", str(tmp_path)]
-    result = subprocess.run(
-        [*cli, "--last", "2", "--output", str(tmp_path / "avg")],
-        capture_output=True,
-        text=True,
-        env=python_env(),
-        timeout=300,
-    )
+
+    def average(*flags: str) -> subprocess.CompletedProcess:
+        cli = [sys.executable, "-m", "legw_hf.cli", "average-checkpoints", str(tmp_path), *flags]
+        return subprocess.run(cli, capture_output=True, text=True, env=python_env(), timeout=300)
+
+    result = average("--last", "2", "--output", str(tmp_path / "avg"))
     assert result.returncode == 0 and f"wrote {tmp_path / 'avg'}" in result.stdout, result.stderr
-    again = subprocess.run(
-        [*cli, "--last", "2", "--output", str(tmp_path / "avg")],
-        capture_output=True,
-        text=True,
-        env=python_env(),
-        timeout=300,
-    )
+    again = average("--last", "2", "--output", str(tmp_path / "avg"))
     assert again.returncode == 2
     assert again.stderr.startswith("legw-hf average-checkpoints: error: --output must not exist already")
 

@@ -100,7 +100,7 @@ def test_fsdp2_matches_one_process(tmp_path):
     assert result["fsdp2-gradscaler"] == {"unchanged": [False, False, True, False], "scale": 2.0**9}
 
 
-@pytest.mark.parametrize(("stage", "port"), [("2", 29575), ("3", 29576), ("2-offload", 29572)])
+@pytest.mark.parametrize(("stage", "port"), [("2", 29575), ("3", 29576), ("2-offload", 29577)])
 def test_trainer_with_deepspeed_and_lamb_follows_the_plan_and_matches_one_process(tmp_path, stage, port):
     resume = "resume"
     launcher = ["deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port)]

@@ -57,11 +57,14 @@ class PretrainingPhase:
             decay=PolynomialOfRun(power=self.power),
         )
 
+    def length(self, dataset_size: int | None = None) -> dict[str, float | int]:
+        """The plan settings of the phase's length: its sequences seen, as epochs of ``dataset_size`` sequences."""
+        size = self.dataset_size if dataset_size is None else dataset_size
+        return {"dataset_size": size, "epochs": self.dataset_size / size}
+
     def plan(self, batch_size: int, dataset_size: int | None = None) -> LegwPlan:
         """The LEGW plan of this phase at global batch ``batch_size`` (same epochs as the base run)."""
-        size = self.dataset_size if dataset_size is None else dataset_size
-        base_spe = -(-size // self.base_batch_size)
-        return self.config().plan(batch_size=batch_size, dataset_size=size, epochs=self.base_steps / base_spe)
+        return self.config().plan(batch_size=batch_size, **self.length(dataset_size))
 
 
 _NVIDIA = (
