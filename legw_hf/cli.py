@@ -9,6 +9,7 @@
     legw-hf launch-check [--hostfile hostfile] [--accelerate-config node.yaml] [--nodes N --gpus-per-node G]
     legw-hf recipes [--copy DIR]                         # list (or copy) the shipped configs and launch files
     legw-hf average-checkpoints RUN_DIR --last N [--output DIR]   # Popel & Bojar's checkpoint averaging
+    legw-hf pretrain [Trainer and program flags]         # two-phase BERT pretraining (legw_hf.pretraining)
 
 Bad settings print one line, ``legw-hf <command>: error: ...``, and exit with status 2, before any file is written.
 """
@@ -149,6 +150,9 @@ def _parser() -> argparse.ArgumentParser:
     average.add_argument("--last", type=int, required=True, help="how many of the newest checkpoints to average")
     average.add_argument("--output", help="model directory to write (must not exist; default RUN_DIR/averaged-last-N)")
 
+    commands.add_parser(
+        "pretrain", add_help=False, help="two-phase BERT pretraining with LEGW + LAMB (legw-hf pretrain --help)"
+    )
     recipes = commands.add_parser("recipes", help="list the shipped DeepSpeed configs and launch files")
     recipes.add_argument("--copy", metavar="DIR", help="copy them into DIR (existing files are left as they are)")
     return parser
@@ -324,6 +328,11 @@ def _plot(plans: list[LegwPlan], path: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["pretrain"]:  # its own parser: every Trainer flag plus the program's
+        from .pretraining.program import main as pretrain
+
+        return pretrain(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     try:

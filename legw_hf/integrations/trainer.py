@@ -95,10 +95,12 @@ _TRAINER_SCHEDULE_FLAGS = {
 }
 
 
-def _non_default(args: Any, names: tuple[str, ...] | Any) -> list[str]:
-    """Which of the dataclass fields ``names`` hold something other than their default. An empty dict (also as
-    the JSON text a command line gives) stands for a default of None; an enum stands for its value."""
-    defaults = {f.name: f.default for f in fields(args) if f.default is not MISSING}
+def changed_fields(args: Any, names: tuple[str, ...] | Any, defaults: dict[str, Any] | None = None) -> list[str]:
+    """Which of the dataclass fields ``names`` hold something other than their default (``defaults``, else the
+    dataclass's own). An empty dict (also as the JSON text a command line gives) stands for a default of None; an
+    enum stands for its value."""
+    if defaults is None:
+        defaults = {f.name: f.default for f in fields(args) if f.default is not MISSING}
     changed = []
     for name in names:
         value, default = getattr(args, name), defaults.get(name)
@@ -204,7 +206,7 @@ class LegwArguments:
         """Settings that would be silently ignored are errors: LEGW flags with LEGW off, and Trainer's own
         schedule arguments with LEGW on (the LEGW plan replaces that schedule)."""
         if not self.legw_enabled:
-            orphans = _non_default(self, _PLAN_FLAGS)
+            orphans = changed_fields(self, _PLAN_FLAGS)
             if orphans:
                 raise SettingError(
                     "legw_base_batch_size",
@@ -213,7 +215,7 @@ class LegwArguments:
                     None,
                 )
             return
-        for name in _non_default(self, tuple(_TRAINER_SCHEDULE_FLAGS)):
+        for name in changed_fields(self, tuple(_TRAINER_SCHEDULE_FLAGS)):
             raise SettingError(
                 name,
                 f"must keep its default with LEGW on (--legw_base_batch_size): the LEGW plan replaces Trainer's "

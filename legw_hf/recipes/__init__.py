@@ -26,9 +26,11 @@ from ..schedules import PolynomialOfRun
 class PretrainingPhase:
     """One phase of a pretraining recipe: its data shape, its tuned base and the global batches it targets.
 
-    ``dataset_size`` is the number of sequences the phase sees at the base batch (``base_batch_size ×
-    base_steps``): NVIDIA samples pre-generated shards rather than counting epochs, so the phase is one such
-    "epoch". Pass your own dataset size to count real epochs; the plan's LR per step does not change.
+    The phase's length is ``base_steps`` (optimizer steps at the base batch) or ``epochs`` (of the data it is
+    given), exactly one. With ``base_steps``, ``dataset_size`` is the number of sequences the phase sees at the
+    base batch (``base_batch_size × base_steps``): NVIDIA samples pre-generated shards rather than counting epochs,
+    so the phase is one such "epoch". Pass your own dataset size to count real epochs; the plan's LR per step does
+    not change.
     """
 
     name: str
@@ -37,16 +39,24 @@ class PretrainingPhase:
     base_batch_size: int
     base_lr: float
     base_warmup_steps: float
-    base_steps: int
     power: float
     global_batches: tuple[int, ...]
-    #: Per-GPU micro-batch that fits a BERT-large step on an 80 GB GPU in fp16/bf16 (NVIDIA's DGX A100 setting).
-    micro_batch_80gb: int
+    #: Per-device micro-batch on the recipe's hardware: 80 GB GPUs in fp16/bf16 for BERT-large (NVIDIA's DGX A100
+    #: setting), a CPU for tiny.
+    micro_batch: int
     source: str
+    base_steps: int | None = None
+    epochs: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.base_steps is None) == (self.epochs is None):
+            raise SettingError(
+                "base_steps", "or epochs must be given, exactly one of them", (self.base_steps, self.epochs)
+            )
 
     @property
-    def dataset_size(self) -> int:
-        return self.base_batch_size * self.base_steps
+    def dataset_size(self) -> int | None:
+        return None if self.base_steps is None else self.base_batch_size * self.base_steps
 
     def config(self) -> LegwConfig:
         return LegwConfig(
@@ -58,9 +68,11 @@ class PretrainingPhase:
         )
 
     def length(self, dataset_size: int | None = None) -> dict[str, float | int]:
-        """The plan settings of the phase's length: its sequences seen, as epochs of ``dataset_size`` sequences."""
+        """The plan settings of the phase's length: its epochs of ``dataset_size`` sequences."""
         size = self.dataset_size if dataset_size is None else dataset_size
-        return {"dataset_size": size, "epochs": self.dataset_size / size}
+        if size is None:
+            raise SettingError("dataset_size", f"is required by recipe {self.name!r}, whose length is in epochs", None)
+        return {"dataset_size": size, "epochs": self.epochs if self.base_steps is None else self.dataset_size / size}
 
     def plan(self, batch_size: int, dataset_size: int | None = None) -> LegwPlan:
         """The LEGW plan of this phase at global batch ``batch_size`` (same epochs as the base run)."""
@@ -89,7 +101,7 @@ PHASES: dict[str, PretrainingPhase] = {
             base_steps=7038,
             power=0.5,
             global_batches=(65536, 32768),
-            micro_batch_80gb=64,
+            micro_batch=64,
             source=_NVIDIA,
         ),
         PretrainingPhase(
@@ -102,10 +114,57 @@ PHASES: dict[str, PretrainingPhase] = {
             base_steps=1563,
             power=0.5,
             global_batches=(32768,),
-            micro_batch_80gb=16,
+            micro_batch=16,
             source=_NVIDIA,
         ),
     )
+}
+
+
+_TINY = (
+    "legw_hf's CPU recipe for BERT-tiny (2 layers, hidden 128) on the embedded corpus: NVIDIA's phase structure "
+    "(seq 128 then a longer seq, re-warmup, poly 0.5 decay, LAMB) scaled down; base settings tuned at global batch "
+    "128 on 2 CPU cores, run at 512 with LEGW"
+)
+
+PHASES.update(
+    {
+        phase.name: phase
+        for phase in (
+            PretrainingPhase(
+                name="tiny-phase1",
+                seq_len=128,
+                max_predictions_per_seq=20,
+                base_batch_size=128,
+                base_lr=5e-3,
+                base_warmup_steps=4,
+                epochs=8,
+                power=0.5,
+                global_batches=(512,),
+                micro_batch=64,
+                source=_TINY,
+            ),
+            PretrainingPhase(
+                name="tiny-phase2",
+                seq_len=256,
+                max_predictions_per_seq=40,
+                base_batch_size=128,
+                base_lr=3e-3,
+                base_warmup_steps=1,
+                epochs=4,
+                power=0.5,
+                global_batches=(512,),
+                micro_batch=32,
+                source=_TINY,
+            ),
+        )
+    }
+)
+
+#: Two-phase recipes by name, for ``legw-hf pretrain --recipe``.
+RECIPES: dict[str, tuple[str, str]] = {
+    "tiny": ("tiny-phase1", "tiny-phase2"),
+    "bert-large": ("bert-large-phase1", "bert-large-phase2"),
 }
 
 

@@ -1,0 +1,152 @@
+"""The phases of a pretraining run: their settings, and the Trainer that starts a phase from the previous one."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from ..errors import SettingError
+from ..integrations.trainer import LegwTrainer
+from ..optim import layerwise_optimizer_of
+from ..optim.phases import continue_from_phase, restart_step_counts
+from ..plan import LegwConfig, LegwPlan
+from ..recipes import PretrainingPhase
+from ..schedules import PolynomialOfRun
+
+logger = logging.getLogger(__name__)
+
+COMPLETE = "phase_complete.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PhaseSettings:
+    """One phase as this run trains it: the recipe's settings with the command line's overrides."""
+
+    name: str
+    seq_len: int
+    max_predictions: int
+    global_batch_size: int
+    per_device_batch_size: int
+    base_batch_size: int
+    base_lr: float
+    base_warmup_steps: float
+    power: float
+    recipe: PretrainingPhase
+
+    def gradient_accumulation(self, world_size: int, field_prefix: str) -> int:
+        """Micro-batches per update so that micro-batch × accumulation × processes is the global batch."""
+        per_update = self.per_device_batch_size * world_size
+        if self.global_batch_size % per_update:
+            raise SettingError(
+                f"{field_prefix}global_batch_size",
+                f"must be a multiple of per-device batch × processes = {self.per_device_batch_size} × {world_size} = "
+                f"{per_update}, so gradient accumulation reaches it exactly",
+                self.global_batch_size,
+            )
+        return self.global_batch_size // per_update
+
+    def config(self) -> LegwConfig:
+        return LegwConfig(
+            base_batch_size=self.base_batch_size,
+            base_lr=self.base_lr,
+            base_warmup_steps=self.base_warmup_steps,
+            decay=PolynomialOfRun(power=self.power),
+        )
+
+    def plan(self, dataset_size: int, steps_per_epoch: int) -> LegwPlan:
+        try:
+            return self.config().plan(
+                batch_size=self.global_batch_size, steps_per_epoch=steps_per_epoch, **self.recipe.length(dataset_size)
+            )
+        except SettingError as error:
+            flag = _PLAN_FLAG.get(error.field, error.field)
+            raise error.renamed(f"{self.name}_{flag}") from None
+
+
+# Plan setting -> this phase's flag suffix, so a plan error names the flag to change.
+_PLAN_FLAG = {"batch_size": "global_batch_size", "decay": "power", "power": "power"}
+
+
+def trainer_steps_per_epoch(dataset_size: int, per_device: int, accumulation: int, world_size: int) -> int:
+    """Updates per epoch as Trainer counts them: each process's dataloader batches (the sampler pads the dataset to
+    a multiple of the processes), then whole or partial accumulation windows."""
+    batches = math.ceil(math.ceil(dataset_size / world_size) / per_device)
+    return max(math.ceil(batches / accumulation), 1)
+
+
+class SaveAtPhaseEnd(TrainerCallback):
+    """Save a full checkpoint (weights, optimizer, scheduler) at a phase's last update, whatever ``save_steps``
+    is: the next phase starts from its moments, and a later run resumes from it."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_save = True
+
+
+class PhaseTrainer(LegwTrainer):
+    """A :class:`~legw_hf.LegwTrainer` whose optimizer starts from the previous phase's checkpoint ``carry_from``:
+    its moments, with the step counts restarted (:func:`~legw_hf.optim.phases.continue_from_phase`), unless the
+    phase itself is being resumed from one of its own checkpoints."""
+
+    def __init__(self, *args: Any, carry_from: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.carry_from = carry_from
+        if carry_from is not None:
+            self.add_callback(_StartFromPreviousPhase(self))
+
+    def start_from_previous_phase(self) -> None:
+        if self.is_deepspeed_enabled:
+            # The engine holds the (partitioned) moments: let it read its own checkpoint, without the old scheduler.
+            self.model_wrapped.load_checkpoint(
+                self.carry_from, load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=True
+            )
+            client = layerwise_optimizer_of(self.optimizer) or _client_optimizer(self.optimizer)
+            reset = restart_step_counts(client)
+        else:
+            saved = torch.load(Path(self.carry_from) / "optimizer.pt", map_location="cpu", weights_only=True)
+            reset = continue_from_phase(self.optimizer, saved)
+        logger.info(
+            "Optimizer moments carried over from %s; step counts of %d tensors restarted", self.carry_from, reset
+        )
+
+
+class _StartFromPreviousPhase(TrainerCallback):
+    """Trainer has built (and, under DeepSpeed, wrapped) the optimizer by ``on_train_begin``; a phase resumed from
+    its own checkpoint (``global_step`` > 0) already has its moments."""
+
+    def __init__(self, trainer: PhaseTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            self.trainer.start_from_previous_phase()
+
+
+def _client_optimizer(optimizer: Any) -> Any:
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def mark_complete(phase_dir: Path, checkpoint: Path, plan: LegwPlan) -> None:
+    record = {"checkpoint": checkpoint.name, "plan": plan.to_dict()}
+    partial = phase_dir / f".{COMPLETE}.partial"
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    partial.replace(phase_dir / COMPLETE)
+
+
+def completed_checkpoint(phase_dir: Path) -> Path | None:
+    """The checkpoint a finished phase ended with, or None while it is unfinished."""
+    try:
+        record = json.loads((phase_dir / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return None
+    checkpoint = phase_dir / record["checkpoint"]
+    return checkpoint if checkpoint.is_dir() else None

@@ -1,0 +1,571 @@
+"""``legw-hf pretrain``: two-phase BERT pretraining with LEGW and LAMB, from raw text to an evaluated, averaged model.
+
+    legw-hf pretrain                                   # tiny BERT on the embedded corpus, 2 CPU cores, < 10 min
+    legw-hf pretrain --train_file a.txt --validation_file b.txt --model_size mini --output_dir runs/mini
+    torchrun --nproc_per_node 8 -m legw_hf.pretraining --recipe bert-large --deepspeed zero1-bf16.json --bf16 ...
+
+The same program runs as ``python -m legw_hf.pretraining`` and ``python examples/pretrain_bert.py``. Every Trainer
+flag works, except those a phase owns (its batch, LR, warmup and length), which are the ``--phase1_*`` /
+``--phase2_*`` flags; their defaults are the recipe's (:mod:`legw_hf.recipes`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field, make_dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+import transformers
+from transformers import BertForMaskedLM, HfArgumentParser, PreTrainedTokenizerFast, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..averaging import average_checkpoints
+from ..errors import SettingError
+from ..integrations.trainer import LegwTrainingArguments, changed_fields, follow_trainer_log_level
+from ..plan import Phase, PhasedPlan
+from ..recipes import RECIPES, phase as recipe_phase
+from .data import PreparedText, load_text, train_wordpiece
+from .evaluation import masked_lm_metrics, token_scores
+from .masking import MaskingCollator, MaskingRule
+from .model import MAX_POSITIONS, MODEL_SIZES, bert_config
+from .phases import (
+    PhaseSettings,
+    PhaseTrainer,
+    SaveAtPhaseEnd,
+    completed_checkpoint,
+    mark_complete,
+    trainer_steps_per_epoch,
+)
+
+logger = logging.getLogger("legw_hf.pretraining")
+
+RUN_RECORD = "pretraining_run.json"
+PHASE_NAMES = ("phase1", "phase2")
+
+#: Trainer flags a phase sets from its own settings; giving one is an error that names the phase flag instead.
+PHASE_OWNED = {
+    "learning_rate": "base_lr",
+    "per_device_train_batch_size": "per_device_batch_size",
+    "gradient_accumulation_steps": "global_batch_size (accumulation follows from it)",
+    "num_train_epochs": "epochs",
+    "max_steps": "epochs",
+    "legw_base_batch_size": "base_batch_size",
+    "legw_base_warmup_epochs": "base_warmup_steps",
+    "legw_base_warmup_steps": "base_warmup_steps",
+    "legw_global_batch_size": "global_batch_size",
+    "legw_decay": "power (the recipe's decay is NVIDIA's polynomial of the phase's progress)",
+    "legw_power": "power",
+}
+
+#: Trainer defaults this program changes (still overridable on the command line).
+PROGRAM_DEFAULTS = {
+    "output_dir": "runs/pretrain",
+    "legw_optimizer": "lamb",
+    "legw_optimizer_preset": "nvidia",
+    "weight_decay": 0.01,
+    "logging_steps": 1,
+    "eval_strategy": "steps",
+    "save_strategy": "no",
+    "report_to": "none",
+    "dataloader_drop_last": False,
+    "seed": 42,
+}
+
+
+@dataclass
+class PretrainingArguments:
+    recipe: Literal[tuple(RECIPES)] = field(
+        default="tiny", metadata={"help": "Phase settings: tiny (CPU, minutes) or bert-large (NVIDIA's LAMB recipe)."}
+    )
+    model_size: Literal[tuple(MODEL_SIZES)] | None = field(
+        default=None, metadata={"help": "BERT size (default: the recipe's, tiny or large)."}
+    )
+    train_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Text file: one document per line, or blank-line separated. Default: the embedded offline corpus."
+        },
+    )
+    validation_file: str | None = field(default=None, metadata={"help": "Text file of validation documents."})
+    dataset_name: str | None = field(default=None, metadata={"help": "A datasets dataset (needs its hub or cache)."})
+    dataset_config_name: str | None = field(default=None)
+    text_column: str = field(default="text", metadata={"help": "Text column of --dataset_name."})
+    documents: Literal["auto", "line", "paragraph"] = field(
+        default="auto", metadata={"help": "How text files hold documents (auto: paragraphs if blank lines)."}
+    )
+    validation_split_percentage: int = field(
+        default=5, metadata={"help": "Validation share of the training documents when no validation split is given."}
+    )
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "A local tokenizer directory (default: train WordPiece on the training text)."}
+    )
+    vocab_size: int | None = field(default=None, metadata={"help": "WordPiece vocabulary (tiny 4096, large 30522)."})
+    max_document_tokens: int | None = field(
+        default=None, metadata={"help": "Drop documents longer than this, once (Popel & Bojar)."}
+    )
+    whole_word_mask: bool = field(default=True, metadata={"help": "Mask whole words, not single WordPieces."})
+    mlm_probability: float = field(default=0.15)
+    preprocessing_cache_dir: str | None = field(
+        default=None, metadata={"help": "Where preprocessing results are cached (default: datasets' cache)."}
+    )
+    min_validation_sequences: int = field(default=8, metadata={"help": "Fewest validation sequences per phase."})
+    average_last: int = field(default=4, metadata={"help": "Average the last N phase-2 checkpoints (0: none)."})
+    average_interval: int | None = field(
+        default=None, metadata={"help": "Phase-2 updates between the checkpoints kept for averaging."}
+    )
+    auto_micro_batch: bool = field(
+        default=False, metadata={"help": "Find the largest per-device micro-batch that fits, per phase."}
+    )
+    auto_micro_batch_margin: float = field(
+        default=0.1, metadata={"help": "Memory kept free by --auto_micro_batch, as a fraction of the device's."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start a new run in an output_dir holding another run (its files are moved aside)."},
+    )
+    plots: bool = field(default=True, metadata={"help": "Write PNG plots of the LR and the losses."})
+
+
+_PHASE_FIELDS = (
+    ("seq_len", int, "sequence length"),
+    ("max_predictions", int, "most masked tokens per sequence"),
+    ("global_batch_size", int, "sequences per update, all processes"),
+    ("per_device_batch_size", int, "micro-batch per process"),
+    ("base_batch_size", int, "LEGW base batch"),
+    ("base_lr", float, "peak LR at the base batch"),
+    ("base_warmup_steps", float, "warmup at the base batch, in its steps"),
+    ("epochs", float, "epochs of the phase's packed data"),
+    ("power", float, "exponent of the polynomial decay"),
+)
+
+PhaseArguments = make_dataclass(
+    "PhaseArguments",
+    [
+        (f"phase{n}_{name}", kind | None, field(default=None, metadata={"help": f"Phase {n}: {text} (recipe's)."}))
+        for n in (1, 2)
+        for name, kind, text in _PHASE_FIELDS
+    ],
+)
+PhaseArguments.__doc__ = "Per-phase overrides of the recipe's settings: --phase1_* and --phase2_*."
+
+
+def _phase_settings(recipe: str, overrides: Any) -> list[PhaseSettings]:
+    phases = []
+    for n, name in enumerate(RECIPES[recipe], start=1):
+        base = recipe_phase(name)
+        value = {key: getattr(overrides, f"phase{n}_{key}") for key, _, _ in _PHASE_FIELDS}
+        defaults = {
+            "seq_len": base.seq_len,
+            "max_predictions": base.max_predictions_per_seq,
+            "global_batch_size": base.global_batches[0],
+            "per_device_batch_size": base.micro_batch,
+            "base_batch_size": base.base_batch_size,
+            "base_lr": base.base_lr,
+            "base_warmup_steps": base.base_warmup_steps,
+            "power": base.power,
+        }
+        settled = {key: default if value[key] is None else value[key] for key, default in defaults.items()}
+        for key in ("seq_len", "max_predictions", "global_batch_size", "per_device_batch_size", "base_batch_size"):
+            if settled[key] < 1:
+                raise SettingError(f"phase{n}_{key}", "must be an integer >= 1", settled[key])
+        for key in ("base_lr", "power"):
+            if not settled[key] > 0:
+                raise SettingError(f"phase{n}_{key}", "must be > 0", settled[key])
+        if settled["base_warmup_steps"] < 0:
+            raise SettingError(f"phase{n}_base_warmup_steps", "must be >= 0", settled["base_warmup_steps"])
+        if settled["seq_len"] > MAX_POSITIONS:
+            raise SettingError(
+                f"phase{n}_seq_len", f"must be at most the model's {MAX_POSITIONS} positions", settled["seq_len"]
+            )
+        if settled["seq_len"] < 8:
+            raise SettingError(f"phase{n}_seq_len", "must be at least 8", settled["seq_len"])
+        if settled["max_predictions"] >= settled["seq_len"]:
+            raise SettingError(
+                f"phase{n}_max_predictions",
+                f"must be below phase{n}_seq_len ({settled['seq_len']})",
+                settled["max_predictions"],
+            )
+        if value["epochs"] is not None:
+            if not value["epochs"] > 0:
+                raise SettingError(f"phase{n}_epochs", "must be > 0", value["epochs"])
+            base = dataclasses.replace(base, base_steps=None, epochs=value["epochs"])
+        phases.append(PhaseSettings(name=f"phase{n}", recipe=base, **settled))
+    return phases
+
+
+def _refuse_phase_owned(training_args: LegwTrainingArguments) -> None:
+    defaults = {**{f.name: f.default for f in dataclasses.fields(LegwTrainingArguments)}, **PROGRAM_DEFAULTS}
+    for name in changed_fields(training_args, tuple(PHASE_OWNED), defaults):
+        raise SettingError(
+            name,
+            f"is set per phase by this program: use --phase1_{PHASE_OWNED[name]} / --phase2_{PHASE_OWNED[name]}",
+            getattr(training_args, name),
+        )
+    if training_args.resume_from_checkpoint:
+        raise SettingError(
+            "resume_from_checkpoint",
+            "is not needed: run again with the same --output_dir and the run resumes from its last checkpoint",
+            training_args.resume_from_checkpoint,
+        )
+
+
+# ---------------------------------------------------------------------------------------------- output directory
+def _run_identity(run_args: PretrainingArguments, phases: list[PhaseSettings], training_args: Any) -> dict:
+    """What makes two invocations the same run (so the second may resume the first)."""
+    kept = {
+        k: v
+        for k, v in dataclasses.asdict(run_args).items()
+        if k not in ("overwrite_output_dir", "plots", "preprocessing_cache_dir", "auto_micro_batch_margin")
+    }
+    return {
+        "program": "legw-hf pretrain",
+        "arguments": kept,
+        "phases": [
+            {k: v for k, v in dataclasses.asdict(p).items() if k not in ("recipe", "per_device_batch_size")}
+            | {"length": p.recipe.epochs if p.recipe.base_steps is None else {"base_steps": p.recipe.base_steps}}
+            for p in phases
+        ],
+        "seed": training_args.seed,
+        "optimizer": [training_args.legw_optimizer, training_args.legw_optimizer_preset, training_args.weight_decay],
+    }
+
+
+def _claim_output_dir(output_dir: Path, identity: dict, overwrite: bool) -> bool:
+    """Whether ``output_dir`` holds this same run (True: resume it). Refuses another run or foreign files unless
+    ``overwrite``, which moves them into ``replaced-<UTC time>/`` rather than deleting anything."""
+    if not output_dir.exists() or not any(output_dir.iterdir()):
+        return False
+    try:
+        saved = json.loads((output_dir / RUN_RECORD).read_text())
+    except (OSError, ValueError):
+        saved = None
+    if saved == json.loads(json.dumps(identity)):
+        return True
+    if not overwrite:
+        if saved is None:
+            why = f"holds files that are not a legw-hf pretrain run (no {RUN_RECORD})"
+        else:
+            diff = sorted(
+                k for k in set(saved) | set(identity) if saved.get(k) != json.loads(json.dumps(identity)).get(k)
+            )
+            why = f"holds a different pretraining run (differs in: {', '.join(diff)})"
+        raise SettingError(
+            "output_dir",
+            f"{why}; choose another --output_dir, or pass --overwrite_output_dir to move its contents aside "
+            "(nothing is deleted)",
+            str(output_dir),
+        )
+    aside = output_dir / f"replaced-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}"
+    aside.mkdir()
+    for entry in list(output_dir.iterdir()):
+        if entry != aside and not entry.name.startswith("replaced-"):
+            shutil.move(str(entry), aside / entry.name)
+    logger.warning("Moved the previous contents of %s into %s", output_dir, aside)
+    return False
+
+
+def _write_json(path: Path, data: Any) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    partial.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------------- the run
+@dataclass
+class _PhaseRun:
+    settings: PhaseSettings
+    train: datasets.Dataset
+    validation: datasets.Dataset
+    rule: MaskingRule
+    accumulation: int
+    micro_batch_note: str = ""
+
+
+def _setup_logging(training_args: Any) -> None:
+    # As transformers' example scripts: basicConfig() with no level, transformers and datasets follow --log_level.
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler(sys.stdout)])
+    if training_args.should_log:
+        transformers.utils.logging.set_verbosity_info()
+    level = training_args.get_process_log_level()
+    datasets.utils.logging.set_verbosity(max(level, logging.WARNING))
+    transformers.utils.logging.set_verbosity(level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+    follow_trainer_log_level(training_args)
+
+
+def parse(argv: list[str] | None) -> tuple[PretrainingArguments, Any, LegwTrainingArguments]:
+    parser = HfArgumentParser((PretrainingArguments, PhaseArguments, LegwTrainingArguments))
+    parser.set_defaults(**PROGRAM_DEFAULTS)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run_args, phase_args, training_args = parse(argv)
+        return pretrain(run_args, phase_args, training_args)
+    except SettingError as error:
+        print(f"legw-hf pretrain: error: {error}", file=sys.stderr)
+        return 2
+
+
+def pretrain(run_args: PretrainingArguments, phase_args: Any, training_args: LegwTrainingArguments) -> int:
+    started = time.perf_counter()
+    _setup_logging(training_args)
+    _refuse_phase_owned(training_args)
+    phases = _phase_settings(run_args.recipe, phase_args)
+    world = training_args.world_size
+    accumulations = [p.gradient_accumulation(world, f"{p.name}_") for p in phases]
+    if run_args.average_last < 0:
+        raise SettingError("average_last", "must be >= 0", run_args.average_last)
+    if run_args.average_interval is not None and run_args.average_interval < 1:
+        raise SettingError("average_interval", "must be an integer >= 1", run_args.average_interval)
+    if not 0 <= run_args.auto_micro_batch_margin < 1:
+        raise SettingError("auto_micro_batch_margin", "must be in [0, 1)", run_args.auto_micro_batch_margin)
+    set_seed(training_args.seed)
+    output_dir = Path(training_args.output_dir)
+    cache_root = Path(
+        run_args.preprocessing_cache_dir or Path(datasets.config.HF_DATASETS_CACHE) / "legw_hf_pretraining"
+    )
+
+    with training_args.main_process_first(desc="preprocessing"):
+        text = load_text(
+            train_file=run_args.train_file,
+            validation_file=run_args.validation_file,
+            dataset_name=run_args.dataset_name,
+            dataset_config_name=run_args.dataset_config_name,
+            text_column=run_args.text_column,
+            validation_split_percentage=run_args.validation_split_percentage,
+            documents=run_args.documents,
+            corpus_dir=cache_root / "embedded-corpus",
+        )
+        vocab_size = run_args.vocab_size or (4096 if run_args.recipe == "tiny" else 30522)
+        if run_args.tokenizer_name is not None:
+            if not Path(run_args.tokenizer_name).is_dir():
+                raise SettingError("tokenizer_name", "must be a local tokenizer directory", run_args.tokenizer_name)
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(run_args.tokenizer_name)
+        else:
+            tokenizer = train_wordpiece(text.train, vocab_size, cache_root / f"wordpiece-{text.identity}-{vocab_size}")
+        prepared = {
+            split: PreparedText(
+                documents,
+                tokenizer,
+                split=split,
+                max_document_tokens=run_args.max_document_tokens,
+                cache_dir=cache_root,
+            )
+            for split, documents in (("train", text.train), ("validation", text.validation))
+        }
+        runs = []
+        for settings, accumulation in zip(phases, accumulations, strict=True):
+            rule = MaskingRule(run_args.mlm_probability, settings.max_predictions, run_args.whole_word_mask)
+            train = prepared["train"].packed(settings.seq_len)
+            validation = prepared["validation"].masked(settings.seq_len, rule, training_args.seed)
+            if len(train) == 0:
+                raise SettingError(
+                    "train_file",
+                    f"gives no sequence of {settings.seq_len} tokens for {settings.name}",
+                    text.description,
+                )
+            if len(validation) < run_args.min_validation_sequences:
+                raise SettingError(
+                    "validation_file" if run_args.validation_file else "validation_split_percentage",
+                    f"gives {len(validation)} validation sequences of {settings.seq_len} tokens for {settings.name}, "
+                    f"fewer than --min_validation_sequences {run_args.min_validation_sequences}: too small to "
+                    "evaluate; give more validation text",
+                    run_args.validation_file or run_args.validation_split_percentage,
+                )
+            runs.append(_PhaseRun(settings, train, validation, rule, accumulation))
+    reused = sorted({f"{split}:{step}" for split, p in prepared.items() for step in p.reused})
+    logger.info(
+        "Data: %s; %s",
+        text.description,
+        ", ".join(
+            f"{split} {p.documents} documents / {p.tokens} tokens"
+            + (
+                f" ({p.dropped_documents} over {run_args.max_document_tokens} tokens dropped)"
+                if run_args.max_document_tokens
+                else ""
+            )
+            for split, p in prepared.items()
+        ),
+    )
+    logger.info("Preprocessing reused from the cache in %s: %s", cache_root, ", ".join(reused) or "nothing")
+
+    model_size = run_args.model_size or ("tiny" if run_args.recipe == "tiny" else "large")
+    config = bert_config(model_size, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+
+    if run_args.auto_micro_batch:
+        from ..largest_batch import fit_micro_batch
+
+        for run in runs:
+            found = fit_micro_batch(
+                lambda: BertForMaskedLM(config),
+                seq_len=run.settings.seq_len,
+                vocab_size=len(tokenizer),
+                per_process_batch=run.settings.global_batch_size // world,
+                device=training_args.device,
+                margin=run_args.auto_micro_batch_margin,
+                field=f"{run.settings.name}_global_batch_size",
+            )
+            run.settings = dataclasses.replace(run.settings, per_device_batch_size=found.micro_batch)
+            run.accumulation = run.settings.gradient_accumulation(world, f"{run.settings.name}_")
+            run.micro_batch_note = f" (--auto_micro_batch: {found.describe()})"
+
+    plan = PhasedPlan(
+        tuple(
+            Phase(
+                run.settings.name,
+                run.settings.plan(
+                    len(run.train),
+                    trainer_steps_per_epoch(
+                        len(run.train), run.settings.per_device_batch_size, run.accumulation, world
+                    ),
+                ),
+            )
+            for run in runs
+        )
+    )
+    phase2_steps = plan.phases[1].plan.total_steps
+    if run_args.average_last > phase2_steps:
+        raise SettingError("average_last", f"must be at most phase 2's {phase2_steps} updates", run_args.average_last)
+    interval = run_args.average_interval or max(1, phase2_steps // (2 * max(run_args.average_last, 1)))
+    if run_args.average_last and (run_args.average_last - 1) * interval >= phase2_steps:
+        raise SettingError(
+            "average_interval",
+            f"leaves fewer than --average_last {run_args.average_last} checkpoints in phase 2's {phase2_steps} updates",
+            interval,
+        )
+
+    identity = _run_identity(run_args, phases, training_args)
+    for run, phase in zip(runs, plan.phases, strict=True):
+        s = run.settings
+        logger.info(
+            "%s: seq %d (%d predictions), %d sequences; global batch %d = %d per device x %d accumulation x %d "
+            "processes%s; %s",
+            s.name,
+            s.seq_len,
+            s.max_predictions,
+            len(run.train),
+            s.global_batch_size,
+            s.per_device_batch_size,
+            run.accumulation,
+            world,
+            run.micro_batch_note,
+            phase.plan.describe(),
+        )
+    with training_args.main_process_first(desc="claiming the output directory"):
+        if training_args.should_save:
+            if _claim_output_dir(output_dir, identity, run_args.overwrite_output_dir):
+                logger.info("%s holds this run: resuming it", output_dir)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            _write_json(output_dir / RUN_RECORD, identity)
+            _write_json(output_dir / "pretraining_plan.json", plan.to_dict())
+
+    history, timings = [], {}
+    model: BertForMaskedLM | None = None
+    carry: str | None = None
+    trainer = None
+    for index, (run, phase) in enumerate(zip(runs, plan.phases, strict=True)):
+        phase_dir = output_dir / run.settings.name
+        done = completed_checkpoint(phase_dir)
+        args = _phase_arguments(training_args, run, phase, phase_dir, index == len(runs) - 1, run_args, interval)
+        if done is not None:
+            logger.info("%s already finished (%s)", run.settings.name, done)
+            carry, model = str(done), None
+            history.append(_saved_history(done))
+            continue
+        if model is None:
+            model = BertForMaskedLM.from_pretrained(carry) if carry else BertForMaskedLM(config)
+        trainer = PhaseTrainer(
+            model=model,
+            args=args,
+            train_dataset=run.train,
+            eval_dataset=run.validation,
+            data_collator=MaskingCollator(tokenizer, run.rule, training_args.seed + index),
+            processing_class=tokenizer,
+            compute_metrics=masked_lm_metrics,
+            preprocess_logits_for_metrics=token_scores,
+            callbacks=[SaveAtPhaseEnd()],
+            carry_from=carry,
+        )
+        began = time.perf_counter()
+        trainer.train(resume_from_checkpoint=get_last_checkpoint(str(phase_dir)) if phase_dir.is_dir() else None)
+        timings[run.settings.name] = time.perf_counter() - began
+        if trainer.lr_scheduler.plan.to_dict() != phase.plan.to_dict():
+            raise RuntimeError(f"{run.settings.name} trained with another plan than the one printed")
+        last = phase_dir / f"checkpoint-{trainer.state.global_step}"
+        if trainer.is_world_process_zero():
+            mark_complete(phase_dir, last, phase.plan)
+        history.append(trainer.state.log_history)
+        carry, model = str(last), trainer.model
+
+    final = Path(carry)
+    report = _evaluate_and_report(
+        training_args, run_args, runs, final, output_dir, tokenizer, plan, history, timings, started, interval
+    )
+    if training_args.should_save:
+        print(report)
+    return 0
+
+
+def _phase_arguments(training_args, run, phase, phase_dir, is_last, run_args, interval):
+    total = phase.plan.total_steps
+    changes = {
+        "output_dir": str(phase_dir),
+        "learning_rate": run.settings.base_lr,
+        "per_device_train_batch_size": run.settings.per_device_batch_size,
+        "gradient_accumulation_steps": run.accumulation,
+        "num_train_epochs": phase.plan.epochs,
+        "legw_base_batch_size": run.settings.base_batch_size,
+        "legw_base_warmup_steps": run.settings.base_warmup_steps,
+        "legw_decay": "poly_run",
+        "legw_power": run.settings.power,
+        "legw_global_batch_size": run.settings.global_batch_size,
+    }
+    if training_args.eval_strategy.value == "steps" and training_args.eval_steps is None:
+        changes["eval_steps"] = max(1, total // 8)
+    if is_last and run_args.average_last:
+        changes.update(save_strategy="steps", save_steps=interval, save_total_limit=run_args.average_last)
+    return dataclasses.replace(training_args, **changes)
+
+
+def _saved_history(checkpoint: Path) -> list[dict]:
+    try:
+        return json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def _evaluate_and_report(
+    training_args, run_args, runs, final, output_dir, tokenizer, plan, history, timings, started, interval
+) -> str:
+    from .report import evaluate_models, render_report, write_plots
+
+    models = {"last": final}
+    if run_args.average_last:
+        averaged = output_dir / "averaged"
+        with training_args.main_process_first(desc="averaging checkpoints"):
+            if training_args.should_save and not averaged.exists():
+                average_checkpoints(final.parent, run_args.average_last, averaged)
+        models[f"averaged (last {run_args.average_last}, every {interval} updates)"] = averaged
+    results = evaluate_models(models, runs, training_args)
+    summary = {
+        "models": {name: str(path) for name, path in models.items()},
+        "validation": results,
+        "seconds": {**timings, "total": time.perf_counter() - started},
+        "plan": plan.to_dict(),
+    }
+    if training_args.should_save:
+        _write_json(output_dir / "report.json", summary)
+        if run_args.plots:
+            summary["plots"] = write_plots(output_dir, plan, history)
+    return render_report(summary, output_dir)

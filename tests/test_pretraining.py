@@ -1,0 +1,261 @@
+"""``legw-hf pretrain`` run as users run it (``python -m legw_hf.pretraining``), at a size that takes seconds: both
+phases, the LR of every update against NVIDIA's formula written out here, phase 2 starting from phase 1's moments,
+averaging, the report and plots, a run interrupted after phase 1 and resumed, and the bad inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from procs import python_env
+from safetensors.torch import load_file
+
+from legw_hf.corpus import stdlib_docstrings
+from legw_hf.pretraining.program import main
+
+PHASES = {
+    # seq, predictions, global batch, per device, base batch, base LR, base warmup steps, epochs
+    "phase1": (32, 5, 32, 16, 16, 0.02, 4, 1),
+    "phase2": (64, 10, 32, 8, 16, 0.01, 2, 1),
+}
+KEYS = (
+    "seq_len",
+    "max_predictions",
+    "global_batch_size",
+    "per_device_batch_size",
+    "base_batch_size",
+    "base_lr",
+    "base_warmup_steps",
+    "epochs",
+)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("text")
+    docs = stdlib_docstrings()
+    (folder / "train.txt").write_text("".join(f"{d}\n" for d in docs[:240]))
+    (folder / "validation.txt").write_text("".join(f"{d}\n" for d in docs[240:300]))
+    (folder / "tiny-validation.txt").write_text(docs[300] + "\n")
+    return {
+        "train": folder / "train.txt",
+        "validation": folder / "validation.txt",
+        "tiny": folder / "tiny-validation.txt",
+        "cache": folder / "cache",
+    }
+
+
+def small_args(corpus, output_dir: Path, **changes: str) -> list[str]:
+    flags = {
+        "train_file": str(corpus["train"]),
+        "validation_file": str(corpus["validation"]),
+        "preprocessing_cache_dir": str(corpus["cache"]),
+        "output_dir": str(output_dir),
+        "vocab_size": "600",
+        "average_last": "3",
+        "average_interval": "2",
+        "disable_tqdm": "true",
+    }
+    for phase, values in PHASES.items():
+        flags.update({f"{phase}_{key}": str(value) for key, value in zip(KEYS, values, strict=True)})
+    flags.update(changes)
+    return [item for key, value in flags.items() for item in (f"--{key}", value)]
+
+
+def launch(args: list[str], **kwargs) -> subprocess.Popen:
+    env = {k: v for k, v in python_env().items() if k != "CI"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "legw_hf.pretraining", *args],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        **kwargs,
+    )
+
+
+def run_program(args: list[str]) -> str:
+    proc = launch(args)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-4000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def finished(corpus, tmp_path_factory) -> tuple[Path, str]:
+    output_dir = tmp_path_factory.mktemp("run") / "out"
+    return output_dir, run_program(small_args(corpus, output_dir))
+
+
+def nvidia_lr(update: int, *, peak: float, total: int, warmup_fraction: float, power: float = 0.5) -> float:
+    """NVIDIA's PolyWarmUpScheduler (DeepLearningExamples BERT) for the ``update``-th update (1-based) of a phase:
+    the schedule at the progress that update completes."""
+    progress = update / total
+    if progress < warmup_fraction:
+        return peak * progress / warmup_fraction
+    return peak * (1 - progress) ** power
+
+
+def test_both_phases_train_on_their_plan_and_the_report_compares_last_and_averaged(finished, corpus):
+    output_dir, output = finished
+    plan = json.loads((output_dir / "pretraining_plan.json").read_text())
+    sizes, histories = {}, {}
+    for phase in plan["phases"]:
+        name, p = phase["name"], phase["plan"]
+        _, _, batch, per_device, base_batch, base_lr, base_warmup, epochs = PHASES[name]
+        sequences = p["dataset_size"]
+        sizes[name] = sequences
+        assert p["batch_size"] == batch and p["base_batch_size"] == base_batch
+        peak = base_lr * math.sqrt(batch / base_batch)
+        steps_per_epoch = math.ceil(sequences / batch)
+        total = math.ceil(epochs * steps_per_epoch)
+        warmup_fraction = base_warmup / math.ceil(sequences / base_batch) * (batch / base_batch) / epochs
+        history = json.loads((output_dir / name / f"checkpoint-{total}" / "trainer_state.json").read_text())
+        histories[name] = history["log_history"]
+        logged = {e["step"]: e["learning_rate"] for e in history["log_history"] if "learning_rate" in e}
+        assert sorted(logged) == list(range(1, total + 1))
+        for step, lr in logged.items():
+            expected = nvidia_lr(step, peak=peak, total=total, warmup_fraction=warmup_fraction)
+            assert lr == pytest.approx(expected, rel=1e-9, abs=1e-12), (name, step)
+        assert f"global batch {batch} = {per_device} per device x {batch // per_device} accumulation x 1" in output
+    assert f"phase1: seq 32 (5 predictions), {sizes['phase1']} sequences" in output
+    assert output.index("LEGW plan") < output.index("***** Running training *****")  # the plan comes first
+
+    report = json.loads((output_dir / "report.json").read_text())
+    assert set(report["models"]) == {"last", "averaged (last 3, every 2 updates)"}
+    first_eval = next(e["eval_mlm_loss"] for e in histories["phase1"] if "eval_mlm_loss" in e)
+    for results in report["validation"].values():
+        for metrics in results.values():
+            assert 0 <= metrics["accuracy"] <= 1 and metrics["perplexity"] == pytest.approx(
+                math.exp(metrics["mlm_loss"])
+            )
+    last = report["validation"]["last"]["phase2 (seq 64)"]["mlm_loss"]
+    assert last < first_eval - 0.5  # the validation loss fell clearly over the run
+    for plot in ("lr_schedule.png", "loss.png"):
+        assert (output_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "***** Pretraining report *****" in output and "averaged (last 3, every 2 updates)" in output
+
+
+def test_the_averaged_model_is_the_mean_of_the_last_checkpoints(finished):
+    output_dir, _ = finished
+    checkpoints = sorted((output_dir / "phase2").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert len(checkpoints) == 3 and all(
+        int(p.name.split("-")[1]) % 2 == 0 or p == checkpoints[-1] for p in checkpoints
+    )
+    weights = [load_file(p / "model.safetensors") for p in checkpoints]
+    averaged = load_file(output_dir / "averaged" / "model.safetensors")
+    for key, value in averaged.items():
+        expected = torch.stack([w[key].double() for w in weights]).mean(0).to(value.dtype)
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-7)
+
+
+def test_phase_2_starts_from_phase_1s_moments_with_the_step_count_restarted(finished):
+    output_dir, _ = finished
+    phase1_end = json.loads((output_dir / "phase1" / "phase_complete.json").read_text())["checkpoint"]
+    before = torch.load(output_dir / "phase1" / phase1_end / "optimizer.pt", weights_only=True)
+    phase2 = sorted((output_dir / "phase2").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[0]
+    steps = int(phase2.name.split("-")[1])
+    after = torch.load(phase2 / "optimizer.pt", weights_only=True)
+    beta2 = after["param_groups"][0]["betas"][1]
+    phase1_steps = int(phase1_end.split("-")[1])
+    for index, state in after["state"].items():
+        assert state["step"].item() == steps  # restarted: not phase1_steps + steps
+        assert before["state"][index]["step"].item() == phase1_steps
+        # v after s more updates is beta2^s v_carried + (non-negative new squares): a fresh v would be far below it.
+        floor = beta2**steps * before["state"][index]["exp_avg_sq"]
+        assert torch.all(state["exp_avg_sq"] >= floor * (1 - 1e-6))
+
+
+def test_a_run_stopped_after_phase_1_resumes_into_phase_2_and_ends_as_an_uninterrupted_run(finished, corpus, tmp_path):
+    uninterrupted, _ = finished
+    output_dir = tmp_path / "out"
+    args = small_args(corpus, output_dir)
+    proc = launch(args)
+    marker = output_dir / "phase1" / "phase_complete.json"
+    deadline = time.monotonic() + 300
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.kill()
+    proc.communicate()
+    assert marker.exists()
+    assert not list((output_dir / "phase2").glob("checkpoint-*"))  # stopped before phase 2 saved anything
+    assert not (output_dir / "report.json").exists()
+
+    output = run_program(args)
+    assert "holds this run: resuming it" in output and "phase1 already finished" in output
+    assert "Optimizer moments carried over from" in output
+    name = json.loads((uninterrupted / "phase2" / "phase_complete.json").read_text())["checkpoint"]
+    resumed = load_file(output_dir / "phase2" / name / "model.safetensors")
+    reference = load_file(uninterrupted / "phase2" / name / "model.safetensors")
+    for key in reference:
+        torch.testing.assert_close(resumed[key], reference[key], rtol=0, atol=0)
+
+
+def test_a_second_run_reuses_the_cached_preprocessing(finished, corpus, tmp_path):
+    del finished  # the module's first run made the cache (if another test had not); this run must find it
+    proc = launch(small_args(corpus, tmp_path / "again", phase1_epochs="0.1", phase2_epochs="0.2", average_last="0"))
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+    line = next(text for text in output.splitlines() if "Preprocessing reused from the cache" in text)
+    for step in ("train:tokenized", "train:packed-32", "train:packed-64", "validation:packed-64"):
+        assert step in line
+    assert "Reusing the WordPiece tokenizer" in output
+    assert "Tokenizing train documents" not in output
+
+
+# ----------------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"train_file": "/nonexistent/train.txt"}, "train_file must be an existing text file"),
+        ({"train_file": "EMPTY"}, "train_file must hold at least one non-blank document"),
+        (
+            {"validation_file": "TINY"},
+            "validation sequences of 32 tokens for phase1, fewer than --min_validation_sequences 8",
+        ),
+        ({"phase2_seq_len": "1024"}, "phase2_seq_len must be at most the model's 512 positions"),
+        ({"phase1_global_batch_size": "40"}, "phase1_global_batch_size must be a multiple of per-device batch"),
+        ({"learning_rate": "0.1"}, "learning_rate is set per phase by this program: use --phase1_base_lr"),
+        ({"average_last": "50"}, "average_last must be at most phase 2's"),
+        ({"phase1_base_warmup_steps": "1000"}, "phase1_base_warmup_steps must give a warmup shorter than training"),
+        ({"resume_from_checkpoint": "x"}, "resume_from_checkpoint is not needed"),
+    ],
+)
+def test_bad_input_is_refused_before_anything_is_written(corpus, tmp_path, capsys, changes, message):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    values = {"EMPTY": str(empty), "TINY": str(corpus["tiny"])}
+    changes = {key: values.get(value, value) for key, value in changes.items()}
+    output_dir = tmp_path / "out"
+    assert main(small_args(corpus, output_dir, **changes)) == 2
+    assert message in capsys.readouterr().err
+    assert not output_dir.exists()
+
+
+def test_an_output_directory_of_another_run_is_refused_and_left_as_it_is(finished, corpus, capsys):
+    output_dir, _ = finished
+    before = {p: p.stat().st_mtime_ns for p in output_dir.rglob("*")}
+    assert main(small_args(corpus, output_dir, phase1_base_lr="0.03")) == 2
+    error = capsys.readouterr().err
+    assert "output_dir holds a different pretraining run (differs in: phases)" in error
+    assert "--overwrite_output_dir" in error
+    assert {p: p.stat().st_mtime_ns for p in output_dir.rglob("*")} == before
+
+
+def test_foreign_files_are_moved_aside_only_when_told_to_overwrite(corpus, tmp_path, capsys):
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "notes.txt").write_text("mine")
+    args = small_args(corpus, output_dir, phase1_epochs="0.1", phase2_epochs="0.2", average_last="0", plots="false")
+    assert main(args) == 2
+    assert "output_dir holds files that are not a legw-hf pretrain run" in capsys.readouterr().err
+    assert (output_dir / "notes.txt").read_text() == "mine"
+    run_program([*args, "--overwrite_output_dir", "true"])
+    (aside,) = output_dir.glob("replaced-*")
+    assert (aside / "notes.txt").read_text() == "mine" and (output_dir / "report.json").is_file()
