@@ -2,7 +2,8 @@
 
 The LEGW version of a ``run_mlm.py``-style script differs from the plain one by the single import line
 marked ``# LEGW`` below; delete it and this is a plain Trainer script again. Everything runs offline: the
-WordPiece tokenizer is trained on the training file and the BERT model is built from a config.
+WordPiece tokenizer is trained on the training file (with legw_hf's helper) and the BERT model is built from a
+config. For the full two-phase pretraining job see ``examples/pretrain_bert.py``.
 
     python examples/run_mlm.py --output_dir runs/mlm --legw_base_batch_size 16 --learning_rate 1e-3 \\
         --legw_base_warmup_epochs 0.1 --per_device_train_batch_size 32 --num_train_epochs 2
@@ -17,7 +18,6 @@ from pathlib import Path
 
 import datasets
 import transformers
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     BertConfig,
     BertForMaskedLM,
@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from legw_hf import LegwTrainer as Trainer, LegwTrainingArguments as TrainingArguments  # noqa: F811  # LEGW
+from legw_hf.pretraining.data import wordpiece_tokenizer  # BERT's WordPiece, trained offline
 
 logger = logging.getLogger(__name__)
 
@@ -58,23 +59,8 @@ class DataTrainingArguments:
 
 
 def train_tokenizer(text_file: str, vocab_size: int) -> PreTrainedTokenizerFast:
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tokenizer.train([text_file], trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
-    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-    )
+    with open(text_file, encoding="utf-8") as lines:
+        return wordpiece_tokenizer(lines, vocab_size)
 
 
 def build_dataset(data_args: DataTrainingArguments, tokenizer: PreTrainedTokenizerFast) -> datasets.Dataset:

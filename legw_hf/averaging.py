@@ -2,9 +2,10 @@
 the weights of a run's last N Trainer checkpoints, written as a model directory ``from_pretrained`` loads.
 
 The checkpoints are read, never changed. Weights come from the checkpoint's safetensors files (one file, or shards
-with ``model.safetensors.index.json``); each floating tensor is averaged in float64 and stored in its own dtype, and
-any other tensor must be equal in every checkpoint. The configuration and tokenizer files of the newest checkpoint
-are copied beside the averaged weights.
+with ``model.safetensors.index.json``), or, for a DeepSpeed checkpoint without them (ZeRO-3 not gathering 16-bit
+weights at save), from DeepSpeed's own consolidation of its partitions (fp32); each floating tensor is averaged in
+float64 and stored in its own dtype, and any other tensor must be equal in every checkpoint. The configuration and
+tokenizer files of the newest checkpoint are copied beside the averaged weights.
 """
 
 from __future__ import annotations
@@ -43,17 +44,34 @@ def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     elif (checkpoint / "model.safetensors").is_file():
         files = ["model.safetensors"]
+    elif (checkpoint / "latest").is_file():
+        return deepspeed_checkpoint_weights(checkpoint)
     else:
         raise SettingError(
             "checkpoint",
-            "must hold safetensors model weights (model.safetensors or its shards); for a DeepSpeed ZeRO-3 "
-            "checkpoint without them, consolidate first with its zero_to_fp32.py",
+            "must hold safetensors model weights (model.safetensors or its shards) or a DeepSpeed checkpoint "
+            "(its 'latest' file and global_step folder)",
             str(checkpoint),
         )
     weights: dict[str, torch.Tensor] = {}
     for name in files:
         weights.update(load_file(checkpoint / name))
     return weights
+
+
+def deepspeed_checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a DeepSpeed ZeRO checkpoint without model files (ZeRO-3 saving no 16-bit weights),
+    consolidated from its partitions by DeepSpeed itself (``zero_to_fp32``)."""
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError:
+        raise SettingError(
+            "checkpoint",
+            "is a DeepSpeed checkpoint: reading it needs pip install 'legw_hf[deepspeed]'",
+            str(checkpoint),
+        ) from None
+    weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
+    return {key: value.detach().contiguous() for key, value in weights.items()}
 
 
 def average_checkpoints(run_dir: str | Path, last: int, output: str | Path | None = None) -> Path:

@@ -6,100 +6,26 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from procs import python_env
+from pretraining_run import PHASES, launch, nvidia_lr, run_program, small_args, write_corpus
 from safetensors.torch import load_file
 
-from legw_hf.corpus import stdlib_docstrings
 from legw_hf.pretraining.program import main
-
-PHASES = {
-    # seq, predictions, global batch, per device, base batch, base LR, base warmup steps, epochs
-    "phase1": (32, 5, 32, 16, 16, 0.02, 4, 1),
-    "phase2": (64, 10, 32, 8, 16, 0.01, 2, 1),
-}
-KEYS = (
-    "seq_len",
-    "max_predictions",
-    "global_batch_size",
-    "per_device_batch_size",
-    "base_batch_size",
-    "base_lr",
-    "base_warmup_steps",
-    "epochs",
-)
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("text")
-    docs = stdlib_docstrings()
-    (folder / "train.txt").write_text("".join(f"{d}\n" for d in docs[:240]))
-    (folder / "validation.txt").write_text("".join(f"{d}\n" for d in docs[240:300]))
-    (folder / "tiny-validation.txt").write_text(docs[300] + "\n")
-    return {
-        "train": folder / "train.txt",
-        "validation": folder / "validation.txt",
-        "tiny": folder / "tiny-validation.txt",
-        "cache": folder / "cache",
-    }
-
-
-def small_args(corpus, output_dir: Path, **changes: str) -> list[str]:
-    flags = {
-        "train_file": str(corpus["train"]),
-        "validation_file": str(corpus["validation"]),
-        "preprocessing_cache_dir": str(corpus["cache"]),
-        "output_dir": str(output_dir),
-        "vocab_size": "600",
-        "average_last": "3",
-        "average_interval": "2",
-        "disable_tqdm": "true",
-    }
-    for phase, values in PHASES.items():
-        flags.update({f"{phase}_{key}": str(value) for key, value in zip(KEYS, values, strict=True)})
-    flags.update(changes)
-    return [item for key, value in flags.items() for item in (f"--{key}", value)]
-
-
-def launch(args: list[str], **kwargs) -> subprocess.Popen:
-    env = {k: v for k, v in python_env().items() if k != "CI"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "legw_hf.pretraining", *args],
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        **kwargs,
-    )
-
-
-def run_program(args: list[str]) -> str:
-    proc = launch(args)
-    output, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, output[-4000:]
-    return output
+    return write_corpus(tmp_path_factory.mktemp("text"))
 
 
 @pytest.fixture(scope="module")
 def finished(corpus, tmp_path_factory) -> tuple[Path, str]:
     output_dir = tmp_path_factory.mktemp("run") / "out"
     return output_dir, run_program(small_args(corpus, output_dir))
-
-
-def nvidia_lr(update: int, *, peak: float, total: int, warmup_fraction: float, power: float = 0.5) -> float:
-    """NVIDIA's PolyWarmUpScheduler (DeepLearningExamples BERT) for the ``update``-th update (1-based) of a phase:
-    the schedule at the progress that update completes."""
-    progress = update / total
-    if progress < warmup_fraction:
-        return peak * progress / warmup_fraction
-    return peak * (1 - progress) ** power
 
 
 def test_both_phases_train_on_their_plan_and_the_report_compares_last_and_averaged(finished, corpus):
@@ -197,16 +123,22 @@ def test_a_run_stopped_after_phase_1_resumes_into_phase_2_and_ends_as_an_uninter
         torch.testing.assert_close(resumed[key], reference[key], rtol=0, atol=0)
 
 
-def test_a_second_run_reuses_the_cached_preprocessing(finished, corpus, tmp_path):
+def test_a_second_run_reuses_the_cached_preprocessing_and_can_pick_the_largest_micro_batch(finished, corpus, tmp_path):
     del finished  # the module's first run made the cache (if another test had not); this run must find it
-    proc = launch(small_args(corpus, tmp_path / "again", phase1_epochs="0.1", phase2_epochs="0.2", average_last="0"))
-    output, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, output[-3000:]
+    args = small_args(corpus, tmp_path / "again", phase1_epochs="0.1", phase2_epochs="0.2", average_last="0")
+    output = run_program([*args, "--auto_micro_batch", "true"])
     line = next(text for text in output.splitlines() if "Preprocessing reused from the cache" in text)
     for step in ("train:tokenized", "train:packed-32", "train:packed-64", "validation:packed-64"):
         assert step in line
     assert "Reusing the WordPiece tokenizer" in output
     assert "Tokenizing train documents" not in output
+    # On this machine's memory every divisor of the per-process batch fits: no accumulation is needed.
+    for phase, seq in (("phase1", 32), ("phase2", 64)):
+        line = next(text for text in output.splitlines() if f"{phase}: seq {seq} " in text)
+        assert (
+            "global batch 32 = 32 per device x 1 accumulation x 1 processes (--auto_micro_batch: micro-batch 32" in line
+        )
+        assert "tried 1, 2, 4, 8, 16, 32" in line
 
 
 # ----------------------------------------------------------------------------------------------------- bad input
@@ -259,3 +191,23 @@ def test_foreign_files_are_moved_aside_only_when_told_to_overwrite(corpus, tmp_p
     run_program([*args, "--overwrite_output_dir", "true"])
     (aside,) = output_dir.glob("replaced-*")
     assert (aside / "notes.txt").read_text() == "mine" and (output_dir / "report.json").is_file()
+
+
+def test_the_cli_subcommand_runs_the_same_program(corpus, tmp_path):
+    import subprocess
+    import sys
+
+    from procs import python_env
+
+    output_dir = tmp_path / "out"
+    args = small_args(corpus, output_dir, learning_rate="0.1")
+    result = subprocess.run(
+        [sys.executable, "-m", "legw_hf.cli", "pretrain", *args],
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "legw-hf pretrain: error: learning_rate is set per phase by this program" in result.stderr
+    assert not output_dir.exists()

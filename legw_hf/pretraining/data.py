@@ -130,31 +130,42 @@ def load_text(
     return TextSource(loaded["train"], loaded["validation"], description)
 
 
-def train_wordpiece(documents: datasets.Dataset, vocab_size: int, directory: Path) -> PreTrainedTokenizerFast:
-    """A lowercasing BERT WordPiece tokenizer trained on ``documents`` (reused from ``directory`` when there)."""
+def wordpiece_tokenizer(texts: Any, vocab_size: int) -> PreTrainedTokenizerFast:
+    """A lowercasing BERT WordPiece tokenizer (``[CLS] text [SEP]``) trained on ``texts`` (an iterator of strings or
+    of lists of strings), as a fast tokenizer with BERT's special tokens."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
     if vocab_size < len(SPECIAL_TOKENS) + 100:
         raise SettingError("vocab_size", f"must be at least {len(SPECIAL_TOKENS) + 100}", vocab_size)
-    saved = directory / "tokenizer.json"
-    if saved.is_file():
-        logger.info("Reusing the WordPiece tokenizer in %s", directory)
-        return _wrap(Tokenizer.from_file(str(saved)))
     tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS))
-    batches = (documents[i : i + 1000]["text"] for i in range(0, len(documents), 1000))
-    tokenizer.train_from_iterator(batches, trainer=trainer, length=len(documents))
+    tokenizer.train_from_iterator(
+        texts, trainer=trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS))
+    )
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
     )
+    return _wrap(tokenizer)
+
+
+def train_wordpiece(documents: datasets.Dataset, vocab_size: int, directory: Path) -> PreTrainedTokenizerFast:
+    """:func:`wordpiece_tokenizer` trained on ``documents``, saved in ``directory`` and reused from there."""
+    from tokenizers import Tokenizer
+
+    saved = directory / "tokenizer.json"
+    if saved.is_file():
+        logger.info("Reusing the WordPiece tokenizer in %s", directory)
+        return _wrap(Tokenizer.from_file(str(saved)))
+    tokenizer = wordpiece_tokenizer(
+        (documents[i : i + 1000]["text"] for i in range(0, len(documents), 1000)), vocab_size
+    )
     directory.mkdir(parents=True, exist_ok=True)
     partial = directory / "tokenizer.json.partial"
-    tokenizer.save(str(partial))
+    tokenizer.backend_tokenizer.save(str(partial))
     partial.replace(saved)
-    return _wrap(tokenizer)
+    return tokenizer
 
 
 def _wrap(tokenizer: Any) -> PreTrainedTokenizerFast:

@@ -4,8 +4,11 @@ Better" (2019) for tiny and mini, and Devlin et al. (2019) for base and large: l
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from transformers import BertConfig, BertForMaskedLM
 
+from ..averaging import checkpoint_weights
 from ..errors import SettingError
 
 #: size -> (layers, hidden)
@@ -28,5 +31,20 @@ def bert_config(size: str, *, vocab_size: int, pad_token_id: int, max_positions:
     )
 
 
-def new_bert(config: BertConfig) -> BertForMaskedLM:
-    return BertForMaskedLM(config)
+def bert_from_checkpoint(checkpoint: str | Path, config: BertConfig) -> BertForMaskedLM:
+    """The model a Trainer checkpoint holds: its model files, or (DeepSpeed ZeRO-3 without them) the weights
+    DeepSpeed consolidates from its partitions."""
+    checkpoint = Path(checkpoint)
+    if (checkpoint / "config.json").is_file() and any(checkpoint.glob("model*.safetensors")):
+        return BertForMaskedLM.from_pretrained(checkpoint)
+    model = BertForMaskedLM(config)
+    missing, unexpected = model.load_state_dict(checkpoint_weights(checkpoint), strict=False)
+    tied = {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+    if unexpected or set(missing) - tied:
+        raise SettingError(
+            "checkpoint",
+            f"must hold this model's weights (missing {missing[:5]}, unexpected {unexpected[:5]})",
+            str(checkpoint),
+        )
+    model.tie_weights()
+    return model

@@ -104,10 +104,14 @@ class PhaseTrainer(LegwTrainer):
     def start_from_previous_phase(self) -> None:
         if self.is_deepspeed_enabled:
             # The engine holds the (partitioned) moments: let it read its own checkpoint, without the old scheduler.
+            # It also restores the old param groups' settings (phase 1's last LR): this phase's are put back.
+            client = layerwise_optimizer_of(self.optimizer) or _client_optimizer(self.optimizer)
+            settings = [{k: v for k, v in group.items() if k != "params"} for group in client.param_groups]
             self.model_wrapped.load_checkpoint(
                 self.carry_from, load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=True
             )
-            client = layerwise_optimizer_of(self.optimizer) or _client_optimizer(self.optimizer)
+            for group, own in zip(client.param_groups, settings, strict=True):
+                group.update(own)
             reset = restart_step_counts(client)
         else:
             saved = torch.load(Path(self.carry_from) / "optimizer.pt", map_location="cpu", weights_only=True)

@@ -35,7 +35,7 @@ from ..recipes import RECIPES, phase as recipe_phase
 from .data import PreparedText, load_text, train_wordpiece
 from .evaluation import masked_lm_metrics, token_scores
 from .masking import MaskingCollator, MaskingRule
-from .model import MAX_POSITIONS, MODEL_SIZES, bert_config
+from .model import MAX_POSITIONS, MODEL_SIZES, bert_config, bert_from_checkpoint
 from .phases import (
     PhaseSettings,
     PhaseTrainer,
@@ -330,6 +330,13 @@ def pretrain(run_args: PretrainingArguments, phase_args: Any, training_args: Leg
         raise SettingError("average_interval", "must be an integer >= 1", run_args.average_interval)
     if not 0 <= run_args.auto_micro_batch_margin < 1:
         raise SettingError("auto_micro_batch_margin", "must be in [0, 1)", run_args.auto_micro_batch_margin)
+    if run_args.plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SettingError(
+                "plots", "needs matplotlib (pip install 'legw_hf[plot]'), or pass --plots false", True
+            ) from None
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     cache_root = Path(
@@ -484,7 +491,7 @@ def pretrain(run_args: PretrainingArguments, phase_args: Any, training_args: Leg
             history.append(_saved_history(done))
             continue
         if model is None:
-            model = BertForMaskedLM.from_pretrained(carry) if carry else BertForMaskedLM(config)
+            model = bert_from_checkpoint(carry, config) if carry else BertForMaskedLM(config)
         trainer = PhaseTrainer(
             model=model,
             args=args,
@@ -510,7 +517,7 @@ def pretrain(run_args: PretrainingArguments, phase_args: Any, training_args: Leg
 
     final = Path(carry)
     report = _evaluate_and_report(
-        training_args, run_args, runs, final, output_dir, tokenizer, plan, history, timings, started, interval
+        training_args, run_args, runs, final, output_dir, config, plan, history, timings, started, interval
     )
     if training_args.should_save:
         print(report)
@@ -546,7 +553,7 @@ def _saved_history(checkpoint: Path) -> list[dict]:
 
 
 def _evaluate_and_report(
-    training_args, run_args, runs, final, output_dir, tokenizer, plan, history, timings, started, interval
+    training_args, run_args, runs, final, output_dir, config, plan, history, timings, started, interval
 ) -> str:
     from .report import evaluate_models, render_report, write_plots
 
@@ -557,9 +564,11 @@ def _evaluate_and_report(
             if training_args.should_save and not averaged.exists():
                 average_checkpoints(final.parent, run_args.average_last, averaged)
         models[f"averaged (last {run_args.average_last}, every {interval} updates)"] = averaged
-    results = evaluate_models(models, runs, training_args)
+    results = evaluate_models(models, runs, training_args, config)
+    evaluations = [entry["eval_mlm_loss"] for logs in history for entry in logs if "eval_mlm_loss" in entry]
     summary = {
         "models": {name: str(path) for name, path in models.items()},
+        "validation_loss_during_training": {"first": evaluations[0], "last": evaluations[-1]} if evaluations else None,
         "validation": results,
         "seconds": {**timings, "total": time.perf_counter() - started},
         "plan": plan.to_dict(),

@@ -3,24 +3,32 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from transformers import BertForMaskedLM, Trainer
+from transformers import Trainer
 
 from ..plan import PhasedPlan
 from .evaluation import masked_lm_metrics, token_scores
 from .masking import stack_masked
+from .model import bert_from_checkpoint
 
 
-def evaluate_models(models: dict[str, Path], runs: list[Any], training_args: Any) -> dict[str, dict[str, dict]]:
+def evaluate_models(
+    models: dict[str, Path], runs: list[Any], training_args: Any, config: Any
+) -> dict[str, dict[str, dict]]:
     """``{model name: {phase name: metrics}}`` on each phase's validation sequences (masked once, the same for all)."""
     results: dict[str, dict[str, dict]] = {}
+    if training_args.deepspeed:
+        _leave_deepspeed()
     with tempfile.TemporaryDirectory() as scratch:
-        args = dataclasses.replace(training_args, output_dir=scratch, report_to="none", eval_strategy="no")
+        args = dataclasses.replace(
+            training_args, output_dir=scratch, report_to="none", eval_strategy="no", deepspeed=None
+        )
         for name, path in models.items():
-            model = BertForMaskedLM.from_pretrained(path)
+            model = bert_from_checkpoint(path, config)
             trainer = Trainer(
                 model=model,
                 args=args,
@@ -35,6 +43,17 @@ def evaluate_models(models: dict[str, Path], runs: list[Any], training_args: Any
                     key: metrics[f"validation_{key}"] for key in ("mlm_loss", "accuracy", "perplexity", "masked_tokens")
                 }
     return results
+
+
+def _leave_deepspeed() -> None:
+    """The saved models are evaluated without DeepSpeed (which evaluates only under ZeRO-3): forget the training
+    runs' DeepSpeed state, as a new process would not have it."""
+    from accelerate.state import AcceleratorState
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)  # set by TrainingArguments for --deepspeed
+    AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def _global_points(plan: PhasedPlan, history: list[list[dict]], key: str) -> tuple[list[int], list[float]]:
@@ -55,42 +74,38 @@ def write_plots(output_dir: Path, plan: PhasedPlan, history: list[list[dict]]) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def figure(name: str, ylabel: str, title: str, *series: tuple) -> str:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for xs, ys, style, label in series:
+            ax.plot(xs, ys, style, label=label)
+        for boundary in plan.phase_starts[1:]:
+            ax.axvline(boundary + 0.5, color="grey", linestyle=":")
+        ax.set(xlabel="update (whole run)", ylabel=ylabel, title=title)
+        ax.legend()
+        fig.tight_layout()
+        path = output_dir / name
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return str(path)
+
     updates = range(plan.total_steps)
-    boundaries = plan.phase_starts[1:]
-    written = []
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.plot([u + 1 for u in updates], [plan.lr_for_update(u) for u in updates], label="LEGW plan")
-    xs, ys = _global_points(plan, history, "learning_rate")
-    ax.plot(xs, ys, ".", label="logged by Trainer")
-    for boundary in boundaries:
-        ax.axvline(boundary + 0.5, color="grey", linestyle=":")
-    ax.set(
-        xlabel="update (whole run)",
-        ylabel="learning rate",
-        title="LR schedule: "
-        + " | ".join(f"{p.name}: batch {p.plan.batch_size}, peak {p.plan.peak_lr:.3g}" for p in plan.phases),
-    )
-    ax.legend()
-    fig.tight_layout()
-    path = output_dir / "lr_schedule.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    written.append(str(path))
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.plot(*_global_points(plan, history, "loss"), label="train loss")
-    ax.plot(*_global_points(plan, history, "eval_mlm_loss"), "o-", label="validation MLM loss")
-    for boundary in boundaries:
-        ax.axvline(boundary + 0.5, color="grey", linestyle=":")
-    ax.set(xlabel="update (whole run)", ylabel="loss (nats per masked token)", title="MLM loss")
-    ax.legend()
-    fig.tight_layout()
-    path = output_dir / "loss.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    written.append(str(path))
-    return written
+    peaks = " | ".join(f"{p.name}: batch {p.plan.batch_size}, peak {p.plan.peak_lr:.3g}" for p in plan.phases)
+    return [
+        figure(
+            "lr_schedule.png",
+            "learning rate",
+            f"LR schedule: {peaks}",
+            ([u + 1 for u in updates], [plan.lr_for_update(u) for u in updates], "-", "LEGW plan"),
+            (*_global_points(plan, history, "learning_rate"), ".", "logged by Trainer"),
+        ),
+        figure(
+            "loss.png",
+            "loss (nats per masked token)",
+            "MLM loss",
+            (*_global_points(plan, history, "loss"), "-", "train loss"),
+            (*_global_points(plan, history, "eval_mlm_loss"), "o-", "validation MLM loss"),
+        ),
+    ]
 
 
 def render_report(summary: dict[str, Any], output_dir: Path) -> str:
@@ -104,6 +119,12 @@ def render_report(summary: dict[str, Any], output_dir: Path) -> str:
             lines.append(
                 f"{model:<44} {phase:<20} {m['mlm_loss']:>9.4f} {m['accuracy']:>9.4f} {m['perplexity']:>11.2f}"
             )
+    during = summary.get("validation_loss_during_training")
+    if during:
+        lines.append(
+            f"validation MLM loss during training: {during['first']:.4f} after the first evaluation, "
+            f"{during['last']:.4f} at the last"
+        )
     seconds = summary["seconds"]
     lines.append("time: " + ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items()))
     lines.append(
