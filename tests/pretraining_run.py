@@ -63,6 +63,8 @@ def launch(args: list[str], launcher: tuple[str, ...] = (), env: dict[str, str] 
     DeepSpeed's launcher takes the module with ``--module``. CI is left out of the environment: with it,
     transformers prints Trainer's lines twice."""
     environment = {k: v for k, v in python_env().items() if k != "CI"} | (env or {})
+    if not launcher:  # one process: both cores (the suite's default of 1 thread is for multi-process launches)
+        environment["OMP_NUM_THREADS"] = "2"
     module = ["--module" if "deepspeed.launcher.runner" in launcher else "-m", "legw_hf.pretraining"]
     return subprocess.Popen(
         [sys.executable, *launcher, *module, *args],

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import datasets
+import torch
 import transformers
 from transformers import BertForMaskedLM, HfArgumentParser, PreTrainedTokenizerFast, set_seed
 from transformers.trainer_utils import get_last_checkpoint
@@ -48,21 +49,21 @@ from .phases import (
 logger = logging.getLogger("legw_hf.pretraining")
 
 RUN_RECORD = "pretraining_run.json"
-PHASE_NAMES = ("phase1", "phase2")
 
-#: Trainer flags a phase sets from its own settings; giving one is an error that names the phase flag instead.
+#: Trainer flags a phase sets from its own settings: giving one is an error that names the phase flag to use
+#: (``--phase1_<suffix>`` / ``--phase2_<suffix>``) and why.
 PHASE_OWNED = {
-    "learning_rate": "base_lr",
-    "per_device_train_batch_size": "per_device_batch_size",
-    "gradient_accumulation_steps": "global_batch_size (accumulation follows from it)",
-    "num_train_epochs": "epochs",
-    "max_steps": "epochs",
-    "legw_base_batch_size": "base_batch_size",
-    "legw_base_warmup_epochs": "base_warmup_steps",
-    "legw_base_warmup_steps": "base_warmup_steps",
-    "legw_global_batch_size": "global_batch_size",
-    "legw_decay": "power (the recipe's decay is NVIDIA's polynomial of the phase's progress)",
-    "legw_power": "power",
+    "learning_rate": ("base_lr", "the peak LR at the phase's base batch"),
+    "per_device_train_batch_size": ("per_device_batch_size", "the micro-batch per process"),
+    "gradient_accumulation_steps": ("global_batch_size", "the accumulation follows from it"),
+    "num_train_epochs": ("epochs", "the phase's length"),
+    "max_steps": ("epochs", "the phase's length"),
+    "legw_base_batch_size": ("base_batch_size", "the batch the phase's base settings were tuned at"),
+    "legw_base_warmup_epochs": ("base_warmup_steps", "the warmup at the base batch"),
+    "legw_base_warmup_steps": ("base_warmup_steps", "the warmup at the base batch"),
+    "legw_global_batch_size": ("global_batch_size", "the phase's global batch"),
+    "legw_decay": ("power", "the decay is NVIDIA's polynomial of the phase's progress"),
+    "legw_power": ("power", "the exponent of that decay"),
 }
 
 #: Trainer defaults this program changes (still overridable on the command line).
@@ -204,9 +205,10 @@ def _phase_settings(recipe: str, overrides: Any) -> list[PhaseSettings]:
 def _refuse_phase_owned(training_args: LegwTrainingArguments) -> None:
     defaults = {**{f.name: f.default for f in dataclasses.fields(LegwTrainingArguments)}, **PROGRAM_DEFAULTS}
     for name in changed_fields(training_args, tuple(PHASE_OWNED), defaults):
+        suffix, why = PHASE_OWNED[name]
         raise SettingError(
             name,
-            f"is set per phase by this program: use --phase1_{PHASE_OWNED[name]} / --phase2_{PHASE_OWNED[name]}",
+            f"is set per phase by this program: use --phase1_{suffix} / --phase2_{suffix} ({why})",
             getattr(training_args, name),
         )
     if training_args.resume_from_checkpoint:
@@ -285,8 +287,15 @@ class _PhaseRun:
     train: datasets.Dataset
     validation: datasets.Dataset
     rule: MaskingRule
-    accumulation: int
-    micro_batch_note: str = ""
+    fit_note: str = ""
+
+    def describe(self, world: int) -> str:
+        s = self.settings
+        return (
+            f"{s.name}: seq {s.seq_len} ({s.max_predictions} predictions), {len(self.train)} sequences; global batch "
+            f"{s.global_batch_size} = {s.per_device_batch_size} per device x "
+            f"{s.gradient_accumulation(world, f'{s.name}_')} accumulation x {world} processes{self.fit_note}"
+        )
 
 
 def _setup_logging(training_args: Any) -> None:
@@ -318,12 +327,53 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def pretrain(run_args: PretrainingArguments, phase_args: Any, training_args: LegwTrainingArguments) -> int:
+    """The whole job; every setting is checked (and the data prepared) before the output directory is touched."""
     started = time.perf_counter()
     _setup_logging(training_args)
+    phases = _check_settings(run_args, phase_args, training_args)
+    set_seed(training_args.seed)
+    output_dir = Path(training_args.output_dir)
+    tokenizer, runs = _prepare_data(run_args, training_args, phases)
+    model_size = run_args.model_size or ("tiny" if run_args.recipe == "tiny" else "large")
+    config = bert_config(model_size, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    if run_args.auto_micro_batch:
+        _fit_micro_batches(runs, config, run_args, training_args)
+    plan = _phased_plan(runs, training_args.world_size)
+    interval = _averaging_interval(run_args, plan)
+    for run, phase in zip(runs, plan.phases, strict=True):
+        logger.info("%s; %s", run.describe(training_args.world_size), phase.plan.describe())
+
+    identity = _run_identity(run_args, phases, training_args)
+    with training_args.main_process_first(desc="claiming the output directory"):
+        if training_args.should_save:
+            if _claim_output_dir(output_dir, identity, run_args.overwrite_output_dir):
+                logger.info("%s holds this run: resuming it", output_dir)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            _write_json(output_dir / RUN_RECORD, identity)
+            _write_json(output_dir / "pretraining_plan.json", plan.to_dict())
+
+    final, history, timings = _train_phases(runs, plan, config, tokenizer, training_args, run_args, interval)
+    report = _evaluate_and_report(
+        training_args, run_args, runs, final, output_dir, config, plan, history, timings, started, interval
+    )
+    if training_args.should_save:
+        print(report)
+    return 0
+
+
+def _check_settings(run_args: PretrainingArguments, phase_args: Any, training_args: Any) -> list[PhaseSettings]:
     _refuse_phase_owned(training_args)
     phases = _phase_settings(run_args.recipe, phase_args)
     world = training_args.world_size
-    accumulations = [p.gradient_accumulation(world, f"{p.name}_") for p in phases]
+    for phase in phases:
+        if run_args.auto_micro_batch and phase.global_batch_size % world:
+            raise SettingError(
+                f"{phase.name}_global_batch_size",
+                f"must be a multiple of the {world} processes",
+                phase.global_batch_size,
+            )
+        if not run_args.auto_micro_batch:
+            phase.gradient_accumulation(world, f"{phase.name}_")
     if run_args.average_last < 0:
         raise SettingError("average_last", "must be >= 0", run_args.average_last)
     if run_args.average_interval is not None and run_args.average_interval < 1:
@@ -337,12 +387,16 @@ def pretrain(run_args: PretrainingArguments, phase_args: Any, training_args: Leg
             raise SettingError(
                 "plots", "needs matplotlib (pip install 'legw_hf[plot]'), or pass --plots false", True
             ) from None
-    set_seed(training_args.seed)
-    output_dir = Path(training_args.output_dir)
+    return phases
+
+
+def _prepare_data(
+    run_args: PretrainingArguments, training_args: Any, phases: list[PhaseSettings]
+) -> tuple[PreTrainedTokenizerFast, list[_PhaseRun]]:
+    """Text, tokenizer and each phase's packed sequences; the main process prepares (and caches) them first."""
     cache_root = Path(
         run_args.preprocessing_cache_dir or Path(datasets.config.HF_DATASETS_CACHE) / "legw_hf_pretraining"
     )
-
     with training_args.main_process_first(desc="preprocessing"):
         text = load_text(
             train_file=run_args.train_file,
@@ -354,12 +408,12 @@ def pretrain(run_args: PretrainingArguments, phase_args: Any, training_args: Leg
             documents=run_args.documents,
             corpus_dir=cache_root / "embedded-corpus",
         )
-        vocab_size = run_args.vocab_size or (4096 if run_args.recipe == "tiny" else 30522)
         if run_args.tokenizer_name is not None:
             if not Path(run_args.tokenizer_name).is_dir():
                 raise SettingError("tokenizer_name", "must be a local tokenizer directory", run_args.tokenizer_name)
             tokenizer = PreTrainedTokenizerFast.from_pretrained(run_args.tokenizer_name)
         else:
+            vocab_size = run_args.vocab_size or (4096 if run_args.recipe == "tiny" else 30522)
             tokenizer = train_wordpiece(text.train, vocab_size, cache_root / f"wordpiece-{text.identity}-{vocab_size}")
         prepared = {
             split: PreparedText(
@@ -371,120 +425,105 @@ def pretrain(run_args: PretrainingArguments, phase_args: Any, training_args: Leg
             )
             for split, documents in (("train", text.train), ("validation", text.validation))
         }
-        runs = []
-        for settings, accumulation in zip(phases, accumulations, strict=True):
-            rule = MaskingRule(run_args.mlm_probability, settings.max_predictions, run_args.whole_word_mask)
-            train = prepared["train"].packed(settings.seq_len)
-            validation = prepared["validation"].masked(settings.seq_len, rule, training_args.seed)
-            if len(train) == 0:
-                raise SettingError(
-                    "train_file",
-                    f"gives no sequence of {settings.seq_len} tokens for {settings.name}",
-                    text.description,
-                )
-            if len(validation) < run_args.min_validation_sequences:
-                raise SettingError(
-                    "validation_file" if run_args.validation_file else "validation_split_percentage",
-                    f"gives {len(validation)} validation sequences of {settings.seq_len} tokens for {settings.name}, "
-                    f"fewer than --min_validation_sequences {run_args.min_validation_sequences}: too small to "
-                    "evaluate; give more validation text",
-                    run_args.validation_file or run_args.validation_split_percentage,
-                )
-            runs.append(_PhaseRun(settings, train, validation, rule, accumulation))
+        runs = [_phase_data(phase, prepared, run_args, training_args, text.description) for phase in phases]
     reused = sorted({f"{split}:{step}" for split, p in prepared.items() for step in p.reused})
+    dropped = run_args.max_document_tokens
     logger.info(
         "Data: %s; %s",
         text.description,
         ", ".join(
             f"{split} {p.documents} documents / {p.tokens} tokens"
-            + (
-                f" ({p.dropped_documents} over {run_args.max_document_tokens} tokens dropped)"
-                if run_args.max_document_tokens
-                else ""
-            )
+            + (f" ({p.dropped_documents} over {dropped} tokens dropped)" if dropped else "")
             for split, p in prepared.items()
         ),
     )
     logger.info("Preprocessing reused from the cache in %s: %s", cache_root, ", ".join(reused) or "nothing")
+    return tokenizer, runs
 
-    model_size = run_args.model_size or ("tiny" if run_args.recipe == "tiny" else "large")
-    config = bert_config(model_size, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
 
-    if run_args.auto_micro_batch:
-        from ..largest_batch import fit_micro_batch
-
-        for run in runs:
-            found = fit_micro_batch(
-                lambda: BertForMaskedLM(config),
-                seq_len=run.settings.seq_len,
-                vocab_size=len(tokenizer),
-                per_process_batch=run.settings.global_batch_size // world,
-                device=training_args.device,
-                margin=run_args.auto_micro_batch_margin,
-                field=f"{run.settings.name}_global_batch_size",
-            )
-            run.settings = dataclasses.replace(run.settings, per_device_batch_size=found.micro_batch)
-            run.accumulation = run.settings.gradient_accumulation(world, f"{run.settings.name}_")
-            run.micro_batch_note = f" (--auto_micro_batch: {found.describe()})"
-
-    plan = PhasedPlan(
-        tuple(
-            Phase(
-                run.settings.name,
-                run.settings.plan(
-                    len(run.train),
-                    trainer_steps_per_epoch(
-                        len(run.train), run.settings.per_device_batch_size, run.accumulation, world
-                    ),
-                ),
-            )
-            for run in runs
+def _phase_data(
+    settings: PhaseSettings, prepared: dict[str, PreparedText], run_args: Any, training_args: Any, source: str
+) -> _PhaseRun:
+    rule = MaskingRule(run_args.mlm_probability, settings.max_predictions, run_args.whole_word_mask)
+    train = prepared["train"].packed(settings.seq_len)
+    validation = prepared["validation"].masked(settings.seq_len, rule, training_args.seed)
+    if len(train) == 0:
+        raise SettingError("train_file", f"gives no sequence of {settings.seq_len} tokens for {settings.name}", source)
+    if len(validation) < run_args.min_validation_sequences:
+        raise SettingError(
+            "validation_file" if run_args.validation_file else "validation_split_percentage",
+            f"gives {len(validation)} validation sequences of {settings.seq_len} tokens for {settings.name}, "
+            f"fewer than --min_validation_sequences {run_args.min_validation_sequences}: too small to "
+            "evaluate; give more validation text",
+            run_args.validation_file or run_args.validation_split_percentage,
         )
-    )
-    phase2_steps = plan.phases[1].plan.total_steps
-    if run_args.average_last > phase2_steps:
-        raise SettingError("average_last", f"must be at most phase 2's {phase2_steps} updates", run_args.average_last)
-    interval = run_args.average_interval or max(1, phase2_steps // (2 * max(run_args.average_last, 1)))
-    if run_args.average_last and (run_args.average_last - 1) * interval >= phase2_steps:
+    return _PhaseRun(settings, train, validation, rule)
+
+
+def _fit_micro_batches(runs: list[_PhaseRun], config: Any, run_args: Any, training_args: Any) -> None:
+    """``--auto_micro_batch``: each phase's largest micro-batch that fits, the smallest any process found."""
+    import torch.distributed as dist
+
+    from ..largest_batch import fit_micro_batch
+
+    world = training_args.world_size
+    for run in runs:
+        found = fit_micro_batch(
+            lambda: BertForMaskedLM(config),
+            seq_len=run.settings.seq_len,
+            vocab_size=config.vocab_size,
+            per_process_batch=run.settings.global_batch_size // world,
+            device=training_args.device,
+            margin=run_args.auto_micro_batch_margin,
+            field=f"{run.settings.name}_global_batch_size",
+        )
+        micro_batch = found.micro_batch
+        if dist.is_available() and dist.is_initialized():
+            agreed = torch.tensor([micro_batch], device=training_args.device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)  # every process must accumulate alike
+            micro_batch = int(agreed.item())
+        run.settings = dataclasses.replace(run.settings, per_device_batch_size=micro_batch)
+        run.fit_note = f" (--auto_micro_batch: {found.describe()})"
+
+
+def _phased_plan(runs: list[_PhaseRun], world: int) -> PhasedPlan:
+    """The run's plan, phase by phase, from the packed data and Trainer's way of counting updates per epoch."""
+    phases = []
+    for run in runs:
+        size, settings = len(run.train), run.settings
+        per_epoch = trainer_steps_per_epoch(
+            size, settings.per_device_batch_size, settings.gradient_accumulation(world, f"{settings.name}_"), world
+        )
+        phases.append(Phase(settings.name, settings.plan(size, per_epoch)))
+    return PhasedPlan(tuple(phases))
+
+
+def _averaging_interval(run_args: PretrainingArguments, plan: PhasedPlan) -> int:
+    """Phase-2 updates between the checkpoints kept for averaging (default: the last N spread over its second half)."""
+    steps = plan.phases[-1].plan.total_steps
+    last = run_args.average_last
+    if last > steps:
+        raise SettingError("average_last", f"must be at most phase 2's {steps} updates", last)
+    interval = run_args.average_interval or max(1, steps // (2 * max(last, 1)))
+    if last and (last - 1) * interval >= steps:
         raise SettingError(
             "average_interval",
-            f"leaves fewer than --average_last {run_args.average_last} checkpoints in phase 2's {phase2_steps} updates",
+            f"leaves fewer than --average_last {last} checkpoints in phase 2's {steps} updates",
             interval,
         )
+    return interval
 
-    identity = _run_identity(run_args, phases, training_args)
-    for run, phase in zip(runs, plan.phases, strict=True):
-        s = run.settings
-        logger.info(
-            "%s: seq %d (%d predictions), %d sequences; global batch %d = %d per device x %d accumulation x %d "
-            "processes%s; %s",
-            s.name,
-            s.seq_len,
-            s.max_predictions,
-            len(run.train),
-            s.global_batch_size,
-            s.per_device_batch_size,
-            run.accumulation,
-            world,
-            run.micro_batch_note,
-            phase.plan.describe(),
-        )
-    with training_args.main_process_first(desc="claiming the output directory"):
-        if training_args.should_save:
-            if _claim_output_dir(output_dir, identity, run_args.overwrite_output_dir):
-                logger.info("%s holds this run: resuming it", output_dir)
-            output_dir.mkdir(parents=True, exist_ok=True)
-            _write_json(output_dir / RUN_RECORD, identity)
-            _write_json(output_dir / "pretraining_plan.json", plan.to_dict())
 
+def _train_phases(runs, plan, config, tokenizer, training_args, run_args, interval) -> tuple[Path, list, dict]:
+    """Each phase a Trainer run in ``OUTPUT_DIR/<phase>``, the next starting from the last one's final checkpoint; a
+    finished phase is skipped and an unfinished one resumed. Returns the final checkpoint, the logs and times."""
+    output_dir = Path(training_args.output_dir)
     history, timings = [], {}
     model: BertForMaskedLM | None = None
     carry: str | None = None
-    trainer = None
     for index, (run, phase) in enumerate(zip(runs, plan.phases, strict=True)):
         phase_dir = output_dir / run.settings.name
         done = completed_checkpoint(phase_dir)
-        args = _phase_arguments(training_args, run, phase, phase_dir, index == len(runs) - 1, run_args, interval)
         if done is not None:
             logger.info("%s already finished (%s)", run.settings.name, done)
             carry, model = str(done), None
@@ -494,7 +533,7 @@ def pretrain(run_args: PretrainingArguments, phase_args: Any, training_args: Leg
             model = bert_from_checkpoint(carry, config) if carry else BertForMaskedLM(config)
         trainer = PhaseTrainer(
             model=model,
-            args=args,
+            args=_phase_arguments(training_args, run, phase, phase_dir, index == len(runs) - 1, run_args, interval),
             train_dataset=run.train,
             eval_dataset=run.validation,
             data_collator=MaskingCollator(tokenizer, run.rule, training_args.seed + index),
@@ -514,14 +553,7 @@ def pretrain(run_args: PretrainingArguments, phase_args: Any, training_args: Leg
             mark_complete(phase_dir, last, phase.plan)
         history.append(trainer.state.log_history)
         carry, model = str(last), trainer.model
-
-    final = Path(carry)
-    report = _evaluate_and_report(
-        training_args, run_args, runs, final, output_dir, config, plan, history, timings, started, interval
-    )
-    if training_args.should_save:
-        print(report)
-    return 0
+    return Path(carry), history, timings
 
 
 def _phase_arguments(training_args, run, phase, phase_dir, is_last, run_args, interval):
@@ -530,7 +562,7 @@ def _phase_arguments(training_args, run, phase, phase_dir, is_last, run_args, in
         "output_dir": str(phase_dir),
         "learning_rate": run.settings.base_lr,
         "per_device_train_batch_size": run.settings.per_device_batch_size,
-        "gradient_accumulation_steps": run.accumulation,
+        "gradient_accumulation_steps": run.settings.gradient_accumulation(training_args.world_size, ""),
         "num_train_epochs": phase.plan.epochs,
         "legw_base_batch_size": run.settings.base_batch_size,
         "legw_base_warmup_steps": run.settings.base_warmup_steps,

@@ -5,7 +5,10 @@
 
 PYTHON=${PYTHON:-python}
 SCRIPT=${SCRIPT:-examples/run_mlm.py}           # a Trainer script using LegwTrainer / LegwTrainingArguments
-PHASE=${PHASE:-1}                               # 1: seq 128; 2: seq 512 (from phase 1's weights and moments)
+# One phase per job: 1: seq 128; 2: seq 512. The script starts from its own initialisation; for phase 2 from phase
+# 1's weights and LAMB moments in one job, run the two-phase program instead (README, "The main job": torchrun ...
+# -m legw_hf.pretraining --recipe bert-large).
+PHASE=${PHASE:-1}
 OUTPUT_DIR=${OUTPUT_DIR:-runs/bert-large-phase$PHASE}
 PRECISION=${PRECISION:-fp16}                    # fp16 (dynamic loss scale) or bf16, as the DeepSpeed config; fp32
 RECIPES=${RECIPES:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
