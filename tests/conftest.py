@@ -19,3 +19,11 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    """Small train and validation text files for the pretraining program (``pretraining_run.write_corpus``)."""
+    from pretraining_run import write_corpus
+
+    return write_corpus(tmp_path_factory.mktemp("text"))

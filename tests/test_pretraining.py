@@ -11,15 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from pretraining_run import PHASES, launch, nvidia_lr, run_program, small_args, write_corpus
+from pretraining_run import PHASES, launch, nvidia_lr, run_program, small_args
 from safetensors.torch import load_file
 
 from legw_hf.pretraining.program import main
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> dict[str, Path]:
-    return write_corpus(tmp_path_factory.mktemp("text"))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pretraining_run import PHASES, launch, nvidia_lr, run_program, small_args, write_corpus
+from pretraining_run import PHASES, launch, nvidia_lr, run_program, small_args
 from safetensors.torch import load_file
 
 from legw_hf.averaging import checkpoint_weights
@@ -29,11 +29,6 @@ ZERO3 = {
 }
 # Half of the per-device batch of the one-process tests: the same global batch over 2 processes.
 SPLIT = {"phase1_per_device_batch_size": "8", "phase2_per_device_batch_size": "4", "use_cpu": "true"}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> dict[str, Path]:
-    return write_corpus(tmp_path_factory.mktemp("text"))
 
 
 @pytest.fixture(scope="module")
