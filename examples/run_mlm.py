@@ -30,7 +30,8 @@ from transformers import (
 )
 
 from legw_hf import LegwTrainer as Trainer, LegwTrainingArguments as TrainingArguments  # noqa: F811  # LEGW
-from legw_hf.pretraining.data import wordpiece_tokenizer  # BERT's WordPiece, trained offline
+from legw_hf.pretraining.data import train_wordpiece  # BERT's WordPiece, trained offline
+from legw_hf.pretraining.program import end_distributed
 
 logger = logging.getLogger(__name__)
 
@@ -58,15 +59,22 @@ class DataTrainingArguments:
             raise ValueError(f"train_file must be an existing text file, got {self.train_file!r}")
 
 
-def train_tokenizer(text_file: str, vocab_size: int) -> PreTrainedTokenizerFast:
-    with open(text_file, encoding="utf-8") as lines:
-        return wordpiece_tokenizer(lines, vocab_size)
-
-
-def build_dataset(data_args: DataTrainingArguments, tokenizer: PreTrainedTokenizerFast) -> datasets.Dataset:
+def load_documents(data_args: DataTrainingArguments) -> datasets.Dataset:
     raw = datasets.load_dataset("text", data_files={"train": data_args.train_file})["train"]
-    raw = raw.filter(lambda example: len(example["text"].strip()) > 0)
-    tokenized = raw.map(
+    return raw.filter(lambda example: len(example["text"].strip()) > 0)
+
+
+def shared_tokenizer(documents: datasets.Dataset, vocab_size: int, training_args) -> PreTrainedTokenizerFast:
+    """WordPiece trained once, by the main process, and read from output_dir by the others: its training is not
+    deterministic, and processes with different vocabularies would cut the text into different numbers of blocks."""
+    with training_args.main_process_first(local=False, desc="training the tokenizer"):
+        return train_wordpiece(documents, vocab_size, Path(training_args.output_dir) / "wordpiece")
+
+
+def build_dataset(
+    data_args: DataTrainingArguments, documents: datasets.Dataset, tokenizer: PreTrainedTokenizerFast
+) -> datasets.Dataset:
+    tokenized = documents.map(
         lambda batch: tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False),
         batched=True,
         remove_columns=["text"],
@@ -100,8 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     transformers.utils.logging.enable_explicit_format()
     set_seed(training_args.seed)
 
-    tokenizer = train_tokenizer(data_args.train_file, model_args.vocab_size)
-    train_dataset = build_dataset(data_args, tokenizer)
+    documents = load_documents(data_args)
+    tokenizer = shared_tokenizer(documents, model_args.vocab_size, training_args)
+    train_dataset = build_dataset(data_args, documents, tokenizer)
     config = BertConfig(
         vocab_size=len(tokenizer),
         hidden_size=model_args.hidden_size,
@@ -124,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer.log_metrics("train", result.metrics)
     if training_args.save_strategy != "no":
         trainer.save_model()
+    end_distributed()
 
 
 if __name__ == "__main__":

@@ -320,10 +320,22 @@ def parse(argv: list[str] | None) -> tuple[PretrainingArguments, Any, LegwTraini
 def main(argv: list[str] | None = None) -> int:
     try:
         run_args, phase_args, training_args = parse(argv)
-        return pretrain(run_args, phase_args, training_args)
+        status = pretrain(run_args, phase_args, training_args)
     except SettingError as error:
         print(f"legw-hf pretrain: error: {error}", file=sys.stderr)
         return 2
+    end_distributed()
+    return status
+
+
+def end_distributed() -> None:
+    """Leave the process group together: left to interpreter shutdown, gloo's threads occasionally abort a process
+    whose run succeeded ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def pretrain(run_args: PretrainingArguments, phase_args: Any, training_args: LegwTrainingArguments) -> int:
@@ -344,7 +356,7 @@ def pretrain(run_args: PretrainingArguments, phase_args: Any, training_args: Leg
         logger.info("%s; %s", run.describe(training_args.world_size), phase.plan.describe())
 
     identity = _run_identity(run_args, phases, training_args)
-    with training_args.main_process_first(desc="claiming the output directory"):
+    with training_args.main_process_first(local=False, desc="claiming the output directory"):
         if training_args.should_save:
             if _claim_output_dir(output_dir, identity, run_args.overwrite_output_dir):
                 logger.info("%s holds this run: resuming it", output_dir)
@@ -397,7 +409,7 @@ def _prepare_data(
     cache_root = Path(
         run_args.preprocessing_cache_dir or Path(datasets.config.HF_DATASETS_CACHE) / "legw_hf_pretraining"
     )
-    with training_args.main_process_first(desc="preprocessing"):
+    with training_args.main_process_first(local=False, desc="preprocessing"):
         text = load_text(
             train_file=run_args.train_file,
             validation_file=run_args.validation_file,
@@ -592,7 +604,7 @@ def _evaluate_and_report(
     models = {"last": final}
     if run_args.average_last:
         averaged = output_dir / "averaged"
-        with training_args.main_process_first(desc="averaging checkpoints"):
+        with training_args.main_process_first(local=False, desc="averaging checkpoints"):
             if training_args.should_save and not averaged.exists():
                 average_checkpoints(final.parent, run_args.average_last, averaged)
         models[f"averaged (last {run_args.average_last}, every {interval} updates)"] = averaged
