@@ -12,13 +12,13 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import os
 import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SettingError
+from .record import replace_file, write_json
 
 MIN_WORDS = 20
 _SOURCE = "docstrings of the Python standard library"
@@ -87,10 +87,10 @@ def write_embedded_corpus(directory: str | Path, validation_percent: int = 5) ->
     held_out = [d for d in documents if in_validation(d, validation_percent)]
     kept = [d for d in documents if not in_validation(d, validation_percent)]
     folder.mkdir(parents=True, exist_ok=True)
-    _write_whole(train, "".join(f"{d}\n" for d in kept))
-    _write_whole(validation, "".join(f"{d}\n" for d in held_out))
+    replace_file(train, "".join(f"{d}\n" for d in kept))
+    replace_file(validation, "".join(f"{d}\n" for d in held_out))
     made_by.update(train_documents=len(kept), validation_documents=len(held_out))
-    _write_whole(record, json.dumps(made_by, indent=2) + "\n")
+    write_json(record, made_by)
     return CorpusFiles(train, validation, len(kept), len(held_out))
 
 
@@ -100,9 +100,3 @@ def _own_record(record: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return saved if isinstance(saved, dict) and saved.get("source") == _SOURCE else None
-
-
-def _write_whole(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)  # readers see the old file or the new one, never half of one

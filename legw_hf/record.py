@@ -24,6 +24,22 @@ from .plan import LegwPlan, plan_from_dict
 PLAN_FILE = "legw_plan.json"
 
 
+def replace_file(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it and one rename: readers see the old file or
+    the new one, never half of one, and a crash leaves the old file."""
+    path = Path(path)
+    with tempfile.NamedTemporaryFile(
+        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", delete=False
+    ) as handle:
+        handle.write(text)
+    os.replace(handle.name, path)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """``data`` as indented JSON, written whole (:func:`replace_file`)."""
+    replace_file(path, json.dumps(data, indent=2) + "\n")
+
+
 def plan_entry(plan: LegwPlan, from_update: int | None) -> dict[str, Any]:
     return {**plan.summary(), "from_update": from_update, "plan": plan.to_dict()}
 
@@ -65,8 +81,5 @@ def record_plan(
         return path
     entries.append(plan_entry(plan, from_update))
     directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=directory, prefix=f".{PLAN_FILE}.", delete=False) as handle:
-        json.dump(entries, handle, indent=2)
-        handle.write("\n")
-    os.replace(handle.name, path)
+    write_json(path, entries)
     return path

@@ -25,10 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerFast
 
 from ..corpus import write_embedded_corpus
 from ..errors import SettingError
+from ..record import replace_file
 from .masking import MaskingRule, mask_sequences
 
 logger = logging.getLogger(__name__)
@@ -162,9 +164,7 @@ def train_wordpiece(documents: datasets.Dataset, vocab_size: int, directory: Pat
         (documents[i : i + 1000]["text"] for i in range(0, len(documents), 1000)), vocab_size
     )
     directory.mkdir(parents=True, exist_ok=True)
-    partial = directory / "tokenizer.json.partial"
-    tokenizer.backend_tokenizer.save(str(partial))
-    partial.replace(saved)
+    replace_file(saved, tokenizer.backend_tokenizer.to_str())
     return tokenizer
 
 
@@ -210,7 +210,8 @@ class PreparedText:
             desc=f"Tokenizing {split} documents",
         )
         self.documents = len(tokenized)
-        self.tokens = sum(len(ids) for ids in tokenized["input_ids"])
+        # Arrow counts the tokens without turning every document into Python lists.
+        self.tokens = pc.sum(pc.list_value_length(tokenized.data.column("input_ids"))).as_py() or 0
         if max_document_tokens is None:
             self.kept = tokenized
         else:

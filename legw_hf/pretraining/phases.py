@@ -16,9 +16,9 @@ from ..errors import SettingError
 from ..integrations.trainer import LegwTrainer
 from ..optim import layerwise_optimizer_of
 from ..optim.phases import continue_from_phase, restart_step_counts
-from ..plan import LegwConfig, LegwPlan
+from ..plan import LegwPlan
 from ..recipes import PretrainingPhase
-from ..schedules import PolynomialOfRun
+from ..record import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -27,42 +27,29 @@ COMPLETE = "phase_complete.json"
 
 @dataclass(frozen=True, kw_only=True)
 class PhaseSettings:
-    """One phase as this run trains it: the recipe's settings with the command line's overrides."""
+    """One phase as this run trains it: the recipe's phase with the command line's overrides (``recipe``: sequence
+    length, predictions, base settings, length), at this run's global batch and per-device micro-batch."""
 
     name: str
-    seq_len: int
-    max_predictions: int
+    recipe: PretrainingPhase
     global_batch_size: int
     per_device_batch_size: int
-    base_batch_size: int
-    base_lr: float
-    base_warmup_steps: float
-    power: float
-    recipe: PretrainingPhase
 
-    def gradient_accumulation(self, world_size: int, field_prefix: str) -> int:
+    def gradient_accumulation(self, world_size: int) -> int:
         """Micro-batches per update so that micro-batch × accumulation × processes is the global batch."""
         per_update = self.per_device_batch_size * world_size
         if self.global_batch_size % per_update:
             raise SettingError(
-                f"{field_prefix}global_batch_size",
+                f"{self.name}_global_batch_size",
                 f"must be a multiple of per-device batch × processes = {self.per_device_batch_size} × {world_size} = "
                 f"{per_update}, so gradient accumulation reaches it exactly",
                 self.global_batch_size,
             )
         return self.global_batch_size // per_update
 
-    def config(self) -> LegwConfig:
-        return LegwConfig(
-            base_batch_size=self.base_batch_size,
-            base_lr=self.base_lr,
-            base_warmup_steps=self.base_warmup_steps,
-            decay=PolynomialOfRun(power=self.power),
-        )
-
     def plan(self, dataset_size: int, steps_per_epoch: int) -> LegwPlan:
         try:
-            return self.config().plan(
+            return self.recipe.config().plan(
                 batch_size=self.global_batch_size, steps_per_epoch=steps_per_epoch, **self.recipe.length(dataset_size)
             )
         except SettingError as error:
@@ -140,10 +127,7 @@ def _client_optimizer(optimizer: Any) -> Any:
 
 
 def mark_complete(phase_dir: Path, checkpoint: Path, plan: LegwPlan) -> None:
-    record = {"checkpoint": checkpoint.name, "plan": plan.to_dict()}
-    partial = phase_dir / f".{COMPLETE}.partial"
-    partial.write_text(json.dumps(record, indent=2) + "\n")
-    partial.replace(phase_dir / COMPLETE)
+    write_json(phase_dir / COMPLETE, {"checkpoint": checkpoint.name, "plan": plan.to_dict()})
 
 
 def completed_checkpoint(phase_dir: Path) -> Path | None:

@@ -29,10 +29,11 @@ from transformers import BertForMaskedLM, HfArgumentParser, PreTrainedTokenizerF
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..averaging import average_checkpoints
-from ..errors import SettingError
+from ..errors import SettingError, non_negative, positive, positive_int
 from ..integrations.trainer import LegwTrainingArguments, changed_fields, follow_trainer_log_level
 from ..plan import Phase, PhasedPlan
 from ..recipes import RECIPES, phase as recipe_phase
+from ..record import write_json
 from .data import PreparedText, load_text, train_wordpiece
 from .evaluation import masked_lm_metrics, token_scores
 from .masking import MaskingCollator, MaskingRule
@@ -76,8 +77,6 @@ PROGRAM_DEFAULTS = {
     "eval_strategy": "steps",
     "save_strategy": "no",
     "report_to": "none",
-    "dataloader_drop_last": False,
-    "seed": 42,
 }
 
 
@@ -158,48 +157,56 @@ PhaseArguments = make_dataclass(
 PhaseArguments.__doc__ = "Per-phase overrides of the recipe's settings: --phase1_* and --phase2_*."
 
 
+#: Phase flag suffix -> the recipe field it overrides.
+_RECIPE_FIELD = {
+    "seq_len": "seq_len",
+    "max_predictions": "max_predictions_per_seq",
+    "base_batch_size": "base_batch_size",
+    "base_lr": "base_lr",
+    "base_warmup_steps": "base_warmup_steps",
+    "power": "power",
+}
+
+
 def _phase_settings(recipe: str, overrides: Any) -> list[PhaseSettings]:
     phases = []
     for n, name in enumerate(RECIPES[recipe], start=1):
         base = recipe_phase(name)
-        value = {key: getattr(overrides, f"phase{n}_{key}") for key, _, _ in _PHASE_FIELDS}
-        defaults = {
-            "seq_len": base.seq_len,
-            "max_predictions": base.max_predictions_per_seq,
-            "global_batch_size": base.global_batches[0],
-            "per_device_batch_size": base.micro_batch,
-            "base_batch_size": base.base_batch_size,
-            "base_lr": base.base_lr,
-            "base_warmup_steps": base.base_warmup_steps,
-            "power": base.power,
-        }
-        settled = {key: default if value[key] is None else value[key] for key, default in defaults.items()}
-        for key in ("seq_len", "max_predictions", "global_batch_size", "per_device_batch_size", "base_batch_size"):
-            if settled[key] < 1:
-                raise SettingError(f"phase{n}_{key}", "must be an integer >= 1", settled[key])
-        for key in ("base_lr", "power"):
-            if not settled[key] > 0:
-                raise SettingError(f"phase{n}_{key}", "must be > 0", settled[key])
-        if settled["base_warmup_steps"] < 0:
-            raise SettingError(f"phase{n}_base_warmup_steps", "must be >= 0", settled["base_warmup_steps"])
-        if settled["seq_len"] > MAX_POSITIONS:
-            raise SettingError(
-                f"phase{n}_seq_len", f"must be at most the model's {MAX_POSITIONS} positions", settled["seq_len"]
-            )
-        if settled["seq_len"] < 8:
-            raise SettingError(f"phase{n}_seq_len", "must be at least 8", settled["seq_len"])
-        if settled["max_predictions"] >= settled["seq_len"]:
-            raise SettingError(
-                f"phase{n}_max_predictions",
-                f"must be below phase{n}_seq_len ({settled['seq_len']})",
-                settled["max_predictions"],
-            )
-        if value["epochs"] is not None:
-            if not value["epochs"] > 0:
-                raise SettingError(f"phase{n}_epochs", "must be > 0", value["epochs"])
-            base = dataclasses.replace(base, base_steps=None, epochs=value["epochs"])
-        phases.append(PhaseSettings(name=f"phase{n}", recipe=base, **settled))
+        given = {key: getattr(overrides, f"phase{n}_{key}") for key, _, _ in _PHASE_FIELDS}
+        changes = {_RECIPE_FIELD[key]: given[key] for key in _RECIPE_FIELD if given[key] is not None}
+        if given["epochs"] is not None:
+            changes.update(base_steps=None, epochs=positive(f"phase{n}_epochs", given["epochs"]))
+        batches = {"global_batch_size": base.global_batches[0], "per_device_batch_size": base.micro_batch}
+        phase = PhaseSettings(
+            name=f"phase{n}",
+            recipe=dataclasses.replace(base, **changes),
+            **{key: default if given[key] is None else given[key] for key, default in batches.items()},
+        )
+        _check_phase(phase)
+        phases.append(phase)
     return phases
+
+
+def _check_phase(phase: PhaseSettings) -> None:
+    """The phase's settings in range, each named by its flag."""
+    recipe, prefix = phase.recipe, f"{phase.name}_"
+    for key in ("global_batch_size", "per_device_batch_size"):
+        positive_int(prefix + key, getattr(phase, key))
+    for key in ("seq_len", "max_predictions", "base_batch_size"):
+        positive_int(prefix + key, getattr(recipe, _RECIPE_FIELD[key]))
+    for key in ("base_lr", "power"):
+        positive(prefix + key, getattr(recipe, key))
+    non_negative(prefix + "base_warmup_steps", recipe.base_warmup_steps)
+    if recipe.seq_len > MAX_POSITIONS:
+        raise SettingError(prefix + "seq_len", f"must be at most the model's {MAX_POSITIONS} positions", recipe.seq_len)
+    if recipe.seq_len < 8:
+        raise SettingError(prefix + "seq_len", "must be at least 8", recipe.seq_len)
+    if recipe.max_predictions_per_seq >= recipe.seq_len:
+        raise SettingError(
+            prefix + "max_predictions",
+            f"must be below {prefix}seq_len ({recipe.seq_len})",
+            recipe.max_predictions_per_seq,
+        )
 
 
 def _refuse_phase_owned(training_args: LegwTrainingArguments) -> None:
@@ -231,8 +238,8 @@ def _run_identity(run_args: PretrainingArguments, phases: list[PhaseSettings], t
         "program": "legw-hf pretrain",
         "arguments": kept,
         "phases": [
-            {k: v for k, v in dataclasses.asdict(p).items() if k not in ("recipe", "per_device_batch_size")}
-            | {"length": p.recipe.epochs if p.recipe.base_steps is None else {"base_steps": p.recipe.base_steps}}
+            {k: v for k, v in dataclasses.asdict(p.recipe).items() if k not in ("micro_batch", "source")}
+            | {"global_batch_size": p.global_batch_size}
             for p in phases
         ],
         "seed": training_args.seed,
@@ -274,12 +281,6 @@ def _claim_output_dir(output_dir: Path, identity: dict, overwrite: bool) -> bool
     return False
 
 
-def _write_json(path: Path, data: Any) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(data, indent=2) + "\n")
-    partial.replace(path)
-
-
 # ---------------------------------------------------------------------------------------------------- the run
 @dataclass
 class _PhaseRun:
@@ -292,9 +293,9 @@ class _PhaseRun:
     def describe(self, world: int) -> str:
         s = self.settings
         return (
-            f"{s.name}: seq {s.seq_len} ({s.max_predictions} predictions), {len(self.train)} sequences; global batch "
-            f"{s.global_batch_size} = {s.per_device_batch_size} per device x "
-            f"{s.gradient_accumulation(world, f'{s.name}_')} accumulation x {world} processes{self.fit_note}"
+            f"{s.name}: seq {s.recipe.seq_len} ({s.recipe.max_predictions_per_seq} predictions), {len(self.train)} "
+            f"sequences; global batch {s.global_batch_size} = {s.per_device_batch_size} per device x "
+            f"{s.gradient_accumulation(world)} accumulation x {world} processes{self.fit_note}"
         )
 
 
@@ -361,8 +362,8 @@ def pretrain(run_args: PretrainingArguments, phase_args: Any, training_args: Leg
             if _claim_output_dir(output_dir, identity, run_args.overwrite_output_dir):
                 logger.info("%s holds this run: resuming it", output_dir)
             output_dir.mkdir(parents=True, exist_ok=True)
-            _write_json(output_dir / RUN_RECORD, identity)
-            _write_json(output_dir / "pretraining_plan.json", plan.to_dict())
+            write_json(output_dir / RUN_RECORD, identity)
+            write_json(output_dir / "pretraining_plan.json", plan.to_dict())
 
     final, history, timings = _train_phases(runs, plan, config, tokenizer, training_args, run_args, interval)
     report = _evaluate_and_report(
@@ -385,7 +386,7 @@ def _check_settings(run_args: PretrainingArguments, phase_args: Any, training_ar
                 phase.global_batch_size,
             )
         if not run_args.auto_micro_batch:
-            phase.gradient_accumulation(world, f"{phase.name}_")
+            phase.gradient_accumulation(world)
     if run_args.average_last < 0:
         raise SettingError("average_last", "must be >= 0", run_args.average_last)
     if run_args.average_interval is not None and run_args.average_interval < 1:
@@ -456,15 +457,16 @@ def _prepare_data(
 def _phase_data(
     settings: PhaseSettings, prepared: dict[str, PreparedText], run_args: Any, training_args: Any, source: str
 ) -> _PhaseRun:
-    rule = MaskingRule(run_args.mlm_probability, settings.max_predictions, run_args.whole_word_mask)
-    train = prepared["train"].packed(settings.seq_len)
-    validation = prepared["validation"].masked(settings.seq_len, rule, training_args.seed)
+    seq_len = settings.recipe.seq_len
+    rule = MaskingRule(run_args.mlm_probability, settings.recipe.max_predictions_per_seq, run_args.whole_word_mask)
+    train = prepared["train"].packed(seq_len)
+    validation = prepared["validation"].masked(seq_len, rule, training_args.seed)
     if len(train) == 0:
-        raise SettingError("train_file", f"gives no sequence of {settings.seq_len} tokens for {settings.name}", source)
+        raise SettingError("train_file", f"gives no sequence of {seq_len} tokens for {settings.name}", source)
     if len(validation) < run_args.min_validation_sequences:
         raise SettingError(
             "validation_file" if run_args.validation_file else "validation_split_percentage",
-            f"gives {len(validation)} validation sequences of {settings.seq_len} tokens for {settings.name}, "
+            f"gives {len(validation)} validation sequences of {seq_len} tokens for {settings.name}, "
             f"fewer than --min_validation_sequences {run_args.min_validation_sequences}: too small to "
             "evaluate; give more validation text",
             run_args.validation_file or run_args.validation_split_percentage,
@@ -482,7 +484,7 @@ def _fit_micro_batches(runs: list[_PhaseRun], config: Any, run_args: Any, traini
     for run in runs:
         found = fit_micro_batch(
             lambda: BertForMaskedLM(config),
-            seq_len=run.settings.seq_len,
+            seq_len=run.settings.recipe.seq_len,
             vocab_size=config.vocab_size,
             per_process_batch=run.settings.global_batch_size // world,
             device=training_args.device,
@@ -504,7 +506,7 @@ def _phased_plan(runs: list[_PhaseRun], world: int) -> PhasedPlan:
     for run in runs:
         size, settings = len(run.train), run.settings
         per_epoch = trainer_steps_per_epoch(
-            size, settings.per_device_batch_size, settings.gradient_accumulation(world, f"{settings.name}_"), world
+            size, settings.per_device_batch_size, settings.gradient_accumulation(world), world
         )
         phases.append(Phase(settings.name, settings.plan(size, per_epoch)))
     return PhasedPlan(tuple(phases))
@@ -569,18 +571,18 @@ def _train_phases(runs, plan, config, tokenizer, training_args, run_args, interv
 
 
 def _phase_arguments(training_args, run, phase, phase_dir, is_last, run_args, interval):
-    total = phase.plan.total_steps
+    total, settings, recipe = phase.plan.total_steps, run.settings, run.settings.recipe
     changes = {
         "output_dir": str(phase_dir),
-        "learning_rate": run.settings.base_lr,
-        "per_device_train_batch_size": run.settings.per_device_batch_size,
-        "gradient_accumulation_steps": run.settings.gradient_accumulation(training_args.world_size, ""),
+        "learning_rate": recipe.base_lr,
+        "per_device_train_batch_size": settings.per_device_batch_size,
+        "gradient_accumulation_steps": settings.gradient_accumulation(training_args.world_size),
         "num_train_epochs": phase.plan.epochs,
-        "legw_base_batch_size": run.settings.base_batch_size,
-        "legw_base_warmup_steps": run.settings.base_warmup_steps,
+        "legw_base_batch_size": recipe.base_batch_size,
+        "legw_base_warmup_steps": recipe.base_warmup_steps,
         "legw_decay": "poly_run",
-        "legw_power": run.settings.power,
-        "legw_global_batch_size": run.settings.global_batch_size,
+        "legw_power": recipe.power,
+        "legw_global_batch_size": settings.global_batch_size,
     }
     if training_args.eval_strategy.value == "steps" and training_args.eval_steps is None:
         changes["eval_steps"] = max(1, total // 8)
@@ -618,7 +620,7 @@ def _evaluate_and_report(
         "plan": plan.to_dict(),
     }
     if training_args.should_save:
-        _write_json(output_dir / "report.json", summary)
+        write_json(output_dir / "report.json", summary)
         if run_args.plots:
             summary["plots"] = write_plots(output_dir, plan, history)
     return render_report(summary, output_dir)

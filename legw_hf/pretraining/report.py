@@ -39,7 +39,7 @@ def evaluate_models(
             results[name] = {}
             for run in runs:
                 metrics = trainer.evaluate(run.validation, metric_key_prefix="validation")
-                results[name][f"{run.settings.name} (seq {run.settings.seq_len})"] = {
+                results[name][f"{run.settings.name} (seq {run.settings.recipe.seq_len})"] = {
                     key: metrics[f"validation_{key}"] for key in ("mlm_loss", "accuracy", "perplexity", "masked_tokens")
                 }
     return results
