@@ -23,9 +23,12 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.data_loader import DataLoaderDispatcher, DataLoaderShard
+from accelerate.utils import DistributedType
 
+from ..adascale import MODES as ADASCALE_MODES, AdaScaleScheduler, GradientStatistics
 from ..distributed import deepspeed as deepspeed_layouts
-from ..errors import SettingError
+from ..errors import SettingError, one_of, positive, positive_int
+from ..noise_scale import GradientNoise, check_scale
 from ..plan import LegwConfig, LegwPlan
 from ..scheduler import LegwScheduler, SkippedStepDetector
 from . import deepspeed as deepspeed_config
@@ -135,3 +138,170 @@ def create_legw_scheduler(
     scheduler = AcceleratorLegwScheduler(LegwScheduler(optimizer, plan), accelerator)
     accelerator.register_for_checkpointing(scheduler)
     return scheduler
+
+
+class AcceleratorAdaScale:
+    """AdaScale, or only its gradient-noise statistics, in an accelerate loop (:func:`create_adascale`).
+
+    Replace ``accelerator.backward(loss)`` by :meth:`backward` and call :meth:`step` after ``optimizer.step()``::
+
+        for batch in loader:
+            with accelerator.accumulate(model):
+                adascale.backward(model(**batch).loss)   # + the statistics; on the last micro-batch, the LR
+                optimizer.step()
+                adascale.step()                          # tau += gain, on applied updates only
+                optimizer.zero_grad()
+            if adascale.finished:
+                break
+
+    :meth:`logs` gives ``noise_scale/b_simple``, ``adascale/gain``, ``adascale/efficiency`` (and the progress).
+    In ``diagnostics`` mode the LR is left to your own scheduler and :meth:`step` does nothing.
+    """
+
+    def __init__(
+        self, accelerator: Accelerator, statistics: GradientStatistics, scheduler: AdaScaleScheduler | None
+    ) -> None:
+        self.accelerator = accelerator
+        self.statistics = statistics
+        self.scheduler = scheduler
+        self._skips = SkippedStepDetector(accelerator.scaler)
+
+    @property
+    def noise(self) -> GradientNoise:
+        return self.statistics.noise
+
+    @property
+    def finished(self) -> bool:
+        """Whether the progress reached the base run's length (never in ``diagnostics`` mode)."""
+        return self.scheduler is not None and self.scheduler.finished
+
+    @property
+    def progress(self) -> float | None:
+        return None if self.scheduler is None else self.scheduler.progress
+
+    def backward(self, loss: torch.Tensor, weight: float | torch.Tensor | None = None, **kwargs: Any) -> None:
+        """``accelerator.backward(loss)`` and this micro-batch's statistics.
+
+        ``weight`` is the weight of this micro-batch's mean gradient in the accumulated one; the default,
+        ``1 / gradient_accumulation_steps``, is what accelerate's division of a mean loss gives.
+        """
+        self.accelerator.backward(loss, **kwargs)
+        if weight is None:
+            weight = 1.0 / self.accelerator.gradient_accumulation_steps
+        self.statistics.micro_step_done(weight)
+        if self.accelerator.sync_gradients:
+            self.statistics.update_done()
+            if self.scheduler is not None:
+                self.scheduler.begin_update()
+
+    def step(self) -> None:
+        if self.scheduler is None or not self.accelerator.sync_gradients:
+            return
+        skipped = self._skips.step_was_skipped() or self.accelerator.optimizer_step_was_skipped
+        if not skipped:
+            self.scheduler.step()
+
+    def get_last_lr(self) -> list[float]:
+        if self.scheduler is None:
+            raise AttributeError("get_last_lr: in diagnostics mode the LR is your own scheduler's")
+        return self.scheduler.get_last_lr()
+
+    def logs(self) -> dict[str, float]:
+        logs = self.noise.summary()
+        if self.scheduler is not None:
+            logs["adascale/progress"] = self.scheduler.progress
+        return logs
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "noise": self.noise.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the statistics and the progress (``accelerator.load_state`` calls this)."""
+        self.noise.load_state_dict(state_dict["noise"])
+        if self.scheduler is not None:
+            if state_dict.get("scheduler") is None:
+                raise ValueError("the saved state has no AdaScale progress (it was saved in diagnostics mode)")
+            self.scheduler.load_state_dict(state_dict["scheduler"])
+            self.accelerator.step = self.scheduler.updates * self.accelerator.gradient_accumulation_steps
+
+
+def create_adascale(
+    accelerator: Accelerator,
+    optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module,
+    train_dataloader: Any,
+    *,
+    mode: str = "gain",
+    config: LegwConfig | None = None,
+    num_epochs: float | None = None,
+    schedule: Any = None,
+    base_batch_size: int | None = None,
+    base_steps: float | None = None,
+    scale: float | None = None,
+) -> AcceleratorAdaScale:
+    """Build, register for checkpointing and return AdaScale (``mode`` ``gain`` or ``sqrt_gain``) or its statistics
+    alone (``diagnostics``) for an accelerate loop.
+
+    The base run is either ``config`` (a :class:`~legw_hf.plan.LegwConfig` with ``rule="none"``: AdaScale replaces
+    the scaling rule) for ``num_epochs`` at its ``base_batch_size``, or ``schedule`` (the LR as a function of
+    progress in base-run updates) with ``base_batch_size`` and ``base_steps``. ``scale``, if given, must equal
+    global batch / base batch. ``diagnostics`` needs neither (the gain is then relative to ``base_batch_size``, by
+    default the per-device batch).
+    """
+    one_of("mode", mode, tuple(ADASCALE_MODES))
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        raise SettingError(
+            "mode",
+            f"AdaScale is not supported under {accelerator.distributed_type.value}: the gradients are reduced inside "
+            "the engine before a parameter hook sees each micro-batch's own (run it with DDP)",
+            mode,
+        )
+    if not isinstance(train_dataloader, (DataLoaderShard, DataLoaderDispatcher)):
+        raise SettingError(
+            "train_dataloader", "must be the dataloader returned by accelerator.prepare", type(train_dataloader)
+        )
+    global_batch = global_batch_size(accelerator, train_dataloader)
+    micro_batch = global_batch // (accelerator.num_processes * accelerator.gradient_accumulation_steps)
+    power = ADASCALE_MODES[mode]
+    plan = None
+    if power is not None:
+        if (config is None) == (schedule is None):
+            raise SettingError("config", "or schedule must be given for AdaScale's base run, exactly one", None)
+        if config is not None:
+            if config.rule != "none":
+                raise SettingError(
+                    "rule",
+                    "must be 'none' in the config of an AdaScale run: AdaScale replaces the LEGW scaling rule, "
+                    "choose one",
+                    config.rule,
+                )
+            base_batch_size = config.base_batch_size
+            plan = config.plan(
+                batch_size=base_batch_size,
+                dataset_size=len(train_dataloader.dataset),
+                epochs=num_epochs,
+                drop_last=bool(getattr(train_dataloader, "drop_last", False)),
+            )
+            schedule, base_steps = plan, plan.total_steps
+        else:
+            positive_int("base_batch_size", base_batch_size)
+            positive("base_steps", base_steps)
+    base = base_batch_size if base_batch_size is not None else micro_batch
+    check_scale(scale, global_batch=global_batch, base_batch=base)
+    noise = GradientNoise(micro_batch=micro_batch, base_batch=base, global_batch=global_batch)
+    scaler = accelerator.scaler
+    statistics = GradientStatistics(
+        model.parameters(),
+        noise,
+        preconditioner=optimizer if mode == "sqrt_gain" else None,
+        loss_scale=lambda: scaler.get_scale() if scaler is not None and scaler.is_enabled() else None,
+    ).attach()
+    scheduler = None
+    if power is not None:
+        scheduler = AdaScaleScheduler(optimizer, schedule, noise, total_progress=base_steps, power=power)
+    adascale = AcceleratorAdaScale(accelerator, statistics, scheduler)
+    accelerator.register_for_checkpointing(adascale)
+    return adascale

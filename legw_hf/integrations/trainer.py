@@ -13,6 +13,7 @@ run and logs it. This module only converts between Trainer's vocabulary and :mod
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import math
 from dataclasses import MISSING, dataclass, field, fields
@@ -21,19 +22,24 @@ from typing import Any, Literal
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from ..adascale import MODES as ADASCALE_MODES, AdaScaleScheduler, GradientStatistics
 from ..distributed import deepspeed as deepspeed_layouts
 from ..errors import SettingError
+from ..noise_scale import GradientNoise, check_scale
 from ..optim import LAMB_PRESETS, LARS_PRESETS, Lamb, Lars, decay_param_groups, layerwise_optimizer_of
 from ..optim.choice import OPTIMIZER_NAMES, check_optimizer, optimizer_class_and_keywords
 from ..plan import RULES, LegwConfig, LegwPlan, epoch_steps
-from ..record import record_plan
+from ..record import record_plan, write_json
 from ..scheduler import STATE_FORMAT as SCHEDULER_STATE_FORMAT, LegwScheduler, SkippedStepDetector, updates_in_new_plan
 from ..schedules import DECAY_OPTIONS, DECAYS, make_decay
 from . import deepspeed as deepspeed_config
 
 logger = logging.getLogger(__name__)
+
+#: The gradient noise statistics (--legw_adascale) in a Trainer checkpoint folder.
+NOISE_STATE_FILE = "gradient_noise.json"
 
 #: The ``--legw_*`` flags of :mod:`legw_hf.optim.choice`'s optimizer keywords (``--legw_optimizer adamw`` takes
 #: Trainer's own ``--adam_*`` flags instead of ``--legw_betas`` / ``--legw_eps``).
@@ -124,9 +130,12 @@ class LegwArguments:
         default=None,
         metadata={"help": "Global batch at which --learning_rate and the base warmup were tuned. Turns LEGW on."},
     )
-    legw_rule: Literal[tuple(RULES)] = field(
-        default="legw",
-        metadata={"help": "legw: sqrt(k) LR and k x warmup epochs; sqrt: sqrt(k) LR; linear: k x LR; none."},
+    legw_rule: Literal[tuple(RULES)] | None = field(
+        default=None,
+        metadata={
+            "help": "legw (default): sqrt(k) LR and k x warmup epochs; sqrt: sqrt(k) LR; linear: k x LR; none. "
+            "--legw_adascale gain/sqrt_gain replaces the rule."
+        },
     )
     legw_base_warmup_epochs: float | None = field(
         default=None, metadata={"help": "Warmup at the base batch, in epochs (or give --legw_base_warmup_steps)."}
@@ -187,10 +196,25 @@ class LegwArguments:
         default="summary", metadata={"help": "lamb, lars: trust ratios in the logs: min/median/max, per layer, none."}
     )
 
+    legw_adascale: Literal[tuple(ADASCALE_MODES)] | None = field(
+        default=None,
+        metadata={
+            "help": "gain: AdaScale's LR (r x the base run's schedule at the scale-invariant progress; SGD, LARS); "
+            "sqrt_gain: sqrt(r) on Adam-preconditioned statistics (AdamW, LAMB); both replace the LEGW rule and need "
+            "--legw_base_batch_size, the batch the schedule was tuned at. diagnostics: log noise_scale/b_simple, "
+            "adascale/gain and adascale/efficiency beside any schedule."
+        },
+    )
+    legw_adascale_scale: float | None = field(
+        default=None,
+        metadata={"help": "Expected scale S = global batch / --legw_base_batch_size, checked against the run."},
+    )
+
     def __post_init__(self) -> None:
         if self.deepspeed:
             deepspeed_config.require_deepspeed("deepspeed", self.deepspeed)
         self._refuse_ignored_settings()
+        self._check_adascale_settings()
         self._legw_clipping_off = None
         if self.legw_optimizer is not None:
             self._settle_clipping(_probe_optimizer(self))
@@ -201,6 +225,75 @@ class LegwArguments:
         if self.legw_enabled:
             self.legw_config()
             self._check_global_batch()
+        if self.legw_adascale is not None:
+            self._check_adascale_run()
+
+    @property
+    def legw_adascale_lr(self) -> bool:
+        """Whether AdaScale sets the LR (``gain`` / ``sqrt_gain``), not only measures."""
+        return self.legw_adascale is not None and ADASCALE_MODES[self.legw_adascale] is not None
+
+    def _check_adascale_settings(self) -> None:
+        """What must hold before TrainingArguments.__post_init__ (no DeepSpeed / FSDP, one schedule rule)."""
+        if self.legw_adascale is None:
+            _refuse_scale_without_gain(self.legw_adascale_scale)
+            return
+        mode = f"--legw_adascale {self.legw_adascale}"
+        if self.deepspeed:
+            raise SettingError(
+                "legw_adascale",
+                "is not supported under DeepSpeed: ZeRO reduces and partitions the gradients inside its engine, where "
+                "the per-micro-batch norms AdaScale needs cannot be read (run it with DDP)",
+                self.legw_adascale,
+            )
+        if self.fsdp or self.fsdp_config:
+            raise SettingError(
+                "legw_adascale",
+                "is not supported under FSDP: gradients are reduce-scattered before a hook on the sharded parameters "
+                "sees them (run it with DDP)",
+                self.legw_adascale,
+            )
+        if not self.legw_adascale_lr:
+            _refuse_scale_without_gain(self.legw_adascale_scale)
+            return
+        if not self.legw_enabled:
+            raise SettingError(
+                "legw_base_batch_size",
+                f"is required by {mode}: the global batch the schedule (--learning_rate, --legw_base_warmup_*, "
+                "--legw_decay) was tuned at, AdaScale's S = 1 run",
+                None,
+            )
+        if self.legw_rule not in (None, "none"):
+            raise SettingError(
+                "legw_rule",
+                f"must be left unset (or 'none') with {mode}: AdaScale replaces the LEGW scaling rule, choose one",
+                self.legw_rule,
+            )
+        if self.max_steps > 0:
+            raise SettingError(
+                "max_steps",
+                f"must be left unset with {mode}: the run ends when its progress reaches the base run's length, "
+                "--num_train_epochs at --legw_base_batch_size",
+                self.max_steps,
+            )
+        if self.legw_adascale == "sqrt_gain" and not _adam_family(self):
+            raise SettingError(
+                "legw_adascale",
+                "sqrt_gain is for Adam-family optimizers (--legw_optimizer lamb or adamw, or an adamw --optim); use "
+                "gain with SGD or LARS",
+                self.legw_adascale,
+            )
+
+    def _check_adascale_run(self) -> None:
+        """S = global batch / base batch >= 1, and equal to --legw_adascale_scale when given."""
+        global_batch = self.legw_global_batch()
+        base = self.legw_base_batch_size if self.legw_enabled else self.train_batch_size
+        try:
+            check_scale(
+                self.legw_adascale_scale, global_batch=global_batch, base_batch=base, field_name="legw_adascale_scale"
+            )
+        except SettingError as error:
+            raise _as_argument_error(error) from None
 
     def _refuse_ignored_settings(self) -> None:
         """Settings that would be silently ignored are errors: LEGW flags with LEGW off, and Trainer's own
@@ -302,7 +395,7 @@ class LegwArguments:
                 base_lr=self.learning_rate,
                 base_warmup_epochs=self.legw_base_warmup_epochs,
                 base_warmup_steps=self.legw_base_warmup_steps,
-                rule=self.legw_rule,
+                rule=self.legw_rule or "legw",
                 decay=decay,
             )
         except SettingError as error:
@@ -387,15 +480,24 @@ class LegwTrainer(Trainer):
             self.callback_handler.callbacks.insert(0, LegwCallback())
         self._legw_run = _RunShape(None, None)
         self._legw_loss_kwargs_unchecked = True
+        #: AdaScale / noise-scale statistics of this run (--legw_adascale), created with the scheduler.
+        self.legw_noise: GradientNoise | None = None
+        self._legw_statistics: GradientStatistics | None = None
+        self._legw_resume_checkpoint: str | None = None
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
-        if resume_from_checkpoint and self.is_deepspeed_enabled:
-            checkpoint = resume_from_checkpoint
-            if checkpoint is True:
-                checkpoint = get_last_checkpoint(self.args.output_dir)
-            if checkpoint:
-                self._reshard_deepspeed_checkpoint(checkpoint)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        self._legw_resume_checkpoint = checkpoint or None
+        if checkpoint and self.is_deepspeed_enabled:
+            self._reshard_deepspeed_checkpoint(checkpoint)
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            if self._legw_statistics is not None:
+                self._legw_statistics.detach()
+                self._legw_statistics = None
 
     def _reshard_deepspeed_checkpoint(self, checkpoint: str) -> None:
         """Resuming a ZeRO checkpoint at another data-parallel world size: DeepSpeed refuses its own checkpoint
@@ -433,6 +535,47 @@ class LegwTrainer(Trainer):
         )
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None):
+        self._check_loss_kwargs_once(model, inputs, num_items_in_batch)
+        if self.legw_noise is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        statistics = self._gradient_statistics(model)
+        weight = self._micro_batch_weight(inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        statistics.micro_step_done(weight)
+        if self.accelerator.sync_gradients:  # the last micro-batch: gradients are all-reduced, not yet clipped
+            statistics.update_done()
+            if isinstance(self.lr_scheduler, AdaScaleScheduler):
+                self.lr_scheduler.begin_update()
+        return loss
+
+    def _gradient_statistics(self, model: torch.nn.Module) -> GradientStatistics:
+        if self._legw_statistics is None:
+            scaler = self.accelerator.scaler
+            self._legw_statistics = GradientStatistics(
+                model.parameters(),
+                self.legw_noise,
+                preconditioner=self.optimizer if self.args.legw_adascale == "sqrt_gain" else None,
+                loss_scale=lambda: scaler.get_scale() if scaler is not None and scaler.is_enabled() else None,
+            ).attach()
+        return self._legw_statistics
+
+    def _micro_batch_weight(self, inputs: dict[str, Any], num_items_in_batch: Any) -> Any:
+        """The weight of this micro-batch's mean gradient in the accumulated gradient, as Trainer forms the loss:
+        ``1 / accumulation steps`` for a mean loss, ``its items × processes / the batch's items`` (or without the
+        processes, per ``average_tokens_across_devices``) for a loss normalised by ``num_items_in_batch``."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func
+        if not scaled or num_items_in_batch is None or "labels" not in inputs:
+            return 1.0 / self.current_gradient_accumulation_steps
+        labels = inputs.get("shift_labels")
+        if labels is None:
+            labels = inputs["labels"][..., 1:] if getattr(self, "_loss_shifts_labels", False) else inputs["labels"]
+        items = labels.ne(-100).sum().float()
+        processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        return items.to(self.args.device) * processes / torch.as_tensor(num_items_in_batch, device=self.args.device)
+
+    def _check_loss_kwargs_once(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> None:
         if self._legw_loss_kwargs_unchecked:
             self._legw_loss_kwargs_unchecked = False
             if (
@@ -443,7 +586,6 @@ class LegwTrainer(Trainer):
                 and getattr(self, "loss_is_scaled_for_ga", None) is None
             ):
                 self._check_model_uses_num_items(model, inputs, num_items_in_batch)
-        return super().training_step(model, inputs, num_items_in_batch)
 
     def _check_model_uses_num_items(self, model: torch.nn.Module, inputs: dict[str, Any], num_items: Any) -> None:
         """Whether the model's loss really is normalised by ``num_items_in_batch``; if not, Trainer must average.
@@ -488,7 +630,29 @@ class LegwTrainer(Trainer):
         values = super().set_initial_training_values(args, dataloader)
         sized = hasattr(dataloader, "__len__")
         self._legw_run = _RunShape(values[1] if sized else None, values[2] if sized else None)
+        if self.legw_enabled and self.args.legw_adascale_lr:
+            # The run is as long as it takes τ to reach the base run's length: at most that many updates (r >= 1).
+            longest = self.adascale_base_plan().total_steps
+            _, steps_per_epoch, examples, _, total_batch, steps_in_epoch, _ = values
+            values = (
+                -(-longest // steps_per_epoch),
+                steps_per_epoch,
+                examples,
+                longest * total_batch,
+                total_batch,
+                steps_in_epoch,
+                longest,
+            )
         return values
+
+    def adascale_base_plan(self) -> LegwPlan:
+        """The base run AdaScale follows: the schedule flags at --legw_base_batch_size for --num_train_epochs."""
+        dataset_size = self.args.legw_dataset_size or self._legw_run.dataset_size
+        if dataset_size is None:
+            raise SettingError(
+                "legw_dataset_size", "is required when the train dataset has no length (AdaScale counts epochs)", None
+            )
+        return _adascale_base_plan(self.args, dataset_size)
 
     def _init_training_state(
         self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
@@ -554,12 +718,50 @@ class LegwTrainer(Trainer):
     def create_scheduler(
         self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
     ) -> torch.optim.lr_scheduler.LRScheduler:
+        if self.lr_scheduler is None and isinstance(self.args, LegwArguments) and self.args.legw_adascale:
+            self._start_gradient_noise()
+        if self.legw_enabled and self.args.legw_adascale_lr:
+            if self.lr_scheduler is None:
+                plan = self.adascale_base_plan()
+                self.lr_scheduler = AdaScaleScheduler(
+                    optimizer or self.optimizer,
+                    plan,
+                    self.legw_noise,
+                    total_progress=plan.total_steps,
+                    power=ADASCALE_MODES[self.args.legw_adascale],
+                )
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
         if not self.legw_enabled:
             return super().create_scheduler(num_training_steps, optimizer)
         if self.lr_scheduler is None:
             self.lr_scheduler = LegwScheduler(optimizer or self.optimizer, self.legw_plan(num_training_steps))
             self._created_lr_scheduler = True
         return self.lr_scheduler
+
+    def _start_gradient_noise(self) -> None:
+        """The run's :class:`GradientNoise`, restored from the checkpoint being resumed when it has one."""
+        args = self.args
+        noise = GradientNoise(
+            micro_batch=self._train_batch_size,
+            base_batch=args.legw_base_batch_size or self._train_batch_size,
+            global_batch=args.legw_global_batch(self._train_batch_size),
+        )
+        if self._legw_resume_checkpoint:
+            path = Path(self._legw_resume_checkpoint) / NOISE_STATE_FILE
+            if path.is_file():
+                noise.load_state_dict(json.loads(path.read_text()))
+            else:
+                logger.warning(
+                    "The checkpoint %s has no gradient noise state (%s): the --legw_adascale statistics are estimated "
+                    "afresh from the next update.",
+                    self._legw_resume_checkpoint,
+                    NOISE_STATE_FILE,
+                )
+        self.legw_noise = noise
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, LegwCallback):
+                callback.noise = noise
 
     @staticmethod
     def get_optimizer_cls_and_kwargs(args: TrainingArguments, model: Any = None) -> tuple[Any, dict[str, Any]]:
@@ -570,6 +772,29 @@ class LegwTrainer(Trainer):
             # Trainer's decay / no-decay split, with parameter names for the per-layer trust-ratio logs.
             kwargs["params"] = decay_param_groups(model, args.weight_decay)
         return cls, kwargs
+
+
+def _adascale_base_plan(args: LegwArguments, dataset_size: int) -> LegwPlan:
+    try:
+        return args.legw_config().plan(
+            batch_size=args.legw_base_batch_size,
+            dataset_size=dataset_size,
+            epochs=args.num_train_epochs,
+            drop_last=args.dataloader_drop_last,
+        )
+    except SettingError as error:
+        raise _as_argument_error(error) from None
+
+
+def _refuse_scale_without_gain(scale: float | None) -> None:
+    if scale is not None:
+        raise SettingError("legw_adascale_scale", "is only used with --legw_adascale gain or sqrt_gain", scale)
+
+
+def _adam_family(args: LegwArguments) -> bool:
+    if args.legw_optimizer is not None:
+        return args.legw_optimizer in ("lamb", "adamw")
+    return "adam" in str(getattr(args.optim, "value", args.optim)).lower()
 
 
 def _checkpoint_plan(checkpoint: str) -> dict[str, Any] | None:
@@ -645,6 +870,9 @@ def _check_plan_before_training(args: LegwArguments, train_dataset: Any) -> None
         dataset_size = len(train_dataset)
     if dataset_size is None:
         return
+    if args.legw_adascale_lr:
+        _adascale_base_plan(args, dataset_size)
+        return
     global_batch = args.legw_global_batch()
     spe = epoch_steps(dataset_size, global_batch, args.dataloader_drop_last)
     if spe == 0:
@@ -674,7 +902,10 @@ class LegwCallback(TrainerCallback):
 
     def __init__(self) -> None:
         self.plan: LegwPlan | None = None
+        #: The run's gradient noise statistics (--legw_adascale); LegwTrainer sets it.
+        self.noise: GradientNoise | None = None
         self._skips = SkippedStepDetector(None)
+        self._warned_about_batch = False
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if self._skips.step_was_skipped() and not getattr(optimizer, "step_was_skipped", True):
@@ -687,6 +918,19 @@ class LegwCallback(TrainerCallback):
         if not (isinstance(args, LegwArguments) and args.legw_enabled):
             return
         lr_scheduler = _unwrap_scheduler(lr_scheduler)
+        if isinstance(lr_scheduler, AdaScaleScheduler):
+            logger.info(
+                "AdaScale (%s, S = %g): LR = gain%s x the base run's schedule at progress tau; the run ends at "
+                "tau = %g base-run updates. Base run: %s",
+                args.legw_adascale,
+                lr_scheduler.noise.scale,
+                "" if lr_scheduler.power == 1 else f"^{lr_scheduler.power:g}",
+                lr_scheduler.total_progress,
+                lr_scheduler.schedule_description,
+            )
+            if lr_scheduler.resume_note is not None:
+                logger.warning(lr_scheduler.resume_note)
+            return
         if not isinstance(lr_scheduler, LegwScheduler):
             raise ValueError(
                 f"LEGW arguments are set but Trainer's LR scheduler is {type(lr_scheduler).__name__}: use "
@@ -716,6 +960,14 @@ class LegwCallback(TrainerCallback):
         if isinstance(lr_scheduler, LegwScheduler):
             plan = lr_scheduler.plan
             extra.update(legw_k=plan.k, legw_lr_scale=logs["learning_rate"] / plan.base_lr)
+        if isinstance(lr_scheduler, AdaScaleScheduler):
+            extra["adascale/progress"] = lr_scheduler.progress
+        if self.noise is not None:
+            extra.update(self.noise.summary())
+            warning = None if self._warned_about_batch else self.noise.batch_warning()
+            if warning is not None:
+                self._warned_about_batch = True
+                logger.warning("%s", warning)
         trust_log = getattr(args, "legw_trust_log", "summary")
         inner = layerwise_optimizer_of(optimizer)  # behind accelerate's and DeepSpeed's wrappers
         if trust_log != "off" and inner is not None:
@@ -724,6 +976,17 @@ class LegwCallback(TrainerCallback):
         # Trainer appended a copy of these logs to log_history just before calling us.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)
+
+    def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
+        if isinstance(lr_scheduler, AdaScaleScheduler) and lr_scheduler.finished:
+            control.should_training_stop = True
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.noise is None or not state.is_world_process_zero:
+            return
+        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if checkpoint.is_dir():  # the statistics are the same on every process
+            write_json(checkpoint / NOISE_STATE_FILE, self.noise.state_dict())
 
 
 def _unwrap_scheduler(scheduler: Any) -> Any:
