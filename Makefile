@@ -27,6 +27,7 @@ test-fast: setup
 
 bench: setup
 	$(PY) benchmarks/optimizer_step.py
+	$(PY) benchmarks/adascale_overhead.py
 
 clean:
 	rm -rf $(VENV) runs

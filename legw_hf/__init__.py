@@ -11,6 +11,7 @@ import importlib
 from typing import Any
 
 from .errors import SettingError
+from .noise_scale import GradientNoise
 from .plan import RULES, LegwConfig, LegwPlan, Phase, PhasedPlan, epoch_steps, plan_from_dict
 from .schedules import DECAYS, Constant, Cosine, Exponential, MultiStep, Polynomial, PolynomialOfRun, make_decay
 
@@ -32,6 +33,10 @@ _LAZY = {
     "LegwCallback": "legw_hf.integrations.trainer",
     "AcceleratorLegwScheduler": "legw_hf.integrations.accelerate",
     "create_legw_scheduler": "legw_hf.integrations.accelerate",
+    "AdaScaleScheduler": "legw_hf.adascale",
+    "GradientStatistics": "legw_hf.adascale",
+    "AcceleratorAdaScale": "legw_hf.integrations.accelerate",
+    "create_adascale": "legw_hf.integrations.accelerate",
 }
 
 
@@ -51,10 +56,14 @@ __all__ = [
     "LARS_PRESETS",
     "RULES",
     "SCHEDULER_NAMES",
+    "AcceleratorAdaScale",
     "AcceleratorLegwScheduler",
+    "AdaScaleScheduler",
     "Constant",
     "Cosine",
     "Exponential",
+    "GradientNoise",
+    "GradientStatistics",
     "Lamb",
     "Lars",
     "LegwArguments",
@@ -70,6 +79,7 @@ __all__ = [
     "Polynomial",
     "PolynomialOfRun",
     "SettingError",
+    "create_adascale",
     "create_legw_scheduler",
     "decay_param_groups",
     "decay_parameter_names",

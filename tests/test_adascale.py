@@ -11,12 +11,15 @@ import copy
 import json
 import logging
 import math
+import subprocess
+import sys
 
 import datasets
 import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from procs import REPO, python_env
 from torch.utils.data import DataLoader, TensorDataset
 from toy import Regressor, legw_training_args, regression_dataset
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
@@ -530,3 +533,32 @@ def test_accelerate_save_and_load_state_resume_exactly(fresh_accelerate_state, t
     assert resumed.progress == full.progress and resumed.noise.state_dict() == full.noise.state_dict()
     torch.testing.assert_close(resumed_model.weight, full_model.weight, rtol=0, atol=0)
     assert full.finished and full.progress >= 2 * 16
+
+
+@pytest.mark.multiprocess
+def test_two_process_accelerate_statistics_equal_those_of_the_same_gradients_in_one_process(tmp_path):
+    # 2 gloo processes × 2 accumulation steps of 8: S = 4 estimates per update (scale 4 over the base batch 8).
+    env = python_env() | {"ACCELERATE_USE_CPU": "true"}
+    launcher = "--multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no"
+    loop = "--base-batch-size 8 --per-device-batch-size 8 --gradient-accumulation-steps 2 --epochs 2 --dataset-size 256"
+    command = [
+        *[sys.executable, "-m", "accelerate.commands.launch", *launcher.split(), "--main_process_port", "29703"],
+        *[str(REPO / "examples" / "adascale_loop.py"), *loop.split()],
+        *["--stats-log", str(tmp_path / "stats"), "--gradients-out", str(tmp_path / "gradients")],
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [[json.loads(line) for line in (tmp_path / f"stats.rank{r}").read_text().splitlines()] for r in (0, 1)]
+    assert rows[0] == rows[1]  # every process holds the same statistics, gain, progress and LR
+    gradients = [torch.load(tmp_path / f"gradients.rank{r}") for r in (0, 1)]
+    for row, *micro in zip(rows[0], *gradients, strict=True):
+        square_norms, applied = written_out_measurements([*micro[0], *micro[1]], [1.0] * 4)
+        assert row["estimates"] == 4
+        assert row["weighted_square_norms"] == pytest.approx(square_norms, rel=1e-5)
+        assert row["applied_square_norm"] == pytest.approx(applied, rel=1e-5)
+        # The LR: the gain times the base run's (batch 8, 256 samples: 32 updates per epoch) at the progress reached.
+        expected = row["gain"] * base_run_lr(row["progress"] + row["gain"], steps_per_epoch=32, warmup=0.25)
+        assert row["lr"] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    last = rows[0][-1]
+    assert last["progress"] < 64 <= last["progress"] + last["gain"]  # ends at the base run's 2 epochs
+    assert len(rows[0]) < 64 / 1.5
