@@ -27,6 +27,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from .errors import SettingError, non_negative, one_of
 from .noise_scale import GradientNoise
 from .plan import LegwPlan
+from .scheduler import set_group_lrs
 
 STATE_FORMAT = "legw_hf.AdaScaleScheduler/1"
 
@@ -149,6 +150,8 @@ class GradientStatistics:
         self._weights.zero_()
         self._micro_steps = 0
         count = round(count)
+        if weights <= 0:  # no micro-batch carried any weight (no labelled items): nothing was measured
+            return False
         # The applied gradient is (1/world) Σ c_i g_i; its weighted mean Σ c_i g_i / Σ c_i, with a_i = count·c_i/Σc.
         mean_square = applied_square * (world / weights) ** 2
         weighted_square_norms = count * weighted / weights / scale**2
@@ -259,12 +262,7 @@ class AdaScaleScheduler(LRScheduler):
         return [lr * group.get("lr_scale", 1.0) for group in self.optimizer.param_groups]
 
     def _apply(self) -> None:
-        for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
-            if isinstance(group["lr"], torch.Tensor):
-                group["lr"].fill_(lr)
-            else:
-                group["lr"] = lr
-        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        self._last_lr = set_group_lrs(self.optimizer, self.get_lr())
 
     def step(self, epoch: None = None) -> None:
         """After an applied update: τ += r. (The call from ``__init__`` only sets the first LR.)"""

@@ -82,12 +82,7 @@ class LegwScheduler(LRScheduler):
         else:
             raise ValueError(f"not a scheduler state dict (keys: {sorted(state_dict)})")
         self.last_epoch = updates
-        for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
-            if isinstance(group["lr"], torch.Tensor):
-                group["lr"].fill_(lr)
-            else:
-                group["lr"] = lr
-        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        self._last_lr = set_group_lrs(self.optimizer, self.get_lr())
 
     def _carry_over(self, updates: int, saved: dict[str, Any]) -> int:
         current = self.plan.to_dict()
@@ -104,6 +99,16 @@ class LegwScheduler(LRScheduler):
         self.resume_note = message
         warnings.warn(message, stacklevel=3)
         return updates
+
+
+def set_group_lrs(optimizer: torch.optim.Optimizer, lrs: list[float]) -> list[Any]:
+    """Set each param group's LR (in place for a tensor LR, as the fused optimizers keep it); the LRs as set."""
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+    return [group["lr"] for group in optimizer.param_groups]
 
 
 def updates_in_new_plan(updates: int, saved_plan: dict[str, Any], steps_per_epoch: int) -> int:

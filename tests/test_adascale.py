@@ -20,8 +20,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from procs import REPO, python_env
+from test_trainer import PoisonSteps
 from torch.utils.data import DataLoader, TensorDataset
-from toy import Regressor, legw_training_args, regression_dataset
+from toy import Regressor, StopAt, legw_training_args, regression_dataset
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 from legw_hf import LegwConfig, LegwTrainer, LegwTrainingArguments, SettingError
@@ -316,17 +317,6 @@ def test_adascale_run_ends_at_the_base_run_length_with_the_written_out_lr(tmp_pa
     assert len(logs) == len(rows) and {"noise_scale/b_simple", "adascale/efficiency"} <= set(logs[-1])
 
 
-class PoisonSteps(TrainerCallback):
-    """Makes the loss of chosen optimizer steps infinite, as an fp16 overflow would."""
-
-    def __init__(self, model: Regressor, steps: set[int]) -> None:
-        self.model, self.steps, self.calls = model, steps, 0
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.model.poison = self.calls in self.steps
-        self.calls += 1
-
-
 def test_fp16_overflow_leaves_statistics_and_progress_unchanged(tmp_path):
     poisoned = {2, 4}  # not 6, the epoch's short last update (one micro-batch), which records nothing anyway
     runs = {}
@@ -349,16 +339,6 @@ def test_fp16_overflow_leaves_statistics_and_progress_unchanged(tmp_path):
     # Unscaled: the first update (before any overflow) measures the same gradients as the run without a scaler.
     assert scaled[0]["trace"] == pytest.approx(clean[0]["trace"], rel=1e-3)
     assert scaled[0]["gain"] == pytest.approx(clean[0]["gain"], rel=1e-3)
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_save = True
-            control.should_training_stop = True
 
 
 def test_interrupted_and_resumed_adascale_run_equals_uninterrupted(tmp_path, caplog):

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 from procs import python_env
-from toy import Regressor, legw_poly_lr, legw_training_args, logged_learning_rates, regression_dataset
+from toy import Regressor, StopAt, legw_poly_lr, legw_training_args, logged_learning_rates, regression_dataset
 from transformers import HfArgumentParser, Trainer, TrainerCallback
 
 from legw_hf import LegwCallback, LegwScheduler, LegwTrainer, LegwTrainingArguments, SettingError
@@ -147,16 +147,6 @@ def test_auto_find_batch_size_replans_for_the_batch_that_fits(tmp_path):
     assert plan.batch_size == 16 and plan.peak_lr == pytest.approx(0.05 * 2)
     fitted = legw_args(tmp_path, per_device_train_batch_size=8)
     assert logged_learning_rates(trainer.state.log_history) == pytest.approx(expected_lrs(fitted, 100, range(21)))
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_save = True
-            control.should_training_stop = True
 
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):

@@ -6,8 +6,8 @@ import json
 import logging
 
 import pytest
-from test_trainer import StopAt, expected_lrs
-from toy import Regressor, legw_training_args, logged_learning_rates, regression_dataset
+from test_trainer import expected_lrs
+from toy import Regressor, StopAt, legw_training_args, logged_learning_rates, regression_dataset
 from transformers import HfArgumentParser
 
 from legw_hf import LegwTrainer, LegwTrainingArguments, SettingError, plan_from_dict

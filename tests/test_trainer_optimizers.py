@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from test_trainer import PoisonSteps, StopAt, expected_lrs, legw_args
-from toy import Regressor, logged_learning_rates, regression_dataset
+from test_trainer import PoisonSteps, expected_lrs, legw_args
+from toy import Regressor, StopAt, logged_learning_rates, regression_dataset
 from transformers import HfArgumentParser
 
 from legw_hf import Lamb, Lars, LegwTrainer, LegwTrainingArguments, SettingError

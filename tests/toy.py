@@ -7,6 +7,7 @@ import math
 import datasets
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 from legw_hf import LegwTrainingArguments
 
@@ -41,6 +42,18 @@ def regression_dataset(size: int = 100, features: int = 8, seed: int = 0) -> dat
     x = torch.randn(size, features, generator=generator)
     y = torch.tanh(x @ torch.randn(features, generator=generator))
     return datasets.Dataset.from_dict({"x": x.tolist(), "y": y.tolist()}).with_format("torch")
+
+
+class StopAt(TrainerCallback):
+    """Saves a checkpoint at optimizer step ``step`` and stops there, as an interrupted run would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = True
+            control.should_training_stop = True
 
 
 def legw_poly_lr(

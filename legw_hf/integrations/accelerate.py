@@ -59,10 +59,7 @@ class AcceleratorLegwScheduler:
         return self.scheduler.updates
 
     def step(self) -> None:
-        if not self.accelerator.sync_gradients:
-            return
-        skipped = self._skips.step_was_skipped() or self.accelerator.optimizer_step_was_skipped
-        if not skipped:
+        if update_was_applied(self.accelerator, self._skips):
             self.scheduler.step()
 
     def get_last_lr(self) -> list[float]:
@@ -80,6 +77,13 @@ class AcceleratorLegwScheduler:
         """
         self.scheduler.load_state_dict(state_dict)
         self.accelerator.step = self.scheduler.updates * self.accelerator.gradient_accumulation_steps
+
+
+def update_was_applied(accelerator: Accelerator, skips: SkippedStepDetector) -> bool:
+    """Whether the optimizer step just called ended an accumulation window and was not skipped by the GradScaler."""
+    if not accelerator.sync_gradients:
+        return False
+    return not (skips.step_was_skipped() or accelerator.optimizer_step_was_skipped)
 
 
 def global_batch_size(accelerator: Accelerator, train_dataloader: Any) -> int:
@@ -195,10 +199,7 @@ class AcceleratorAdaScale:
                 self.scheduler.begin_update()
 
     def step(self) -> None:
-        if self.scheduler is None or not self.accelerator.sync_gradients:
-            return
-        skipped = self._skips.step_was_skipped() or self.accelerator.optimizer_step_was_skipped
-        if not skipped:
+        if self.scheduler is not None and update_was_applied(self.accelerator, self._skips):
             self.scheduler.step()
 
     def get_last_lr(self) -> list[float]:
