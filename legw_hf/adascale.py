@@ -62,6 +62,8 @@ class GradientStatistics:
             the gradients (``g / (√v + eps)``; Adam's bias correction is a common factor and cancels in r).
         loss_scale: returns the fp16 loss scale the gradients carry (e.g. ``scaler.get_scale``), or None.
         process_group: the data-parallel group (default: the world when torch.distributed is initialised).
+        applied_norm: returns the norm of the applied (averaged, unscaled, unclipped) gradient where ``.grad`` does
+            not hold it, as under DeepSpeed ZeRO, which partitions it and computes its norm itself.
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class GradientStatistics:
         preconditioner: Any = None,
         loss_scale: Callable[[], float | None] | None = None,
         process_group: Any = None,
+        applied_norm: Callable[[], Any] | None = None,
     ) -> None:
         self.parameters = [p for p in parameters if p.requires_grad]
         if not self.parameters:
@@ -79,6 +82,7 @@ class GradientStatistics:
         self.noise = noise
         self.loss_scale = loss_scale
         self.process_group = process_group
+        self.applied_norm = applied_norm
         self._optimizer = None if preconditioner is None else _inner_optimizer(preconditioner)
         self._eps = {}
         if self._optimizer is not None:
@@ -125,6 +129,17 @@ class GradientStatistics:
         self._micro.zero_()
         self._micro_steps += 1
 
+    @property
+    def pending(self) -> bool:
+        """Whether micro-batches were folded in since the last :meth:`update_done`."""
+        return self._micro_steps > 0
+
+    def discard(self) -> None:
+        """Forget the micro-batches folded in since the last update (a step that never happened)."""
+        for accumulator in (self._micro, self._weighted, self._weights):
+            accumulator.zero_()
+        self._micro_steps = 0
+
     def _applied_gradients(self, scale: float) -> list[torch.Tensor]:
         applied = [self._precondition(p, p.grad.float()) / scale for p in self.parameters if p.grad is not None]
         if not applied:
@@ -137,18 +152,25 @@ class GradientStatistics:
         if self._micro_steps == 0:
             raise RuntimeError("update_done() without micro_step_done(): no micro-batch was measured")
         scale = (self.loss_scale() if self.loss_scale is not None else None) or 1.0
-        local = torch.stack([self._weighted, self._weights, torch.tensor(float(self._micro_steps))])
+        steps = torch.tensor(float(self._micro_steps), device=self._micro.device)
+        local = torch.stack([self._weighted, self._weights, steps])
         world = 1
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             world = torch.distributed.get_world_size(self.process_group)
             if world > 1:
                 torch.distributed.all_reduce(local, group=self.process_group)
-        applied = self._applied_gradients(scale)
-        applied_square = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32).square() for g in applied]).sum()
+        if self.applied_norm is not None:
+            applied = None
+            norm = self.applied_norm()
+            if norm is None:
+                raise RuntimeError("the applied gradient's norm is not available (DeepSpeed computed none)")
+            applied_square = torch.as_tensor(norm, dtype=torch.float32).to(local.device).square()
+        else:
+            applied = self._applied_gradients(scale)
+            squares = [torch.linalg.vector_norm(g, dtype=torch.float32).square() for g in applied]
+            applied_square = torch.stack(squares).sum()
         weighted, weights, count, applied_square = torch.cat([local, applied_square.view(1)]).tolist()
-        self._weighted.zero_()
-        self._weights.zero_()
-        self._micro_steps = 0
+        self.discard()
         count = round(count)
         if weights <= 0:  # no micro-batch carried any weight (no labelled items): nothing was measured
             return False
@@ -157,8 +179,8 @@ class GradientStatistics:
         weighted_square_norms = count * weighted / weights / scale**2
         if count >= 2:
             return self.noise.observe(weighted_square_norms, mean_square, count)
-        if self.noise.global_batch >= 2 * self.noise.micro_batch:
-            return False  # a short last accumulation of an epoch: too few estimates, and not a one-estimate run
+        if self.noise.global_batch >= 2 * self.noise.micro_batch or applied is None:
+            return False  # a short last accumulation of an epoch (too few estimates), or no gradient to difference
         return self._observe_consecutive(applied, world / weights)
 
     def _observe_consecutive(self, applied: list[torch.Tensor], normaliser: float) -> bool:

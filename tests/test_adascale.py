@@ -409,9 +409,19 @@ def test_bad_adascale_settings_name_the_field(tmp_path, overrides, field, messag
     assert not any(tmp_path.iterdir())  # nothing written
 
 
-def test_adascale_is_refused_under_deepspeed(tmp_path):
-    with pytest.raises(SettingError, match="not supported under DeepSpeed"):
-        adascale_args(tmp_path, deepspeed={"train_micro_batch_size_per_gpu": "auto"})
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(fp16=True), "fp16 loss scaling"),
+        (dict(legw_adascale="sqrt_gain", legw_optimizer="lamb"), "sqrt_gain is not supported under DeepSpeed"),
+        (dict(per_device_train_batch_size=16, gradient_accumulation_steps=1), "at least 2 gradient estimates"),
+    ],
+)
+def test_what_deepspeed_cannot_measure_is_refused(tmp_path, overrides, message):
+    config = {"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}
+    with pytest.raises(SettingError, match=message) as raised:
+        adascale_args(tmp_path, deepspeed=config, **overrides)
+    assert raised.value.field == "legw_adascale"
 
 
 def test_sqrt_gain_with_lamb_preconditions_by_the_second_moments(tmp_path):
@@ -542,3 +552,44 @@ def test_two_process_accelerate_statistics_equal_those_of_the_same_gradients_in_
     last = rows[0][-1]
     assert last["progress"] < 64 <= last["progress"] + last["gain"]  # ends at the base run's 2 epochs
     assert len(rows[0]) < 64 / 1.5
+
+
+@pytest.mark.multiprocess
+def test_adascale_under_deepspeed_zero_measures_what_ddp_measures(tmp_path):
+    # The same run (2 processes x per-device 4 x accumulation 2, SGD, AdaScale gain) under DDP and under ZeRO 1-3:
+    # under ZeRO the applied gradient's norm is DeepSpeed's own, read in the client optimizer's step pre-hook.
+    script = str(REPO / "tests" / "scripts" / "adascale_trainer.py")
+    env = python_env() | {"DS_ACCELERATOR": "cpu"}
+    launchers = {
+        "ddp": ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29705"],
+        **{
+            stage: ["deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(29705 + int(stage))]
+            for stage in ("1", "2", "3")
+        },
+    }
+    records = {}
+    for stage, launcher in launchers.items():
+        command = [sys.executable, "-m", *launcher, script, str(tmp_path / stage), stage]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        assert result.returncode == 0, (stage, result.stdout[-2000:], result.stderr[-4000:])
+        records[stage] = [json.loads((tmp_path / stage / f"rank{r}.json").read_text()) for r in (0, 1)]
+    reference = records["ddp"][0]
+    assert reference["world_size"] == 2 and reference["finished"]
+    assert all(row["estimates"] == 4 for row in reference["rows"])
+    for stage, ranks in records.items():
+        for record in ranks:
+            assert record["finished"] and len(record["rows"]) == len(reference["rows"]), stage
+            for row, expected in zip(record["rows"], reference["rows"], strict=True):
+                for key in ("estimates", "weighted_square_norms", "applied_square_norm", "gain", "progress"):
+                    assert row[key] == pytest.approx(expected[key], rel=1e-5), (stage, key)
+            actual, expected = torch.tensor(record["params"]), torch.tensor(reference["params"])
+            assert float((actual - expected).norm() / expected.norm()) < 1e-5, stage
+
+
+@pytest.mark.parametrize("mode", ["gain", "diagnostics"])
+def test_the_pretraining_program_refuses_adascale(tmp_path, mode):
+    from legw_hf.pretraining.program import parse
+
+    with pytest.raises(SettingError, match="not offered by the pretraining program") as raised:
+        parse(["--output_dir", str(tmp_path / "run"), "--legw_adascale", mode])
+    assert raised.value.field == "legw_adascale" and not (tmp_path / "run").exists()

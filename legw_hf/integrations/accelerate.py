@@ -253,11 +253,18 @@ def create_adascale(
     default the per-device batch).
     """
     one_of("mode", mode, tuple(ADASCALE_MODES))
-    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise SettingError(
             "mode",
-            f"AdaScale is not supported under {accelerator.distributed_type.value}: the gradients are reduced inside "
-            "the engine before a parameter hook sees each micro-batch's own (run it with DDP)",
+            "AdaScale is not supported in accelerate loops under DeepSpeed, which steps inside accelerator.backward "
+            "(LegwTrainer's --legw_adascale measures inside that step, under ZeRO 1-3)",
+            mode,
+        )
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise SettingError(
+            "mode",
+            "AdaScale is not supported under FSDP: each micro-batch's gradient is reduce-scattered before a hook on "
+            "the sharded parameters sees it (run it with DDP)",
             mode,
         )
     if not isinstance(train_dataloader, (DataLoaderShard, DataLoaderDispatcher)):

@@ -18,7 +18,7 @@ import logging
 import math
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -233,19 +233,19 @@ class LegwArguments:
         """Whether AdaScale sets the LR (``gain`` / ``sqrt_gain``), not only measures."""
         return self.legw_adascale is not None and ADASCALE_MODES[self.legw_adascale] is not None
 
+    #: Why this arguments class does not offer --legw_adascale (None: it does).
+    legw_adascale_refused: ClassVar[str | None] = None
+
     def _check_adascale_settings(self) -> None:
-        """What must hold before TrainingArguments.__post_init__ (no DeepSpeed / FSDP, one schedule rule)."""
+        """What must hold before TrainingArguments.__post_init__ (no FSDP, one schedule rule, ...)."""
+        if self.legw_adascale is not None and self.legw_adascale_refused:
+            raise SettingError("legw_adascale", self.legw_adascale_refused, self.legw_adascale)
         if self.legw_adascale is None:
             _refuse_scale_without_gain(self.legw_adascale_scale)
             return
         mode = f"--legw_adascale {self.legw_adascale}"
         if self.deepspeed:
-            raise SettingError(
-                "legw_adascale",
-                "is not supported under DeepSpeed: ZeRO reduces and partitions the gradients inside its engine, where "
-                "the per-micro-batch norms AdaScale needs cannot be read (run it with DDP)",
-                self.legw_adascale,
-            )
+            self._check_adascale_under_deepspeed()
         if self.fsdp or self.fsdp_config:
             raise SettingError(
                 "legw_adascale",
@@ -284,6 +284,26 @@ class LegwArguments:
                 self.legw_adascale,
             )
 
+    def _check_adascale_under_deepspeed(self) -> None:
+        """Under DeepSpeed the applied gradient's norm is DeepSpeed's own (its partitions hold the gradient): no
+        preconditioned norms, and DeepSpeed's fp16 loss scale may change inside the step that is measured."""
+        if self.legw_adascale == "sqrt_gain":
+            raise SettingError(
+                "legw_adascale",
+                "sqrt_gain is not supported under DeepSpeed: ZeRO partitions the gradient, so its Adam-preconditioned "
+                "norm cannot be read (use gain, or run sqrt_gain with DDP)",
+                self.legw_adascale,
+            )
+        config = self.deepspeed if isinstance(self.deepspeed, dict) else json.loads(Path(self.deepspeed).read_text())
+        fp16 = config.get("fp16", {}).get("enabled", False)
+        if self.fp16 or fp16 is True:
+            raise SettingError(
+                "legw_adascale",
+                "is not supported with DeepSpeed's fp16 loss scaling (its scale changes inside the step the statistics "
+                "are read in): use bf16 under DeepSpeed, or fp16 with DDP",
+                self.legw_adascale,
+            )
+
     def _check_adascale_run(self) -> None:
         """S = global batch / base batch >= 1, and equal to --legw_adascale_scale when given."""
         global_batch = self.legw_global_batch()
@@ -294,6 +314,14 @@ class LegwArguments:
             )
         except SettingError as error:
             raise _as_argument_error(error) from None
+        if self.deepspeed and global_batch == self.train_batch_size:
+            raise SettingError(
+                "legw_adascale",
+                "needs at least 2 gradient estimates per update under DeepSpeed (processes x "
+                "gradient_accumulation_steps >= 2): one estimate per update is differenced with the previous update's "
+                "gradient, which ZeRO does not keep whole",
+                self.legw_adascale,
+            )
 
     def _refuse_ignored_settings(self) -> None:
         """Settings that would be silently ignored are errors: LEGW flags with LEGW off, and Trainer's own
@@ -484,6 +512,8 @@ class LegwTrainer(Trainer):
         self.legw_noise: GradientNoise | None = None
         self._legw_statistics: GradientStatistics | None = None
         self._legw_resume_checkpoint: str | None = None
+        self._legw_step_hook: Any = None
+        self._legw_last_micro_weight: Any = None
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         checkpoint = resume_from_checkpoint
@@ -498,6 +528,9 @@ class LegwTrainer(Trainer):
             if self._legw_statistics is not None:
                 self._legw_statistics.detach()
                 self._legw_statistics = None
+            if self._legw_step_hook is not None:
+                self._legw_step_hook.remove()
+                self._legw_step_hook = None
 
     def _reshard_deepspeed_checkpoint(self, checkpoint: str) -> None:
         """Resuming a ZeRO checkpoint at another data-parallel world size: DeepSpeed refuses its own checkpoint
@@ -540,23 +573,60 @@ class LegwTrainer(Trainer):
             return super().training_step(model, inputs, num_items_in_batch)
         statistics = self._gradient_statistics(model)
         weight = self._micro_batch_weight(inputs, num_items_in_batch)
+        if self.is_deepspeed_enabled and self.accelerator.sync_gradients:
+            # DeepSpeed steps inside this backward; the step pre-hook folds this micro-batch in and measures.
+            self._legw_last_micro_weight = weight
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if statistics.pending:  # the step never reached the optimizer (an overflow): nothing to measure
+                statistics.discard()
+            return loss
         loss = super().training_step(model, inputs, num_items_in_batch)
         statistics.micro_step_done(weight)
         if self.accelerator.sync_gradients:  # the last micro-batch: gradients are all-reduced, not yet clipped
-            statistics.update_done()
-            if isinstance(self.lr_scheduler, AdaScaleScheduler):
-                self.lr_scheduler.begin_update()
+            self._measure_update()
         return loss
 
+    def _measure_update(self) -> None:
+        self._legw_statistics.update_done()
+        scheduler = _unwrap_scheduler(self.lr_scheduler)
+        if isinstance(scheduler, AdaScaleScheduler):
+            scheduler.begin_update()
+
+    def _measure_inside_deepspeed_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """The client optimizer's step pre-hook under DeepSpeed: its norm of the applied gradient is computed by
+        now, and the step, called once per parameter group, has not run. The first call measures; each sets the
+        LR of the group it steps (DeepSpeed hands the optimizer one group at a time)."""
+        if self._legw_statistics.pending:
+            self._legw_statistics.micro_step_done(self._legw_last_micro_weight)
+            self._legw_statistics.update_done()
+        scheduler = _unwrap_scheduler(self.lr_scheduler)
+        if isinstance(scheduler, AdaScaleScheduler):
+            scheduler.begin_update()
+
     def _gradient_statistics(self, model: torch.nn.Module) -> GradientStatistics:
-        if self._legw_statistics is None:
-            scaler = self.accelerator.scaler
-            self._legw_statistics = GradientStatistics(
-                model.parameters(),
-                self.legw_noise,
-                preconditioner=self.optimizer if self.args.legw_adascale == "sqrt_gain" else None,
-                loss_scale=lambda: scaler.get_scale() if scaler is not None and scaler.is_enabled() else None,
-            ).attach()
+        if self._legw_statistics is not None:
+            return self._legw_statistics
+        scaler = self.accelerator.scaler
+        applied_norm, step_hook = None, None
+        if self.is_deepspeed_enabled:
+            chain = _optimizer_chain(self.optimizer)
+            zero = next((o for o in chain if hasattr(o, "_global_grad_norm")), None)
+            if zero is None:
+                raise SettingError(
+                    "legw_adascale",
+                    "needs a DeepSpeed ZeRO optimizer (zero_optimization stage 1-3) under DeepSpeed",
+                    self.args.legw_adascale,
+                )
+            applied_norm = lambda: zero._global_grad_norm  # noqa: E731  (unscaled, before clipping)
+            step_hook = chain[-1].register_step_pre_hook(self._measure_inside_deepspeed_step)
+        self._legw_statistics = GradientStatistics(
+            model.parameters(),
+            self.legw_noise,
+            preconditioner=self.optimizer if self.args.legw_adascale == "sqrt_gain" else None,
+            loss_scale=lambda: scaler.get_scale() if scaler is not None and scaler.is_enabled() else None,
+            applied_norm=applied_norm,
+        ).attach()
+        self._legw_step_hook = step_hook
         return self._legw_statistics
 
     def _micro_batch_weight(self, inputs: dict[str, Any], num_items_in_batch: Any) -> Any:
@@ -791,6 +861,14 @@ def _refuse_scale_without_gain(scale: float | None) -> None:
         raise SettingError("legw_adascale_scale", "is only used with --legw_adascale gain or sqrt_gain", scale)
 
 
+def _optimizer_chain(optimizer: Any) -> list[Any]:
+    """accelerate's optimizer, DeepSpeed's ZeRO optimizer, ..., the client optimizer: each holds the next."""
+    chain = [optimizer]
+    while getattr(chain[-1], "optimizer", None) is not None:
+        chain.append(chain[-1].optimizer)
+    return chain
+
+
 def _adam_family(args: LegwArguments) -> bool:
     if args.legw_optimizer is not None:
         return args.legw_optimizer in ("lamb", "adamw")
@@ -978,6 +1056,7 @@ class LegwCallback(TrainerCallback):
             state.log_history[-1].update(extra)
 
     def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
+        lr_scheduler = _unwrap_scheduler(lr_scheduler)
         if isinstance(lr_scheduler, AdaScaleScheduler) and lr_scheduler.finished:
             control.should_training_stop = True
 

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field, make_dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import datasets
 import torch
@@ -312,8 +312,18 @@ def _setup_logging(training_args: Any) -> None:
     follow_trainer_log_level(training_args)
 
 
+@dataclasses.dataclass
+class ProgramTrainingArguments(LegwTrainingArguments):
+    """Trainer's arguments as this program takes them."""
+
+    legw_adascale_refused: ClassVar[str | None] = (
+        "is not offered by the pretraining program, whose phases follow the recipes' LEGW plans: use LegwTrainer "
+        "with --legw_adascale in a script of your own (examples/run_mlm.py takes it)"
+    )
+
+
 def parse(argv: list[str] | None) -> tuple[PretrainingArguments, Any, LegwTrainingArguments]:
-    parser = HfArgumentParser((PretrainingArguments, PhaseArguments, LegwTrainingArguments))
+    parser = HfArgumentParser((PretrainingArguments, PhaseArguments, ProgramTrainingArguments))
     parser.set_defaults(**PROGRAM_DEFAULTS)
     return parser.parse_args_into_dataclasses(args=argv)
 
