@@ -593,3 +593,45 @@ def test_the_pretraining_program_refuses_adascale(tmp_path, mode):
     with pytest.raises(SettingError, match="not offered by the pretraining program") as raised:
         parse(["--output_dir", str(tmp_path / "run"), "--legw_adascale", mode])
     assert raised.value.field == "legw_adascale" and not (tmp_path / "run").exists()
+
+
+@pytest.mark.multiprocess
+def test_accelerate_loop_under_a_deepspeed_plugin_measures_what_the_plain_loop_measures(tmp_path):
+    # accelerate's DeepSpeed plugin counts one process on CPU-only machines (see test_accelerate), so: one process,
+    # 4 accumulation steps of 8 (S = 4), ZeRO-2, against the same loop without DeepSpeed.
+    config = tmp_path / "ds.json"
+    config.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {"stage": 2},
+                "gradient_clipping": 0.0,
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+                "train_batch_size": "auto",
+            }
+        )
+    )
+    loop = [str(REPO / "examples" / "adascale_loop.py"), "--gradient-accumulation-steps", "4", "--epochs", "1"]
+    env = python_env() | {"DS_ACCELERATOR": "cpu"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1"]
+    commands = {
+        "ds": [*launch, "--use_deepspeed", "--deepspeed_config_file", str(config), "--main_process_port", "29709"],
+        "plain": [sys.executable],
+    }
+    rows = {}
+    for run, command in commands.items():
+        result = subprocess.run(
+            [*command, *loop, "--stats-log", str(tmp_path / run)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            cwd=tmp_path,
+        )
+        assert result.returncode == 0, (run, result.stderr[-3000:])
+        rows[run] = [json.loads(line) for line in (tmp_path / f"{run}.rank0").read_text().splitlines()]
+    assert len(rows["ds"]) == len(rows["plain"]) > 5
+    for row, expected in zip(rows["ds"], rows["plain"], strict=True):
+        assert row["estimates"] == 4
+        for key in ("weighted_square_norms", "applied_square_norm", "gain", "progress", "lr"):
+            assert row[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-12), key

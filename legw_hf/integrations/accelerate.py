@@ -163,12 +163,21 @@ class AcceleratorAdaScale:
     """
 
     def __init__(
-        self, accelerator: Accelerator, statistics: GradientStatistics, scheduler: AdaScaleScheduler | None
+        self,
+        accelerator: Accelerator,
+        statistics: GradientStatistics,
+        scheduler: AdaScaleScheduler | None,
+        *,
+        deepspeed_client: Any = None,
     ) -> None:
         self.accelerator = accelerator
         self.statistics = statistics
         self.scheduler = scheduler
         self._skips = SkippedStepDetector(accelerator.scaler)
+        self._last_weight: Any = None
+        self._deepspeed = deepspeed_client is not None
+        if self._deepspeed:
+            deepspeed_client.register_step_pre_hook(self._measure_inside_deepspeed_step)
 
     @property
     def noise(self) -> GradientNoise:
@@ -189,14 +198,30 @@ class AcceleratorAdaScale:
         ``weight`` is the weight of this micro-batch's mean gradient in the accumulated one; the default,
         ``1 / gradient_accumulation_steps``, is what accelerate's division of a mean loss gives.
         """
-        self.accelerator.backward(loss, **kwargs)
         if weight is None:
             weight = 1.0 / self.accelerator.gradient_accumulation_steps
+        if self._deepspeed and self.accelerator.sync_gradients:
+            # DeepSpeed steps inside this backward; the client's step pre-hook folds this micro-batch in and measures.
+            self._last_weight = weight
+            self.accelerator.backward(loss, **kwargs)
+            if self.statistics.pending:  # the step never reached the optimizer (an overflow): nothing to measure
+                self.statistics.discard()
+            return
+        self.accelerator.backward(loss, **kwargs)
         self.statistics.micro_step_done(weight)
         if self.accelerator.sync_gradients:
             self.statistics.update_done()
             if self.scheduler is not None:
                 self.scheduler.begin_update()
+
+    def _measure_inside_deepspeed_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """The client optimizer's step pre-hook under DeepSpeed, called once per parameter group with that group
+        alone: the first call measures, each sets its group's LR."""
+        if self.statistics.pending:
+            self.statistics.micro_step_done(self._last_weight)
+            self.statistics.update_done()
+        if self.scheduler is not None:
+            self.scheduler.begin_update()
 
     def step(self) -> None:
         if self.scheduler is not None and update_was_applied(self.accelerator, self._skips):
@@ -251,15 +276,12 @@ def create_adascale(
     progress in base-run updates) with ``base_batch_size`` and ``base_steps``. ``scale``, if given, must equal
     global batch / base batch. ``diagnostics`` needs neither (the gain is then relative to ``base_batch_size``, by
     default the per-device batch).
+
+    Under accelerate's DeepSpeed plugin (ZeRO 1-3, bf16 or fp32; not ``sqrt_gain``) DeepSpeed steps inside
+    ``accelerator.backward``: the update is measured in the client optimizer's step pre-hook, with DeepSpeed's own
+    norm of the applied gradient. FSDP is refused.
     """
     one_of("mode", mode, tuple(ADASCALE_MODES))
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise SettingError(
-            "mode",
-            "AdaScale is not supported in accelerate loops under DeepSpeed, which steps inside accelerator.backward "
-            "(LegwTrainer's --legw_adascale measures inside that step, under ZeRO 1-3)",
-            mode,
-        )
     if accelerator.distributed_type == DistributedType.FSDP:
         raise SettingError(
             "mode",
@@ -300,16 +322,30 @@ def create_adascale(
     base = base_batch_size if base_batch_size is not None else micro_batch
     check_scale(scale, global_batch=global_batch, base_batch=base)
     noise = GradientNoise(micro_batch=micro_batch, base_batch=base, global_batch=global_batch)
+    applied_norm, client = None, None
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        refusal = deepspeed_config.adascale_refusal(
+            accelerator.state.deepspeed_plugin.deepspeed_config, mode, fp16=accelerator.mixed_precision == "fp16"
+        )
+        if refusal is None and global_batch == micro_batch:
+            refusal = (
+                "needs at least 2 gradient estimates per update under DeepSpeed (processes x "
+                "gradient_accumulation_steps >= 2): ZeRO does not keep the previous update's whole gradient"
+            )
+        if refusal is not None:
+            raise SettingError("mode", refusal, mode)
+        applied_norm, client = deepspeed_config.zero_gradient_norm(optimizer)
     scaler = accelerator.scaler
     statistics = GradientStatistics(
         model.parameters(),
         noise,
         preconditioner=optimizer if mode == "sqrt_gain" else None,
         loss_scale=lambda: scaler.get_scale() if scaler is not None and scaler.is_enabled() else None,
+        applied_norm=applied_norm,
     ).attach()
     scheduler = None
     if power is not None:
         scheduler = AdaScaleScheduler(optimizer, schedule, noise, total_progress=base_steps, power=power)
-    adascale = AcceleratorAdaScale(accelerator, statistics, scheduler)
+    adascale = AcceleratorAdaScale(accelerator, statistics, scheduler, deepspeed_client=client)
     accelerator.register_for_checkpointing(adascale)
     return adascale

@@ -219,6 +219,40 @@ def keep_client_optimizer_under_offload(config: dict[str, Any]) -> bool:
     return True
 
 
+def adascale_refusal(config: dict[str, Any], mode: str, *, fp16: bool = False) -> str | None:
+    """Why AdaScale ``mode`` cannot measure under this DeepSpeed config, or None. Under ZeRO the applied gradient's
+    norm is DeepSpeed's own (:func:`zero_gradient_norm`), so there is no whole gradient to precondition; and
+    DeepSpeed's fp16 loss scale may change inside the step the statistics are read in."""
+    if mode == "sqrt_gain":
+        return (
+            "sqrt_gain is not supported under DeepSpeed: ZeRO partitions the gradient, so its Adam-preconditioned "
+            "norm cannot be read (use gain, or run sqrt_gain with DDP)"
+        )
+    if fp16 or config.get("fp16", {}).get("enabled") is True:
+        return (
+            "is not supported with DeepSpeed's fp16 loss scaling (its scale changes inside the step the statistics "
+            "are read in): use bf16 under DeepSpeed, or fp16 with DDP"
+        )
+    return None
+
+
+def zero_gradient_norm(optimizer: Any) -> tuple[Any, Any]:
+    """(a function returning DeepSpeed's norm of the applied gradient, the client optimizer) behind ``optimizer``
+    (accelerate's wrapper → DeepSpeed's ZeRO optimizer → the client). The norm is of the averaged gradient, with
+    the loss scale removed and before clipping, and is computed in ``step()`` before the client's step runs."""
+    chain = [optimizer]
+    while getattr(chain[-1], "optimizer", None) is not None:
+        chain.append(chain[-1].optimizer)
+    zero = next((o for o in chain if hasattr(o, "_global_grad_norm")), None)
+    if zero is None:
+        raise SettingError(
+            "zero_optimization",
+            "must select a ZeRO stage (1-3) for AdaScale under DeepSpeed: its optimizer computes the gradient norm",
+            None,
+        )
+    return (lambda: zero._global_grad_norm), chain[-1]
+
+
 def require_deepspeed(field: str, value: Any = None) -> None:
     """A DeepSpeed path was asked for: say how to install DeepSpeed if it is missing, before any work starts."""
     try:

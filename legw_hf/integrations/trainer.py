@@ -287,22 +287,10 @@ class LegwArguments:
     def _check_adascale_under_deepspeed(self) -> None:
         """Under DeepSpeed the applied gradient's norm is DeepSpeed's own (its partitions hold the gradient): no
         preconditioned norms, and DeepSpeed's fp16 loss scale may change inside the step that is measured."""
-        if self.legw_adascale == "sqrt_gain":
-            raise SettingError(
-                "legw_adascale",
-                "sqrt_gain is not supported under DeepSpeed: ZeRO partitions the gradient, so its Adam-preconditioned "
-                "norm cannot be read (use gain, or run sqrt_gain with DDP)",
-                self.legw_adascale,
-            )
         config = self.deepspeed if isinstance(self.deepspeed, dict) else json.loads(Path(self.deepspeed).read_text())
-        fp16 = config.get("fp16", {}).get("enabled", False)
-        if self.fp16 or fp16 is True:
-            raise SettingError(
-                "legw_adascale",
-                "is not supported with DeepSpeed's fp16 loss scaling (its scale changes inside the step the statistics "
-                "are read in): use bf16 under DeepSpeed, or fp16 with DDP",
-                self.legw_adascale,
-            )
+        refusal = deepspeed_config.adascale_refusal(config, self.legw_adascale, fp16=self.fp16)
+        if refusal is not None:
+            raise SettingError("legw_adascale", refusal, self.legw_adascale)
 
     def _check_adascale_run(self) -> None:
         """S = global batch / base batch >= 1, and equal to --legw_adascale_scale when given."""
@@ -609,16 +597,8 @@ class LegwTrainer(Trainer):
         scaler = self.accelerator.scaler
         applied_norm, step_hook = None, None
         if self.is_deepspeed_enabled:
-            chain = _optimizer_chain(self.optimizer)
-            zero = next((o for o in chain if hasattr(o, "_global_grad_norm")), None)
-            if zero is None:
-                raise SettingError(
-                    "legw_adascale",
-                    "needs a DeepSpeed ZeRO optimizer (zero_optimization stage 1-3) under DeepSpeed",
-                    self.args.legw_adascale,
-                )
-            applied_norm = lambda: zero._global_grad_norm  # noqa: E731  (unscaled, before clipping)
-            step_hook = chain[-1].register_step_pre_hook(self._measure_inside_deepspeed_step)
+            applied_norm, client = deepspeed_config.zero_gradient_norm(self.optimizer)
+            step_hook = client.register_step_pre_hook(self._measure_inside_deepspeed_step)
         self._legw_statistics = GradientStatistics(
             model.parameters(),
             self.legw_noise,
@@ -859,14 +839,6 @@ def _adascale_base_plan(args: LegwArguments, dataset_size: int) -> LegwPlan:
 def _refuse_scale_without_gain(scale: float | None) -> None:
     if scale is not None:
         raise SettingError("legw_adascale_scale", "is only used with --legw_adascale gain or sqrt_gain", scale)
-
-
-def _optimizer_chain(optimizer: Any) -> list[Any]:
-    """accelerate's optimizer, DeepSpeed's ZeRO optimizer, ..., the client optimizer: each holds the next."""
-    chain = [optimizer]
-    while getattr(chain[-1], "optimizer", None) is not None:
-        chain.append(chain[-1].optimizer)
-    return chain
 
 
 def _adam_family(args: LegwArguments) -> bool:
