@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
-from .errors import SettingError, non_negative, one_of
+from .errors import SettingError, non_negative
 from .noise_scale import GradientNoise
 from .plan import LegwPlan
 from .scheduler import set_group_lrs
@@ -36,20 +36,15 @@ STATE_FORMAT = "legw_hf.AdaScaleScheduler/1"
 MODES: dict[str, float | None] = {"gain": 1.0, "sqrt_gain": 0.5, "diagnostics": None}
 
 
-def _inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer holding the state, behind accelerate's (and similar) ``.optimizer`` wrappers."""
-    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-    return optimizer
-
-
 class GradientStatistics:
     """Per-update gradient statistics from per-micro-batch gradients, fed into a :class:`GradientNoise`.
 
     Call :meth:`micro_step_done` after every backward, with the weight that micro-batch's *mean* gradient has in the
     accumulated gradient (``1 / accumulation steps`` for a mean loss divided by the accumulation, as accelerate and
     Trainer do; ``items · processes / items of the whole batch`` for Trainer's ``num_items_in_batch`` losses), and
-    :meth:`update_done` after the last backward of an update, before clipping and ``optimizer.step()``.
+    :meth:`update_done` after the last backward of an update, before clipping and ``optimizer.step()``. Where the
+    step runs inside the last backward (DeepSpeed), call :meth:`defer_micro_step` before that backward and
+    :meth:`measure_deferred` from the optimizer's step pre-hook.
 
     With one estimate per update (one process, no accumulation) the variance comes from consecutive updates'
     gradients (AdaptDL's differenced estimator): it is biased, since they are taken at different parameters, and
@@ -83,7 +78,7 @@ class GradientStatistics:
         self.loss_scale = loss_scale
         self.process_group = process_group
         self.applied_norm = applied_norm
-        self._optimizer = None if preconditioner is None else _inner_optimizer(preconditioner)
+        self._optimizer = preconditioner  # accelerate's wrapper shows the inner optimizer's state and groups
         self._eps = {}
         if self._optimizer is not None:
             for group in self._optimizer.param_groups:
@@ -94,6 +89,7 @@ class GradientStatistics:
         self._weighted = torch.zeros((), dtype=torch.float32, device=device)
         self._weights = torch.zeros((), dtype=torch.float32, device=device)
         self._micro_steps = 0
+        self._deferred_weight: Any = None
         self._previous: list[torch.Tensor] | None = None
         self._handles: list[Any] = []
 
@@ -108,43 +104,64 @@ class GradientStatistics:
         self._handles = []
 
     def _precondition(self, p: torch.nn.Parameter, grad: torch.Tensor) -> torch.Tensor:
-        state = self._optimizer.state.get(p) if self._optimizer is not None else None
+        if self._optimizer is None:
+            return grad
+        state = self._optimizer.state.get(p)
         v = state.get("exp_avg_sq") if state else None
         if v is None:
             return grad
-        return grad / (v.float().sqrt() + self._eps.get(p, 1e-8))
+        return grad.float() / (v.float().sqrt() + self._eps.get(p, 1e-8))
+
+    def _square_norm(self, p: torch.nn.Parameter, grad: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(self._precondition(p, grad), dtype=torch.float32).square()
 
     def _hook(self, p: torch.nn.Parameter) -> Callable[[torch.Tensor], None]:
         def add_square_norm(grad: torch.Tensor) -> None:
-            g = self._precondition(p, grad.float())
-            self._micro.add_(torch.linalg.vector_norm(g, dtype=torch.float32).square().to(self._micro.device))
+            self._micro.add_(self._square_norm(p, grad).to(self._micro.device))
 
         return add_square_norm
 
     def micro_step_done(self, weight: float | torch.Tensor) -> None:
         """Fold the micro-batch just back-propagated in; ``weight`` as in the class doc (a tensor stays on device)."""
-        weight = torch.as_tensor(weight, dtype=torch.float32, device=self._micro.device)
-        self._weighted.add_(torch.where(weight > 0, self._micro / weight, torch.zeros_like(self._micro)))
+        if isinstance(weight, torch.Tensor):
+            weight = weight.to(dtype=torch.float32, device=self._micro.device)
+            self._weighted.add_(torch.where(weight > 0, self._micro / weight, torch.zeros_like(self._micro)))
+        elif weight > 0:
+            self._weighted.add_(self._micro, alpha=1.0 / weight)
         self._weights.add_(weight)
         self._micro.zero_()
         self._micro_steps += 1
 
-    @property
-    def pending(self) -> bool:
-        """Whether micro-batches were folded in since the last :meth:`update_done`."""
-        return self._micro_steps > 0
+    def defer_micro_step(self, weight: float | torch.Tensor) -> None:
+        """The coming backward is the update's last and runs the optimizer step (DeepSpeed): :meth:`measure_deferred`,
+        from the step pre-hook, folds it in with ``weight`` and measures."""
+        self._deferred_weight = weight
+
+    def measure_deferred(self) -> None:
+        """Fold the deferred micro-batch in and measure the update; a no-op once done (the pre-hook runs once per
+        parameter group)."""
+        if self._deferred_weight is not None:
+            weight, self._deferred_weight = self._deferred_weight, None
+            self.micro_step_done(weight)
+            self.update_done()
+
+    def discard_deferred(self) -> None:
+        """After the deferred backward: if its step never reached the optimizer (an overflow), forget the update."""
+        if self._deferred_weight is not None:
+            self.discard()
 
     def discard(self) -> None:
         """Forget the micro-batches folded in since the last update (a step that never happened)."""
         for accumulator in (self._micro, self._weighted, self._weights):
             accumulator.zero_()
         self._micro_steps = 0
+        self._deferred_weight = None
 
-    def _applied_gradients(self, scale: float) -> list[torch.Tensor]:
-        applied = [self._precondition(p, p.grad.float()) / scale for p in self.parameters if p.grad is not None]
-        if not applied:
+    def _with_gradients(self) -> list[torch.nn.Parameter]:
+        parameters = [p for p in self.parameters if p.grad is not None]
+        if not parameters:
             raise RuntimeError("update_done() found no gradients: call it after the backward, before zero_grad()")
-        return applied
+        return parameters
 
     def update_done(self) -> bool:
         """Measure the update whose micro-batches were folded in; True if its statistics were recorded (False after
@@ -160,15 +177,13 @@ class GradientStatistics:
             if world > 1:
                 torch.distributed.all_reduce(local, group=self.process_group)
         if self.applied_norm is not None:
-            applied = None
             norm = self.applied_norm()
             if norm is None:
                 raise RuntimeError("the applied gradient's norm is not available (DeepSpeed computed none)")
             applied_square = torch.as_tensor(norm, dtype=torch.float32).to(local.device).square()
         else:
-            applied = self._applied_gradients(scale)
-            squares = [torch.linalg.vector_norm(g, dtype=torch.float32).square() for g in applied]
-            applied_square = torch.stack(squares).sum()
+            squares = [self._square_norm(p, p.grad) for p in self._with_gradients()]
+            applied_square = torch.stack(squares).sum() / scale**2
         weighted, weights, count, applied_square = torch.cat([local, applied_square.view(1)]).tolist()
         self.discard()
         count = round(count)
@@ -179,16 +194,16 @@ class GradientStatistics:
         weighted_square_norms = count * weighted / weights / scale**2
         if count >= 2:
             return self.noise.observe(weighted_square_norms, mean_square, count)
-        if self.noise.global_batch >= 2 * self.noise.micro_batch or applied is None:
+        if self.noise.global_batch >= 2 * self.noise.micro_batch or self.applied_norm is not None:
             return False  # a short last accumulation of an epoch (too few estimates), or no gradient to difference
-        return self._observe_consecutive(applied, world / weights)
+        return self._observe_consecutive(world / weights / scale)
 
-    def _observe_consecutive(self, applied: list[torch.Tensor], normaliser: float) -> bool:
-        current = [g * normaliser for g in applied]
+    def _observe_consecutive(self, normaliser: float) -> bool:
+        current = [self._precondition(p, p.grad).float() * normaliser for p in self._with_gradients()]
         norms = torch.stack([torch.linalg.vector_norm(g).square() for g in current]).sum()
         if not bool(torch.isfinite(norms)):
             return False
-        previous, self._previous = self._previous, [g.detach().clone() for g in current]
+        previous, self._previous = self._previous, current
         if previous is None:
             return False
         a = float(norms)
@@ -334,9 +349,3 @@ class AdaScaleScheduler(LRScheduler):
             raise ValueError(f"not an AdaScale scheduler state (keys: {sorted(state_dict)})")
         self._step_count = max(self._step_count, 1)
         self._apply()
-
-
-def power_of_mode(mode: str) -> float | None:
-    """The LR exponent of an AdaScale mode (None for ``diagnostics``)."""
-    one_of("adascale", mode, tuple(MODES))
-    return MODES[mode]

@@ -94,14 +94,7 @@ class GradientNoise:
 
     def __post_init__(self) -> None:
         positive_int("micro_batch", self.micro_batch)
-        positive_int("base_batch", self.base_batch)
-        positive_int("global_batch", self.global_batch)
-        if self.global_batch < self.base_batch:
-            raise SettingError(
-                "base_batch",
-                f"must not exceed the global batch ({self.global_batch}): AdaScale's scale S = global / base is >= 1",
-                self.base_batch,
-            )
+        check_scale(None, global_batch=self.global_batch, base_batch=self.base_batch, base_field="base_batch")
 
     @property
     def scale(self) -> float:
@@ -203,14 +196,21 @@ class GradientNoise:
         self.recorded, self.biased = int(state["recorded"]), bool(state["biased"])
 
 
-def check_scale(expected: float | None, *, global_batch: int, base_batch: int, field_name: str = "scale") -> float:
+def check_scale(
+    expected: float | None,
+    *,
+    global_batch: int,
+    base_batch: int,
+    field_name: str = "scale",
+    base_field: str = "base_batch_size",
+) -> float:
     """S = global / base, and the user's expected S (if any) must agree with it."""
     positive_int("global_batch", global_batch)
     positive_int("base_batch", base_batch)
     scale = global_batch / base_batch
     if scale < 1:
         raise SettingError(
-            "base_batch_size",
+            base_field,
             f"must not exceed the global batch ({global_batch}): AdaScale's scale S = global / base is >= 1",
             base_batch,
         )

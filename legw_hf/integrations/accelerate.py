@@ -174,7 +174,6 @@ class AcceleratorAdaScale:
         self.statistics = statistics
         self.scheduler = scheduler
         self._skips = SkippedStepDetector(accelerator.scaler)
-        self._last_weight: Any = None
         self._deepspeed = deepspeed_client is not None
         if self._deepspeed:
             deepspeed_client.register_step_pre_hook(self._measure_inside_deepspeed_step)
@@ -202,26 +201,25 @@ class AcceleratorAdaScale:
             weight = 1.0 / self.accelerator.gradient_accumulation_steps
         if self._deepspeed and self.accelerator.sync_gradients:
             # DeepSpeed steps inside this backward; the client's step pre-hook folds this micro-batch in and measures.
-            self._last_weight = weight
+            self.statistics.defer_micro_step(weight)
             self.accelerator.backward(loss, **kwargs)
-            if self.statistics.pending:  # the step never reached the optimizer (an overflow): nothing to measure
-                self.statistics.discard()
+            self.statistics.discard_deferred()
             return
         self.accelerator.backward(loss, **kwargs)
         self.statistics.micro_step_done(weight)
         if self.accelerator.sync_gradients:
             self.statistics.update_done()
-            if self.scheduler is not None:
-                self.scheduler.begin_update()
+            self._begin_update()
+
+    def _begin_update(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.begin_update()
 
     def _measure_inside_deepspeed_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """The client optimizer's step pre-hook under DeepSpeed, called once per parameter group with that group
         alone: the first call measures, each sets its group's LR."""
-        if self.statistics.pending:
-            self.statistics.micro_step_done(self._last_weight)
-            self.statistics.update_done()
-        if self.scheduler is not None:
-            self.scheduler.begin_update()
+        self.statistics.measure_deferred()
+        self._begin_update()
 
     def step(self) -> None:
         if self.scheduler is not None and update_was_applied(self.accelerator, self._skips):

@@ -501,7 +501,6 @@ class LegwTrainer(Trainer):
         self._legw_statistics: GradientStatistics | None = None
         self._legw_resume_checkpoint: str | None = None
         self._legw_step_hook: Any = None
-        self._legw_last_micro_weight: Any = None
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         checkpoint = resume_from_checkpoint
@@ -563,19 +562,18 @@ class LegwTrainer(Trainer):
         weight = self._micro_batch_weight(inputs, num_items_in_batch)
         if self.is_deepspeed_enabled and self.accelerator.sync_gradients:
             # DeepSpeed steps inside this backward; the step pre-hook folds this micro-batch in and measures.
-            self._legw_last_micro_weight = weight
+            statistics.defer_micro_step(weight)
             loss = super().training_step(model, inputs, num_items_in_batch)
-            if statistics.pending:  # the step never reached the optimizer (an overflow): nothing to measure
-                statistics.discard()
+            statistics.discard_deferred()
             return loss
         loss = super().training_step(model, inputs, num_items_in_batch)
         statistics.micro_step_done(weight)
         if self.accelerator.sync_gradients:  # the last micro-batch: gradients are all-reduced, not yet clipped
-            self._measure_update()
+            statistics.update_done()
+            self._begin_adascale_update()
         return loss
 
-    def _measure_update(self) -> None:
-        self._legw_statistics.update_done()
+    def _begin_adascale_update(self) -> None:
         scheduler = _unwrap_scheduler(self.lr_scheduler)
         if isinstance(scheduler, AdaScaleScheduler):
             scheduler.begin_update()
@@ -584,12 +582,8 @@ class LegwTrainer(Trainer):
         """The client optimizer's step pre-hook under DeepSpeed: its norm of the applied gradient is computed by
         now, and the step, called once per parameter group, has not run. The first call measures; each sets the
         LR of the group it steps (DeepSpeed hands the optimizer one group at a time)."""
-        if self._legw_statistics.pending:
-            self._legw_statistics.micro_step_done(self._legw_last_micro_weight)
-            self._legw_statistics.update_done()
-        scheduler = _unwrap_scheduler(self.lr_scheduler)
-        if isinstance(scheduler, AdaScaleScheduler):
-            scheduler.begin_update()
+        self._legw_statistics.measure_deferred()
+        self._begin_adascale_update()
 
     def _gradient_statistics(self, model: torch.nn.Module) -> GradientStatistics:
         if self._legw_statistics is not None:
