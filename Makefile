@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup main test test-fast bench clean
+.PHONY: setup main test test-fast bench reproduce clean
 
 setup: $(STAMP)
 
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints/cpu.txt torch==2.13.0
-	$(PIP) install -q -c constraints/cpu.txt -e ".[test,deepspeed,plot]"
+	$(PIP) install -q -c constraints/cpu.txt -e ".[test,deepspeed,plot,bench]"
 	touch $(STAMP)
 
 main: setup
@@ -28,6 +28,13 @@ test-fast: setup
 bench: setup
 	$(PY) benchmarks/optimizer_step.py
 	$(PY) benchmarks/adascale_overhead.py
+
+# The large-batch reproduction (benchmarks/results/), the optimizer step and the Trainer overhead: ~40 min on 2 cores.
+reproduce: setup
+	$(PY) benchmarks/large_batch.py
+	$(PY) benchmarks/optimizer_step.py --quick > benchmarks/results/optimizer_step.md
+	$(PY) benchmarks/trainer_overhead.py --json benchmarks/results/trainer_overhead.json \
+		> benchmarks/results/trainer_overhead.md
 
 clean:
 	rm -rf $(VENV) runs

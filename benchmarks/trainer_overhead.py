@@ -1,0 +1,201 @@
+"""End-to-end cost of the plugin in a Trainer run: LEGW + LAMB against Trainer's own AdamW and schedule.
+
+Usage::
+
+    python benchmarks/trainer_overhead.py            # BERT-tiny MLM, ~3 minutes on 2 cores
+    python benchmarks/trainer_overhead.py --quick    # fewer rounds and steps
+
+Three Trainer runs on the same model, data and batch, timed in turn within every round:
+
+* ``trainer_adamw``: ``transformers.Trainer`` with its default optimizer (fused AdamW) and a linear schedule;
+* ``trainer_lamb``: ``transformers.Trainer`` given legw_hf's ``Lamb`` (preset nvidia) and transformers' linear
+  schedule through ``optimizers=``: LAMB's math, none of the plugin;
+* ``legw_lamb``: ``LegwTrainer`` with ``--legw_optimizer lamb --legw_optimizer_preset nvidia`` and the LEGW plan:
+  the whole plugin (plan, scheduler, callback with its trust-ratio log, argument handling).
+
+A step's time is the interval between consecutive ``on_step_end`` callbacks (forward, backward, clipping, optimizer
+step, scheduler, callbacks), the median over the steps after ``--warmup-steps``; a round's ratios are taken against
+the ``trainer_adamw`` run timed just before, and the table shows the median over rounds. The two parts: LAMB's math
+is ``trainer_lamb / trainer_adamw``, the plugin beyond it ``legw_lamb / trainer_lamb``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from machine import cpu_model
+
+VARIANTS = ("trainer_adamw", "trainer_lamb", "legw_lamb")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32, help="sequences per update")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=30, help="updates per run")
+    parser.add_argument("--warmup-steps", type=int, default=5, help="updates left out of the timing")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 12 steps")
+    parser.add_argument(
+        "--smoke", action="store_true", help="1 round of 4 tiny steps: checks the script, times nothing"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.steps, args.warmup_steps = 2, 12, 3
+    if args.smoke:
+        args.rounds, args.steps, args.warmup_steps, args.batch, args.seq_len = 1, 4, 0, 4, 16
+    for name in ("batch", "seq_len", "steps", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.warmup_steps < args.steps - 1:
+        parser.error(f"--warmup-steps must be in [0, --steps - 2] = [0, {args.steps - 2}], got {args.warmup_steps}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+    from transformers import BertForMaskedLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers.utils import logging as hf_logging
+
+    from legw_hf import Lamb, LegwTrainer, LegwTrainingArguments, decay_param_groups
+    from legw_hf.pretraining.model import bert_config
+
+    hf_logging.set_verbosity_error()
+    config = bert_config("tiny", vocab_size=4096, pad_token_id=0)
+    generator = torch.Generator().manual_seed(0)
+    sequences = args.batch * args.steps
+    ids = torch.randint(5, 4096, (sequences, args.seq_len), generator=generator)
+    labels = torch.where(torch.rand(ids.shape, generator=generator) < 0.15, ids, -100)
+
+    class Sequences(torch.utils.data.Dataset):
+        def __len__(self):
+            return sequences
+
+        def __getitem__(self, i):
+            return {"input_ids": ids[i], "labels": labels[i]}
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_step_end(self, *_args, **_kwargs):
+            self.times.append(time.perf_counter())
+
+    common = dict(
+        per_device_train_batch_size=args.batch,
+        max_steps=args.steps,
+        learning_rate=1e-3,
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+
+    def run(variant: str, output_dir: str) -> float:
+        torch.manual_seed(0)
+        model = BertForMaskedLM(config)
+        timer = StepTimes()
+        if variant == "trainer_adamw":
+            trainer = Trainer(
+                model=model,
+                args=TrainingArguments(output_dir, warmup_steps=3, **common),
+                train_dataset=Sequences(),
+                callbacks=[timer],
+            )
+        elif variant == "trainer_lamb":
+            optimizer = Lamb(decay_param_groups(model, 0.01, adapt_no_decay=False), lr=1e-3, preset="nvidia")
+            schedule = transformers.get_linear_schedule_with_warmup(optimizer, 3, args.steps)
+            trainer = Trainer(
+                model=model,
+                args=TrainingArguments(output_dir, **common),
+                train_dataset=Sequences(),
+                optimizers=(optimizer, schedule),
+                callbacks=[timer],
+            )
+        else:
+            trainer = LegwTrainer(
+                model=model,
+                args=LegwTrainingArguments(
+                    output_dir,
+                    legw_optimizer="lamb",
+                    legw_optimizer_preset="nvidia",
+                    legw_base_batch_size=max(args.batch // 4, 1),
+                    legw_base_warmup_steps=3,
+                    **common,
+                ),
+                train_dataset=Sequences(),
+                callbacks=[timer],
+            )
+        trainer.train()
+        intervals = [b - a for a, b in zip(timer.times, timer.times[1:], strict=False)][args.warmup_steps :]
+        return statistics.median(intervals)
+
+    machine = f"{cpu_model()}, {torch.get_num_threads()} torch threads"
+    command = " ".join(["python benchmarks/trainer_overhead.py", *(sys.argv[1:] if argv is None else argv)])
+    print(
+        f"# Trainer overhead: LEGW + LAMB vs Trainer's AdamW\n\n- machine: {machine}\n"
+        f"- date: {time.strftime('%Y-%m-%d')}\n- torch {torch.__version__}, "
+        f"transformers {transformers.__version__}\n- command: `{command}`\n- BERT-tiny MLM, batch {args.batch} x seq "
+        f"{args.seq_len}, {args.steps} steps per run ({args.warmup_steps} untimed), {args.rounds} rounds\n",
+        flush=True,
+    )
+    rounds: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for index in range(args.rounds):
+            timing = {variant: run(variant, f"{scratch}/{variant}") for variant in VARIANTS}
+            rounds.append(timing)
+            print(f"round {index + 1}: " + ", ".join(f"{v} {t * 1e3:.1f} ms" for v, t in timing.items()), flush=True)
+
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(r[a] / r[b] for r in rounds)
+
+    best = {v: min(r[v] for r in rounds) for v in VARIANTS}
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "model": "BERT-tiny (2 layers, hidden 128), vocabulary 4096",
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "best_ms": {v: t * 1e3 for v, t in best.items()},
+        "lamb_math": ratio("trainer_lamb", "trainer_adamw"),
+        "plugin": ratio("legw_lamb", "trainer_lamb"),
+        "total": ratio("legw_lamb", "trainer_adamw"),
+    }
+    print(
+        "\n| run | ms/step (best round) | × trainer_adamw (median of rounds) |\n|---|---:|---:|\n"
+        + "\n".join(f"| {v} | {best[v] * 1e3:.1f} | {ratio(v, 'trainer_adamw'):.3f} |" for v in VARIANTS)
+        + f"\n\nLAMB math (trainer_lamb / trainer_adamw): {result['lamb_math']:.3f}×; the plugin beyond it "
+        f"(legw_lamb / trainer_lamb): {result['plugin']:.3f}×; in all {result['total']:.3f}×."
+    )
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

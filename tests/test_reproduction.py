@@ -1,0 +1,162 @@
+"""The large-batch reproduction runner and the Trainer overhead benchmark, run as users run them, at smoke size.
+
+The LRs each arm applied are checked against the rules written out here (not the library's plan), the tables
+against the runs they summarise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+#: The rules as the papers state them: exponent of k on the peak LR and on the warmup epochs.
+RULE_EXPONENTS = {"legw": (0.5, 1.0), "sqrt": (0.5, 0.0), "linear": (1.0, 0.0), "none": (0.0, 0.0)}
+
+
+def run_script(repo, *args, timeout=600):
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    done = subprocess.run([sys.executable, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def expected_lr(run, epoch, task):
+    lr_exponent, warmup_exponent = RULE_EXPONENTS[run["arm"]]
+    k = run["batch"] / run["base_batch"]
+    peak = run["base_lr"] * k**lr_exponent
+    warmup = run["base_warmup_epochs"] * k**warmup_exponent
+    epochs = task["epochs"]
+    epoch = min(epoch, epochs)
+    if epoch < warmup:
+        return peak * epoch / warmup
+    decay = task["decay"]
+    if decay["name"] == "poly":
+        return peak * (1 - (epoch - warmup) / (epochs - warmup)) ** decay["power"]
+    assert decay["name"] == "poly_run"
+    return peak * (1 - epoch / epochs) ** decay["power"]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("large_batch")
+    run_script(REPO, "benchmarks/large_batch.py", "--smoke", "--workers", "2", "--out", str(out), "--cache", str(out))
+    return out, json.loads((out / "large_batch.json").read_text())
+
+
+def test_every_task_arm_and_batch_ran(smoke):
+    out, result = smoke
+    assert set(result["tasks"]) == {"mnist1d", "wikitext2_lm", "bert_tiny"}
+    for name, task in result["tasks"].items():
+        for family in task["families"]:
+            runs = [r for r in result["runs"] if r["task"] == name and r["family"] == family]
+            cells = {(r["arm"], r["k"]) for r in runs}
+            assert cells == {("none", 1)} | {
+                (arm, k) for arm in ("legw", "linear", "sqrt", "none", "adascale") for k in task["ks"] if k > 1
+            }
+            for r in runs:
+                assert r["diverged"] or math.isfinite(r["metric"])
+                steps_per_epoch = math.ceil(r["dataset_size"] / r["batch"])
+                if r["arm"] != "adascale":  # the others train the fixed epoch budget exactly
+                    assert r["updates"] == math.ceil(task["epochs"] * steps_per_epoch)
+        assert (out / f"large_batch_{name}.png").stat().st_size > 1000
+        assert (out / f"large_batch_{name}_lr.png").stat().st_size > 1000
+    meta = result["environment"]
+    assert {"date", "machine", "torch", "transformers", "python"} <= set(meta)
+
+
+def test_each_arm_applied_its_rule(smoke):
+    _, result = smoke
+    checked = 0
+    for r in result["runs"]:
+        if r["arm"] == "adascale":
+            continue
+        task = result["tasks"][r["task"]]
+        steps_per_epoch = math.ceil(r["dataset_size"] / r["batch"])
+        for epoch, lr in r["lr_curve"]:
+            assert lr == pytest.approx(expected_lr(r, epoch, task), rel=1e-9), (r["task"], r["arm"], r["k"], epoch)
+            checked += 1
+        assert r["lr_curve"][0][0] == pytest.approx(1 / steps_per_epoch)
+    assert checked > 100
+
+
+def test_adascale_follows_its_gain(smoke):
+    _, result = smoke
+    runs = [r for r in result["runs"] if r["arm"] == "adascale" and r["k"] > 1]
+    assert runs
+    cap = result["adascale"]["epoch_cap"]
+    for r in runs:
+        task = result["tasks"][r["task"]]
+        assert 1.0 <= r["mean_gain"] <= r["k"]
+        # τ advances by the gain each update; it stops at the base run's length or at the epoch cap
+        assert r["progress"] == pytest.approx(r["mean_gain"] * r["updates"], rel=1e-9)
+        assert r["reached_end"] == (r["progress"] >= r["total_progress"] - 1e-9)
+        assert r["reached_end"] or r["epochs"] >= cap * task["epochs"] - 1e-9
+        # fewer updates than the base run, more samples than the others' epoch budget whenever r < k
+        assert r["updates"] <= r["total_progress"]
+        assert r["b_simple"] > 0
+
+
+def test_tables_summarise_the_runs(smoke):
+    out, result = smoke
+    markdown = (out / "large_batch.md").read_text()
+    for key, arms in result["summary"].items():
+        name, family = key.split("/")
+        assert f"### {family}:" in markdown
+        for arm, by_batch in arms.items():
+            assert f"| {arm} |" in markdown
+            for batch, cell in by_batch.items():
+                runs = [
+                    r
+                    for r in result["runs"]
+                    if r["task"] == name
+                    and r["family"] == family
+                    and r["batch"] == int(batch)
+                    and (r["arm"] == arm or r["k"] == 1)
+                ]
+                assert cell["seeds"] == len(runs) == 1
+                finite = [r["metric"] for r in runs if not r["diverged"]]
+                if finite:
+                    assert cell["mean"] == pytest.approx(statistics.fmean(finite))
+
+
+def test_sweep_records_each_setting(repo, tmp_path):
+    run_script(
+        repo, "benchmarks/large_batch.py", "--sweep", "--smoke", "--tasks", "mnist1d", "--workers", "1",
+        "--out", str(tmp_path), "--cache", str(tmp_path),
+    )  # fmt: skip
+    result = json.loads((tmp_path / "large_batch_sweep.json").read_text())
+    family = result["tasks"]["mnist1d"]["families"]["adam"]
+    settings = {(r["base_lr"], r["base_warmup_epochs"]) for r in result["runs"] if r["family"] == "adam"}
+    warmups = [family["base_warmup_epochs"], *family["sweep_warmups"]]
+    assert settings == {(lr, w) for lr in family["sweep_lrs"] for w in warmups}
+    assert all(r["k"] == 1 for r in result["runs"])
+    assert "lr 0.01, warmup 0.025 ep" in (tmp_path / "large_batch_sweep.md").read_text()
+
+
+def test_bad_runner_flags_are_refused_before_any_work(repo, tmp_path):
+    for flags, message in ((["--seeds", "0"], "--seeds must be >= 1"), (["--workers", "0"], "--workers must be >= 1")):
+        done = subprocess.run(
+            [sys.executable, "benchmarks/large_batch.py", *flags, "--out", str(tmp_path / "out")],
+            cwd=repo,
+            env={**os.environ, "PYTHONPATH": str(repo)},
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 2 and message in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_trainer_overhead_smoke(repo, tmp_path):
+    out = tmp_path / "overhead.json"
+    run_script(repo, "benchmarks/trainer_overhead.py", "--smoke", "--json", str(out))
+    result = json.loads(out.read_text())
+    assert set(result["best_ms"]) == {"trainer_adamw", "trainer_lamb", "legw_lamb"}
+    assert all(t > 0 for t in result["best_ms"].values())
+    assert all(math.isfinite(result[key]) and result[key] > 0 for key in ("lamb_math", "plugin", "total"))
