@@ -444,7 +444,11 @@ def train_cell(cell: Cell) -> dict[str, Any]:
     diverged = False
     last_loss = math.nan
     started = time.perf_counter()
-    while not diverged and samples < max_epochs * n - 1e-9:
+
+    def finished() -> bool:
+        return scheduler.finished if adascale else updates == total_steps
+
+    while not diverged and not finished() and samples < max_epochs * n - 1e-9:
         for indices in _batches(n, batch, generator):
             examples = data.prepare_batch({k: v[indices] for k, v in data.train.items()}, generator)
             parts = [
@@ -471,13 +475,9 @@ def train_cell(cell: Cell) -> dict[str, Any]:
             updates += 1
             samples += len(indices)
             last_loss = step_loss
-            if not math.isfinite(step_loss):
-                diverged = True
+            diverged = not math.isfinite(step_loss)
+            if diverged or finished():
                 break
-            if (adascale and scheduler.finished) or updates == total_steps:
-                break
-        if (adascale and scheduler.finished) or updates == total_steps:
-            break
     metric = math.nan if diverged else data.evaluate(model)
     if not math.isfinite(metric):
         diverged = True
@@ -607,7 +607,7 @@ def _format_cell(cell: dict[str, Any], arm: str) -> str:
     if "mean" not in cell:
         text = "diverged"
     else:
-        text = f"{cell['mean']:.4g} ± {cell['spread']:.2g}"
+        text = f"{cell['mean']:.4g}" + (f" ± {cell['spread']:.2g}" if cell["seeds"] > 1 else "")
         if cell["diverged"]:
             text += f" ({cell['diverged']}/{cell['seeds']} diverged)"
     text += f"<br>{cell['updates']} upd"
@@ -636,6 +636,7 @@ def _describe_decay(decay: dict[str, Any]) -> str:
 
 def write_markdown(path: Path, meta: dict[str, Any], summary: dict[str, Any], sweep: bool) -> None:
     lines = [f"# {'Base-batch LR sweep' if sweep else 'Large-batch reproduction'}", ""]
+    cells = "one seed" if sweep else "mean ± standard deviation over seeds"
     lines += [f"- {k}: {v}" for k, v in meta["environment"].items()]
     lines += [f"- command: `{meta['command']}`", f"- wall time: {meta['seconds'] / 60:.1f} min", ""]
     for name, task in meta["tasks"].items():
@@ -647,7 +648,7 @@ def write_markdown(path: Path, meta: dict[str, Any], summary: dict[str, Any], sw
                 f"better), base batch {task['base_batch']}, {task['epochs']:g} epochs",
                 "",
                 f"Base settings: peak LR {family['base_lr']:g}, warmup {family['base_warmup_epochs']:g} epochs, "
-                f"{_describe_decay(task['decay'])} decay. Cells: mean ± standard deviation over seeds, updates taken.",
+                f"{_describe_decay(task['decay'])} decay. Cells: {cells}, updates taken.",
                 "",
             ]
             arms = summary.get(key, {})
@@ -696,8 +697,12 @@ def plot(out: Path, stem: str, meta: dict[str, Any], summary: dict[str, Any], ru
                     batches, cells = zip(*points, strict=True)
                     means, spreads = [c["mean"] for c in cells], [c["spread"] for c in cells]
                     axis.errorbar(batches, means, yerr=spreads, marker="o", capsize=3, label=arm)
-            axis.set(xscale="log", xlabel="global batch", ylabel=task["metric"], title=f"{name}: {family}")
             axis.set_xscale("log", base=2)
+            batches = sorted({int(b) for by_batch in summary.get(f"{name}/{family}", {}).values() for b in by_batch})
+            axis.set_xticks(batches, labels=[str(b) for b in batches])
+            axis.set(xlabel="global batch", ylabel=task["metric"], title=f"{name}: {family}")
+            if "perplexity" in task["metric"]:
+                axis.set_yscale("log")  # a diverging arm's perplexity is orders of magnitude above the rest
 
         def lr_curves(axis, family, name=name):
             chosen = [r for r in runs if r["task"] == name and r["family"] == family and r["seed"] == 0]
@@ -714,6 +719,13 @@ def plot(out: Path, stem: str, meta: dict[str, Any], summary: dict[str, Any], ru
     return written
 
 
+def write_report(out: Path, stem: str, result: dict[str, Any], sweep: bool) -> None:
+    """The Markdown tables and (for the experiments) the plots of a result."""
+    write_markdown(out / f"{stem}.md", result, result["summary"], sweep)
+    if not sweep:
+        plot(out, stem, result, result["summary"], result["runs"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
@@ -725,7 +737,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "legw_hf_bench"
     )
+    parser.add_argument(
+        "--report", type=Path, metavar="RESULT.json", help="only rewrite the Markdown and plots of a saved result"
+    )
     args = parser.parse_args(argv)
+    if args.report is not None:
+        if not args.report.is_file():
+            parser.error(f"--report must be a result file written by this script, got {args.report}")
+        result = json.loads(args.report.read_text(encoding="utf-8"))
+        write_report(args.report.parent, args.report.stem, result, sweep="--sweep" in result["command"])
+        return 0
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
     if args.workers < 1:
@@ -785,12 +806,9 @@ def main(argv: list[str] | None = None) -> int:
             }
     else:
         summary = summarise(runs)
-    (args.out / f"{stem}.json").write_text(
-        json.dumps({**meta, "summary": summary, "runs": runs}, indent=1) + "\n", encoding="utf-8"
-    )
-    write_markdown(args.out / f"{stem}.md", meta, summary, args.sweep)
-    if not args.sweep:
-        plot(args.out, stem, meta, summary, runs)
+    result = {**meta, "summary": summary, "runs": runs}
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    write_report(args.out, stem, result, args.sweep)
     print(f"done in {seconds / 60:.1f} min: {args.out / stem}.md", flush=True)
     return 0
 
