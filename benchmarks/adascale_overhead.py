@@ -31,6 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import cpu_model
+
 from legw_hf import GradientNoise, GradientStatistics
 
 
@@ -118,7 +120,7 @@ def main() -> None:
     parameters = sum(p.numel() for p in variants[0].model.parameters())
     tensors = sum(1 for _ in variants[0].model.parameters())
     print(f"- date: {datetime.date.today()}")
-    print(f"- machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"- machine: {cpu_model()}, {torch.get_num_threads()} threads")
     print(f"- torch {torch.__version__}, Python {platform.python_version()}")
     print(
         f"- BERT-mini MLM, {parameters / 1e6:.1f}M parameters in {tensors} tensors; update = {args.accumulation} x "

@@ -18,7 +18,7 @@ At k = 1 every arm is the base run, so it runs once per seed. Runs are independe
 processes of one thread each. Output: ``results/large_batch.{json,md}`` and PNG plots (metric vs batch per arm, the
 LR curves at one batch).
 
-    python benchmarks/large_batch.py              # the default set (README: Reproducing the large-batch claims)
+    python benchmarks/large_batch.py              # the default set (README: Does it hold?)
     python benchmarks/large_batch.py --sweep      # the base-batch LR sweep the settings below come from
     python benchmarks/large_batch.py --smoke --out /tmp/smoke   # seconds: every task, arm and code path, tiny
 """
@@ -26,9 +26,11 @@ LR curves at one batch).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
+import multiprocessing
 import os
 import platform
 import statistics
@@ -301,7 +303,7 @@ def bert_data(size: Size, cache: Path) -> TaskData:
     from transformers.utils import logging as hf_logging
 
     from legw_hf.pretraining.data import PreparedText, load_text, train_wordpiece
-    from legw_hf.pretraining.masking import MaskingRule
+    from legw_hf.pretraining.masking import MaskingCollator, MaskingRule
     from legw_hf.pretraining.model import bert_config
 
     hf_logging.set_verbosity_error()
@@ -330,17 +332,14 @@ def bert_data(size: Size, cache: Path) -> TaskData:
     masked = prepared["validation"].masked(BERT_SEQUENCE, rule, seed=0)
     validation = {key: torch.tensor(masked[key][: max(size.examples // 8, 16)]) for key in ("input_ids", "labels")}
     config = bert_config("tiny", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    continuation = rule.continuation_table(tokenizer)
+    collator = MaskingCollator(tokenizer, rule, seed=0)
 
     def mask(batch, generator):
         import numpy as np
 
-        rng = np.random.default_rng(int(torch.randint(2**31, (), generator=generator)))
-        pairs = [rule.mask(ids.numpy(), continuation, tokenizer.mask_token_id, rng) for ids in batch["input_ids"]]
-        return {
-            "input_ids": torch.from_numpy(np.stack([m for m, _ in pairs])),
-            "labels": torch.from_numpy(np.stack([labels for _, labels in pairs])),
-        }
+        # masks drawn from the run's generator, so a run's masks depend on its seed, not on the worker's history
+        collator.rng = np.random.default_rng(int(torch.randint(2**31, (), generator=generator)))
+        return collator([{"input_ids": ids} for ids in batch["input_ids"]])
 
     def loss(model, batch):
         # The prediction head on the masked positions only (NVIDIA's BERT does the same gather).
@@ -515,23 +514,20 @@ def _init_worker() -> None:
 
 
 def run_cells(cells: list[Cell], workers: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The runs of ``cells`` (in their order), on ``workers`` spawned processes, logging each as it comes in."""
     # Longest first (small batches are the slowest per sample) so the workers finish together.
-    order = sorted(range(len(cells)), key=lambda i: (cells[i].k, cells[i].task != "bert_tiny"))
-    results: list[dict[str, Any] | None] = [None] * len(cells)
-    if workers <= 1:
-        for i in order:
-            results[i] = train_cell(cells[i])
-            log(_describe_run(results[i]))
-    else:
-        import multiprocessing
-
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker) as pool:
-            futures = {i: pool.submit(train_cell, cells[i]) for i in order}
-            for i in order:
-                results[i] = futures[i].result()
-                log(_describe_run(results[i]))
-    return results  # type: ignore[return-value]
+    ordered = sorted(cells, key=lambda cell: (cell.k, cell.task != "bert_tiny"))
+    results: dict[Cell, dict[str, Any]] = {}
+    with contextlib.ExitStack() as stack:
+        run_all = map
+        if workers > 1:
+            context = multiprocessing.get_context("spawn")
+            pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker)
+            run_all = stack.enter_context(pool).map
+        for cell, result in zip(ordered, run_all(train_cell, ordered), strict=True):
+            results[cell] = result
+            log(_describe_run(result))
+    return [results[cell] for cell in cells]
 
 
 def _describe_run(r: dict[str, Any]) -> str:
@@ -572,14 +568,24 @@ def _spread(values: list[float]) -> tuple[float, float]:
     return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per task and family: per (arm, k) the mean and spread of the metric over seeds (diverged seeds counted)."""
+def arm_rows(run: dict[str, Any]) -> list[str]:
+    """The table rows of an experiment run: its arm; the base run (k = 1) stands in every arm's first column."""
+    return [run["arm"]] if run["k"] > 1 else list(ARMS)
+
+
+def setting_rows(run: dict[str, Any]) -> list[str]:
+    """The table row of a sweep run: its base setting."""
+    return [f"lr {run['base_lr']:g}, warmup {run['base_warmup_epochs']:g} ep"]
+
+
+def summarise(runs: list[dict[str, Any]], rows_of: Callable[[dict[str, Any]], list[str]]) -> dict[str, Any]:
+    """Per task and family, per row (``rows_of``) and batch: the mean and spread of the metric over seeds, with the
+    diverged seeds counted."""
     tables: dict[str, Any] = {}
     for run in runs:
         key = f"{run['task']}/{run['family']}"
-        arms = [run["arm"]] if run["k"] > 1 else list(ARMS)  # the base run stands in every arm's k = 1 column
-        for arm in arms:
-            tables.setdefault(key, {}).setdefault(arm, {}).setdefault(str(run["batch"]), []).append(run)
+        for row in rows_of(run):
+            tables.setdefault(key, {}).setdefault(row, {}).setdefault(str(run["batch"]), []).append(run)
     summary: dict[str, Any] = {}
     for key, arms in tables.items():
         summary[key] = {}
@@ -719,6 +725,23 @@ def plot(out: Path, stem: str, meta: dict[str, Any], summary: dict[str, Any], ru
     return written
 
 
+def describe_task(name: str, smoke: bool, cache: str) -> dict[str, Any]:
+    """A task's settings as the result file records them."""
+    task, size = TASKS[name], TASKS[name].size(smoke)
+    return {
+        "title": task.title,
+        "metric": task.metric,
+        "higher_is_better": task.higher_is_better,
+        "data": task_data(name, smoke, cache).describe,
+        "base_batch": size.base_batch,
+        "epochs": size.epochs,
+        "ks": list(size.ks),
+        "decay": task.decay.to_dict(),
+        "max_grad_norm": task.max_grad_norm,
+        "families": {family: asdict(settings) for family, settings in task.families.items()},
+    }
+
+
 def write_report(out: Path, stem: str, result: dict[str, Any], sweep: bool) -> None:
     """The Markdown tables and (for the experiments) the plots of a result."""
     write_markdown(out / f"{stem}.md", result, result["summary"], sweep)
@@ -775,38 +798,9 @@ def main(argv: list[str] | None = None) -> int:
         "seeds": seeds,
         "arms": {arm: RULES.get(arm, "AdaScale") for arm in ARMS},
         "adascale": {"estimates_per_update": ADASCALE_ESTIMATES, "epoch_cap": ADASCALE_EPOCH_CAP},
-        "tasks": {
-            name: {
-                "title": TASKS[name].title,
-                "metric": TASKS[name].metric,
-                "higher_is_better": TASKS[name].higher_is_better,
-                "data": task_data(name, args.smoke, cache).describe,
-                "base_batch": TASKS[name].size(args.smoke).base_batch,
-                "epochs": TASKS[name].size(args.smoke).epochs,
-                "ks": list(TASKS[name].size(args.smoke).ks),
-                "decay": TASKS[name].decay.to_dict(),
-                "max_grad_norm": TASKS[name].max_grad_norm,
-                "families": {f: asdict(v) for f, v in TASKS[name].families.items()},
-            }
-            for name in args.tasks
-        },
+        "tasks": {name: describe_task(name, args.smoke, cache) for name in args.tasks},
     }
-    if args.sweep:
-        summary = {f"{r['task']}/{r['family']}": {} for r in runs}
-        for r in runs:
-            summary[f"{r['task']}/{r['family']}"].setdefault(
-                f"lr {r['base_lr']:g}, warmup {r['base_warmup_epochs']:g} ep", {}
-            )[str(r["batch"])] = {
-                "seeds": 1,
-                "diverged": int(r["diverged"]),
-                "updates": r["updates"],
-                "epochs": r["epochs"],
-                "values": [r["metric"]],
-                **({"mean": r["metric"], "spread": 0.0} if not r["diverged"] else {}),
-            }
-    else:
-        summary = summarise(runs)
-    result = {**meta, "summary": summary, "runs": runs}
+    result = {**meta, "summary": summarise(runs, setting_rows if args.sweep else arm_rows), "runs": runs}
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     write_report(args.out, stem, result, args.sweep)
     print(f"done in {seconds / 60:.1f} min: {args.out / stem}.md", flush=True)
