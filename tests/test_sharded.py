@@ -34,9 +34,9 @@ def launch(launcher: list[str], script: str, *args: str) -> subprocess.Completed
     return result
 
 
-def check_parity(result: dict, engines: list[str]) -> None:
+def check_parity(result: dict, engines: list[str], configs: tuple[str, ...] = CONFIGS) -> None:
     for engine in engines:
-        assert sorted(result[engine]) == sorted(CONFIGS)
+        assert sorted(result[engine]) == sorted(configs)
         for name, numbers in result[engine].items():
             assert numbers["step_calls"] > 0
             if engine.endswith("bf16"):
@@ -98,6 +98,27 @@ def test_fsdp2_matches_one_process(tmp_path):
     assert result["fsdp2-resume"] == dict.fromkeys(CONFIGS, 0.0)
     # torch's GradScaler: only the overflowed third step leaves weights and step counters as they were
     assert result["fsdp2-gradscaler"] == {"unchanged": [False, False, True, False], "scale": 2.0**9}
+
+
+def test_triton_kernels_under_fsdp2_and_zero_match_one_process(tmp_path):
+    """fused="triton" (interpreted on CPU): the kernels' partial squares of FSDP2 shards and of ZeRO-2 flat
+    partitions (pieces at any offset, so unaligned addresses too) pass the one all-reduce and match one process."""
+    fsdp2, zero = tmp_path / "fsdp2.json", tmp_path / "zero.json"
+    launch(
+        ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29711"],
+        "sharded_parity.py",
+        "fsdp2-triton",
+        str(fsdp2),
+    )
+    launch(
+        ["deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29712"],
+        "sharded_parity.py",
+        "deepspeed-triton",
+        str(zero),
+    )
+    configs = ("lamb-nvidia", "lars")
+    check_parity(json.loads(fsdp2.read_text()), ["fsdp2-triton"], configs)
+    check_parity(json.loads(zero.read_text()), ["zero2-triton"], configs)
 
 
 @pytest.mark.parametrize(("stage", "port"), [("2", 29575), ("3", 29576), ("2-offload", 29577)])

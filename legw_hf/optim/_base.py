@@ -54,6 +54,8 @@ class Bucket:
     states: list[dict[str, Any]] = field(default_factory=list)
     counters: dict[int, Tensor] = field(default_factory=dict)
     shard_groups: list[Any] = field(default_factory=list)
+    #: Set by an update that already wrote the fp16/bf16 parameters from their masters (the Triton kernels).
+    params_written: bool = False
 
     def state_list(self, key: str) -> list[Tensor]:
         return [state[key] for state in self.states]
@@ -76,6 +78,21 @@ def _state_pieces(state: dict[str, Any], shape: torch.Size, starts, lengths) -> 
             for view in views:
                 view[key] = value
     return views
+
+
+def load_triton_kernels() -> Any:
+    """legw_hf's Triton kernels (:mod:`legw_hf.optim._triton_kernel`), or a :class:`~legw_hf.SettingError` on
+    ``fused`` saying why they cannot be used."""
+    try:
+        from . import _triton_kernel
+    except ImportError as error:
+        raise SettingError(
+            "fused",
+            "'triton' needs the triton package: pip install 'legw_hf[gpu]'",
+            "triton",
+            detail=f"{type(error).__name__}: {error}",
+        ) from None
+    return _triton_kernel
 
 
 def layerwise_optimizer_of(optimizer: Any) -> LayerwiseOptimizer | None:
@@ -137,6 +154,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._stepped = False
         self._global_grad_norm: Any = None
         self._idle_rows: list[int] = []
+        #: legw_hf's Triton kernels when asked for (``fused="triton"``), else None.
+        self._triton: Any = None
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------------------------------------- groups
@@ -369,7 +388,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if buckets:
             param_norm, update_norm, ratio = self._update(buckets)
             for bucket in buckets:
-                if bucket.has_masters:
+                if bucket.has_masters and not bucket.params_written:
                     torch._foreach_copy_(bucket.params, bucket.weights)
             self._record(buckets, _trust.stats_table(param_norm, update_norm, ratio))
         return loss
@@ -391,6 +410,27 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         parts = [_trust.squared_norms(run, foreach=self.uses_foreach) for run in runs]
         squares = parts[0] if len(parts) == 1 else torch.cat([part.to(parts[0].device) for part in parts])
         return self.reduce_squared_norms(squares)
+
+    def _takes_triton(self, buckets: list[Bucket], state_keys: tuple[str, ...]) -> bool:
+        """Whether this step runs on the Triton kernels: asked for (``fused="triton"``), and every tensor of the step
+        fits them (else a :class:`~legw_hf.SettingError` says what does not)."""
+        if self._triton is None:
+            return False
+        runs_on = self._triton.runs_on
+        for bucket in buckets:
+            states = [state[key] for state in bucket.states for key in state_keys if key in state]
+            tensors = [*bucket.weights, *bucket.grads, *states, *(bucket.params if bucket.has_masters else ())]
+            if not all(runs_on(t) for t in tensors) or len({g.dtype for g in bucket.grads}) != 1:
+                where = "CUDA" + (" or CPU (Triton interprets)" if self._triton.INTERPRETED else "")
+                raise SettingError(
+                    "fused",
+                    f"'triton' needs contiguous fp32, bf16 or fp16 tensors on {where}, one gradient dtype per "
+                    "param group and dtype",
+                    "triton",
+                    detail=f"found {sorted({(str(t.device), str(t.dtype)) for t in tensors})[:4]}; pass fused=None "
+                    "for the torch-ops path",
+                )
+        return True
 
     def workspace(self, bucket: Bucket) -> list[Tensor]:
         """One scratch tensor per tensor of ``bucket``, in the state dtype, contents undefined."""

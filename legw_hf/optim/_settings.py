@@ -79,6 +79,19 @@ def check_choice(field: str, value: Any, choices: tuple[str, ...], *, detail: st
     return one_of(field, value, choices)
 
 
+def check_fused(value: Any, kernels: tuple[str, ...]) -> bool | str | None:
+    """An optimizer's ``fused`` keyword: None (the default choice), False (torch ops), or one of ``kernels``;
+    ``True`` is the first of them."""
+    if value is None or value is False:
+        return value
+    if value is True and "cpu" in kernels:
+        return "cpu"
+    if value not in kernels:
+        accepted = ", ".join(["None", "False", *(["True"] if "cpu" in kernels else []), *map(repr, kernels)])
+        raise SettingError("fused", f"must be one of {accepted}", value)
+    return value
+
+
 def check_optional_positive(field: str, value: Any) -> float | None:
     """``None`` (off) or a finite number > 0."""
     if value is None:

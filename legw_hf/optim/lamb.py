@@ -22,13 +22,14 @@ from torch import Tensor
 
 from ..errors import SettingError, non_negative
 from . import _cpu_kernel, _ops
-from ._base import Bucket, LayerwiseOptimizer, state_dtype
+from ._base import Bucket, LayerwiseOptimizer, load_triton_kernels, state_dtype
 from ._settings import (
     FROM_PRESET,
     check_betas,
     check_choice,
     check_clamp,
     check_flag,
+    check_fused,
     check_lr,
     check_optional_positive,
     resolve,
@@ -136,10 +137,13 @@ class Lamb(LayerwiseOptimizer):
         trust_clamp: ``(min, max)`` bounds of a defined trust ratio, or None.
         adapt: ``"all"`` or ``"decayed"`` (only groups with λ ≠ 0).
         foreach: multi-tensor path (default) or, with False, the single-tensor reference path.
-        fused: legw_hf's own two-pass kernel for fp32 tensors on the CPU (``csrc/lamb_cpu.cpp``, compiled on
-            first use; see :mod:`legw_hf.optim._cpu_kernel`): the update is never materialised, so a step needs
-            no scratch memory and two passes over it. None uses it where it fits and can be built (a one-time
-            warning says why when it cannot); True insists; False never builds it.
+        fused: legw_hf's own two-pass kernels, which never materialise the update, so a step needs no scratch
+            memory and two passes over it. ``"cpu"`` (or True): the kernel for contiguous fp32 CPU tensors
+            (``csrc/lamb_cpu.cpp``, compiled on first use; see :mod:`legw_hf.optim._cpu_kernel`). ``"triton"``: the
+            multi-tensor Triton kernels for fp32/bf16/fp16 CUDA tensors, fp32 masters written back to the
+            parameters in the same pass (:mod:`legw_hf.optim._triton_kernel`, ``pip install 'legw_hf[gpu]'``;
+            opt-in until measured on a GPU). None: the CPU kernel where it fits and can be built (a one-time
+            warning says why when it cannot), torch ops elsewhere. False: torch ops only.
         fused_adam: compute the Adam part with torch's fused Adam kernels (``torch._fused_adam_`` /
             ``_fused_adamw_``, private ops checked once per process against the formula) when the settings allow
             it (bias correction inside, ε outside the root, decoupled decay, gradient averaging, fp32 tensors on
@@ -167,7 +171,7 @@ class Lamb(LayerwiseOptimizer):
         trust_clamp: tuple[float, float] | None = FROM_PRESET,
         adapt: str = FROM_PRESET,
         foreach: bool | None = None,
-        fused: bool | None = None,
+        fused: bool | str | None = None,
         fused_adam: bool | None = None,
         master_weights: bool = False,
         keep_workspace: bool | None = None,
@@ -197,7 +201,7 @@ class Lamb(LayerwiseOptimizer):
         self.preset = preset
         self.max_grad_norm = check_optional_positive("max_grad_norm", settings.pop("max_grad_norm"))
         self.fused_adam = None if fused_adam is None else check_flag("fused_adam", fused_adam)
-        self.fused = None if fused is None else check_flag("fused", fused)
+        self.fused = check_fused(fused, ("cpu", "triton"))
         for name, insisted in (("fused_adam", self.fused_adam), ("fused", self.fused)):
             if insisted and foreach is False:
                 raise SettingError(
@@ -217,10 +221,12 @@ class Lamb(LayerwiseOptimizer):
         )
         # Built here, never inside a step: the first build takes about half a minute.
         self._kernel = None
-        if self.fused or (self.fused is None and self.uses_foreach and self._has_cpu_fp32_params()):
+        if self.fused == "cpu" or (self.fused is None and self.uses_foreach and self._has_cpu_fp32_params()):
             self._kernel = _cpu_kernel.load()
-        if self.fused and self._kernel is None:
+        if self.fused == "cpu" and self._kernel is None:
             raise SettingError("fused", "needs LAMB's CPU kernel, which cannot be built here", fused)
+        if self.fused == "triton":
+            self._triton = load_triton_kernels()
 
     def _has_cpu_fp32_params(self) -> bool:
         return any(
@@ -265,8 +271,10 @@ class Lamb(LayerwiseOptimizer):
             else:
                 for step in steps:
                     step.add_(1.0)
-        if self._takes_kernel(buckets):
-            squares, apply = self._kernel_pass(buckets, grad_divisor)
+        if self._takes_triton(buckets, ("exp_avg", "exp_avg_sq")):
+            squares, apply = self._kernel_pass(buckets, grad_divisor, self._triton)
+        elif self._takes_kernel(buckets):
+            squares, apply = self._kernel_pass(buckets, grad_divisor, self._kernel)
         else:
             squares, apply = self._torch_pass(buckets, grad_divisor)
         count = squares.numel() // 2
@@ -315,10 +323,11 @@ class Lamb(LayerwiseOptimizer):
 
         return squares, apply
 
-    def _kernel_pass(self, buckets: list[Bucket], grad_divisor: Tensor | None) -> tuple[Tensor, Any]:
-        """Pass 1 of the CPU kernel: moments and squared norms without materialising u; the returned function
-        runs pass 2."""
-        divisor = torch.ones(1) if grad_divisor is None else grad_divisor.reshape(1).float()
+    def _kernel_pass(self, buckets: list[Bucket], grad_divisor: Tensor | None, kernel: Any) -> tuple[Tensor, Any]:
+        """Pass 1 of a two-pass kernel (the CPU one, or the Triton one, which takes the same arguments): moments and
+        squared norms without materialising u; the returned function runs pass 2."""
+        device = buckets[0].weights[0].device
+        divisor = torch.ones(1, device=device) if grad_divisor is None else grad_divisor.reshape(1).float()
         parts, passes = [], []
         for bucket in buckets:
             group = bucket.group
@@ -328,11 +337,11 @@ class Lamb(LayerwiseOptimizer):
             if group["bias_correction"] == "inside":
                 bc1, bc2 = (c.float().contiguous() for c in _bias_corrections(bucket, group))
             else:
-                bc1 = bc2 = torch.ones(len(bucket.weights))
+                bc1 = bc2 = torch.ones(len(bucket.weights), device=device)
             settings = (group["eps"], 0.0 if l2 else decay, group["eps_inside_sqrt"])
             exp_avgs, exp_avg_sqs = bucket.state_list("exp_avg"), bucket.state_list("exp_avg_sq")
             parts.append(
-                self._kernel.moments_and_squared_norms(
+                kernel.moments_and_squared_norms(
                     bucket.weights,
                     bucket.grads,
                     exp_avgs,
@@ -348,14 +357,19 @@ class Lamb(LayerwiseOptimizer):
                     *settings[1:],
                 )
             )
-            passes.append((bucket.weights, exp_avgs, exp_avg_sqs, bc1, bc2, settings))
+            # only the Triton kernel takes masters: it writes the rounded result into the parameters as well
+            copies = {"copies": bucket.params} if bucket.has_masters else {}
+            bucket.params_written = bucket.has_masters
+            passes.append((bucket.weights, exp_avgs, exp_avg_sqs, bc1, bc2, settings, copies))
         local = torch.cat(parts)
         squares = self.reduce_squared_norms(torch.cat([local[:, 0], local[:, 1]]))
 
         def apply(step_sizes: list[Tensor]) -> None:
-            for (weights, exp_avgs, exp_avg_sqs, bc1, bc2, settings), step_size in zip(passes, step_sizes, strict=True):
+            for (weights, exp_avgs, exp_avg_sqs, bc1, bc2, settings, copies), step_size in zip(
+                passes, step_sizes, strict=True
+            ):
                 steps = step_size.float().contiguous()
-                self._kernel.apply_updates(weights, exp_avgs, exp_avg_sqs, bc1, bc2, steps, *settings)
+                kernel.apply_updates(weights, exp_avgs, exp_avg_sqs, bc1, bc2, steps, *settings, **copies)
 
         return squares, apply
 
@@ -371,8 +385,13 @@ class Lamb(LayerwiseOptimizer):
             and (not isinstance(bucket.group["lr"], Tensor) or bucket.group["lr"].device.type == "cpu")
             for bucket in buckets
         )
-        if self.fused and not fits:
-            raise SettingError("fused", "needs contiguous fp32 CPU parameters and gradients without masters", True)
+        if self.fused == "cpu" and not fits:
+            raise SettingError(
+                "fused",
+                "needs contiguous fp32 CPU parameters and gradients without masters",
+                "cpu",
+                detail="for CUDA tensors pass fused='triton'",
+            )
         return fits
 
     def _grad_divisor(self, buckets: list[Bucket]) -> Tensor | None:

@@ -15,8 +15,8 @@ from torch import Tensor
 
 from ..errors import SettingError, non_negative, positive
 from . import _ops
-from ._base import Bucket, LayerwiseOptimizer, state_dtype
-from ._settings import FROM_PRESET, check_choice, check_flag, check_fraction, check_lr, resolve
+from ._base import Bucket, LayerwiseOptimizer, load_triton_kernels, state_dtype
+from ._settings import FROM_PRESET, check_choice, check_flag, check_fraction, check_fused, check_lr, resolve
 from ._trust import trust_ratio
 
 DENOMINATORS = ("norm_sum", "update_norm")
@@ -116,6 +116,9 @@ class Lars(LayerwiseOptimizer):
         lr_before_momentum: optax's order (buffer of LR-scaled steps).
         adapt: ``"all"`` or ``"decayed"`` (only groups with λ ≠ 0).
         foreach: multi-tensor path (default) or, with False, the single-tensor reference path.
+        fused: ``"triton"`` runs the step as two multi-tensor Triton kernels (norms, then decay, momentum and
+            update in one pass, no scratch) on fp32/bf16/fp16 CUDA tensors (:mod:`legw_hf.optim._triton_kernel`,
+            ``pip install 'legw_hf[gpu]'``; opt-in until measured on a GPU). None or False: torch ops.
         master_weights: keep an fp32 copy of fp16/bf16 parameters and update that.
         keep_workspace: keep the step's gradient-sized scratch list between steps; None keeps it on CPU only
             (see :class:`~legw_hf.optim.LayerwiseOptimizer`).
@@ -137,6 +140,7 @@ class Lars(LayerwiseOptimizer):
         lr_before_momentum: bool = FROM_PRESET,
         adapt: str = FROM_PRESET,
         foreach: bool | None = None,
+        fused: str | bool | None = None,
         master_weights: bool = False,
         keep_workspace: bool | None = None,
     ) -> None:
@@ -153,10 +157,17 @@ class Lars(LayerwiseOptimizer):
             "adapt": adapt,
         }
         self.preset = preset
+        self.fused = check_fused(fused, ("triton",))
+        if self.fused and foreach is False:
+            raise SettingError(
+                "fused", "needs the multi-tensor path", fused, detail="foreach=False selects the single-tensor path"
+            )
         settings = resolve(LARS_DEFAULTS, LARS_PRESETS, preset, given)
         super().__init__(
             params, settings, foreach=foreach, master_weights=master_weights, keep_workspace=keep_workspace
         )
+        if self.fused == "triton":
+            self._triton = load_triton_kernels()
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
@@ -185,9 +196,19 @@ class Lars(LayerwiseOptimizer):
             self._init_state(group, param, state)
 
     def _update(self, buckets: list[Bucket]) -> tuple[Tensor, Tensor, Tensor]:
-        directions = [self._decayed_gradient(bucket) for bucket in buckets]
+        triton = self._takes_triton(buckets, ("momentum_buffer",))
         weights = [weight for bucket in buckets for weight in bucket.weights]
-        squares = self.squared_norms(weights + [tensor for direction in directions for tensor in direction])
+        if triton:
+            directions = [bucket.grads for bucket in buckets]
+            parts = [
+                self._triton.lars_squared_norms(bucket.weights, bucket.grads, self._norm_decay(bucket.group))
+                for bucket in buckets
+            ]
+            local = torch.cat(parts)
+            squares = self.reduce_squared_norms(torch.cat([local[:, 0], local[:, 1]]))
+        else:
+            directions = [self._decayed_gradient(bucket) for bucket in buckets]
+            squares = self.squared_norms(weights + [tensor for direction in directions for tensor in direction])
         param_norms = squares[: len(weights)].sqrt()
         direction_norms = squares[len(weights) :].sqrt()
 
@@ -209,13 +230,45 @@ class Lars(LayerwiseOptimizer):
                     decay_norm=decay_norm,
                     local_lr_clip=group["lr"] if group["local_lr_clip"] else None,
                 )
-            if decay_norm is not None:
-                direction = self._add_gated_decay(bucket, direction, param_norm, direction_norm)
-            self._momentum_step(bucket, direction, ratio)
+            if triton:
+                self._triton_step(bucket, ratio, param_norm, direction_norm)
+            else:
+                if decay_norm is not None:
+                    direction = self._add_gated_decay(bucket, direction, param_norm, direction_norm)
+                self._momentum_step(bucket, direction, ratio)
             denominators.append(direction_norm if decay_norm is None else direction_norm + decay_norm)
             ratios.append(ratio)
             start = end
         return param_norms, torch.cat(denominators), torch.cat(ratios)
+
+    @staticmethod
+    def _norm_decay(group: dict[str, Any]) -> float:
+        """λ where the ratio's denominator is ``‖g + λp‖`` (``"update_norm"``), else 0: the norm is of ``g``."""
+        return group["weight_decay"] if group["trust_denominator"] == "update_norm" else 0.0
+
+    def _triton_step(self, bucket: Bucket, ratio: Tensor, param_norm: Tensor, grad_norm: Tensor) -> None:
+        """Decay, momentum and update in one Triton pass, with the per-tensor factors of :meth:`_momentum_step`."""
+        group = bucket.group
+        if group["trust_denominator"] == "norm_sum" and group["weight_decay"] != 0:
+            decays = self._gated_decay(group, param_norm, grad_norm)
+        else:
+            decays = torch.full_like(param_norm, self._norm_decay(group))
+        lr = group["lr"]  # a float becomes a kernel argument of the fill, a tensor LR stays on device
+        lrs = lr.to(ratio).expand_as(ratio) if isinstance(lr, Tensor) else torch.full_like(ratio, lr)
+        into, out = (ratio * lrs, torch.ones_like(ratio)) if group["lr_before_momentum"] else (ratio, lrs)
+        momentum = group["momentum"]
+        self._triton.lars_apply_updates(
+            bucket.weights,
+            bucket.grads,
+            bucket.state_list("momentum_buffer") if momentum != 0 else None,
+            decays,
+            into,
+            out,
+            momentum,
+            group["nesterov"],
+            copies=bucket.params if bucket.has_masters else None,
+        )
+        bucket.params_written = bucket.has_masters
 
     def _decayed_gradient(self, bucket: Bucket) -> list[Tensor]:
         """The tensors whose norms form the ratio's denominator: ``g + λp`` for ``"update_norm"``, else ``g``.
@@ -238,15 +291,19 @@ class Lars(LayerwiseOptimizer):
     ) -> list[Tensor]:
         """``g + λ·p`` for LARC's sum form, where the decay is part of the adaptation: an adapted tensor with
         ``‖p‖ = 0`` or ``‖g‖ = 0`` keeps its plain gradient."""
-        group = bucket.group
-        decay = torch.full_like(param_norm, group["weight_decay"])
-        if self.is_adapted(group):
-            decay = torch.where((param_norm > 0) & (grad_norm > 0), decay, torch.zeros_like(decay))
+        decay = self._gated_decay(bucket.group, param_norm, grad_norm)
         if direction is bucket.grads:
             direction = self.workspace(bucket)
             torch._foreach_copy_(direction, bucket.grads)
         _ops.add_scaled_(direction, bucket.weights, decay, foreach=self.uses_foreach)
         return direction
+
+    def _gated_decay(self, group: dict[str, Any], param_norm: Tensor, grad_norm: Tensor) -> Tensor:
+        """Per tensor, the λ of LARC's ``g + λp``: 0 for an adapted tensor whose ratio is not defined."""
+        decay = torch.full_like(param_norm, group["weight_decay"])
+        if self.is_adapted(group):
+            decay = torch.where((param_norm > 0) & (grad_norm > 0), decay, torch.zeros_like(decay))
+        return decay
 
     def _momentum_step(self, bucket: Bucket, direction: list[Tensor], ratio: Tensor) -> None:
         group = bucket.group

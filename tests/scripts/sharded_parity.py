@@ -66,10 +66,18 @@ def batches() -> list[torch.Tensor]:
     return [torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator) for _ in range(STEPS)]
 
 
-def build_optimizer(name: str, net: nn.Module) -> LayerwiseOptimizer:
+#: The configurations the ``*-triton`` engines run with the Triton kernels (``fused="triton"``, in Triton's
+#: interpreter on CPU, with 128-element chunks so that tensors span several); their one-process reference keeps the
+#: CPU kernel, an independent path.
+TRITON_CONFIGS = ("lamb-nvidia", "lars")
+SHARDED_KEYWORDS: dict = {}
+
+
+def build_optimizer(name: str, net: nn.Module, sharded: bool = True) -> LayerwiseOptimizer:
     cls, kwargs = CONFIGS[name]
     decay = kwargs.get("weight_decay", 0.01)
     masters = next(net.parameters()).dtype == torch.bfloat16  # as DeepSpeed keeps fp32 masters of bf16 weights
+    kwargs = kwargs | (SHARDED_KEYWORDS if sharded else {})
     return cls(decay_param_groups(net, decay, adapt_no_decay=None), master_weights=masters, **kwargs)
 
 
@@ -80,7 +88,7 @@ def flat(params) -> torch.Tensor:
 def single_process(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The parameters after ``STEPS`` steps on the whole batch in one process, and the last step's trust ratios."""
     net = model()
-    optimizer = build_optimizer(name, net)
+    optimizer = build_optimizer(name, net, sharded=False)
     for tokens in batches():
         net(tokens).backward()
         optimizer.step()
@@ -285,7 +293,22 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def main(engine: str, output: str) -> None:
-    if engine == "fsdp2":
+    configs = CONFIGS
+    if engine.endswith("-triton"):
+        from legw_hf.optim import _triton_kernel
+
+        _triton_kernel.CHUNK, _triton_kernel.BLOCK = 128, 64
+        SHARDED_KEYWORDS["fused"] = "triton"
+        configs = TRITON_CONFIGS
+    if engine == "fsdp2-triton":
+        dist.init_process_group("gloo")
+        runs = {"fsdp2-triton": fsdp2_run}
+    elif engine == "deepspeed-triton":
+        import deepspeed
+
+        deepspeed.init_distributed("gloo")
+        runs = {f"zero{stage}-triton": (lambda name, s=stage: deepspeed_run(name, s)) for stage in (2,)}
+    elif engine == "fsdp2":
         dist.init_process_group("gloo")
         runs = {"fsdp2": fsdp2_run, "fsdp2-accelerate": fsdp2_accelerate_run}
     else:
@@ -311,7 +334,7 @@ def main(engine: str, output: str) -> None:
     result: dict[str, dict[str, dict[str, float]]] = {}
     kept: dict[str, torch.Tensor] = {}
     for run_name, run in runs.items():
-        for name in CONFIGS:
+        for name in configs:
             naive(False)
             aware, counter = run(name)
             naive(True)
