@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup main test test-fast bench reproduce clean
+.PHONY: setup main test test-fast bench reproduce gpu-check clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,13 @@ reproduce: setup
 	$(PY) benchmarks/optimizer_step.py --quick > benchmarks/results/optimizer_step.md
 	$(PY) benchmarks/trainer_overhead.py --json benchmarks/results/trainer_overhead.json \
 		> benchmarks/results/trainer_overhead.md
+
+# On a CUDA machine, in an environment with a CUDA build of torch and `pip install -e '.[gpu,test]'`: the Triton
+# kernels compiled and run for real against the reference path, then the GPU benchmark into benchmarks/results/.
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) -m pytest -q tests/test_triton_kernel.py
+	$(GPU_PYTHON) benchmarks/gpu_step.py --json benchmarks/results/gpu_step.json > benchmarks/results/gpu_step.md
 
 clean:
 	rm -rf $(VENV) runs

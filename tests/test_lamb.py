@@ -121,9 +121,10 @@ def test_cpu_kernel_is_the_default_for_fp32_cpu_tensors(monkeypatch):
     passes = []
     original = Lamb._kernel_pass
 
-    def counted(self, buckets, grad_divisor):
+    def counted(self, buckets, grad_divisor, kernel):
+        assert kernel is self._kernel  # the CPU kernel, not the opt-in Triton one
         passes.append(len(buckets))
-        return original(self, buckets, grad_divisor)
+        return original(self, buckets, grad_divisor, kernel)
 
     monkeypatch.setattr(Lamb, "_kernel_pass", counted)
     _, optimizer = lamb_run()

@@ -310,3 +310,33 @@ def test_kernels_compile_for_gpus():
         if report["aligned"]:
             assert report["vector_loads"] > 0, (name, report)
             assert report["vector_stores"] > 0 or not report["stores_tensors"], (name, report)
+
+
+def test_gpu_benchmark_smoke_runs_every_peer(tmp_path):
+    """benchmarks/gpu_step.py --smoke (interpreted here): every row is timed or says why it could not run."""
+    output = tmp_path / "gpu.json"
+    command = [
+        sys.executable,
+        str(REPO / "benchmarks" / "gpu_step.py"),
+        "--smoke",
+        "--no-trainer",
+        "--json",
+        str(output),
+    ]
+    out = subprocess.run(command, capture_output=True, text=True, env=python_env(), timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(output.read_text())
+    names = [row["optimizer"] for table in report["tables"] for row in table["rows"]]
+    assert "legw_hf Lamb fused='triton'" in names and "legw_hf Lars fused='triton'" in names
+    for table in report["tables"]:
+        for row in table["rows"]:
+            assert row["ms"] > 0 if "not_run" not in row else row["not_run"], row
+            if "triton" in row["optimizer"]:
+                assert "not_run" not in row, row
+    refused = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_step.py"), "--steps", "0", "--smoke"],
+        capture_output=True,
+        text=True,
+        env=python_env(),
+    )
+    assert refused.returncode == 2 and "--steps must be >= 1, got 0" in refused.stderr

@@ -55,6 +55,7 @@ _KEYWORD_OF_FLAG = {
     "legw_trust_coefficient": "trust_coefficient",
     "legw_adapt": "adapt",
     "legw_master_weights": "master_weights",
+    "legw_fused": "fused",
 }
 _FLAG_OF_KEYWORD = {keyword: flag for flag, keyword in _KEYWORD_OF_FLAG.items()} | {
     "lr": "learning_rate",
@@ -191,6 +192,14 @@ class LegwArguments:
     )
     legw_master_weights: bool | None = field(
         default=None, metadata={"help": "lamb, lars: fp32 master copies of fp16/bf16 parameters."}
+    )
+    legw_fused: Literal["cpu", "triton", "off"] | None = field(
+        default=None,
+        metadata={
+            "help": "lamb, lars: legw_hf's fused kernels: cpu (lamb, fp32 CPU tensors), triton (CUDA, pip install "
+            "'legw_hf[gpu]'; opt-in until measured on a GPU), off (torch ops). Default: lamb's CPU kernel where it "
+            "fits, torch ops elsewhere."
+        },
     )
     legw_trust_log: Literal["summary", "per_layer", "off"] = field(
         default="summary", metadata={"help": "lamb, lars: trust ratios in the logs: min/median/max, per layer, none."}

@@ -22,9 +22,22 @@ OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], tuple[str, ...]]] = {
     "sgd": (torch.optim.SGD, ("momentum", "nesterov")),
     "lamb": (
         Lamb,
-        ("preset", "betas", "eps", "bias_correction", "max_grad_norm", "trust_clamp", "adapt", "master_weights"),
+        (
+            "preset",
+            "betas",
+            "eps",
+            "bias_correction",
+            "max_grad_norm",
+            "trust_clamp",
+            "adapt",
+            "master_weights",
+            "fused",
+        ),
     ),
-    "lars": (Lars, ("preset", "momentum", "nesterov", "eps", "trust_coefficient", "adapt", "master_weights")),
+    "lars": (
+        Lars,
+        ("preset", "momentum", "nesterov", "eps", "trust_coefficient", "adapt", "master_weights", "fused"),
+    ),
 }
 OPTIMIZER_NAMES = tuple(OPTIMIZERS)
 KEYWORDS = tuple(dict.fromkeys(keyword for _, keywords in OPTIMIZERS.values() for keyword in keywords))
@@ -34,8 +47,8 @@ def optimizer_class_and_keywords(
     name: str, lr: float, **keywords: Any
 ) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
     """The class called ``name`` and the keywords to build it with. ``None`` keywords take the optimizer's (or
-    preset's) default; sequences become tuples; ``max_grad_norm=0`` switches LAMB's pre-normalisation off; SGD's
-    momentum defaults to 0.9."""
+    preset's) default; sequences become tuples; ``max_grad_norm=0`` switches LAMB's pre-normalisation off;
+    ``fused="off"`` means ``False`` (torch ops only); SGD's momentum defaults to 0.9."""
     if name not in OPTIMIZERS:
         raise SettingError("optimizer", f"must be one of {', '.join(map(repr, OPTIMIZERS))}", name)
     cls, taken = OPTIMIZERS[name]
@@ -54,6 +67,8 @@ def optimizer_class_and_keywords(
             value = tuple(value)
         elif keyword == "max_grad_norm" and value == 0:
             value = None  # 0 switches the pre-normalisation off
+        elif keyword == "fused" and value == "off":
+            value = False
         kwargs[keyword] = value
     if name == "sgd":
         kwargs["momentum"] = check_fraction("momentum", kwargs.get("momentum", 0.9))
@@ -64,7 +79,7 @@ def check_optimizer(name: str, lr: float, **keywords: Any) -> torch.optim.Optimi
     """Build the chosen optimizer over one dummy parameter, so its own checks run before any training work, and
     return it (its settings, e.g. ``max_grad_norm``, can then be read). LAMB's CPU kernel is not built for this."""
     cls, kwargs = optimizer_class_and_keywords(name, lr, **keywords)
-    if cls is Lamb:
+    if cls is Lamb and kwargs.get("fused") != "triton":
         kwargs["fused"] = False  # a CPU probe must not build the CPU kernel for a run that may be on a GPU
     try:
         return cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)
