@@ -48,6 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from machine import cpu_model
+from optimizer_step import state_bytes
 
 from legw_hf import Lamb, Lars
 
@@ -147,9 +148,7 @@ def measure(
         optimizer.step()
     synchronize(device)
     result = {"ms": timed_steps(optimizer, steps, device)}
-    result["state_bytes"] = sum(
-        v.nbytes for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)
-    )
+    result["state_bytes"] = state_bytes(optimizer)
     result["param_bytes"] = sum(p.nbytes for p in params)
     if device.type == "cuda":
         before = torch.cuda.memory_allocated(device)
