@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader, TensorDataset
 
-from legw_hf import Lamb, Lars, LegwConfig, Polynomial, decay_param_groups
+from legw_hf import Lamb, Lars, LegwConfig, Polynomial, decay_param_groups, exit_process
 from legw_hf.integrations.accelerate import create_legw_scheduler
 
 
@@ -126,4 +126,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_process(main())

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accelerate_loop import synthetic_regression
 
-from legw_hf import LegwConfig, Polynomial
+from legw_hf import LegwConfig, Polynomial, exit_process
 from legw_hf.integrations.accelerate import create_adascale
 
 
@@ -137,11 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         log.close()
     if args.gradients_out:
         torch.save([torch.stack(g) for g in micro_gradients if g], f"{args.gradients_out}.rank{rank}")
-    accelerator.wait_for_everyone()
     accelerator.end_training()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    exit_process(main())

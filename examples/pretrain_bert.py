@@ -6,9 +6,8 @@
 See legw_hf/pretraining/program.py for what it does and README.md ("The main job") for the flags and recipes.
 """
 
-import sys
-
+from legw_hf import exit_process
 from legw_hf.pretraining import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

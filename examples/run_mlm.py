@@ -31,7 +31,7 @@ from transformers import (
 
 from legw_hf import LegwTrainer as Trainer, LegwTrainingArguments as TrainingArguments  # noqa: F811  # LEGW
 from legw_hf.pretraining.data import train_wordpiece  # BERT's WordPiece, trained offline
-from legw_hf.pretraining.program import end_distributed
+from legw_hf.shutdown import exit_process  # ends a torchrun process without the gloo shutdown abort
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer.log_metrics("train", result.metrics)
     if training_args.save_strategy != "no":
         trainer.save_model()
-    end_distributed()
 
 
 if __name__ == "__main__":
-    main()
+    exit_process(main())

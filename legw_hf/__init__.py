@@ -37,6 +37,7 @@ _LAZY = {
     "GradientStatistics": "legw_hf.adascale",
     "AcceleratorAdaScale": "legw_hf.integrations.accelerate",
     "create_adascale": "legw_hf.integrations.accelerate",
+    "exit_process": "legw_hf.shutdown",
 }
 
 
@@ -84,6 +85,7 @@ __all__ = [
     "decay_param_groups",
     "decay_parameter_names",
     "epoch_steps",
+    "exit_process",
     "get_scheduler",
     "make_decay",
     "plan_from_dict",

@@ -361,5 +361,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def run() -> None:
+    """The ``legw-hf`` command: :func:`main`, then the process ends through :func:`legw_hf.shutdown.exit_process`
+    (``pretrain`` may have run several processes over gloo)."""
+    from .shutdown import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

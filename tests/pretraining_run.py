@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
-from procs import python_env
+from launch import launch_environment, launcher_command
 
 from legw_hf.corpus import stdlib_docstrings
 
@@ -58,16 +57,14 @@ def small_args(corpus, output_dir: Path, **changes: str) -> list[str]:
     return [item for key, value in flags.items() for item in (f"--{key}", value)]
 
 
-def launch(args: list[str], launcher: tuple[str, ...] = (), env: dict[str, str] | None = None) -> subprocess.Popen:
-    """``python [LAUNCHER ...] -m legw_hf.pretraining ARGS``, LAUNCHER such as ``-m torch.distributed.run ...``;
-    DeepSpeed's launcher takes the module with ``--module``. CI is left out of the environment: with it,
-    transformers prints Trainer's lines twice."""
-    environment = {k: v for k, v in python_env().items() if k != "CI"} | (env or {})
-    if not launcher:  # one process: both cores (the suite's default of 1 thread is for multi-process launches)
+def launch(args: list[str], launcher: str = "python", env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``legw-hf pretrain ARGS`` as ``python -m legw_hf.pretraining`` under ``launcher`` (``launch.LAUNCHERS``, 2
+    processes), output and errors in one stream."""
+    environment = launch_environment(launcher, env=env)
+    if launcher == "python":  # one process: both cores (the suite's default of 1 thread is for multi-process launches)
         environment["OMP_NUM_THREADS"] = "2"
-    module = ["--module" if "deepspeed.launcher.runner" in launcher else "-m", "legw_hf.pretraining"]
     return subprocess.Popen(
-        [sys.executable, *launcher, *module, *args],
+        [*launcher_command(launcher, 2, module=True), "legw_hf.pretraining", *args],
         env=environment,
         text=True,
         stdout=subprocess.PIPE,
@@ -75,17 +72,8 @@ def launch(args: list[str], launcher: tuple[str, ...] = (), env: dict[str, str] 
     )
 
 
-def run_program(args: list[str], launcher: tuple[str, ...] = (), env: dict[str, str] | None = None) -> str:
+def run_program(args: list[str], launcher: str = "python", env: dict[str, str] | None = None) -> str:
     proc = launch(args, launcher, env)
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output[-4000:]
     return output
-
-
-def nvidia_lr(update: int, *, peak: float, total: int, warmup_fraction: float, power: float = 0.5) -> float:
-    """NVIDIA's PolyWarmUpScheduler (DeepLearningExamples BERT) for the ``update``-th update (1-based) of a phase:
-    the schedule at the progress that update completes."""
-    progress = update / total
-    if progress < warmup_fraction:
-        return peak * progress / warmup_fraction
-    return peak * (1 - progress) ** power

@@ -14,20 +14,3 @@ def python_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
     return env
-
-
-def end_distributed() -> None:
-    """End a multi-process test script once its results are written: tear the process group down and leave without
-    the interpreter's shutdown. Left to that shutdown, gloo's and DeepSpeed's C++ threads occasionally abort a process
-    whose run succeeded ("terminate called without an active exception", seen about once per CI run of the suite).
-    Call it last: a failure before it still fails the launch."""
-    import sys
-
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

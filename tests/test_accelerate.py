@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from procs import python_env
+from launch import launch
+from legw_oracle import legw_poly_lr
 from torch.utils.data import DataLoader, TensorDataset
-from toy import legw_poly_lr
 
 from legw_hf import LegwConfig, Polynomial, SettingError
 from legw_hf.integrations.accelerate import create_legw_scheduler
@@ -131,16 +129,15 @@ def test_accelerate_launch_two_processes_use_the_planned_lr_on_every_rank(repo, 
     # accelerate 1.x: `launch --cpu --num_processes 2` starts ONE process (its simple launcher); two CPU
     # processes over gloo need the multi-process launcher with ACCELERATE_USE_CPU set.
     log = tmp_path / "lr"
-    env = python_env() | {"ACCELERATE_USE_CPU": "true"}
-    launcher = "--multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no"
     loop = "--base-batch-size 8 --per-device-batch-size 8 --gradient-accumulation-steps 2 --epochs 3 --dataset-size 250"
-    command = [
-        *[sys.executable, "-m", "accelerate.commands.launch", *launcher.split(), "--main_process_port", "29517"],
-        *[str(repo / "examples" / "accelerate_loop.py"), *loop.split(), "--optimizer", optimizer],
-        *["--lr-log", str(log), "--output-dir", str(tmp_path / "state")],
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = launch(
+        "accelerate",
+        repo / "examples" / "accelerate_loop.py",
+        *loop.split(),
+        *["--optimizer", optimizer, "--lr-log", log, "--output-dir", tmp_path / "state"],
+        cwd=tmp_path,
+        timeout=300,
+    )
     # 250 examples over 2 ranks: 125 each, 16 micro-batches of 8, windows of 2 -> 8 updates per epoch
     for rank in (0, 1):
         rows = [json.loads(line) for line in (tmp_path / f"lr.rank{rank}").read_text().splitlines()]
@@ -176,24 +173,12 @@ def test_accelerate_deepspeed_plugin_lamb_equals_the_plain_loop(repo, tmp_path):
             }
         )
     )
-    loop = [str(repo / "examples" / "accelerate_loop.py"), "--optimizer", "lamb", "--epochs", "2"]
-    env = python_env() | {"DS_ACCELERATOR": "cpu"}
-    deepspeed = [
-        *[
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--use_deepspeed",
-            "--deepspeed_config_file",
-            str(config),
-        ],
-        *["--num_processes", "1", "--main_process_port", "29518", *loop],
-        *["--lr-log", str(tmp_path / "ds"), "--parameters-out", str(tmp_path / "ds.pt")],
-    ]
-    plain = [sys.executable, *loop, "--lr-log", str(tmp_path / "plain"), "--parameters-out", str(tmp_path / "plain.pt")]
-    for command in (deepspeed, plain):
-        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-        assert result.returncode == 0, result.stderr[-3000:]
+    script, loop = repo / "examples" / "accelerate_loop.py", ["--optimizer", "lamb", "--epochs", "2"]
+    with_deepspeed = dict(processes=1, launcher_args=["--use_deepspeed", "--deepspeed_config_file", str(config)])
+    runs = {"ds": ("accelerate", with_deepspeed), "plain": ("python", {})}
+    for run, (launcher, settings) in runs.items():
+        outputs = ["--lr-log", tmp_path / run, "--parameters-out", tmp_path / f"{run}.pt"]
+        launch(launcher, script, *loop, *outputs, cwd=tmp_path, timeout=300, **settings)
     lrs = {
         run: [json.loads(line)["lr"] for line in (tmp_path / f"{run}.rank0").read_text().splitlines()]
         for run in ("ds", "plain")
@@ -205,7 +190,8 @@ def test_accelerate_deepspeed_plugin_lamb_equals_the_plain_loop(repo, tmp_path):
 
     # the same loop with a "scheduler" block in the config: DeepSpeed would run its schedule beside the plan
     config.write_text(json.dumps({**json.loads(config.read_text()), "scheduler": {"type": "WarmupLR", "params": {}}}))
-    result = subprocess.run(deepspeed, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    outputs = ["--lr-log", tmp_path / "ds", "--parameters-out", tmp_path / "ds.pt"]
+    result = launch("accelerate", script, *loop, *outputs, cwd=tmp_path, timeout=300, check=False, **with_deepspeed)
     assert result.returncode != 0
     assert 'config must not have a "scheduler" block with LEGW on' in result.stderr, result.stderr[-3000:]
 
@@ -214,23 +200,20 @@ def test_accelerate_deepspeed_plugin_lamb_equals_the_plain_loop(repo, tmp_path):
 def test_accelerate_loop_resumed_at_another_world_size(repo, tmp_path):
     """2 processes save after 5 of 24 updates (global batch 8); 1 process resumes: with the same per-device batch
     (global 4: the plan is re-derived, 5 updates at 8 are 10 at 4) and with accumulation 2 (global 8 kept)."""
-    loop = [str(repo / "examples" / "accelerate_loop.py"), "--optimizer", "lamb", "--base-batch-size", "4"]
-    loop += ["--per-device-batch-size", "4", "--epochs", "2", "--dataset-size", "96"]
-    two = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    two += ["--main_process_port", "29669", *loop]
-    one = [sys.executable, *loop]
+    loop = ["--optimizer", "lamb", "--base-batch-size", "4", "--per-device-batch-size", "4", "--epochs", "2"]
+    loop += ["--dataset-size", "96"]
+    two, one = ("accelerate", 2), ("python", 1)
     runs = {
-        "uninterrupted": [*two, "--parameters-out", str(tmp_path / "uninterrupted.pt")],
-        "interrupted": [*two, "--stop-after", "5", "--output-dir", str(tmp_path / "state")],
-        "changing": [*one, "--resume-from", str(tmp_path / "state")],
-        "fixed": [*one, "--gradient-accumulation-steps", "2", "--resume-from", str(tmp_path / "state")],
+        "uninterrupted": (two, []),
+        "interrupted": (two, ["--stop-after", "5", "--output-dir", tmp_path / "state"]),
+        "changing": (one, ["--resume-from", tmp_path / "state"]),
+        "fixed": (one, ["--gradient-accumulation-steps", "2", "--resume-from", tmp_path / "state"]),
     }
-    env = python_env() | {"ACCELERATE_USE_CPU": "true"}
     logs = {}
-    for name, command in runs.items():
-        command = [*command, "--lr-log", str(tmp_path / name), "--parameters-out", str(tmp_path / f"{name}.pt")]
-        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-        assert result.returncode == 0, result.stderr[-3000:]
+    for name, ((launcher, processes), flags) in runs.items():
+        outputs = ["--lr-log", tmp_path / name, "--parameters-out", tmp_path / f"{name}.pt"]
+        script = repo / "examples" / "accelerate_loop.py"
+        result = launch(launcher, script, *loop, *flags, *outputs, processes=processes, cwd=tmp_path, timeout=300)
         logs[name] = result.stdout + result.stderr
         rows = [json.loads(line) for line in (tmp_path / f"{name}.rank0").read_text().splitlines()]
         logs[name + ".rows"] = rows

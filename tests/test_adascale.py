@@ -11,15 +11,15 @@ import copy
 import json
 import logging
 import math
-import subprocess
-import sys
 
 import datasets
 import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from procs import REPO, python_env
+from launch import launch
+from legw_oracle import legw_lr
+from procs import REPO
 from test_trainer import PoisonSteps
 from torch.utils.data import DataLoader, TensorDataset
 from toy import Regressor, StopAt, legw_training_args, regression_dataset
@@ -270,12 +270,10 @@ def adascale_args(output_dir, **overrides) -> LegwTrainingArguments:
 
 
 def base_run_lr(progress: float, *, steps_per_epoch: int, epochs: float = 2, peak=0.05, warmup=0.1) -> float:
-    """The base run's LR at ``progress`` base-run updates: linear warmup to ``peak`` over ``warmup`` epochs, then a
-    linear decay to 0 at ``epochs``."""
-    epoch = min(progress / steps_per_epoch, epochs)
-    if epoch < warmup:
-        return peak * epoch / warmup
-    return peak * (1 - (epoch - warmup) / (epochs - warmup))
+    """The base run's LR at ``progress`` base-run updates (k = 1): linear warmup to ``peak`` over ``warmup`` epochs,
+    then a linear decay to 0 at ``epochs``."""
+    epoch = progress / steps_per_epoch
+    return legw_lr(epoch, base_lr=peak, k=1, base_warmup_epochs=warmup, epochs=epochs)
 
 
 class EveryUpdate(TrainerCallback):
@@ -528,16 +526,9 @@ def test_accelerate_save_and_load_state_resume_exactly(fresh_accelerate_state, t
 @pytest.mark.multiprocess
 def test_two_process_accelerate_statistics_equal_those_of_the_same_gradients_in_one_process(tmp_path):
     # 2 gloo processes × 2 accumulation steps of 8: S = 4 estimates per update (scale 4 over the base batch 8).
-    env = python_env() | {"ACCELERATE_USE_CPU": "true"}
-    launcher = "--multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no"
     loop = "--base-batch-size 8 --per-device-batch-size 8 --gradient-accumulation-steps 2 --epochs 2 --dataset-size 256"
-    command = [
-        *[sys.executable, "-m", "accelerate.commands.launch", *launcher.split(), "--main_process_port", "29703"],
-        *[str(REPO / "examples" / "adascale_loop.py"), *loop.split()],
-        *["--stats-log", str(tmp_path / "stats"), "--gradients-out", str(tmp_path / "gradients")],
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    outputs = ["--stats-log", tmp_path / "stats", "--gradients-out", tmp_path / "gradients"]
+    launch("accelerate", REPO / "examples" / "adascale_loop.py", *loop.split(), *outputs, cwd=tmp_path, timeout=300)
     rows = [[json.loads(line) for line in (tmp_path / f"stats.rank{r}").read_text().splitlines()] for r in (0, 1)]
     assert rows[0] == rows[1]  # every process holds the same statistics, gain, progress and LR
     gradients = [torch.load(tmp_path / f"gradients.rank{r}") for r in (0, 1)]
@@ -558,20 +549,11 @@ def test_two_process_accelerate_statistics_equal_those_of_the_same_gradients_in_
 def test_adascale_under_deepspeed_zero_measures_what_ddp_measures(tmp_path):
     # The same run (2 processes x per-device 4 x accumulation 2, SGD, AdaScale gain) under DDP and under ZeRO 2, 3:
     # under ZeRO the applied gradient's norm is DeepSpeed's own, read in the client optimizer's step pre-hook.
-    script = str(REPO / "tests" / "scripts" / "adascale_trainer.py")
-    env = python_env() | {"DS_ACCELERATOR": "cpu"}
-    launchers = {
-        "ddp": ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29705"],
-        **{
-            stage: ["deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(29705 + int(stage))]
-            for stage in ("2", "3")  # stage 1 runs stage 2's code in DeepSpeed
-        },
-    }
+    script = REPO / "tests" / "scripts" / "adascale_trainer.py"
+    launchers = {"ddp": "torchrun", "2": "deepspeed", "3": "deepspeed"}  # stage 1 runs stage 2's code in DeepSpeed
     records = {}
     for stage, launcher in launchers.items():
-        command = [sys.executable, "-m", *launcher, script, str(tmp_path / stage), stage]
-        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-        assert result.returncode == 0, (stage, result.stdout[-2000:], result.stderr[-4000:])
+        launch(launcher, script, tmp_path / stage, stage, timeout=600)
         records[stage] = [json.loads((tmp_path / stage / f"rank{r}.json").read_text()) for r in (0, 1)]
     reference = records["ddp"][0]
     assert reference["world_size"] == 2 and reference["finished"]
@@ -611,24 +593,13 @@ def test_accelerate_loop_under_a_deepspeed_plugin_measures_what_the_plain_loop_m
             }
         )
     )
-    loop = [str(REPO / "examples" / "adascale_loop.py"), "--gradient-accumulation-steps", "4", "--epochs", "1"]
-    env = python_env() | {"DS_ACCELERATOR": "cpu"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1"]
-    commands = {
-        "ds": [*launch, "--use_deepspeed", "--deepspeed_config_file", str(config), "--main_process_port", "29709"],
-        "plain": [sys.executable],
-    }
+    loop = ["--gradient-accumulation-steps", "4", "--epochs", "1"]
+    with_deepspeed = dict(processes=1, launcher_args=["--use_deepspeed", "--deepspeed_config_file", str(config)])
+    runs = {"ds": ("accelerate", with_deepspeed), "plain": ("python", {})}
     rows = {}
-    for run, command in commands.items():
-        result = subprocess.run(
-            [*command, *loop, "--stats-log", str(tmp_path / run)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=300,
-            cwd=tmp_path,
-        )
-        assert result.returncode == 0, (run, result.stderr[-3000:])
+    for run, (launcher, settings) in runs.items():
+        script = REPO / "examples" / "adascale_loop.py"
+        launch(launcher, script, *loop, "--stats-log", tmp_path / run, cwd=tmp_path, timeout=300, **settings)
         rows[run] = [json.loads(line) for line in (tmp_path / f"{run}.rank0").read_text().splitlines()]
     assert len(rows["ds"]) == len(rows["plain"]) > 5
     for row, expected in zip(rows["ds"], rows["plain"], strict=True):

@@ -10,41 +10,32 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from launch import launch
+from legw_oracle import legw_poly_lr
 from procs import REPO, python_env
 
 pytestmark = pytest.mark.multiprocess
 
 SCRIPTS = REPO / "tests" / "scripts"
-# engine: (script, launcher for a world size, dataset size, base batch, base LR, base warmup epochs)
+# engine: (script, launcher, dataset size, base batch, base LR, base warmup epochs)
 ENGINES = {
-    "ddp": ("elastic_trainer.py", 29661, 96, 4, 0.05, 0.1),
-    "zero2": ("elastic_trainer.py", 29663, 96, 4, 0.05, 0.1),
-    "fsdp2": ("elastic_fsdp2.py", 29665, 64, 4, 0.02, 0.25),
+    "ddp": ("elastic_trainer.py", "torchrun", 96, 4, 0.05, 0.1),
+    "zero2": ("elastic_trainer.py", "deepspeed", 96, 4, 0.05, 0.1),
+    "fsdp2": ("elastic_fsdp2.py", "torchrun", 64, 4, 0.02, 0.25),
 }
 EPOCHS = 2
 
 
-def launch(engine: str, world: int, phase: str, output: Path) -> None:
-    script, port = SCRIPTS / ENGINES[engine][0], ENGINES[engine][1]
-    args = [phase, str(output)] if engine == "fsdp2" else [engine, phase, str(output)]
-    env = python_env()
-    env["PYTHONPATH"] = f"{SCRIPTS}:{REPO / 'tests'}:{env['PYTHONPATH']}"
-    if engine == "zero2":
-        env["DS_ACCELERATOR"] = "cpu"
-        launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world), "--master_port"]
-        command = [*launcher, str(port), str(script), *args]
-    elif engine == "ddp" and world == 1:
-        command = [sys.executable, str(script), *args]  # a plain `python train.py` user
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world)]
-        command += ["--master_port", str(port), str(script), *args]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+def launch_phase(engine: str, world: int, phase: str, output: Path) -> None:
+    script, launcher = SCRIPTS / ENGINES[engine][0], ENGINES[engine][1]
+    args = [phase, output] if engine == "fsdp2" else [engine, phase, output]
+    if engine == "ddp" and world == 1:
+        launcher = "python"  # a plain `python train.py` user
+    env = {"PYTHONPATH": f"{SCRIPTS}:{REPO / 'tests'}:{python_env()['PYTHONPATH']}"}
+    launch(launcher, script, *args, processes=world, env=env, cwd=REPO)
 
 
 @pytest.fixture(scope="module", params=list(ENGINES))
@@ -52,7 +43,7 @@ def runs(request, tmp_path_factory):
     engine = request.param
     output = tmp_path_factory.mktemp(engine)
     for world, phase in ((1, "first"), (2, "second"), (1, "third")):
-        launch(engine, world, phase, output)
+        launch_phase(engine, world, phase, output)
     folder = output / engine
 
     def load(name: str, rank: int = 0) -> dict:
@@ -62,16 +53,11 @@ def runs(request, tmp_path_factory):
 
 
 def legw_lrs(engine: str, batch: int, updates: range) -> list[float]:
-    """LEGW written out for the toy runs: √k peak, warmup k × w0 epochs, then linear (poly, power 1) decay to 0 at
-    EPOCHS epochs; update u applies the LR at (u + 1) / steps-per-epoch epochs."""
+    """LEGW for the toy runs (tests/legw_oracle.py): poly power 1 decay to 0 at EPOCHS epochs."""
     _, _, dataset, base_batch, base_lr, base_warmup = ENGINES[engine]
-    k = batch / base_batch
-    peak, warmup, spe = base_lr * math.sqrt(k), base_warmup * k, math.ceil(dataset / batch)
-    lrs = []
-    for update in updates:
-        epoch = (update + 1) / spe
-        lrs.append(peak * epoch / warmup if epoch < warmup else peak * (1 - (epoch - warmup) / (EPOCHS - warmup)))
-    return lrs
+    schedule = dict(base_lr=base_lr, base_warmup_epochs=base_warmup, epochs=EPOCHS)
+    spe = math.ceil(dataset / batch)
+    return [legw_poly_lr(u, base_batch=base_batch, batch=batch, steps_per_epoch=spe, **schedule) for u in updates]
 
 
 def relative(actual: list[float], expected: list[float]) -> float:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from launch import launch
 from procs import REPO, python_env
 
 from legw_hf import plan_from_dict
@@ -28,17 +29,8 @@ LEGW_FLAGS = ["--legw_base_batch_size", "8", "--legw_base_warmup_epochs", "0.125
 PLAN_LINE = "LEGW plan (legw): batch 16 (k=2 x base 8)"
 
 
-def run(script, output_dir, *args, launcher=()):
-    # transformers lets its loggers propagate to the root logger when CI is set, printing Trainer's lines twice;
-    # a user's shell has no CI variable
-    env = {k: v for k, v in python_env().items() if k != "CI"}
-    return subprocess.run(
-        [sys.executable, *launcher, str(script), "--output_dir", str(output_dir), *TINY_RUN, *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+def run(script, output_dir, *args, launcher="python"):
+    return launch(launcher, script, "--output_dir", output_dir, *TINY_RUN, *args, timeout=300, check=False)
 
 
 def plain_version(repo, tmp_path):
@@ -85,7 +77,6 @@ def test_log_level_warning_hides_the_plan_as_it_hides_trainers_messages(repo, tm
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(("replica_level", "copies"), [("warning", 1), ("info", 2)])
 def test_two_processes_show_the_plan_on_the_main_one_unless_replicas_log_info(repo, tmp_path, replica_level, copies):
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547"]
     script = repo / "examples" / "run_mlm.py"
     result = run(
         script,
@@ -97,7 +88,7 @@ def test_two_processes_show_the_plan_on_the_main_one_unless_replicas_log_info(re
         "4",
         "--log_level_replica",
         replica_level,
-        launcher=launcher,
+        launcher="torchrun",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr

@@ -142,8 +142,15 @@ def test_cpu_kernel_refuses_what_it_cannot_run():
     with pytest.raises(SettingError, match="^fused needs contiguous fp32 CPU"):
         optimizer.step()
     relaxed = Lamb(params, lr=LR, master_weights=True)  # the default falls back to torch ops
+    p, g = params[0].detach().double().clone(), params[0].grad.double()
     relaxed.step()
-    assert relaxed.trust_stats is not None
+    # LAMB's first step written out (no preset: ε 1e-6 outside the root, decoupled λ 0.01, bias corrected):
+    # m̂ = g, v̂ = g², u = g/(|g| + ε) + λp, p ← p - η·(‖p‖/‖u‖)·u, on the fp32 master of the bf16 parameter
+    u = g / (g.abs() + 1e-6) + 0.01 * p
+    expected = p - LR * (p.norm() / u.norm()) * u
+    master = relaxed.state[params[0]]["master"]
+    torch.testing.assert_close(master.double(), expected, rtol=1e-6, atol=1e-7)
+    assert torch.equal(params[0].detach(), master.to(torch.bfloat16))
 
 
 def count_kernel_calls(monkeypatch) -> dict[str, int]:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from launch import free_port
+from legw_oracle import legw_lr, update_epoch
 from procs import REPO, python_env
 
 pytestmark = pytest.mark.multiprocess
@@ -34,17 +36,13 @@ JOB_FLAGS = [
 
 
 def expected_lrs() -> list[float]:
-    """LEGW for the job's flags, written out: k = 16/8, peak √k·η0, warmup over the base's 2 steps (the same number of
-    steps at every batch), then job.sh's NVIDIA-style polynomial of the run's progress, power 0.5, over 96/16 = 6
-    updates."""
+    """LEGW for the job's flags (tests/legw_oracle.py): k = 16/8, the base's 2 warmup steps as epochs, then job.sh's
+    NVIDIA-style polynomial of the run's progress, power 0.5, over one epoch of 96/16 = 6 updates."""
+    spe = BLOCKS // GLOBAL_BATCH
+    base_warmup_epochs = BASE_WARMUP_STEPS / math.ceil(BLOCKS / BASE_BATCH)
+    schedule = dict(base_warmup_epochs=base_warmup_epochs, epochs=1, decay="poly_run", power=0.5)
     k = GLOBAL_BATCH / BASE_BATCH
-    peak, total = BASE_LR * math.sqrt(k), BLOCKS // GLOBAL_BATCH
-    warmup = BASE_WARMUP_STEPS / math.ceil(BLOCKS / BASE_BATCH) * k * total  # base warmup epochs x k, in steps
-    lrs = []
-    for update in range(total):
-        t = update + 1
-        lrs.append(peak * t / warmup if t < warmup else peak * (1 - t / total) ** 0.5)
-    return lrs
+    return [legw_lr(update_epoch(u, spe), base_lr=BASE_LR, k=k, **schedule) for u in range(spe)]
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +117,7 @@ def check_one_job_over_two_nodes(records: list[dict], output: Path) -> None:
 
 
 def test_torchrun_recipe_as_two_nodes(recipes, tmp_path):
-    env = {"NNODES": "2", "GPUS_PER_NODE": "1", "MASTER_PORT": "29651"}
+    env = {"NNODES": "2", "GPUS_PER_NODE": "1", "MASTER_PORT": str(free_port())}
     records, _ = run_two_nodes(recipes / "launch" / "torchrun.sh", tmp_path / "out", env)
     check_one_job_over_two_nodes(records, tmp_path / "out")
 
@@ -128,7 +126,7 @@ def test_accelerate_recipe_as_two_nodes(recipes, tmp_path):
     config = recipes / "launch" / "accelerate-multinode.yaml"
     edited = tmp_path / "node.yaml"
     edited.write_text(config.read_text())
-    edit_yaml(edited, num_machines=2, num_processes=2, main_process_ip="127.0.0.1", main_process_port=29653)
+    edit_yaml(edited, num_machines=2, num_processes=2, main_process_ip="127.0.0.1", main_process_port=free_port())
     env = {"ACCELERATE_CONFIG": str(edited)}
     records, logs = run_two_nodes(recipes / "launch" / "accelerate.sh", tmp_path / "out", env)
     assert "2 nodes, 2 processes: the sources agree" in logs[0]
@@ -143,7 +141,7 @@ def test_deepspeed_recipe_as_two_nodes_with_a_shipped_config(recipes, tmp_path):
     env = {
         "HOSTFILE": str(hostfile),
         "NO_SSH": "1",
-        "MASTER_PORT": "29655",
+        "MASTER_PORT": str(free_port()),
         "PRECISION": "bf16",
         "DS_ACCELERATOR": "cpu",
     }
@@ -177,7 +175,7 @@ def test_slurm_recipe_as_two_nodes(recipes, tmp_path):
         SLURM_JOB_NODELIST="node[0-1]",
         SLURM_SUBMIT_DIR=str(recipes.parent),
         RECIPES=str(recipes),
-        MASTER_PORT="29657",
+        MASTER_PORT=str(free_port()),
     )
     result = subprocess.run(
         ["bash", str(recipes / "launch" / "slurm.sbatch"), *JOB_FLAGS],

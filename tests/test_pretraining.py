@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from pretraining_run import PHASES, launch, nvidia_lr, run_program, small_args
+from legw_oracle import nvidia_lr
+from pretraining_run import PHASES, launch, run_program, small_args
 from safetensors.torch import load_file
 
 from legw_hf.pretraining.program import main

@@ -12,15 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from pretraining_run import PHASES, launch, nvidia_lr, run_program, small_args
+from legw_oracle import nvidia_lr
+from pretraining_run import PHASES, launch, run_program, small_args
 from safetensors.torch import load_file
 
 from legw_hf.averaging import checkpoint_weights
 
 pytestmark = pytest.mark.multiprocess
 
-TORCHRUN = ("-m", "torch.distributed.run", "--nproc_per_node", "2")
-DEEPSPEED = ("-m", "deepspeed.launcher.runner", "--num_gpus", "2")
 ZERO3 = {
     "train_micro_batch_size_per_gpu": "auto",
     "gradient_accumulation_steps": "auto",
@@ -34,7 +33,7 @@ SPLIT = {"phase1_per_device_batch_size": "8", "phase2_per_device_batch_size": "4
 @pytest.fixture(scope="module")
 def ddp(corpus, tmp_path_factory) -> tuple[Path, str]:
     output_dir = tmp_path_factory.mktemp("ddp") / "out"
-    output = run_program(small_args(corpus, output_dir, **SPLIT), (*TORCHRUN, "--master_port", "29691"))
+    output = run_program(small_args(corpus, output_dir, **SPLIT), "torchrun")
     return output_dir, output
 
 
@@ -45,7 +44,7 @@ def zero3(corpus, tmp_path_factory) -> tuple[Path, str]:
     config.write_text(json.dumps(ZERO3))
     output_dir = folder / "out"
     args = small_args(corpus, output_dir, **SPLIT, deepspeed=str(config))
-    return output_dir, run_program(args, (*DEEPSPEED, "--master_port", "29693"), {"DS_ACCELERATOR": "cpu"})
+    return output_dir, run_program(args, "deepspeed")
 
 
 def last_checkpoint(phase_dir: Path) -> Path:
@@ -97,7 +96,7 @@ def test_zero3_carries_phase_1s_moments_into_phase_2_and_ends_where_ddp_does(ddp
 def test_a_global_batch_the_processes_cannot_form_is_refused_before_anything_is_written(corpus, tmp_path):
     output_dir = tmp_path / "out"
     args = small_args(corpus, output_dir, **{**SPLIT, "phase1_global_batch_size": "24"})
-    proc = launch(args, (*TORCHRUN, "--master_port", "29697"))
+    proc = launch(args, "torchrun")
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0
     assert "phase1_global_batch_size must be a multiple of per-device batch × processes = 8 × 2 = 16" in output

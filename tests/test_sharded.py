@@ -11,27 +11,19 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
-from procs import REPO, python_env
-from toy import Regressor, legw_poly_lr, legw_training_args, logged_learning_rates, regression_dataset
+from launch import launch
+from legw_oracle import legw_poly_lr
+from procs import REPO
+from toy import Regressor, legw_training_args, logged_learning_rates, regression_dataset
 
 from legw_hf import LegwTrainer
 
 pytestmark = pytest.mark.multiprocess
 SCRIPTS = REPO / "tests" / "scripts"
 CONFIGS = ("lamb-nvidia", "lamb-deepspeed", "lamb-optax", "lamb-optax-torch-ops", "lars")
-
-
-def launch(launcher: list[str], script: str, *args: str) -> subprocess.CompletedProcess:
-    env = python_env() | {"DS_ACCELERATOR": "cpu"}
-    command = [sys.executable, "-m", *launcher, str(SCRIPTS / script), *args]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
-    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
-    return result
 
 
 def check_parity(result: dict, engines: list[str], configs: tuple[str, ...] = CONFIGS) -> None:
@@ -57,12 +49,7 @@ def check_parity(result: dict, engines: list[str], configs: tuple[str, ...] = CO
 
 def test_deepspeed_zero_0_to_3_match_one_process(tmp_path):
     output = tmp_path / "result.json"
-    launch(
-        ["deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29571"],
-        "sharded_parity.py",
-        "deepspeed",
-        str(output),
-    )
+    launch("deepspeed", SCRIPTS / "sharded_parity.py", "deepspeed", output)
     result = json.loads(output.read_text())
     engines = ["zero0", "zero1", "zero2", "zero3", "zero3-persistent", "zero0-bf16", "zero2-bf16", "zero3-bf16"]
     engines.append("zero1-bf16")  # DeepSpeed's BF16_Optimizer (fp32 gradient accumulation)
@@ -85,12 +72,7 @@ def test_deepspeed_zero_0_to_3_match_one_process(tmp_path):
 
 def test_fsdp2_matches_one_process(tmp_path):
     output = tmp_path / "result.json"
-    launch(
-        ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29572"],
-        "sharded_parity.py",
-        "fsdp2",
-        str(output),
-    )
+    launch("torchrun", SCRIPTS / "sharded_parity.py", "fsdp2", output)
     result = json.loads(output.read_text())
     # fsdp2-accelerate: the optimizer built on the plain model, its parameters swapped by accelerate's FSDP2 code
     check_parity(result, ["fsdp2", "fsdp2-accelerate"])
@@ -104,28 +86,17 @@ def test_triton_kernels_under_fsdp2_and_zero_match_one_process(tmp_path):
     """fused="triton" (interpreted on CPU): the kernels' partial squares of FSDP2 shards and of ZeRO-2 flat
     partitions (pieces at any offset, so unaligned addresses too) pass the one all-reduce and match one process."""
     fsdp2, zero = tmp_path / "fsdp2.json", tmp_path / "zero.json"
-    launch(
-        ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29711"],
-        "sharded_parity.py",
-        "fsdp2-triton",
-        str(fsdp2),
-    )
-    launch(
-        ["deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29712"],
-        "sharded_parity.py",
-        "deepspeed-triton",
-        str(zero),
-    )
+    launch("torchrun", SCRIPTS / "sharded_parity.py", "fsdp2-triton", fsdp2)
+    launch("deepspeed", SCRIPTS / "sharded_parity.py", "deepspeed-triton", zero)
     configs = ("lamb-nvidia", "lars")
     check_parity(json.loads(fsdp2.read_text()), ["fsdp2-triton"], configs)
     check_parity(json.loads(zero.read_text()), ["zero2-triton"], configs)
 
 
-@pytest.mark.parametrize(("stage", "port"), [("2", 29575), ("3", 29576), ("2-offload", 29577)])
-def test_trainer_with_deepspeed_and_lamb_follows_the_plan_and_matches_one_process(tmp_path, stage, port):
+@pytest.mark.parametrize("stage", ["2", "3", "2-offload"])
+def test_trainer_with_deepspeed_and_lamb_follows_the_plan_and_matches_one_process(tmp_path, stage):
     resume = "resume"
-    launcher = ["deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port)]
-    launch(launcher, "trainer_deepspeed.py", str(tmp_path), str(stage), "nvidia", resume)
+    launch("deepspeed", SCRIPTS / "trainer_deepspeed.py", tmp_path, stage, "nvidia", resume)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     # per-device 4 x accumulation 2 x 2 processes = 16, as in the one-process run with per-device 8; 96 examples
     # make whole batches, so both runs see the same samples in each update
@@ -164,8 +135,7 @@ def test_trainer_with_deepspeed_and_lamb_follows_the_plan_and_matches_one_proces
 
 def test_trainer_with_a_deepspeed_adamw_block_is_driven_by_the_plan(tmp_path):
     # DeepSpeed builds the optimizer from the config's "optimizer" block and steps Trainer's LegwScheduler itself
-    launcher = ["deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29579"]
-    result = launch(launcher, "trainer_deepspeed.py", str(tmp_path), "2", "adamw-block")
+    result = launch("deepspeed", SCRIPTS / "trainer_deepspeed.py", tmp_path, "2", "adamw-block")
     assert (
         'DeepSpeed builds the optimizer from the config\'s "optimizer" block (AdamW)' in result.stdout + result.stderr
     )

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
-from procs import python_env
-from toy import Regressor, StopAt, legw_poly_lr, legw_training_args, logged_learning_rates, regression_dataset
+from launch import launch
+from legw_oracle import legw_poly_lr
+from toy import Regressor, StopAt, legw_training_args, logged_learning_rates, regression_dataset
 from transformers import HfArgumentParser, Trainer, TrainerCallback
 
 from legw_hf import LegwCallback, LegwScheduler, LegwTrainer, LegwTrainingArguments, SettingError
@@ -285,11 +284,7 @@ def test_legw_off_leaves_trainer_unchanged(tmp_path):
 def test_torchrun_two_processes_plan_from_trainer_arithmetic(repo, tmp_path, split, batch, spe):
     # per-device 8 × accumulation 2 × 2 processes; with split_batches the per-device size is the global one.
     # 100 examples: without split each rank sees 50 (7 micro-batches -> 4 updates); with split, 13 batches -> 7.
-    script = repo / "tests" / "scripts" / "trainer_ddp.py"
-    launcher = "-m torch.distributed.run --nproc_per_node 2 --master_port 29541".split()
-    command = [sys.executable, *launcher, str(script), str(tmp_path), split]
-    result = subprocess.run(command, capture_output=True, text=True, env=python_env(), timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch("torchrun", repo / "tests" / "scripts" / "trainer_ddp.py", tmp_path, split)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["lrs"] == ranks[1]["lrs"]
     for record in ranks:

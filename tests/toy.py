@@ -56,19 +56,6 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def legw_poly_lr(
-    update: int, *, base_lr, base_batch, batch, base_warmup_epochs, epochs, steps_per_epoch, power=1.0, end_lr=0.0
-) -> float:
-    """LEGW with polynomial decay, written out independently of legw_hf: the LR of 0-based ``update``."""
-    k = batch / base_batch
-    peak = base_lr * math.sqrt(k)
-    warmup = base_warmup_epochs * k
-    t = min((update + 1) / steps_per_epoch, epochs)
-    if t < warmup:
-        return peak * t / warmup
-    return end_lr + (peak - end_lr) * (1 - (t - warmup) / (epochs - warmup)) ** power
-
-
 def logged_learning_rates(log_history: list[dict]) -> list[float]:
     return [entry["learning_rate"] for entry in log_history if "learning_rate" in entry]
 

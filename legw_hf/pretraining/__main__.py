@@ -1,5 +1,4 @@
-import sys
-
+from ..shutdown import exit_process
 from .program import main
 
-sys.exit(main())
+exit_process(main())

@@ -34,6 +34,7 @@ from ..integrations.trainer import LegwTrainingArguments, changed_fields, follow
 from ..plan import Phase, PhasedPlan
 from ..recipes import RECIPES, phase as recipe_phase
 from ..record import write_json
+from ..shutdown import leave_process_group
 from .data import PreparedText, load_text, train_wordpiece
 from .evaluation import masked_lm_metrics, token_scores
 from .masking import MaskingCollator, MaskingRule
@@ -335,18 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     except SettingError as error:
         print(f"legw-hf pretrain: error: {error}", file=sys.stderr)
         return 2
-    end_distributed()
+    leave_process_group()
     return status
-
-
-def end_distributed() -> None:
-    """Leave the process group together: left to interpreter shutdown, gloo's threads occasionally abort a process
-    whose run succeeded ("terminate called without an active exception")."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def pretrain(run_args: PretrainingArguments, phase_args: Any, training_args: LegwTrainingArguments) -> int:

@@ -11,11 +11,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from procs import end_distributed
 from toy import Regressor, legw_training_args, regression_dataset
 from transformers import TrainerCallback
 
 from legw_hf import AdaScaleScheduler, LegwTrainer
+from legw_hf.shutdown import exit_process
 
 
 def adascale_scheduler(scheduler):
@@ -76,4 +76,4 @@ def main(output: str, stage: str) -> None:
 
 if __name__ == "__main__":
     main(*[a for a in sys.argv[1:] if not a.startswith("--local_rank")])
-    end_distributed()
+    exit_process()

@@ -16,11 +16,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from elastic_trainer import Warnings
-from procs import end_distributed
 from sharded_parity import SEQ, VOCAB, build_optimizer, full_parameters, model, sharded_model
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from legw_hf import LegwConfig, LegwScheduler
+from legw_hf.shutdown import exit_process
 
 DATASET, PER_DEVICE, EPOCHS = 64, 4, 2
 CONFIG = LegwConfig(base_batch_size=4, base_lr=0.02, base_warmup_epochs=0.25)
@@ -112,4 +112,4 @@ def main(phase: str, output: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
-    end_distributed()
+    exit_process()

@@ -22,12 +22,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from procs import end_distributed
 from test_trainer import StopAt
 from toy import Regressor, legw_training_args, regression_dataset
 from trainer_deepspeed import AppliedLearningRates, flat_parameters, fresh_accelerator_state
 
 from legw_hf import LegwTrainer
+from legw_hf.shutdown import exit_process
 
 DATASET = 96
 
@@ -114,4 +114,4 @@ def main(engine: str, phase: str, output: str) -> None:
 
 if __name__ == "__main__":
     main(*[a for a in sys.argv[1:] if not a.startswith("--local_rank")])
-    end_distributed()
+    exit_process()

@@ -17,10 +17,10 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import run_mlm  # noqa: E402
 import torch  # noqa: E402
-from procs import end_distributed  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from legw_hf import LegwTrainer  # noqa: E402
+from legw_hf.shutdown import exit_process  # noqa: E402
 
 
 def innermost(optimizer):
@@ -62,4 +62,4 @@ run_mlm.Trainer = ProbedTrainer  # the script looks its Trainer up when main() r
 
 if __name__ == "__main__":
     run_mlm.main()
-    end_distributed()
+    exit_process()

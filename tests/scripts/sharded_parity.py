@@ -19,12 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.distributed as dist
-from procs import end_distributed
 from torch import nn
 
 from legw_hf import Lamb, Lars, decay_param_groups
 from legw_hf.distributed import NormReduction
 from legw_hf.optim._base import LayerwiseOptimizer
+from legw_hf.shutdown import exit_process
 
 STEPS, VOCAB, DIM, SEQ, BATCH = 20, 37, 14, 6, 8
 
@@ -376,4 +376,4 @@ if __name__ == "__main__":
     arguments = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     main(*arguments)
-    end_distributed()
+    exit_process()

@@ -8,10 +8,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from procs import end_distributed
 from toy import Regressor, legw_training_args, logged_learning_rates, regression_dataset
 
 from legw_hf import LegwTrainer
+from legw_hf.shutdown import exit_process
 
 
 def main(output: str, split_batches: str) -> None:
@@ -36,4 +36,4 @@ def main(output: str, split_batches: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
-    end_distributed()
+    exit_process()

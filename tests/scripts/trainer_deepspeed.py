@@ -10,12 +10,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from procs import end_distributed
 from test_trainer import StopAt
 from toy import Regressor, legw_training_args, logged_learning_rates, regression_dataset
 from transformers import TrainerCallback
 
 from legw_hf import LegwTrainer
+from legw_hf.shutdown import exit_process
 
 
 class AppliedLearningRates(TrainerCallback):
@@ -107,4 +107,4 @@ def main(output: str, stage: str, preset: str, resume: str = "no") -> None:
 
 if __name__ == "__main__":
     main(*[a for a in sys.argv[1:] if not a.startswith("--local_rank")])
-    end_distributed()
+    exit_process()

@@ -16,10 +16,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from procs import end_distributed
+from legw_hf.shutdown import exit_process
 
-os.environ.update(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-os.environ.setdefault("MASTER_PORT", "29581")
+os.environ.update(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")  # MASTER_PORT: the test's
 
 
 class DataParallelWorld:
@@ -90,4 +89,4 @@ def main(entries_path: str, output: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
-    end_distributed()
+    exit_process()
