@@ -7,6 +7,7 @@ import pytest
 import torch
 from optim_problem import GradientField, assert_close, relative_errors, run_torch, torch_groups
 from optim_references import DECAY_MASK, apex_larc_sgd, run_optax
+from optim_registry import INFOS, settings_of
 
 from legw_hf import Lars
 
@@ -68,19 +69,11 @@ def test_the_references_really_differ():
     assert max(relative_errors(larc, trace).values()) > 1e-3
 
 
-CONFIGS = [
-    {},
-    {"preset": "larc", "nesterov": True},
-    {"preset": "optax", "nesterov": True},
-    {"momentum": 0.0, "local_lr_clip": True},
-    {"trust_denominator": "update_norm", "adapt": "decayed"},
-]
-
-
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+@pytest.mark.parametrize("config", settings_of("lars"))
 def test_single_tensor_and_multi_tensor_paths_agree(config):
-    single, _ = lars_run(0.5, foreach=False, **config)
-    multi, _ = lars_run(0.5, foreach=True, **config)
+    lars = INFOS["lars"]
+    single, _ = lars_run(lars.lr, **lars.paths["single"], **config)
+    multi, _ = lars_run(lars.lr, **lars.paths["foreach"], **config)
     errors = relative_errors(multi, single)
     assert max(errors.values()) <= 1e-5, errors
 

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from optim_registry import NAMED
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -30,20 +31,22 @@ def set_grads(groups: list[dict], seed: int) -> None:
             p.grad = torch.randn(p.shape, generator=generator).to(p.dtype)
 
 
-CONFIGS = {
-    "lamb": lambda g: Lamb(g, lr=1e-2),
-    "lamb-single": lambda g: Lamb(g, lr=1e-2, foreach=False),
-    "lamb-foreach": lambda g: Lamb(g, lr=1e-2, fused=False, fused_adam=False),
-    "lamb-fused-adam": lambda g: Lamb(g, lr=1e-2, fused=False),
-    "lamb-nvidia": lambda g: Lamb(g, lr=1e-2, preset="nvidia"),
-    "lamb-deepspeed": lambda g: Lamb(g, lr=torch.tensor(1e-2), preset="deepspeed", eps_inside_sqrt=True),
-    "lamb-paper-l2": lambda g: Lamb(g, lr=1e-2, preset="paper", weight_decay_mode="l2", grad_averaging=False),
-    "lamb-optax-single": lambda g: Lamb(g, lr=1e-2, preset="optax", foreach=False),
-    "lars": lambda g: Lars(g, lr=0.1),
-    "lars-larc": lambda g: Lars(g, lr=torch.tensor(0.1), preset="larc", nesterov=True),
-    "lars-optax-single": lambda g: Lars(g, lr=0.1, preset="optax", foreach=False),
-    "lars-no-momentum": lambda g: Lars(g, lr=0.1, momentum=0.0, trust_denominator="update_norm"),
-}
+BEHAVIOUR = (
+    "lamb",
+    "lamb-single",
+    "lamb-foreach",
+    "lamb-fused-adam",
+    "lamb-nvidia",
+    "lamb-deepspeed",
+    "lamb-paper-l2",
+    "lamb-optax-single",
+    "lars",
+    "lars-larc",
+    "lars-optax-single",
+    "lars-no-momentum",
+)
+#: the configurations these tests run (tests/optim_registry.py): every path, presets, tensor LRs
+CONFIGS = {name: NAMED[name].build for name in BEHAVIOUR}
 
 
 class HostSyncDetector(TorchDispatchMode):

@@ -21,6 +21,7 @@ from legw_oracle import legw_lr
 #: WordPiece tokens (uniform guessing: ln 4096 = 8.3; a model at smoke size has barely left it).
 METRIC_RANGES = {"mnist1d": (0.0, 1.0), "wikitext2_lm": (1.0, 2000.0), "bert_tiny": (0.0, 2 * math.log(4096))}
 
+
 def run_script(repo, *args, timeout=600):
     env = {**os.environ, "PYTHONPATH": str(repo)}
     done = subprocess.run([sys.executable, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)

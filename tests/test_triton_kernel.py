@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from optim_problem import NAMES, GradientField, initial_params, relative_errors, torch_groups
+from optim_registry import INFOS, settings_of
 from procs import REPO, python_env
 from test_optim_behaviour import HostSyncDetector
 
@@ -48,11 +49,11 @@ def run(make_optimizer, dtype=torch.float32, field=FIELD, params=None, steps=STE
 
 
 def lamb(path: dict, decay=0.01, **kwargs):
-    return lambda p: Lamb(torch_groups(p, decay), lr=1e-2, **path, **kwargs)
+    return lambda p: Lamb(torch_groups(p, decay), lr=INFOS["lamb"].lr, **path, **kwargs)
 
 
 def lars(path: dict, decay=0.01, **kwargs):
-    return lambda p: Lars(torch_groups(p, decay), lr=0.5, **path, **kwargs)
+    return lambda p: Lars(torch_groups(p, decay), lr=INFOS["lars"].lr, **path, **kwargs)
 
 
 def larc(path: dict, **kwargs):
@@ -60,31 +61,8 @@ def larc(path: dict, **kwargs):
     return lars(path, preset="larc", **kwargs)
 
 
-REFERENCE, TRITON = {"foreach": False}, {"fused": "triton"}
-
-LAMB_CONFIGS = [
-    {},
-    {"preset": "nvidia"},
-    {"preset": "nvidia", "adapt": "all", "max_grad_norm": 0.5},
-    {"preset": "deepspeed"},
-    {"preset": "deepspeed", "eps_inside_sqrt": True},
-    {"preset": "optax", "eps_inside_sqrt": True},
-    {"preset": "paper"},
-    {"bias_correction": "off", "trust_clamp": (0.5, 2.0)},
-    {"weight_decay_mode": "l2", "grad_averaging": False},
-]
-LARS_CONFIGS = [
-    {},
-    {"preset": "larc", "nesterov": True},
-    {"preset": "larc_scale", "momentum": 0.9},
-    {"preset": "optax"},
-    {"preset": "optax", "nesterov": True, "adapt": "decayed"},
-    {"momentum": 0.0, "trust_denominator": "update_norm"},
-]
-
-
-def config_id(config: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in config.items()) or "default"
+REFERENCE, TRITON = INFOS["lamb"].paths["single"], INFOS["lamb"].paths["triton"]
+assert INFOS["lars"].paths["single"] == REFERENCE and INFOS["lars"].paths["triton"] == TRITON
 
 
 def assert_agree(result, reference, tolerance):
@@ -94,7 +72,7 @@ def assert_agree(result, reference, tolerance):
     assert min(v for n, v in moved.items() if n != "frozen") > 1e-3, ("the reference barely moved", moved)
 
 
-@pytest.mark.parametrize("config", LAMB_CONFIGS, ids=config_id)
+@pytest.mark.parametrize("config", settings_of("lamb"))
 def test_lamb_kernel_matches_the_single_tensor_reference(config):
     reference, expected = run(lamb(REFERENCE, **config))
     result, optimizer = run(lamb(TRITON, **config))
@@ -103,7 +81,7 @@ def test_lamb_kernel_matches_the_single_tensor_reference(config):
     torch.testing.assert_close(optimizer.trust_stats, expected.trust_stats, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("config", LARS_CONFIGS, ids=config_id)
+@pytest.mark.parametrize("config", settings_of("lars"))
 def test_lars_kernel_matches_the_single_tensor_reference(config):
     reference, expected = run(lars(REFERENCE, **config))
     result, optimizer = run(lars(TRITON, **config))

@@ -1,5 +1,9 @@
-"""A LegwTrainer run with LAMB under ``deepspeed --num_gpus 2`` (CPU): each rank writes its plan, the LR of every
-update, the trust-ratio log keys and the final parameters as JSON."""
+"""LegwTrainer runs under ``deepspeed --num_gpus 2`` (CPU), one launch for every scenario of :data:`SCENARIOS`: for
+each, every rank writes its plan, the LR of every update, the trust-ratio log keys and the final parameters as JSON
+to ``OUTPUT/SCENARIO/rank{r}.json``.
+
+    deepspeed --num_gpus 2 tests/scripts/trainer_deepspeed.py OUTPUT [SCENARIO ...]
+"""
 
 from __future__ import annotations
 
@@ -53,7 +57,23 @@ def flat_parameters(trainer: LegwTrainer) -> list[float]:
     return torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()]).tolist()
 
 
-def main(output: str, stage: str, preset: str, resume: str = "no") -> None:
+#: scenario: (ZeRO stage, LAMB preset or "adamw-block", whether to stop after 5 updates and resume). ZeRO-3 runs
+#: last: its model construction under zero.Init is process-wide state the others should not see.
+SCENARIOS = {
+    "zero2": ("2", "nvidia", "resume"),
+    "zero2-offload": ("2-offload", "nvidia", "resume"),
+    "adamw-block": ("2", "adamw-block", "no"),
+    "zero3": ("3", "nvidia", "resume"),
+}
+
+
+def main(output: str, *scenarios: str) -> None:
+    for name in scenarios or SCENARIOS:
+        fresh_accelerator_state()
+        run(str(Path(output) / name), *SCENARIOS[name])
+
+
+def run(output: str, stage: str, preset: str, resume: str = "no") -> None:
     """``preset`` "adamw-block": no --legw_optimizer; the DeepSpeed config's "optimizer" block builds torch AdamW."""
     ds_config = {
         "train_micro_batch_size_per_gpu": "auto",
@@ -102,6 +122,7 @@ def main(output: str, stage: str, preset: str, resume: str = "no") -> None:
         "resumed": resumed,
         "gradient_clipping": getattr(getattr(args, "hf_deepspeed_config", None), "config", {}).get("gradient_clipping"),
     }
+    Path(output).mkdir(parents=True, exist_ok=True)
     (Path(output) / f"rank{args.process_index}.json").write_text(json.dumps(record))
 
 
