@@ -302,7 +302,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not 0 <= args.trainer_warmup < args.trainer_steps - 1:
         parser.error(f"--trainer-warmup must be in [0, {args.trainer_steps - 2}], got {args.trainer_warmup}")
     if args.smoke:
-        args.steps, args.warmup = 1, 1
+        args.steps, args.warmup = 1, 0  # one timed step; its first call creates the state
     if not args.smoke and not torch.cuda.is_available():
         parser.error("needs a CUDA device (use --smoke to check the script without one)")
     return args

@@ -549,11 +549,9 @@ def test_two_process_accelerate_statistics_equal_those_of_the_same_gradients_in_
 def test_adascale_under_deepspeed_zero_measures_what_ddp_measures(tmp_path):
     # The same run (2 processes x per-device 4 x accumulation 2, SGD, AdaScale gain) under DDP and under ZeRO 2, 3:
     # under ZeRO the applied gradient's norm is DeepSpeed's own, read in the client optimizer's step pre-hook.
-    script = REPO / "tests" / "scripts" / "adascale_trainer.py"
-    launchers = {"ddp": "torchrun", "2": "deepspeed", "3": "deepspeed"}  # stage 1 runs stage 2's code in DeepSpeed
+    launch("deepspeed", REPO / "tests" / "scripts" / "adascale_trainer.py", tmp_path, timeout=600)
     records = {}
-    for stage, launcher in launchers.items():
-        launch(launcher, script, tmp_path / stage, stage, timeout=600)
+    for stage in ("ddp", "2", "3"):
         records[stage] = [json.loads((tmp_path / stage / f"rank{r}.json").read_text()) for r in (0, 1)]
     reference = records["ddp"][0]
     assert reference["world_size"] == 2 and reference["finished"]

@@ -10,6 +10,7 @@ import pytest
 import torch
 from launch import launch
 from legw_oracle import legw_poly_lr
+from procs import REPO
 from toy import Regressor, StopAt, legw_training_args, logged_learning_rates, regression_dataset
 from transformers import HfArgumentParser, Trainer, TrainerCallback
 
@@ -279,12 +280,20 @@ def test_legw_off_leaves_trainer_unchanged(tmp_path):
     assert "legw_k" not in trainer.state.log_history[0]
 
 
+@pytest.fixture(scope="module")
+def torchrun_runs(tmp_path_factory):
+    """tests/scripts/trainer_ddp.py under torchrun, 2 processes: both of its runs in one launch."""
+    output = tmp_path_factory.mktemp("torchrun")
+    launch("torchrun", REPO / "tests" / "scripts" / "trainer_ddp.py", output)
+    return output
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(("split", "batch", "spe"), [("nosplit", 32, 4), ("split", 16, 7)])
-def test_torchrun_two_processes_plan_from_trainer_arithmetic(repo, tmp_path, split, batch, spe):
+def test_torchrun_two_processes_plan_from_trainer_arithmetic(torchrun_runs, split, batch, spe):
     # per-device 8 × accumulation 2 × 2 processes; with split_batches the per-device size is the global one.
     # 100 examples: without split each rank sees 50 (7 micro-batches -> 4 updates); with split, 13 batches -> 7.
-    launch("torchrun", repo / "tests" / "scripts" / "trainer_ddp.py", tmp_path, split)
+    tmp_path = torchrun_runs / split
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["lrs"] == ranks[1]["lrs"]
     for record in ranks:

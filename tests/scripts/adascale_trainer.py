@@ -1,6 +1,7 @@
-"""A LegwTrainer run with ``--legw_adascale gain`` on 2 processes: DDP under ``torchrun``, or DeepSpeed ZeRO under
-``deepspeed --num_gpus 2`` (CPU). Each rank writes the statistics, gain and progress of every update and the final
-parameters as JSON, so the test can compare the DeepSpeed runs with the DDP one."""
+"""LegwTrainer runs with ``--legw_adascale gain`` under ``deepspeed --num_gpus 2`` (CPU), in one launch: DDP (no
+DeepSpeed config), then DeepSpeed ZeRO-2 and ZeRO-3. Each rank writes the statistics, gain and progress of every
+update and the final parameters as JSON to ``OUTPUT/{ddp,2,3}/rank{r}.json``, so the test can compare the DeepSpeed
+runs with the DDP one."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from toy import Regressor, legw_training_args, regression_dataset
+from trainer_deepspeed import fresh_accelerator_state
 from transformers import TrainerCallback
 
 from legw_hf import AdaScaleScheduler, LegwTrainer
@@ -33,7 +35,13 @@ class EveryUpdate(TrainerCallback):
         self.rows.append({"gain": scheduler.gain, "progress": scheduler.progress, **scheduler.noise.last})
 
 
-def main(output: str, stage: str) -> None:
+def main(output: str) -> None:
+    for stage in ("ddp", "2", "3"):  # stage 1 runs stage 2's code in DeepSpeed; ZeRO-3's zero.Init comes last
+        fresh_accelerator_state()
+        run(str(Path(output) / stage), stage)
+
+
+def run(output: str, stage: str) -> None:
     deepspeed = None
     if stage != "ddp":
         deepspeed = {
@@ -71,6 +79,7 @@ def main(output: str, stage: str) -> None:
         "finished": adascale_scheduler(trainer.lr_scheduler).finished,
         "params": flat,
     }
+    Path(output).mkdir(parents=True, exist_ok=True)
     (Path(output) / f"rank{args.process_index}.json").write_text(json.dumps(record))
 
 

@@ -1,4 +1,5 @@
-"""A LegwTrainer run for torchrun: each rank writes its plan and the LR of every update as JSON."""
+"""LegwTrainer runs for torchrun, without and with accelerate's ``split_batches``, in one launch: each rank writes
+its plan and the LR of every update as JSON to ``OUTPUT/{nosplit,split}/rank{r}.json``."""
 
 from __future__ import annotations
 
@@ -9,12 +10,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from toy import Regressor, legw_training_args, logged_learning_rates, regression_dataset
+from trainer_deepspeed import fresh_accelerator_state
 
 from legw_hf import LegwTrainer
 from legw_hf.shutdown import exit_process
 
 
-def main(output: str, split_batches: str) -> None:
+def main(output: str) -> None:
+    for split_batches in ("nosplit", "split"):
+        fresh_accelerator_state()
+        run(str(Path(output) / split_batches), split_batches)
+
+
+def run(output: str, split_batches: str) -> None:
     args = legw_training_args(
         Path(output) / "out",
         num_train_epochs=2,
@@ -31,9 +39,10 @@ def main(output: str, split_batches: str) -> None:
         "lrs": logged_learning_rates(trainer.state.log_history),
         "updates": trainer.lr_scheduler.updates,
     }
+    Path(output).mkdir(parents=True, exist_ok=True)
     (Path(output) / f"rank{args.process_index}.json").write_text(json.dumps(record))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main(sys.argv[1])
     exit_process()
