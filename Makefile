@@ -20,10 +20,10 @@ main: setup
 	$(VENV)/bin/legw-hf pretrain --output_dir runs/main
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadscope
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not multiprocess"
+	$(PY) -m pytest -q -n 2 --dist loadscope -m "not multiprocess"
 
 bench: setup
 	$(PY) benchmarks/optimizer_step.py

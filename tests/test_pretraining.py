@@ -119,10 +119,21 @@ def test_a_run_stopped_after_phase_1_resumes_into_phase_2_and_ends_as_an_uninter
         torch.testing.assert_close(resumed[key], reference[key], rtol=0, atol=0)
 
 
-def test_a_second_run_reuses_the_cached_preprocessing_and_can_pick_the_largest_micro_batch(finished, corpus, tmp_path):
+def test_a_second_run_reuses_the_cache_picks_the_largest_micro_batch_and_moves_foreign_files_aside(
+    finished, corpus, tmp_path, capsys
+):
     del finished  # the module's first run made the cache (if another test had not); this run must find it
-    args = small_args(corpus, tmp_path / "again", phase1_epochs="0.1", phase2_epochs="0.2", average_last="0")
-    output = run_program([*args, "--auto_micro_batch", "true"])
+    output_dir = tmp_path / "again"
+    output_dir.mkdir()
+    (output_dir / "notes.txt").write_text("mine")
+    args = small_args(corpus, output_dir, phase1_epochs="0.1", phase2_epochs="0.2", average_last="0", plots="false")
+    assert main(args) == 2  # a folder with files of the user's: refused, untouched
+    assert "output_dir holds files that are not a legw-hf pretrain run" in capsys.readouterr().err
+    assert (output_dir / "notes.txt").read_text() == "mine"
+
+    output = run_program([*args, "--auto_micro_batch", "true", "--overwrite_output_dir", "true"])
+    (aside,) = output_dir.glob("replaced-*")  # told to overwrite: moved aside, never deleted
+    assert (aside / "notes.txt").read_text() == "mine" and (output_dir / "report.json").is_file()
     line = next(text for text in output.splitlines() if "Preprocessing reused from the cache" in text)
     for step in ("train:tokenized", "train:packed-32", "train:packed-64", "validation:packed-64"):
         assert step in line
@@ -174,19 +185,6 @@ def test_an_output_directory_of_another_run_is_refused_and_left_as_it_is(finishe
     assert "output_dir holds a different pretraining run (differs in: phases)" in error
     assert "--overwrite_output_dir" in error
     assert {p: p.stat().st_mtime_ns for p in output_dir.rglob("*")} == before
-
-
-def test_foreign_files_are_moved_aside_only_when_told_to_overwrite(corpus, tmp_path, capsys):
-    output_dir = tmp_path / "out"
-    output_dir.mkdir()
-    (output_dir / "notes.txt").write_text("mine")
-    args = small_args(corpus, output_dir, phase1_epochs="0.1", phase2_epochs="0.2", average_last="0", plots="false")
-    assert main(args) == 2
-    assert "output_dir holds files that are not a legw-hf pretrain run" in capsys.readouterr().err
-    assert (output_dir / "notes.txt").read_text() == "mine"
-    run_program([*args, "--overwrite_output_dir", "true"])
-    (aside,) = output_dir.glob("replaced-*")
-    assert (aside / "notes.txt").read_text() == "mine" and (output_dir / "report.json").is_file()
 
 
 def test_the_cli_subcommand_runs_the_same_program(corpus, tmp_path):
