@@ -41,7 +41,8 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
 
 
 #: The slowest test modules, slowest first (`pytest --durations`, 2 cores): with `make test`'s `--dist loadscope`,
-#: pytest-xdist hands modules to its workers in collection order, so these start first and the workers end together.
+#: pytest-xdist hands whole modules to its workers in collection order (a module's shared runs happen once), so
+#: these start first and the workers end closer together.
 SLOWEST_FIRST = (
     "test_pretraining.py",
     "test_sharded.py",
