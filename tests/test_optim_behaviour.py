@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from optim_registry import NAMED
+from optim_registry import NAMED, PRECISIONS
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -70,7 +70,7 @@ def forbid_python_reads(monkeypatch):
         monkeypatch.setattr(torch.Tensor, method, refuse)
 
 
-@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, True)])
+@pytest.mark.parametrize("dtype,master", PRECISIONS)
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_step_never_syncs_with_the_host(name, dtype, master, monkeypatch):
     groups = problem(dtype)

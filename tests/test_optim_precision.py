@@ -7,7 +7,7 @@ import io
 
 import pytest
 import torch
-from optim_registry import NAMED
+from optim_registry import NAMED, PRECISIONS
 from torch import nn
 
 from legw_hf import Lamb
@@ -164,7 +164,7 @@ def saved(obj) -> dict:
     return torch.load(buffer, weights_only=True)  # only tensors and primitives load this way
 
 
-@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, True)])
+@pytest.mark.parametrize("dtype,master", PRECISIONS)
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_state_dict_round_trip_equals_never_stopping(name, dtype, master):
     straight_model = small_model(dtype)
