@@ -159,6 +159,9 @@ class TaskData:
     loss: Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
     evaluate: Callable[[nn.Module], float]
     describe: str
+    #: The trivial predictor's metric on the same evaluation data, and what it is.
+    baseline: float
+    baseline_name: str
     prepare_batch: Callable[[dict[str, torch.Tensor], torch.Generator], dict[str, torch.Tensor]] = lambda b, g: b
 
     @property
@@ -237,7 +240,16 @@ def mnist1d_data(size: Size, cache: Path) -> TaskData:
         model.train()
         return float(correct)
 
-    return TaskData(train, SequenceClassifier, loss, accuracy, f"{len(train['x'])} train / {len(test['x'])} test")
+    most_frequent = int(torch.bincount(train["y"]).argmax())
+    return TaskData(
+        train,
+        SequenceClassifier,
+        loss,
+        accuracy,
+        f"{len(train['x'])} train / {len(test['x'])} test",
+        baseline=float((test["y"] == most_frequent).float().mean()),
+        baseline_name="most-frequent-class accuracy (the class most frequent in training, always)",
+    )
 
 
 WIKITEXT_VOCAB = 2000
@@ -285,6 +297,9 @@ def wikitext2_data(size: Size, cache: Path) -> TaskData:
     def perplexity(model):
         return math.exp(min(_mean_loss(model, loss, validation), 50.0))
 
+    # Each next token predicted by its training frequency (add-one smoothed), on the same predicted tokens.
+    counts = torch.bincount(train["tokens"][:, 1:].reshape(-1), minlength=vocab_size).double() + 1
+    unigram = -(counts / counts.sum()).log()[validation["tokens"][:, 1:].reshape(-1)].mean()
     return TaskData(
         train,
         lambda: WordLanguageModel(vocab_size),
@@ -292,6 +307,8 @@ def wikitext2_data(size: Size, cache: Path) -> TaskData:
         perplexity,
         f"{len(train['tokens'])} train / {len(validation['tokens'])} validation sequences of {LM_SEQUENCE} tokens "
         f"({len(kept)} / {len(held_out)} articles)",
+        baseline=math.exp(float(unigram)),
+        baseline_name="unigram perplexity (each next token predicted by its training frequency, add-one smoothed)",
     )
 
 
@@ -303,6 +320,7 @@ def bert_data(size: Size, cache: Path) -> TaskData:
     from transformers.utils import logging as hf_logging
 
     from legw_hf.pretraining.data import PreparedText, load_text, train_wordpiece
+    from legw_hf.pretraining.evaluation import UnigramBaseline
     from legw_hf.pretraining.masking import MaskingCollator, MaskingRule
     from legw_hf.pretraining.model import bert_config
 
@@ -347,12 +365,16 @@ def bert_data(size: Size, cache: Path) -> TaskData:
         chosen = batch["labels"] != -100
         return _summed_cross_entropy(model.cls(hidden[chosen]), batch["labels"][chosen])
 
+    labels = validation["labels"][validation["labels"] != -100].numpy()
+    unigram = UnigramBaseline(prepared["train"].token_counts(len(tokenizer))).metrics(labels)["unigram_loss"]
     return TaskData(
         train,
         lambda: BertForMaskedLM(config),
         loss,
         lambda model: _mean_loss(model, loss, validation),
         f"{len(train['input_ids'])} train / {len(validation['input_ids'])} validation sequences of {BERT_SEQUENCE}",
+        baseline=unigram,
+        baseline_name="unigram loss (each masked token predicted by its training frequency, add-one smoothed)",
         prepare_batch=mask,
     )
 
@@ -578,6 +600,27 @@ def setting_rows(run: dict[str, Any]) -> list[str]:
     return [f"lr {run['base_lr']:g}, warmup {run['base_warmup_epochs']:g} ep"]
 
 
+#: A run whose metric is this much worse than its base run's (same task, family and seed) exploded: perplexity 10×,
+#: or the same in nats for a loss.
+EXPLOSION_FACTOR = 10.0
+
+
+def mark_exploded(runs: list[dict[str, Any]], tasks: dict[str, Any]) -> None:
+    """Mark as diverged (``exploded``) every run whose metric is beyond :data:`EXPLOSION_FACTOR` × its base run's:
+    such a run is shown as diverged, never averaged into a mean."""
+    base = {(r["task"], r["family"], r["seed"]): r["metric"] for r in runs if r["k"] == 1 and not r["diverged"]}
+    for run in runs:
+        reference = base.get((run["task"], run["family"], run["seed"]))
+        metric, task = run["metric"], tasks[run["task"]]
+        if run["diverged"] or reference is None or task["higher_is_better"]:
+            continue
+        limit = (
+            reference * EXPLOSION_FACTOR if "perplexity" in task["metric"] else reference + math.log(EXPLOSION_FACTOR)
+        )
+        if metric > limit:
+            run.update(diverged=True, exploded=True, metric=None, exploded_metric=metric)
+
+
 def summarise(runs: list[dict[str, Any]], rows_of: Callable[[dict[str, Any]], list[str]]) -> dict[str, Any]:
     """Per task and family, per row (``rows_of``) and batch: the mean and spread of the metric over seeds, with the
     diverged seeds counted."""
@@ -647,6 +690,11 @@ def write_markdown(path: Path, meta: dict[str, Any], summary: dict[str, Any], sw
     lines += [f"- command: `{meta['command']}`", f"- wall time: {meta['seconds'] / 60:.1f} min", ""]
     for name, task in meta["tasks"].items():
         lines += [f"## {name}: {task['title']}", "", f"Data: {task['data']}.", ""]
+        if "baseline" in task:
+            lines += [
+                f"Trivial baseline on the same data: {task['baseline']['name']}: {task['baseline']['value']:.4g}.",
+                "",
+            ]
         for family_name, family in task["families"].items():
             key = f"{name}/{family_name}"
             lines += [
@@ -703,6 +751,8 @@ def plot(out: Path, stem: str, meta: dict[str, Any], summary: dict[str, Any], ru
                     batches, cells = zip(*points, strict=True)
                     means, spreads = [c["mean"] for c in cells], [c["spread"] for c in cells]
                     axis.errorbar(batches, means, yerr=spreads, marker="o", capsize=3, label=arm)
+            if "baseline" in task:
+                axis.axhline(task["baseline"]["value"], color="black", linestyle="--", label="trivial baseline")
             axis.set_xscale("log", base=2)
             batches = sorted({int(b) for by_batch in summary.get(f"{name}/{family}", {}).values() for b in by_batch})
             axis.set_xticks(batches, labels=[str(b) for b in batches])
@@ -733,6 +783,10 @@ def describe_task(name: str, smoke: bool, cache: str) -> dict[str, Any]:
         "metric": task.metric,
         "higher_is_better": task.higher_is_better,
         "data": task_data(name, smoke, cache).describe,
+        "baseline": {
+            "value": task_data(name, smoke, cache).baseline,
+            "name": task_data(name, smoke, cache).baseline_name,
+        },
         "base_batch": size.base_batch,
         "epochs": size.epochs,
         "ks": list(size.ks),
@@ -800,6 +854,8 @@ def main(argv: list[str] | None = None) -> int:
         "adascale": {"estimates_per_update": ADASCALE_ESTIMATES, "epoch_cap": ADASCALE_EPOCH_CAP},
         "tasks": {name: describe_task(name, args.smoke, cache) for name in args.tasks},
     }
+    if not args.sweep:  # a sweep has no base run to compare with: only non-finite runs are diverged there
+        mark_exploded(runs, meta["tasks"])
     result = {**meta, "summary": summarise(runs, setting_rows if args.sweep else arm_rows), "runs": runs}
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     write_report(args.out, stem, result, args.sweep)

@@ -1,14 +1,17 @@
 """``legw-hf pretrain`` run as users run it (``python -m legw_hf.pretraining``), at a size that takes seconds: both
-phases, the LR of every update against NVIDIA's formula written out here, phase 2 starting from phase 1's moments,
-averaging, the report and plots, a run interrupted after phase 1 and resumed, and the bad inputs."""
+phases, the LR of every update against NVIDIA's formula written out here, evaluation every eighth of a phase, the
+unigram baseline counted here from the text, phase 2 starting from phase 1's moments, averaging, the report and
+plots, a run interrupted after phase 1 and resumed, and the bad inputs."""
 
 from __future__ import annotations
 
 import json
 import math
 import time
+from collections import Counter
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from legw_oracle import nvidia_lr
@@ -45,23 +48,57 @@ def test_both_phases_train_on_their_plan_and_the_report_compares_last_and_averag
         for step, lr in logged.items():
             expected = nvidia_lr(step, peak=peak, total=total, warmup_fraction=warmup_fraction)
             assert lr == pytest.approx(expected, rel=1e-9, abs=1e-12), (name, step)
+        # Evaluation every eighth of the phase (no --eval_steps given), not after every logged update.
+        evaluated = [e["step"] for e in history["log_history"] if "eval_mlm_loss" in e]
+        every = max(1, total // 8)
+        assert evaluated == list(range(every, total + 1, every)), (name, total)
         assert f"global batch {batch} = {per_device} per device x {batch // per_device} accumulation x 1" in output
     assert f"phase1: seq 32 (5 predictions), {sizes['phase1']} sequences" in output
     assert output.index("LEGW plan") < output.index("***** Running training *****")  # the plan comes first
 
     report = json.loads((output_dir / "report.json").read_text())
     assert set(report["models"]) == {"last", "averaged (last 3, every 2 updates)"}
-    first_train = next(e["loss"] for e in histories["phase1"] if "loss" in e)  # the first update's
-    for results in report["validation"].values():
-        for metrics in results.values():
-            assert 0 <= metrics["accuracy"] <= 1 and metrics["perplexity"] == pytest.approx(
-                math.exp(metrics["mlm_loss"])
-            )
-    last = report["validation"]["last"]["phase2 (seq 64)"]["mlm_loss"]
-    assert last < first_train - 0.3  # the loss fell clearly over the run (0.3 nats: perplexity down by a quarter)
+    # The unigram baseline, counted here from the training text and the validation masks the run cached.
+    for phase, seq in (("phase1", 32), ("phase2", 64)):
+        loss, accuracy, tokens = unigram_baseline_of(corpus, seq)
+        baseline = report["baselines"][f"{phase} (seq {seq})"]
+        assert baseline["unigram_loss"] == pytest.approx(loss, rel=1e-9)
+        assert baseline["unigram_perplexity"] == pytest.approx(math.exp(loss), rel=1e-9)
+        assert baseline["most_frequent_accuracy"] == pytest.approx(accuracy, rel=1e-12)
+        assert baseline["masked_tokens"] == tokens
+        # Every evaluation during training logged the same baseline beside the model's loss.
+        logged = [e for e in histories[phase] if "eval_mlm_loss" in e]
+        assert logged and all(e["eval_unigram_loss"] == pytest.approx(loss, rel=1e-9) for e in logged)
+        for results in report["validation"].values():
+            metrics = results[f"{phase} (seq {seq})"]
+            assert metrics["masked_tokens"] == tokens
+            assert metrics["perplexity"] == pytest.approx(math.exp(metrics["mlm_loss"]))
+            assert metrics["below_unigram"] == pytest.approx(loss - metrics["mlm_loss"])
+    assert "unigram baseline (training frequencies)" in output
+    last = report["validation"]["last"]["phase2 (seq 64)"]
+    margin = last["below_unigram"]
+    assert f"last, phase2 (seq 64): {abs(margin):.2f} nats {'below' if margin > 0 else 'ABOVE'} the unigram" in output
     for plot in ("lr_schedule.png", "loss.png"):
         assert (output_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "***** Pretraining report *****" in output and "averaged (last 3, every 2 updates)" in output
+
+
+def unigram_baseline_of(corpus, seq_len: int) -> tuple[float, float, int]:
+    """Loss and accuracy of predicting each masked validation token by its add-one smoothed training frequency, with
+    the run's tokenizer and validation masks (read from its cache), and the number of masked tokens."""
+    from tokenizers import Tokenizer
+
+    (tokenizer_file,) = corpus["cache"].glob("wordpiece-*-600/tokenizer.json")
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    counts = Counter()
+    for line in corpus["train"].read_text().splitlines():
+        counts.update(tokenizer.encode(" ".join(line.split()), add_special_tokens=False).ids)
+    (masked_file,) = corpus["cache"].glob(f"validation-*/masked-{seq_len}-*.arrow")
+    labels = [label for row in datasets.Dataset.from_file(str(masked_file))["labels"] for label in row if label >= 0]
+    total, vocabulary = sum(counts.values()), tokenizer.get_vocab_size()
+    loss = -sum(math.log((counts[label] + 1) / (total + vocabulary)) for label in labels) / len(labels)
+    most_frequent = max(counts, key=lambda token: (counts[token], -token))
+    return loss, sum(label == most_frequent for label in labels) / len(labels), len(labels)
 
 
 def test_the_averaged_model_is_the_mean_of_the_last_checkpoints(finished):

@@ -1,5 +1,6 @@
 """The pieces of ``legw-hf pretrain``, each against a rule written out here: BERT masking, packing, the cached
-preprocessing, the local ``evaluate`` metric, carrying optimizer moments into a new phase, the largest-batch search."""
+preprocessing, the local ``evaluate`` metric and the unigram baseline, the masked-positions head, carrying optimizer
+moments into a new phase, the largest-batch search."""
 
 from __future__ import annotations
 
@@ -16,8 +17,15 @@ from legw_hf.corpus import stdlib_docstrings
 from legw_hf.largest_batch import fit_micro_batch, largest_fitting
 from legw_hf.optim.phases import continue_from_phase
 from legw_hf.pretraining.data import PreparedText, train_wordpiece
-from legw_hf.pretraining.evaluation import masked_lm_metric, masked_lm_metrics, token_scores
+from legw_hf.pretraining.evaluation import (
+    MaskedLmMetrics,
+    UnigramBaseline,
+    masked_lm_metric,
+    masked_lm_metrics,
+    token_scores,
+)
 from legw_hf.pretraining.masking import IGNORED_LABEL, MaskingCollator, MaskingRule, mask_sequences
+from legw_hf.pretraining.model import BertForMaskedPositions
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +172,70 @@ def test_the_local_metric_module_scores_masked_tokens_like_cross_entropy_over_th
     assert metrics["perplexity"] == pytest.approx(math.exp(expected_loss), rel=1e-6)
     assert metrics["masked_tokens"] == 5
     assert type(masked_lm_metric()).__name__ == "MaskedLm"  # loaded from the package's file, not a hub
+
+
+def test_the_unigram_baseline_is_the_add_one_frequency_of_each_masked_token_and_the_most_frequent_ones_hits():
+    # Training text of 10 tokens over a vocabulary of 6 ids: id 2 five times, id 3 three times, id 4 twice.
+    counts = np.array([0, 0, 5, 3, 2, 0])
+    baseline = UnigramBaseline(counts)
+    masked = np.array([2, 3, 3, 5])  # id 5 never occurs in training: add-one keeps its loss finite
+    p = {2: 6 / 16, 3: 4 / 16, 5: 1 / 16}  # (count + 1) / (10 tokens + 6 ids)
+    expected_loss = -(math.log(p[2]) + 2 * math.log(p[3]) + math.log(p[5])) / 4
+    metrics = baseline.metrics(masked)
+    assert metrics["unigram_loss"] == pytest.approx(expected_loss, rel=1e-12)
+    assert metrics["unigram_perplexity"] == pytest.approx(math.exp(expected_loss), rel=1e-12)
+    assert metrics["most_frequent_accuracy"] == pytest.approx(1 / 4)  # always id 2: one hit in four
+
+    # Beside a model's scores, on the same masked tokens: the margin is the baseline's loss minus the model's.
+    labels = np.full((2, 3), IGNORED_LABEL)
+    labels[0, 0], labels[0, 2], labels[1, 1], labels[1, 2] = masked
+    scores = np.zeros((2, 3, 2))
+    scores[..., 0] = 3  # the model always predicts id 3: two hits
+    scores[..., 1] = 0.5  # and gives every masked token -log p = 0.5
+
+    class Prediction:
+        predictions = scores
+        label_ids = labels
+
+    metrics = MaskedLmMetrics(baseline)(Prediction())
+    assert metrics["mlm_loss"] == pytest.approx(0.5) and metrics["accuracy"] == pytest.approx(0.5)
+    assert metrics["unigram_loss"] == pytest.approx(expected_loss, rel=1e-12)
+    assert metrics["below_unigram"] == pytest.approx(expected_loss - 0.5, rel=1e-12)
+
+
+def test_token_counts_are_those_of_the_kept_documents(documents, tokenizer, tmp_path):
+    prepared = PreparedText(documents, tokenizer, split="train", max_document_tokens=None, cache_dir=tmp_path)
+    expected = np.zeros(len(tokenizer), dtype=np.int64)
+    for ids in tokenizer(list(documents["text"]), add_special_tokens=False)["input_ids"]:
+        for token in ids:
+            expected[token] += 1
+    assert np.array_equal(prepared.token_counts(len(tokenizer)), expected)
+    assert expected[tokenizer.all_special_ids].sum() == expected[tokenizer.unk_token_id]  # no [CLS]/[SEP]/[PAD]
+
+
+def test_the_masked_positions_head_trains_exactly_as_bert_for_masked_lm():
+    config = BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    reference = BertForMaskedLM(config).train()
+    gathered = BertForMaskedPositions(config).train()
+    gathered.load_state_dict(reference.state_dict())
+    ids = torch.randint(5, 50, (3, 12))
+    labels = torch.full_like(ids, IGNORED_LABEL)
+    labels[0, 3], labels[1, 0], labels[1, 7], labels[2, 11] = 7, 9, 11, 13
+    expected = reference(input_ids=ids, labels=labels).loss
+    got = gathered(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(4))
+    assert got.logits.shape == (4, 50)  # the labelled positions only
+    assert got.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    expected.backward()
+    got.loss.backward()
+    for (name, a), b in zip(reference.named_parameters(), gathered.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), name
+    # Evaluation scores every position, as BertForMaskedLM does.
+    gathered.eval()
+    assert gathered(input_ids=ids, labels=labels).logits.shape == (3, 12, 50)
 
 
 # ------------------------------------------------------------------------------------- phase 2's optimizer start

@@ -131,6 +131,65 @@ def test_tables_summarise_the_runs(smoke):
                 finite = [r["metric"] for r in runs if not r["diverged"]]
                 if finite:
                     assert cell["mean"] == pytest.approx(statistics.fmean(finite))
+            # The Markdown row, read back: each batch's cell shows the mean of its runs (or "diverged").
+            (row,) = [line for line in section_of(markdown, name, family) if line.startswith(f"| {arm} |")]
+            batches = sorted(by_batch, key=int)
+            shown = [text.strip().split("<br>")[0] for text in row.strip("|").split("|")[1:]]
+            for batch, text in zip(batches, shown, strict=True):
+                cell = by_batch[batch]
+                assert text == ("diverged" if "mean" not in cell else f"{cell['mean']:.4g}"), (key, arm, batch)
+
+
+def section_of(markdown: str, task: str, family: str) -> list[str]:
+    """The lines of one task's family table."""
+    lines = markdown.split(f"## {task}:")[1].split("\n## ")[0].split(f"### {family}:")[1].split("\n### ")[0]
+    return lines.splitlines()
+
+
+def test_each_task_records_and_shows_its_trivial_baseline(smoke):
+    out, result = smoke
+    markdown = (out / "large_batch.md").read_text()
+    for task in result["tasks"].values():
+        value = task["baseline"]["value"]
+        assert f"Trivial baseline on the same data: {task['baseline']['name']}: {value:.4g}." in markdown
+    # mnist1d's, counted here from the data the runner cached: the most frequent training class, always.
+    import torch
+
+    (data,) = out.glob("mnist1d-*.pt")
+    tensors = torch.load(data)
+    most_frequent = torch.bincount(torch.as_tensor(tensors["y"])).argmax()
+    expected = (torch.as_tensor(tensors["y_test"]) == most_frequent).double().mean().item()
+    assert result["tasks"]["mnist1d"]["baseline"]["value"] == pytest.approx(expected)
+    # Uniform guessing is the worst a frequency can do: the unigram levels lie below it.
+    assert result["tasks"]["bert_tiny"]["baseline"]["value"] < math.log(4096)
+    assert result["tasks"]["wikitext2_lm"]["baseline"]["value"] < 2000
+
+
+def test_a_run_10x_worse_than_its_base_is_marked_diverged_and_left_out_of_the_mean():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from large_batch import mark_exploded, summarise
+
+    tasks = {
+        "lm": {"metric": "validation perplexity", "higher_is_better": False},
+        "bert": {"metric": "validation MLM loss", "higher_is_better": False},
+    }
+
+    def run(task, k, seed, metric):
+        return {"task": task, "family": "f", "arm": "legw", "k": k, "batch": 4 * k, "seed": seed, "metric": metric,
+                "diverged": False, "updates": 1, "epochs": 1.0}  # fmt: skip
+
+    runs = [
+        run("lm", 1, 0, 50.0), run("lm", 4, 0, 499.0), run("lm", 16, 0, 501.0),
+        run("bert", 1, 0, 5.0),
+        run("bert", 4, 0, 5.0 + math.log(10) - 0.01), run("bert", 16, 0, 5.0 + math.log(10) + 0.01),
+    ]  # fmt: skip
+    mark_exploded(runs, tasks)
+    assert [r["diverged"] for r in runs] == [False, False, True, False, False, True]
+    assert runs[2]["exploded_metric"] == 501.0 and runs[2]["metric"] is None
+    summary = summarise(runs, lambda r: [r["arm"]])
+    assert summary["lm/f"]["legw"]["64"] == {
+        "seeds": 1, "diverged": 1, "updates": 1, "epochs": 1.0, "values": [None]
+    }  # fmt: skip
 
 
 def test_report_rewrites_tables_and_plots_from_the_saved_result(smoke, tmp_path):

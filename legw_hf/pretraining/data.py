@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerFast
 
@@ -224,6 +225,11 @@ class PreparedText:
                 desc=f"Dropping {split} documents over {max_document_tokens} tokens",
             )
         self.dropped_documents = self.documents - len(self.kept)
+
+    def token_counts(self, vocab_size: int) -> np.ndarray:
+        """How often each token id occurs in the kept documents (special tokens, added only by packing, never)."""
+        ids = pc.list_flatten(self.kept.data.column("input_ids")).to_numpy()
+        return np.bincount(ids.astype(np.int64, copy=False), minlength=vocab_size)
 
     def _map(self, dataset: datasets.Dataset, name: str, function: Any, *, method: str = "map", **kwargs: Any):
         cache_file = self.cache_dir / f"{name}.arrow"

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Literal
 import datasets
 import torch
 import transformers
-from transformers import BertForMaskedLM, HfArgumentParser, PreTrainedTokenizerFast, set_seed
+from transformers import HfArgumentParser, PreTrainedTokenizerFast, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..averaging import average_checkpoints
@@ -36,9 +36,9 @@ from ..recipes import RECIPES, phase as recipe_phase
 from ..record import write_json
 from ..shutdown import leave_process_group
 from .data import PreparedText, load_text, train_wordpiece
-from .evaluation import masked_lm_metrics, token_scores
+from .evaluation import MaskedLmMetrics, UnigramBaseline, token_scores
 from .masking import MaskingCollator, MaskingRule
-from .model import MAX_POSITIONS, MODEL_SIZES, bert_config, bert_from_checkpoint
+from .model import MAX_POSITIONS, MODEL_SIZES, BertForMaskedPositions, bert_config, bert_from_checkpoint
 from .phases import (
     PhaseSettings,
     PhaseTrainer,
@@ -322,6 +322,12 @@ class ProgramTrainingArguments(LegwTrainingArguments):
         "with --legw_adascale in a script of your own (examples/run_mlm.py takes it)"
     )
 
+    def __post_init__(self) -> None:
+        # TrainingArguments replaces an unset eval_steps with logging_steps (1 here): remember whether it was given,
+        # so an unset one becomes every eighth of a phase.
+        self.eval_steps_given = self.eval_steps is not None
+        super().__post_init__()
+
 
 def parse(argv: list[str] | None) -> tuple[PretrainingArguments, Any, LegwTrainingArguments]:
     parser = HfArgumentParser((PretrainingArguments, PhaseArguments, ProgramTrainingArguments))
@@ -347,7 +353,7 @@ def pretrain(run_args: PretrainingArguments, phase_args: Any, training_args: Leg
     phases = _check_settings(run_args, phase_args, training_args)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
-    tokenizer, runs = _prepare_data(run_args, training_args, phases)
+    tokenizer, runs, baseline = _prepare_data(run_args, training_args, phases)
     model_size = run_args.model_size or ("tiny" if run_args.recipe == "tiny" else "large")
     config = bert_config(model_size, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     if run_args.auto_micro_batch:
@@ -366,9 +372,9 @@ def pretrain(run_args: PretrainingArguments, phase_args: Any, training_args: Leg
             write_json(output_dir / RUN_RECORD, identity)
             write_json(output_dir / "pretraining_plan.json", plan.to_dict())
 
-    final, history, timings = _train_phases(runs, plan, config, tokenizer, training_args, run_args, interval)
+    final, history, timings = _train_phases(runs, plan, config, tokenizer, baseline, training_args, run_args, interval)
     report = _evaluate_and_report(
-        training_args, run_args, runs, final, output_dir, config, plan, history, timings, started, interval
+        training_args, run_args, runs, baseline, final, output_dir, config, plan, history, timings, started, interval
     )
     if training_args.should_save:
         print(report)
@@ -406,8 +412,9 @@ def _check_settings(run_args: PretrainingArguments, phase_args: Any, training_ar
 
 def _prepare_data(
     run_args: PretrainingArguments, training_args: Any, phases: list[PhaseSettings]
-) -> tuple[PreTrainedTokenizerFast, list[_PhaseRun]]:
-    """Text, tokenizer and each phase's packed sequences; the main process prepares (and caches) them first."""
+) -> tuple[PreTrainedTokenizerFast, list[_PhaseRun], UnigramBaseline]:
+    """Text, tokenizer, each phase's packed sequences and the unigram baseline of the training documents; the main
+    process prepares (and caches) them first."""
     cache_root = Path(
         run_args.preprocessing_cache_dir or Path(datasets.config.HF_DATASETS_CACHE) / "legw_hf_pretraining"
     )
@@ -452,7 +459,7 @@ def _prepare_data(
         ),
     )
     logger.info("Preprocessing reused from the cache in %s: %s", cache_root, ", ".join(reused) or "nothing")
-    return tokenizer, runs
+    return tokenizer, runs, UnigramBaseline(prepared["train"].token_counts(len(tokenizer)))
 
 
 def _phase_data(
@@ -484,7 +491,7 @@ def _fit_micro_batches(runs: list[_PhaseRun], config: Any, run_args: Any, traini
     world = training_args.world_size
     for run in runs:
         found = fit_micro_batch(
-            lambda: BertForMaskedLM(config),
+            lambda: BertForMaskedPositions(config),
             seq_len=run.settings.recipe.seq_len,
             vocab_size=config.vocab_size,
             per_process_batch=run.settings.global_batch_size // world,
@@ -529,12 +536,14 @@ def _averaging_interval(run_args: PretrainingArguments, plan: PhasedPlan) -> int
     return interval
 
 
-def _train_phases(runs, plan, config, tokenizer, training_args, run_args, interval) -> tuple[Path, list, dict]:
+def _train_phases(
+    runs, plan, config, tokenizer, baseline, training_args, run_args, interval
+) -> tuple[Path, list, dict]:
     """Each phase a Trainer run in ``OUTPUT_DIR/<phase>``, the next starting from the last one's final checkpoint; a
     finished phase is skipped and an unfinished one resumed. Returns the final checkpoint, the logs and times."""
     output_dir = Path(training_args.output_dir)
     history, timings = [], {}
-    model: BertForMaskedLM | None = None
+    model: BertForMaskedPositions | None = None
     carry: str | None = None
     for index, (run, phase) in enumerate(zip(runs, plan.phases, strict=True)):
         phase_dir = output_dir / run.settings.name
@@ -545,7 +554,7 @@ def _train_phases(runs, plan, config, tokenizer, training_args, run_args, interv
             history.append(_saved_history(done))
             continue
         if model is None:
-            model = bert_from_checkpoint(carry, config) if carry else BertForMaskedLM(config)
+            model = bert_from_checkpoint(carry, config) if carry else BertForMaskedPositions(config)
         trainer = PhaseTrainer(
             model=model,
             args=_phase_arguments(training_args, run, phase, phase_dir, index == len(runs) - 1, run_args, interval),
@@ -553,7 +562,7 @@ def _train_phases(runs, plan, config, tokenizer, training_args, run_args, interv
             eval_dataset=run.validation,
             data_collator=MaskingCollator(tokenizer, run.rule, training_args.seed + index),
             processing_class=tokenizer,
-            compute_metrics=masked_lm_metrics,
+            compute_metrics=MaskedLmMetrics(baseline),
             preprocess_logits_for_metrics=token_scores,
             callbacks=[SaveAtPhaseEnd()],
             carry_from=carry,
@@ -585,7 +594,7 @@ def _phase_arguments(training_args, run, phase, phase_dir, is_last, run_args, in
         "legw_power": recipe.power,
         "legw_global_batch_size": settings.global_batch_size,
     }
-    if training_args.eval_strategy.value == "steps" and training_args.eval_steps is None:
+    if training_args.eval_strategy.value == "steps" and not training_args.eval_steps_given:
         changes["eval_steps"] = max(1, total // 8)
     if is_last and run_args.average_last:
         changes.update(save_strategy="steps", save_steps=interval, save_total_limit=run_args.average_last)
@@ -600,7 +609,7 @@ def _saved_history(checkpoint: Path) -> list[dict]:
 
 
 def _evaluate_and_report(
-    training_args, run_args, runs, final, output_dir, config, plan, history, timings, started, interval
+    training_args, run_args, runs, baseline, final, output_dir, config, plan, history, timings, started, interval
 ) -> str:
     from .report import evaluate_models, render_report, write_plots
 
@@ -611,11 +620,12 @@ def _evaluate_and_report(
             if training_args.should_save and not averaged.exists():
                 average_checkpoints(final.parent, run_args.average_last, averaged)
         models[f"averaged (last {run_args.average_last}, every {interval} updates)"] = averaged
-    results = evaluate_models(models, runs, training_args, config)
+    results, baselines = evaluate_models(models, runs, baseline, training_args, config)
     evaluations = [entry["eval_mlm_loss"] for logs in history for entry in logs if "eval_mlm_loss" in entry]
     summary = {
         "models": {name: str(path) for name, path in models.items()},
         "validation_loss_during_training": {"first": evaluations[0], "last": evaluations[-1]} if evaluations else None,
+        "baselines": baselines,
         "validation": results,
         "seconds": {**timings, "total": time.perf_counter() - started},
         "plan": plan.to_dict(),
@@ -623,5 +633,6 @@ def _evaluate_and_report(
     if training_args.should_save:
         write_json(output_dir / "report.json", summary)
         if run_args.plots:
-            summary["plots"] = write_plots(output_dir, plan, history)
+            unigram = [level["unigram_loss"] for level in baselines.values()]
+            summary["plots"] = write_plots(output_dir, plan, history, unigram)
     return render_report(summary, output_dir)

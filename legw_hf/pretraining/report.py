@@ -1,4 +1,5 @@
-"""The end of a pretraining run: validation metrics of the last and the averaged model, plots, and a short report."""
+"""The end of a pretraining run: validation metrics of the last and the averaged model beside the unigram baseline
+on the same masked tokens, plots, and a short report."""
 
 from __future__ import annotations
 
@@ -11,16 +12,22 @@ from typing import Any
 from transformers import Trainer
 
 from ..plan import PhasedPlan
-from .evaluation import masked_lm_metrics, token_scores
+from .evaluation import MaskedLmMetrics, UnigramBaseline, token_scores
 from .masking import stack_masked
 from .model import bert_from_checkpoint
 
+#: Per phase, what the unigram baseline scores on its validation masks.
+BASELINE_KEYS = ("unigram_loss", "unigram_perplexity", "most_frequent_accuracy")
+MODEL_KEYS = ("mlm_loss", "accuracy", "perplexity", "masked_tokens", "below_unigram")
+
 
 def evaluate_models(
-    models: dict[str, Path], runs: list[Any], training_args: Any, config: Any
-) -> dict[str, dict[str, dict]]:
-    """``{model name: {phase name: metrics}}`` on each phase's validation sequences (masked once, the same for all)."""
+    models: dict[str, Path], runs: list[Any], baseline: UnigramBaseline, training_args: Any, config: Any
+) -> tuple[dict[str, dict[str, dict]], dict[str, dict]]:
+    """``{model name: {phase name: metrics}}`` on each phase's validation sequences (masked once, the same for all),
+    and ``{phase name: unigram baseline}`` on the same masked tokens."""
     results: dict[str, dict[str, dict]] = {}
+    baselines: dict[str, dict] = {}
     if training_args.deepspeed:
         _leave_deepspeed()
     with tempfile.TemporaryDirectory() as scratch:
@@ -33,16 +40,16 @@ def evaluate_models(
                 model=model,
                 args=args,
                 data_collator=stack_masked,
-                compute_metrics=masked_lm_metrics,
+                compute_metrics=MaskedLmMetrics(baseline),
                 preprocess_logits_for_metrics=token_scores,
             )
             results[name] = {}
             for run in runs:
                 metrics = trainer.evaluate(run.validation, metric_key_prefix="validation")
-                results[name][f"{run.settings.name} (seq {run.settings.recipe.seq_len})"] = {
-                    key: metrics[f"validation_{key}"] for key in ("mlm_loss", "accuracy", "perplexity", "masked_tokens")
-                }
-    return results
+                phase = f"{run.settings.name} (seq {run.settings.recipe.seq_len})"
+                results[name][phase] = {key: metrics[f"validation_{key}"] for key in MODEL_KEYS}
+                baselines[phase] = {key: metrics[f"validation_{key}"] for key in (*BASELINE_KEYS, "masked_tokens")}
+    return results, baselines
 
 
 def _leave_deepspeed() -> None:
@@ -66,9 +73,10 @@ def _global_points(plan: PhasedPlan, history: list[list[dict]], key: str) -> tup
     return xs, ys
 
 
-def write_plots(output_dir: Path, plan: PhasedPlan, history: list[list[dict]]) -> list[str]:
+def write_plots(output_dir: Path, plan: PhasedPlan, history: list[list[dict]], unigram: list[float]) -> list[str]:
     """``lr_schedule.png`` (the plan's LR of every update, both phases, with the LR Trainer logged) and
-    ``loss.png`` (train and validation MLM loss against updates of the whole run)."""
+    ``loss.png`` (train and validation MLM loss against updates of the whole run, and each phase's ``unigram``
+    baseline loss as a line over its updates)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,6 +97,10 @@ def write_plots(output_dir: Path, plan: PhasedPlan, history: list[list[dict]]) -
         return str(path)
 
     updates = range(plan.total_steps)
+    levels: tuple[list, list] = ([], [])
+    for start, phase, level in zip(plan.phase_starts, plan.phases, unigram, strict=True):
+        levels[0].extend((start + 1, start + phase.plan.total_steps, None))
+        levels[1].extend((level, level, None))
     peaks = " | ".join(f"{p.name}: batch {p.plan.batch_size}, peak {p.plan.peak_lr:.3g}" for p in plan.phases)
     return [
         figure(
@@ -104,6 +116,7 @@ def write_plots(output_dir: Path, plan: PhasedPlan, history: list[list[dict]]) -
             "MLM loss",
             (*_global_points(plan, history, "loss"), "-", "train loss"),
             (*_global_points(plan, history, "eval_mlm_loss"), "o-", "validation MLM loss"),
+            (*levels, "k--", "unigram baseline (validation)"),
         ),
     ]
 
@@ -112,13 +125,32 @@ def render_report(summary: dict[str, Any], output_dir: Path) -> str:
     lines = [
         "",
         "***** Pretraining report *****",
-        f"{'model':<44} {'validation':<20} {'MLM loss':>9} {'accuracy':>9} {'perplexity':>11}",
+        f"{'model':<44} {'validation':<20} {'MLM loss':>9} {'accuracy':>9} {'perplexity':>11} {'below unigram':>14}",
     ]
+    for phase, b in summary["baselines"].items():
+        lines.append(
+            f"{'unigram baseline (training frequencies)':<44} {phase:<20} {b['unigram_loss']:>9.4f} "
+            f"{b['most_frequent_accuracy']:>9.4f} {b['unigram_perplexity']:>11.2f} {'':>14}"
+        )
     for model, phases in summary["validation"].items():
         for phase, m in phases.items():
             lines.append(
-                f"{model:<44} {phase:<20} {m['mlm_loss']:>9.4f} {m['accuracy']:>9.4f} {m['perplexity']:>11.2f}"
+                f"{model:<44} {phase:<20} {m['mlm_loss']:>9.4f} {m['accuracy']:>9.4f} {m['perplexity']:>11.2f} "
+                f"{m['below_unigram']:>+14.4f}"
             )
+    lines.append(
+        "(unigram baseline: each masked token predicted by its frequency in the training text, on the same masked "
+        "tokens; its accuracy is always predicting the most frequent token)"
+    )
+    for model, phases in summary["validation"].items():
+        phase, m = list(phases.items())[-1]
+        b = summary["baselines"][phase]
+        margin = m["below_unigram"]
+        where = f"{margin:.2f} nats below" if margin > 0 else f"{-margin:.2f} nats ABOVE"
+        lines.append(
+            f"{model}, {phase}: {where} the unigram level {b['unigram_loss']:.2f}; accuracy {m['accuracy']:.3f} "
+            f"against {b['most_frequent_accuracy']:.3f} for the most frequent token"
+        )
     during = summary.get("validation_loss_during_training")
     if during:
         lines.append(
