@@ -103,6 +103,33 @@ def test_item_weighted_estimator_is_unbiased_for_unequal_micro_batches():
         assert abs(float(estimates.mean()) - truth) < 4 * standard_error, (float(estimates.mean()), truth)
 
 
+def test_sqrt_gain_statistics_are_those_of_the_gradients_divided_by_sqrt_v_plus_eps():
+    # Two micro-batches of one update, under an Adam whose second moments v and eps are set here: the statistics
+    # must be those of g / (sqrt(v) + eps), written out below, not of the raw gradients.
+    model = NoisyQuadratic(3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1, eps=1e-3)
+    v = torch.tensor([4.0, 0.25, 1e-6])
+    optimizer.state[model.w]["exp_avg_sq"] = v.clone()
+    noise = GradientNoise(micro_batch=1, base_batch=1, global_batch=2)
+    statistics = GradientStatistics(model.parameters(), noise, preconditioner=optimizer).attach()
+    gradients = []
+    for y in (torch.tensor([[1.0, 2.0, 0.5]]), torch.tensor([[3.0, -1.0, 1.0]])):
+        before = model.w.grad.clone() if model.w.grad is not None else torch.zeros(3)
+        (model(y).sum() / 2).backward()
+        gradients.append(2 * (model.w.grad - before))  # this micro-batch's own mean gradient
+        statistics.micro_step_done(0.5)
+    statistics.update_done()
+    statistics.detach()
+    preconditioned = [g / (v.sqrt() + 1e-3) for g in gradients]
+    reference = GradientNoise(micro_batch=1, base_batch=1, global_batch=2)
+    reference.observe(*written_out_measurements(preconditioned, [0.5, 0.5]), 2)
+    assert noise.last["trace"] == pytest.approx(reference.last["trace"], rel=1e-5)
+    assert noise.last["signal"] == pytest.approx(reference.last["signal"], rel=1e-5)
+    raw = GradientNoise(micro_batch=1, base_batch=1, global_batch=2)
+    raw.observe(*written_out_measurements(gradients, [0.5, 0.5]), 2)
+    assert noise.last["trace"] != pytest.approx(raw.last["trace"], rel=0.1)  # the preconditioning changed it
+
+
 def test_gain_and_moving_averages_follow_the_paper():
     noise = GradientNoise(micro_batch=2, base_batch=4, global_batch=64)  # S = 16, θ = 0.984
     scale, theta = 16.0, 1 - 16 / 1000

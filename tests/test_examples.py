@@ -6,7 +6,9 @@ The example sets logging up as transformers' upstream scripts do (``basicConfig(
 
 from __future__ import annotations
 
+import ast
 import json
+import math
 import subprocess
 import sys
 
@@ -29,6 +31,15 @@ LEGW_FLAGS = ["--legw_base_batch_size", "8", "--legw_base_warmup_epochs", "0.125
 PLAN_LINE = "LEGW plan (legw): batch 16 (k=2 x base 8)"
 
 
+def trained(stdout: str, updates: int) -> None:
+    """The run logged ``updates`` finite training losses, one per update, and its ``train_loss`` is their mean."""
+    logs = [ast.literal_eval(line) for line in stdout.splitlines() if line.startswith("{'loss': ")]
+    losses = [float(entry["loss"]) for entry in logs]
+    assert len(losses) == updates and all(math.isfinite(loss) for loss in losses), losses
+    (summary,) = [ast.literal_eval(line) for line in stdout.splitlines() if line.startswith("{'train_runtime': ")]
+    assert float(summary["train_loss"]) == pytest.approx(sum(losses) / updates, rel=2e-3)
+
+
 def run(script, output_dir, *args, launcher="python"):
     return launch(launcher, script, "--output_dir", output_dir, *TINY_RUN, *args, timeout=300, check=False)
 
@@ -48,7 +59,8 @@ def test_legw_version_trains_with_the_plan_shown_and_recorded(repo, tmp_path):
     output = result.stdout + result.stderr
     assert "***** Running training *****" in output  # Trainer's own INFO lines are shown, and so is the plan
     assert output.count(PLAN_LINE) == 1
-    assert "'legw_k': '2'" in result.stdout and "train_loss" in result.stdout
+    assert "'legw_k': '2'" in result.stdout
+    trained(result.stdout, updates=4)  # 64 sequences at batch 16, one epoch
     # BertForMaskedLM ignores num_items_in_batch: LegwTrainer says so and averages the accumulated losses
     assert "BertForMaskedLM.forward takes **kwargs, but its loss does not depend on num_items_in_batch" in output
 
@@ -102,4 +114,5 @@ def test_plain_version_is_an_ordinary_trainer_script(repo, tmp_path):
     assert refused.returncode != 0 and "--legw_base_batch_size" in refused.stderr
     result = run(script, tmp_path / "plain")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "LEGW" not in result.stdout and "train_loss" in result.stdout
+    assert "LEGW" not in result.stdout
+    trained(result.stdout, updates=4)
