@@ -40,7 +40,7 @@ def write_corpus(folder: Path) -> dict[str, Path]:
     }
 
 
-def small_args(corpus, output_dir: Path, **changes: str) -> list[str]:
+def small_args(corpus, output_dir: Path | str, **changes: str) -> list[str]:
     flags = {
         "train_file": str(corpus["train"]),
         "validation_file": str(corpus["validation"]),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 import torch
 from legw_oracle import nvidia_lr
 from pretraining_run import PHASES, launch, run_program, small_args
+from procs import python_env
 from safetensors.torch import load_file
 
 from legw_hf.pretraining.program import main
@@ -163,12 +165,18 @@ def test_a_second_run_reuses_the_cache_picks_the_largest_micro_batch_and_moves_f
     output_dir = tmp_path / "again"
     output_dir.mkdir()
     (output_dir / "notes.txt").write_text("mine")
-    args = small_args(corpus, output_dir, phase1_epochs="0.1", phase2_epochs="0.2", average_last="0", plots="false")
+    args = small_args(corpus, output_dir, phase1_epochs="0.1", phase2_epochs="0.2", average_last="0")
     assert main(args) == 2  # a folder with files of the user's: refused, untouched
     assert "output_dir holds files that are not a legw-hf pretrain run" in capsys.readouterr().err
     assert (output_dir / "notes.txt").read_text() == "mine"
 
-    output = run_program([*args, "--auto_micro_batch", "true", "--overwrite_output_dir", "true"])
+    # On an install without matplotlib (its import blocked here) the default is to skip the plots, and say so.
+    blocker = tmp_path / "without-matplotlib" / "matplotlib"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('matplotlib is not installed here')\n")
+    env = {"PYTHONPATH": f"{blocker.parent}{os.pathsep}{python_env()['PYTHONPATH']}"}
+    output = run_program([*args, "--auto_micro_batch", "true", "--overwrite_output_dir", "true"], env=env)
+    assert "No plots: matplotlib is not installed" in output and not list(output_dir.glob("*.png"))
     (aside,) = output_dir.glob("replaced-*")  # told to overwrite: moved aside, never deleted
     assert (aside / "notes.txt").read_text() == "mine" and (output_dir / "report.json").is_file()
     line = next(text for text in output.splitlines() if "Preprocessing reused from the cache" in text)
@@ -201,17 +209,28 @@ def test_a_second_run_reuses_the_cache_picks_the_largest_micro_batch_and_moves_f
         ({"average_last": "50"}, "average_last must be at most phase 2's"),
         ({"phase1_base_warmup_steps": "1000"}, "phase1_base_warmup_steps must give a warmup shorter than training"),
         ({"resume_from_checkpoint": "x"}, "resume_from_checkpoint is not needed"),
+        ({"bogus_flag": "1"}, "flags must be flags of legw-hf pretrain or of Trainer"),
+        ({"recipe": "nope"}, "argument --recipe: invalid choice: 'nope'"),
+        ({"output_dir": "UNWRITABLE"}, "output_dir must be a folder this process can write in (/proc:"),
+        ({"plots": "maybe"}, "argument --plots: Truthy value expected: got maybe"),
     ],
 )
 def test_bad_input_is_refused_before_anything_is_written(corpus, tmp_path, capsys, changes, message):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    values = {"EMPTY": str(empty), "TINY": str(corpus["tiny"])}
-    changes = {key: values.get(value, value) for key, value in changes.items()}
     output_dir = tmp_path / "out"
-    assert main(small_args(corpus, output_dir, **changes)) == 2
-    assert message in capsys.readouterr().err
+    values = {"EMPTY": str(empty), "TINY": str(corpus["tiny"]), "UNWRITABLE": "/proc/legw-hf/out"}
+    changes = {key: values.get(value, value) for key, value in {"output_dir": str(output_dir), **changes}.items()}
+    assert main(small_args(corpus, **changes)) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1].startswith("legw-hf pretrain: error: ") and message in lines[-1]
+    if not set(changes) & NEEDS_THE_DATA:  # refused before any work: that one line is all the user sees
+        assert len(lines) == 1, lines
     assert not output_dir.exists()
+
+
+#: Settings only the prepared data can check (file contents, sequence counts, the plan's length).
+NEEDS_THE_DATA = {"train_file", "validation_file", "average_last", "phase1_base_warmup_steps"}
 
 
 def test_an_output_directory_of_another_run_is_refused_and_left_as_it_is(finished, corpus, capsys):

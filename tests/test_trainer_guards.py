@@ -199,3 +199,33 @@ def test_deepspeed_adam_block_is_driven_by_legw_with_a_warning(tmp_path, caplog)
     assert args.legw_enabled
     (note,) = [r.getMessage() for r in caplog.records if 'optimizer" block' in r.getMessage()]
     assert "single param group" in note and "the LEGW plan drives its LR" in note
+
+
+@pytest.mark.parametrize(
+    ("flags", "warned"),
+    [
+        (["--legw_optimizer_preset", "nvidia"], True),  # Trainer's default --weight_decay 0: no tensor adapted
+        (["--legw_optimizer_preset", "paper"], True),
+        (["--legw_optimizer_preset", "nvidia", "--weight_decay", "0.01"], False),
+        (["--legw_optimizer_preset", "nvidia", "--legw_adapt", "all"], False),
+        (["--legw_optimizer_preset", "optax"], False),  # adapts every tensor whatever the decay
+        ([], False),  # legw_hf's own default adapts every tensor too
+    ],
+)
+def test_lamb_without_decay_says_once_that_no_tensor_gets_a_trust_ratio(tmp_path, caplog, flags, warned):
+    with caplog.at_level(logging.INFO, logger="legw_hf"):
+        parse(tmp_path, "--legw_optimizer", "lamb", *flags)
+    notes = [r for r in caplog.records if "no tensor gets one" in r.getMessage()]
+    assert len(notes) == int(warned)
+    if warned:
+        assert notes[0].levelno == logging.WARNING and "--weight_decay 0.01" in notes[0].getMessage()
+    # Trainer's default clipping turned off for LAMB's own pre-normalisation is expected: a note, not a warning.
+    clipping = [r for r in caplog.records if "is turned off so gradients are not clipped twice" in r.getMessage()]
+    assert all(r.levelno == logging.INFO for r in clipping)
+
+
+def test_a_chosen_max_grad_norm_turned_off_for_lamb_is_a_warning(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="legw_hf"):
+        parse(tmp_path, "--legw_optimizer", "lamb", "--legw_optimizer_preset", "nvidia", "--max_grad_norm", "0.5")
+    (note,) = [r for r in caplog.records if "is turned off so gradients are not clipped twice" in r.getMessage()]
+    assert note.levelno == logging.WARNING and "max_grad_norm=0.5" in note.getMessage()

@@ -226,7 +226,9 @@ class LegwArguments:
         self._check_adascale_settings()
         self._legw_clipping_off = None
         if self.legw_optimizer is not None:
-            self._settle_clipping(_probe_optimizer(self))
+            probe = _probe_optimizer(self)
+            self._settle_clipping(probe)
+            self._warn_without_trust_ratio(probe)
         super().__post_init__()
         self._check_deepspeed_blocks()
         if self._legw_clipping_off is not None:
@@ -366,11 +368,28 @@ class LegwArguments:
                 self.legw_optimizer,
             )
 
+    def _warn_without_trust_ratio(self, optimizer: torch.optim.Optimizer) -> None:
+        """A LAMB that adapts only decayed tensors (apex's ``use_nvlamb=False``: the ``nvidia`` and ``paper``
+        presets) gives no tensor a trust ratio when nothing is decayed: it is then Adam with pre-normalisation."""
+        group = optimizer.param_groups[0]
+        if group.get("adapt") == "decayed" and "layer_adaptation" not in group and self.weight_decay == 0:
+            logger.warning(
+                "--legw_optimizer %s with preset %r gives a trust ratio only to tensors with weight decay (apex's "
+                "use_nvlamb=False), and --weight_decay is 0: no tensor gets one, so LAMB runs as Adam with "
+                "global-norm pre-normalisation and the trust_ratio/* logs are absent. NVIDIA's BERT recipe uses "
+                "--weight_decay 0.01; --legw_adapt all gives every tensor one.",
+                self.legw_optimizer,
+                getattr(optimizer, "preset", None) or self.legw_optimizer_preset,
+            )
+
     def _settle_clipping(self, optimizer: torch.optim.Optimizer) -> None:
         # Before TrainingArguments.__post_init__, which copies max_grad_norm into DeepSpeed's "auto" clipping.
         pre_normalisation = getattr(optimizer, "max_grad_norm", None)
         if pre_normalisation is not None and self.max_grad_norm > 0:
-            logger.warning(
+            # Expected with Trainer's default max_grad_norm; worth a warning only when the user chose a value.
+            chosen = self.max_grad_norm != type(self).__dataclass_fields__["max_grad_norm"].default
+            logger.log(
+                logging.WARNING if chosen else logging.INFO,
                 "LAMB pre-normalises gradients by their global norm (max norm %g); Trainer's own clipping "
                 "(max_grad_norm=%g) is turned off so gradients are not clipped twice.",
                 pre_normalisation,

@@ -16,7 +16,6 @@ why once and returns None, and LAMB keeps its torch-ops path.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import importlib.util
@@ -84,6 +83,8 @@ def library_path(identity: dict[str, Any] | None = None) -> Path:
 
 @contextlib.contextmanager
 def _exclusive(lock_file: Path) -> Iterator[None]:
+    import fcntl  # POSIX only, like the kernel build itself: `from legw_hf import Lamb` must work everywhere
+
     with open(lock_file, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -105,7 +106,8 @@ def _build_into(target: Path) -> ModuleType:
     global built_here
     from torch.utils.cpp_extension import load as build
 
-    logger.info("legw_hf: building LAMB's CPU kernel into %s (about 30 s, once per build key)", target.parent)
+    # A 30 s pause at the first step is worth one line at the default level.
+    logger.warning("legw_hf: building LAMB's CPU kernel into %s (about 30 s, once per build key)", target.parent)
     scratch = Path(tempfile.mkdtemp(prefix=f"{target.parent.name}.build-", dir=target.parent.parent))
     try:
         module = build(

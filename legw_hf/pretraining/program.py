@@ -14,8 +14,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field, make_dataclass
 from datetime import UTC, datetime
@@ -132,7 +134,10 @@ class PretrainingArguments:
         default=False,
         metadata={"help": "Start a new run in an output_dir holding another run (its files are moved aside)."},
     )
-    plots: bool = field(default=True, metadata={"help": "Write PNG plots of the LR and the losses."})
+    plots: bool | None = field(
+        default=None,
+        metadata={"help": "Write PNG plots of the LR and the losses (default: when matplotlib is installed)."},
+    )
 
 
 _PHASE_FIELDS = (
@@ -329,9 +334,30 @@ class ProgramTrainingArguments(LegwTrainingArguments):
         super().__post_init__()
 
 
+PROG = "legw-hf pretrain"
+
+
+class _ArgumentError(Exception):
+    """argparse's own complaint (an unknown choice, a value of the wrong type), as one line."""
+
+
+class _Parser(HfArgumentParser):
+    def error(self, message: str):  # argparse would print the whole usage (every Trainer flag) and exit
+        raise _ArgumentError(message)
+
+
 def parse(argv: list[str] | None) -> tuple[PretrainingArguments, Any, LegwTrainingArguments]:
-    parser = HfArgumentParser((PretrainingArguments, PhaseArguments, ProgramTrainingArguments))
+    parser = _Parser((PretrainingArguments, PhaseArguments, ProgramTrainingArguments), prog=PROG)
     parser.set_defaults(**PROGRAM_DEFAULTS)
+    # Known flags first, so an unknown one is named before Trainer's arguments are built (and log anything).
+    _, unknown = parser.parse_known_args(args=argv)
+    flags = [item for item in unknown if item.startswith("-")]
+    if unknown:
+        raise SettingError(
+            "flags",
+            f"must be flags of {PROG} or of Trainer (see {PROG} --help): unknown {' '.join(flags) or unknown[0]}",
+            " ".join(unknown),
+        )
     return parser.parse_args_into_dataclasses(args=argv)
 
 
@@ -339,8 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_args, phase_args, training_args = parse(argv)
         status = pretrain(run_args, phase_args, training_args)
-    except SettingError as error:
-        print(f"legw-hf pretrain: error: {error}", file=sys.stderr)
+    except (SettingError, _ArgumentError) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     leave_process_group()
     return status
@@ -400,14 +426,34 @@ def _check_settings(run_args: PretrainingArguments, phase_args: Any, training_ar
         raise SettingError("average_interval", "must be an integer >= 1", run_args.average_interval)
     if not 0 <= run_args.auto_micro_batch_margin < 1:
         raise SettingError("auto_micro_batch_margin", "must be in [0, 1)", run_args.auto_micro_batch_margin)
-    if run_args.plots:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise SettingError(
-                "plots", "needs matplotlib (pip install 'legw_hf[plot]'), or pass --plots false", True
-            ) from None
+    if run_args.plots and not _has_matplotlib():
+        raise SettingError("plots", "needs matplotlib (pip install 'legw_hf[plot]'), or pass --plots false", True)
+    _check_writable(Path(training_args.output_dir))
     return phases
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check_writable(output_dir: Path) -> None:
+    """The output directory, or the nearest folder above it that exists, must be writable: found before the data is
+    prepared, not when the first file is written."""
+    existing = output_dir.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SettingError("output_dir", f"must be a directory, and {existing} is a file", str(output_dir))
+    try:  # os.access says yes to root everywhere: make (and remove) an empty folder where the run will write
+        os.rmdir(tempfile.mkdtemp(prefix=".legw-hf-write-check-", dir=existing))
+    except OSError as error:
+        raise SettingError(
+            "output_dir", f"must be a folder this process can write in ({existing}: {error.strerror})", str(output_dir)
+        ) from None
 
 
 def _prepare_data(
@@ -632,7 +678,9 @@ def _evaluate_and_report(
     }
     if training_args.should_save:
         write_json(output_dir / "report.json", summary)
-        if run_args.plots:
+        if run_args.plots is None and not _has_matplotlib():
+            logger.info("No plots: matplotlib is not installed (pip install 'legw_hf[plot]')")
+        elif run_args.plots is not False:
             unigram = [level["unigram_loss"] for level in baselines.values()]
             summary["plots"] = write_plots(output_dir, plan, history, unigram)
     return render_report(summary, output_dir)
