@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from . import __version__
 from .errors import SettingError
 from .integrations import deepspeed as ds  # plain Python: writing a config needs no DeepSpeed
 from .launch import LaunchWorld, agreed_world, read_accelerate_config, read_hostfile, world_of
@@ -114,6 +115,7 @@ def _add_world_flags(parser: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="legw-hf", description="Large-batch training helpers for HuggingFace.")
+    parser.add_argument("--version", action="version", version=f"legw-hf {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
     plan = commands.add_parser("plan", help="print the LEGW plan for one or more target batch sizes")
     _add_plan_flags(plan)

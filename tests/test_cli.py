@@ -152,3 +152,11 @@ def test_console_script_error_has_no_traceback():
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr == "legw-hf plan: error: --base-batch must be an integer >= 1, got 0\n"
+
+
+def test_version_from_the_console_script_and_python_dash_m():
+    import legw_hf
+
+    assert run_cli("--version").stdout == f"legw-hf {legw_hf.__version__}\n"
+    module = subprocess.run([sys.executable, "-m", "legw_hf", "--version"], capture_output=True, text=True, timeout=120)
+    assert module.returncode == 0 and module.stdout == f"legw-hf {legw_hf.__version__}\n"

@@ -41,6 +41,8 @@ def test_shipped_configs_are_the_generators_auto_form_and_leave_schedule_and_opt
         assert config["zero_optimization"]["stage"] == zero and config[precision]["enabled"] is True
         if precision == "fp16":
             assert config["fp16"]["loss_scale"] == 0  # dynamic loss scaling
+        # ZeRO-3: Trainer's save_model gathers a model file (zero_to_fp32.py cannot write BERT's tied embeddings)
+        assert config["zero_optimization"].get("stage3_gather_16bit_weights_on_model_save") is (zero == 3 or None)
 
 
 # (phase, global batch, nodes, GPUs per node, micro-batch): the recipe's shapes on 80 GB GPUs
@@ -360,6 +362,17 @@ def test_shipped_accelerate_configs_parse_in_accelerate_and_agree_with_themselve
         timeout=120,
     )
     assert result.returncode == 0 and "64 nodes, 512 processes" in result.stdout, result.stderr
+    # The copied launch files agree with each other as shipped: the hostfile describes the same cluster.
+    together = subprocess.run(
+        [sys.executable, "-m", "legw_hf.cli", "launch-check", "--hostfile", "launch/hostfile"]
+        + ["--accelerate-config", f"launch/{name}"],
+        capture_output=True,
+        text=True,
+        cwd=copied,
+        env=python_env(),
+        timeout=120,
+    )
+    assert together.returncode == 0 and "64 nodes, 512 processes" in together.stdout, together.stderr
     if name == "accelerate-deepspeed.yaml":
         elsewhere = run_cli("launch-check", "--accelerate-config", str(copied / "launch" / name))
         assert elsewhere.returncode == 2

@@ -139,6 +139,9 @@ def deepspeed_config(
         zero_section["allgather_bucket_size"] = int(5e8)
     if zero == 3:
         zero_section.update(stage3_prefetch_bucket_size=int(5e8), stage3_param_persistence_threshold=int(1e6))
+        # Without it Trainer's save_model writes no model file under ZeRO-3 (only the partitions), and
+        # zero_to_fp32.py cannot write safetensors of BERT's tied embeddings.
+        zero_section["stage3_gather_16bit_weights_on_model_save"] = True
     if offload_optimizer != "none":
         zero_section["offload_optimizer"] = {"device": offload_optimizer, "pin_memory": True}
         config["zero_force_ds_cpu_optimizer"] = False
