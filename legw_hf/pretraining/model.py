@@ -46,6 +46,10 @@ class BertForMaskedPositions(BertForMaskedLM):
     ``logits`` in training are those of the labelled positions only, ``[predicted tokens, vocabulary]``.
     """
 
+    #: The loss is a mean over the micro-batch's labelled tokens, as BertForMaskedLM's: Trainer must average the
+    #: accumulated micro-batches itself rather than pass ``num_items_in_batch``.
+    accepts_loss_kwargs = False
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
