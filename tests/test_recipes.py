@@ -328,7 +328,7 @@ def test_a_missing_deepspeed_is_named_with_its_install_command(tmp_path):
 @pytest.mark.parametrize(("phase", "name"), [("1", "bert-large-phase1"), ("2", "bert-large-phase2")])
 def test_the_launch_job_uses_the_recipes_base_settings(phase, name):
     script = f'source {REPO / "legw_hf" / "recipes" / "launch" / "job.sh"}; printf "%s\\n" "${{JOB_ARGS[@]}}"'
-    env = {**os.environ, "PHASE": phase}
+    env = {**os.environ, "PHASE": phase, "SCRIPT": str(REPO / "examples" / "run_mlm.py")}
     result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, check=True, timeout=60)
     words = result.stdout.split("\n")
     flag = {words[i]: words[i + 1] for i in range(len(words) - 1) if words[i].startswith("--")}
@@ -339,6 +339,19 @@ def test_the_launch_job_uses_the_recipes_base_settings(phase, name):
     assert float(flag["--legw_power"]) == recipe.power and int(flag["--max_seq_length"]) == recipe.seq_len
     assert int(flag["--legw_global_batch_size"]) == recipe.global_batches[0]
     assert flag["--legw_optimizer_preset"] == "nvidia" and "--fp16" in words
+
+
+def test_a_launch_without_a_training_script_names_the_setting(tmp_path):
+    # From a copy of the recipes (an installed package ships no examples/run_mlm.py): one line, exit 2, no launch.
+    copied = tmp_path / "recipes"
+    assert run_cli("recipes", "--copy", str(copied)).returncode == 0
+    env = {key: value for key, value in os.environ.items() if key != "SCRIPT"}
+    result = subprocess.run(
+        ["bash", str(copied / "launch" / "torchrun.sh")], capture_output=True, text=True, env=env, cwd=tmp_path,
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("job.sh: SCRIPT=examples/run_mlm.py is not a file: set SCRIPT to your Trainer")
 
 
 @pytest.mark.parametrize("name", ["accelerate-multinode.yaml", "accelerate-deepspeed.yaml", "accelerate-fsdp2.yaml"])

@@ -5,6 +5,11 @@
 
 PYTHON=${PYTHON:-python}
 SCRIPT=${SCRIPT:-examples/run_mlm.py}           # a Trainer script using LegwTrainer / LegwTrainingArguments
+if [[ ! -f "$SCRIPT" ]]; then  # the package ships no training script: name the setting instead of a Python error
+    echo "job.sh: SCRIPT=$SCRIPT is not a file: set SCRIPT to your Trainer script (a run_mlm.py-style script" \
+        "using LegwTrainer; examples/run_mlm.py of a legw_hf checkout is one)" >&2
+    exit 2
+fi
 # One phase per job: 1: seq 128; 2: seq 512. The script starts from its own initialisation; for phase 2 from phase
 # 1's weights and LAMB moments in one job, run the two-phase program instead (README, "The main job": torchrun ...
 # -m legw_hf.pretraining --recipe bert-large).

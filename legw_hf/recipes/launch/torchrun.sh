@@ -7,7 +7,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$HERE/job.sh"
 
 # EDIT: the cluster, and the address and port at which every node reaches the rendezvous on the first one.
-NNODES=${NNODES:-2}
+NNODES=${NNODES:-64}  # as the hostfile, the accelerate configs and slurm.sbatch
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 NODE_RANK=${NODE_RANK:?set NODE_RANK to the index of this node, 0 to NNODES-1}
 MASTER_ADDR=${MASTER_ADDR:?set MASTER_ADDR to the address of the first node}
