@@ -13,8 +13,8 @@ An update is ``--accumulation`` micro-batches of ``--micro-batch`` sequences of 
   micro-batch, one reduction and one host read per update), as ``--legw_adascale diagnostics`` / ``gain`` run;
 * ``preconditioned``: the same on Adam-preconditioned gradients (``sqrt_gain``).
 
-A round times the median of ``--updates`` updates per variant; the table shows each variant's best round and the
-median over rounds of its ratio to the ``plain`` block timed just before it.
+A round times the median of ``--updates`` updates per variant; the table shows each variant's median round (with the
+fastest and slowest) and the median (and range) over rounds of its ratio to the ``plain`` block timed just before it.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from machine import cpu_model
+from machine import cpu_model, median_and_range
 
 from legw_hf import GradientNoise, GradientStatistics
 
@@ -106,16 +106,15 @@ def main() -> None:
     ]
     for variant in variants:  # warm-up: optimizer state, allocator
         variant.update()
-    best = {v.name: float("inf") for v in variants}
+    times = {v.name: [] for v in variants}
     ratios = {v.name: [] for v in variants}
     for _ in range(args.rounds):
-        baseline = variants[0].time_block(args.updates)
-        best["plain"] = min(best["plain"], baseline)
+        times["plain"].append(variants[0].time_block(args.updates))
         ratios["plain"].append(1.0)
         for variant in variants[1:]:
             baseline = variants[0].time_block(args.updates)
             elapsed = variant.time_block(args.updates)
-            best[variant.name] = min(best[variant.name], elapsed)
+            times[variant.name].append(elapsed)
             ratios[variant.name].append(elapsed / baseline)
     parameters = sum(p.numel() for p in variants[0].model.parameters())
     tensors = sum(1 for _ in variants[0].model.parameters())
@@ -127,10 +126,11 @@ def main() -> None:
         f"{args.micro_batch} sequences of {args.seq_len} tokens + AdamW step"
     )
     print()
-    print("| variant | ms/update | × plain |")
+    print(f"| variant | ms/update, median (min–max) of {args.rounds} rounds | × plain, median (min–max) |")
     print("|---|---:|---:|")
     for variant in variants:
-        print(f"| {variant.name} | {best[variant.name] * 1e3:.1f} | {statistics.median(ratios[variant.name]):.3f} |")
+        ms = median_and_range([t * 1e3 for t in times[variant.name]], ".1f")
+        print(f"| {variant.name} | {ms} | {median_and_range(ratios[variant.name], '.3f')} |")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""What the benchmarks record about the machine they ran on."""
+"""What the benchmarks record about the machine they ran on, and how they report repeated timings."""
 
 from __future__ import annotations
 
 import platform
+import statistics
 import subprocess
 
 
@@ -13,3 +14,11 @@ def cpu_model() -> str:
         return next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
     except (OSError, StopIteration):
         return platform.processor() or "unknown CPU"
+
+
+def median_and_range(values: list[float], spec: str) -> str:
+    """``median (min–max)`` of repeated measurements: a headline is the typical round, with its spread, never the
+    best one."""
+    if len(values) == 1:
+        return format(values[0], spec)
+    return f"{format(statistics.median(values), spec)} ({format(min(values), spec)}–{format(max(values), spec)})"

@@ -8,9 +8,10 @@ Usage::
 Parameter shapes come from ``transformers.BertForMaskedLM`` built on the meta device (tied embeddings counted
 once). Every optimizer gets its own fp32 copy of the parameters and the same fixed gradients; a round times the
 median of ``--steps`` calls to ``step()`` after ``--warmup`` calls (the first one creates the state), every
-optimizer in turn, each right after a block of the fused AdamW baseline. The table shows each optimizer's best
-round of ``--rounds`` and the median over rounds of its ratio to the baseline block just before it, which keeps a
-busy neighbour process on a shared machine from deciding a ratio.
+optimizer in turn, each right after a block of the fused AdamW baseline. The table shows each optimizer's median
+round of ``--rounds`` with the fastest and slowest in brackets, and the median (and range) over rounds of its ratio
+to the baseline block just before it, which keeps a busy neighbour process on a shared machine from deciding a
+ratio.
 
 Memory columns: bytes held in ``optimizer.state``; bytes of scratch a legw_hf optimizer keeps between steps
 (``workspace_bytes``); and the peak of bytes allocated during one ``step()`` and alive at the same time (tracked
@@ -37,7 +38,7 @@ from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from machine import cpu_model
+from machine import cpu_model, median_and_range
 
 from legw_hf import Lamb, Lars
 
@@ -265,9 +266,9 @@ def main(argv: list[str] | None = None) -> None:
         f"# Optimizer step benchmark\n\n- machine: {machine()}\n- date: {datetime.date.today()}\n"
         f"- torch {torch.__version__}, Python {platform.python_version()}\n"
         f"- command: `{command}`"
-        f"\n- fp32; ms/step: best of {args.rounds} rounds, each the median of {steps} steps after {args.warmup} "
-        "warm-up steps; × fused AdamW: median over the rounds of the ratio to a fused-AdamW block timed just "
-        "before\n"
+        f"\n- fp32; ms/step: median over {args.rounds} rounds (min–max in brackets), each round the median of {steps} "
+        f"steps after {args.warmup} warm-up steps; × fused AdamW: median (min–max) over the rounds of the ratio to a "
+        "fused-AdamW block timed just before\n"
     )
     for model in models:
         shapes = bert_shapes(model)
@@ -287,24 +288,28 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.warmup):
             baseline.step()
         baseline_blocks: list[float] = []
-        results: dict[str, dict[str, float]] = {}
+        results: dict[str, dict[str, float]] = {}  # memory, from the first round
+        times: dict[str, list[float]] = {}
         ratios: dict[str, list[float]] = {}
         for round_index in range(args.rounds):
             for name, factory in selected[1:]:
                 baseline_blocks.append(timed_block(baseline, steps))
                 result = measure(factory, shapes, grads, args.warmup, steps, track_memory=round_index == 0)
+                times.setdefault(name, []).append(result["ms"])
                 ratios.setdefault(name, []).append(result["ms"] / baseline_blocks[-1])
-                if name in results:
-                    result = {**results[name], "ms": min(results[name]["ms"], result["ms"])}
-                results[name] = result
+                results.setdefault(name, result)
         params_bytes = sum(p.nbytes for p in baseline.param_groups[0]["params"])
-        rows = [(baseline_name, min(baseline_blocks), 1.0, {"state": state_bytes(baseline), "kept": 0, "scratch": 0})]
-        rows += [(name, result["ms"], statistics.median(ratios[name]), result) for name, result in results.items()]
+        baseline_memory = {"state": state_bytes(baseline), "kept": 0, "scratch": 0}
+        rows = [(baseline_name, median_and_range(baseline_blocks, ".1f"), "1.00", baseline_memory)]
+        rows += [
+            (name, median_and_range(times[name], ".1f"), median_and_range(ratios[name], ".2f"), results[name])
+            for name in results
+        ]
         del baseline
         gc.collect()
         for name, ms, ratio, result in rows:
             columns = [memory(result[key], params_bytes) for key in ("state", "kept", "scratch")]
-            print(f"| {name} | {ms:.1f} | {ratio:.2f} | {' | '.join(columns)} |", flush=True)
+            print(f"| {name} | {ms} | {ratio} | {' | '.join(columns)} |", flush=True)
         print()
 
 

@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from machine import cpu_model
+from machine import cpu_model, median_and_range
 
 VARIANTS = ("trainer_adamw", "trainer_lamb", "legw_lamb")
 
@@ -210,10 +210,13 @@ def main(argv: list[str] | None = None) -> int:
             rounds.append(timing)
             print(f"round {index + 1}: " + ", ".join(f"{v} {t * 1e3:.1f} ms" for v, t in timing.items()), flush=True)
 
-    def ratio(a: str, b: str) -> float:
-        return statistics.median(r[a] / r[b] for r in rounds)
+    def ratios(a: str, b: str) -> list[float]:
+        return [r[a] / r[b] for r in rounds]
 
-    best = {v: min(r[v] for r in rounds) for v in VARIANTS}
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(ratios(a, b))
+
+    median = {v: statistics.median(r[v] for r in rounds) for v in VARIANTS}
     plugin_ms = 1e3 * sum(plugin_seconds) / sum(plugin_steps)
     result = {
         "date": time.strftime("%Y-%m-%d"),
@@ -225,21 +228,26 @@ def main(argv: list[str] | None = None) -> int:
         "seq_len": args.seq_len,
         "steps": args.steps,
         "rounds": args.rounds,
-        "best_ms": {v: t * 1e3 for v, t in best.items()},
+        "median_ms": {v: t * 1e3 for v, t in median.items()},
+        "range_ms": {v: [min(r[v] for r in rounds) * 1e3, max(r[v] for r in rounds) * 1e3] for v in VARIANTS},
         "lamb_math": ratio("trainer_lamb", "trainer_adamw"),
         "plugin": ratio("legw_lamb", "trainer_lamb"),
         "total": ratio("legw_lamb", "trainer_adamw"),
         "plugin_code_ms_per_step": plugin_ms,
-        "plugin_code_share": plugin_ms / (best["legw_lamb"] * 1e3),
+        "plugin_code_share": plugin_ms / (median["legw_lamb"] * 1e3),
     }
     print(
-        "\n| run | ms/step (best round) | × trainer_adamw (median of rounds) |\n|---|---:|---:|\n"
-        + "\n".join(f"| {v} | {best[v] * 1e3:.1f} | {ratio(v, 'trainer_adamw'):.3f} |" for v in VARIANTS)
+        "\n| run | ms/step, median (min–max) of rounds | × trainer_adamw, median (min–max) |\n|---|---:|---:|\n"
+        + "\n".join(
+            f"| {v} | {median_and_range([r[v] * 1e3 for r in rounds], '.1f')} | "
+            f"{median_and_range(ratios(v, 'trainer_adamw'), '.3f')} |"
+            for v in VARIANTS
+        )
         + f"\n\nLAMB math (trainer_lamb / trainer_adamw): {result['lamb_math']:.3f}×; the plugin beyond it "
         f"(legw_lamb / trainer_lamb): {result['plugin']:.3f}×; in all {result['total']:.3f}×.\n\n"
         f"Time inside the plugin's per-step code (LegwCallback's step and log hooks, the LEGW scheduler's step), "
         f"measured in the legw_lamb runs: {plugin_ms:.3f} ms per step, {100 * result['plugin_code_share']:.2f}% of "
-        "its best step time."
+        "its median step time."
     )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
