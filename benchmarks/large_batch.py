@@ -257,6 +257,8 @@ LM_SEQUENCE = 35
 
 
 def wikitext2_data(size: Size, cache: Path) -> TaskData:
+    from legw_hf.pretraining.evaluation import UnigramBaseline
+
     text = SHARED_DATA / "wikitext-2" / "valid.txt"
     if not text.is_file():
         raise SystemExit(f"wikitext2_lm needs {text} (the shared offline data); run with --tasks without it")
@@ -297,9 +299,9 @@ def wikitext2_data(size: Size, cache: Path) -> TaskData:
     def perplexity(model):
         return math.exp(min(_mean_loss(model, loss, validation), 50.0))
 
-    # Each next token predicted by its training frequency (add-one smoothed), on the same predicted tokens.
-    counts = torch.bincount(train["tokens"][:, 1:].reshape(-1), minlength=vocab_size).double() + 1
-    unigram = -(counts / counts.sum()).log()[validation["tokens"][:, 1:].reshape(-1)].mean()
+    # Each next token predicted by its training frequency, on the same predicted tokens.
+    counts = torch.bincount(train["tokens"][:, 1:].reshape(-1), minlength=vocab_size).numpy()
+    unigram = UnigramBaseline(counts).metrics(validation["tokens"][:, 1:].reshape(-1).numpy())
     return TaskData(
         train,
         lambda: WordLanguageModel(vocab_size),
@@ -307,7 +309,7 @@ def wikitext2_data(size: Size, cache: Path) -> TaskData:
         perplexity,
         f"{len(train['tokens'])} train / {len(validation['tokens'])} validation sequences of {LM_SEQUENCE} tokens "
         f"({len(kept)} / {len(held_out)} articles)",
-        baseline=math.exp(float(unigram)),
+        baseline=unigram["unigram_perplexity"],
         baseline_name="unigram perplexity (each next token predicted by its training frequency, add-one smoothed)",
     )
 
@@ -777,16 +779,13 @@ def plot(out: Path, stem: str, meta: dict[str, Any], summary: dict[str, Any], ru
 
 def describe_task(name: str, smoke: bool, cache: str) -> dict[str, Any]:
     """A task's settings as the result file records them."""
-    task, size = TASKS[name], TASKS[name].size(smoke)
+    task, size, data = TASKS[name], TASKS[name].size(smoke), task_data(name, smoke, cache)
     return {
         "title": task.title,
         "metric": task.metric,
         "higher_is_better": task.higher_is_better,
-        "data": task_data(name, smoke, cache).describe,
-        "baseline": {
-            "value": task_data(name, smoke, cache).baseline,
-            "name": task_data(name, smoke, cache).baseline_name,
-        },
+        "data": data.describe,
+        "baseline": {"value": data.baseline, "name": data.baseline_name},
         "base_batch": size.base_batch,
         "epochs": size.epochs,
         "ks": list(size.ks),

@@ -70,7 +70,6 @@ class BertForMaskedPositions(BertForMaskedLM):
                 labels=labels,
                 **kwargs,
             )
-        kwargs.pop("num_items_in_batch", None)  # the loss is a mean, as BertForMaskedLM's
         hidden = self.bert(
             input_ids,
             attention_mask=attention_mask,
