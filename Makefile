@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints/cpu.txt torch==2.13.0
 	$(PIP) install -q -c constraints/cpu.txt -e ".[test,deepspeed,plot,bench]"
+	$(PY) tests/scripts/build_extensions.py
 	touch $(STAMP)
 
 main: setup

@@ -15,6 +15,9 @@ The window exists only during finalization, so a finished program leaves without
 the ``atexit`` handlers and flushes the standard streams, as a normal exit does, then ends the process with
 ``os._exit``. :func:`exit_process` does that for the project's entry points (``legw-hf pretrain``, the examples and
 the test scripts); a script of a user's own can end with ``legw_hf.exit_process(main())`` the same way.
+
+On the way out it also removes the ``/dev/shm`` buffer DeepSpeed's CPU communication op leaves behind (see
+:func:`deepspeed_shm_buffer`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import logging
 import os
 import sys
 import threading
+from pathlib import Path
 from typing import NoReturn
 
 
@@ -36,9 +40,25 @@ def leave_process_group() -> bool:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+        _remove_deepspeed_shm_buffer(dist.get_rank())
         dist.destroy_process_group()
         return True
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def deepspeed_shm_buffer(rank: int) -> Path:
+    """The shared-memory file DeepSpeed's CPU communication op creates for ``rank`` at ``deepspeed.init_distributed``
+    when all ranks are on one machine (``ops/csrc/cpu/comm/shm.cpp``: 69 MB, named by user, master address and port,
+    and rank). DeepSpeed never unlinks it, so every such run would leave one per rank in ``/dev/shm``, in memory."""
+    master = f"{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}"
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{master}_{rank}"
+
+
+def _remove_deepspeed_shm_buffer(rank: int) -> None:
+    # After the barrier every rank has long mapped its peers' buffers (they are opened at initialisation), and a
+    # mapping outlives the unlink: removing the name frees the memory once the processes end.
+    if "deepspeed" in sys.modules and hasattr(os, "getuid"):
+        deepspeed_shm_buffer(rank).unlink(missing_ok=True)
 
 
 def exit_process(status: int | None = 0) -> NoReturn:

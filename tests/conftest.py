@@ -61,3 +61,20 @@ SLOWEST_FIRST = (
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: index for index, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a module is kept
+
+
+# `LEGW_TEST_CPU_LOG=FILE pytest ...` appends "seconds<TAB>test id" per test: the CPU time of the test, its fixtures'
+# set-up and every process it waited for (the suite is CPU-bound on 2 cores, so CPU, not wall time, is what to cut).
+if os.environ.get("LEGW_TEST_CPU_LOG"):
+    import resource
+
+    def _cpu_seconds() -> float:
+        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        start = _cpu_seconds()
+        yield
+        with open(os.environ["LEGW_TEST_CPU_LOG"], "a") as log:
+            log.write(f"{_cpu_seconds() - start:.1f}\t{item.nodeid}\n")

@@ -80,6 +80,22 @@ def launch(
     result = subprocess.run(
         command, capture_output=True, text=True, env=environment, cwd=cwd or os.getcwd(), timeout=timeout
     )
+    left = remove_deepspeed_shm_buffers(command)
     if check:
         assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        assert not left, f"DeepSpeed's shared-memory buffers outlived a finished run: {left}"
     return result
+
+
+def remove_deepspeed_shm_buffers(command: Sequence[str]) -> list[str]:
+    """Remove the ``/dev/shm`` buffers DeepSpeed's CPU communication op made for the run of ``command`` (named by its
+    rendezvous port; see ``legw_hf.shutdown.deepspeed_shm_buffer``) and return their names: a finished run that ends
+    through ``exit_process`` leaves none, a failed one may, and they must not pile up in memory over many launches."""
+    flags = [index for index, word in enumerate(command) if word in ("--master_port", "--main_process_port")]
+    if not flags:
+        return []
+    port = command[flags[0] + 1]
+    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+    for path in left:
+        path.unlink(missing_ok=True)
+    return [path.name for path in left]

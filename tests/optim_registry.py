@@ -133,8 +133,12 @@ SHARDED: dict[str, NamedConfig] = {
     "lamb-optax-torch-ops": NamedConfig("lamb", 0.02, {"preset": "optax", "weight_decay": 0.01}, path="fused-adam"),
     "lars": NamedConfig("lars", 1.0, {"preset": "larc_scale", "momentum": 0.9, "weight_decay": 1e-4}),
 }
-#: the ones the sharded launches also run with the Triton kernels, and whose unaware run shows the check can fail
-SHARDED_TRITON = SHARDED_NAIVE = ("lamb-nvidia", "lars")
+#: The configurations the engine variants run (ZeRO-3's persistence threshold, bf16, offload, the Triton kernels,
+#: accelerate's FSDP2 preparation), and whose unaware run shows the check can fail: the two whose norms reduce
+#: differently (LAMB's pre-normalisation takes a global norm of its own; LARS has no moments). Every configuration
+#: runs on the plain engines (SHARDED_EVERY_CONFIG), where the element-wise math of the others meets each sharding.
+SHARDED_FEW = SHARDED_NAIVE = ("lamb-nvidia", "lars")
+SHARDED_EVERY_CONFIG = ("zero0", "zero1", "zero2", "zero3", "fsdp2")
 
 #: (parameter dtype, fp32 masters)
 PRECISIONS = [(torch.float32, False), (torch.bfloat16, True)]

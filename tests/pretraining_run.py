@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from launch import launch_environment, launcher_command
+from launch import launch_environment, launcher_command, remove_deepspeed_shm_buffers
 
 from legw_hf.corpus import stdlib_docstrings
 
@@ -60,9 +60,9 @@ def small_args(corpus, output_dir: Path | str, **changes: str) -> list[str]:
 def launch(args: list[str], launcher: str = "python", env: dict[str, str] | None = None) -> subprocess.Popen:
     """``legw-hf pretrain ARGS`` as ``python -m legw_hf.pretraining`` under ``launcher`` (``launch.LAUNCHERS``, 2
     processes), output and errors in one stream."""
+    # One thread per process, as the suite's default: the other test worker keeps the second core busy, and two
+    # OpenMP threads on one free core spin against each other (the same run took 2.4x the CPU time).
     environment = launch_environment(launcher, env=env)
-    if launcher == "python":  # one process: both cores (the suite's default of 1 thread is for multi-process launches)
-        environment["OMP_NUM_THREADS"] = "2"
     return subprocess.Popen(
         [*launcher_command(launcher, 2, module=True), "legw_hf.pretraining", *args],
         env=environment,
@@ -75,5 +75,7 @@ def launch(args: list[str], launcher: str = "python", env: dict[str, str] | None
 def run_program(args: list[str], launcher: str = "python", env: dict[str, str] | None = None) -> str:
     proc = launch(args, launcher, env)
     output, _ = proc.communicate(timeout=600)
+    left = remove_deepspeed_shm_buffers(proc.args)
     assert proc.returncode == 0, output[-4000:]
+    assert not left, f"DeepSpeed's shared-memory buffers outlived a finished run: {left}"
     return output

@@ -1,9 +1,10 @@
 """Elastic resume: a run checkpointed at world size 2 resumed at 1, and 1 → 2, for plain DDP (Trainer), DeepSpeed
-ZeRO-2 (Trainer; re-sharded through DeepSpeed's universal checkpoint) and FSDP2 (a loop; torch.distributed.checkpoint).
+ZeRO-2 (Trainer; re-sharded through DeepSpeed's universal checkpoint) and FSDP2 (a loop; torch.distributed.checkpoint),
+all three in one DeepSpeed launch per world size.
 
 With the same per-device batch the global batch changes: the LEGW plan is re-derived for it, progress carries over in
 epochs, and the change is logged with both plans. With the global batch kept by changing the accumulation, the plan is
-unchanged and the resumed run ends where the uninterrupted one does. Scripts: ``tests/scripts/elastic_*.py``.
+unchanged and the resumed run ends where the uninterrupted one does. Scripts: ``tests/scripts/elastic*.py``.
 """
 
 from __future__ import annotations
@@ -20,31 +21,29 @@ from procs import REPO, python_env
 pytestmark = pytest.mark.multiprocess
 
 SCRIPTS = REPO / "tests" / "scripts"
-# engine: (script, launcher, dataset size, base batch, base LR, base warmup epochs)
+# engine: (dataset size, base batch, base LR, base warmup epochs) of its runs in tests/scripts/elastic_*.py
 ENGINES = {
-    "ddp": ("elastic_trainer.py", "torchrun", 96, 4, 0.05, 0.1),
-    "zero2": ("elastic_trainer.py", "deepspeed", 96, 4, 0.05, 0.1),
-    "fsdp2": ("elastic_fsdp2.py", "torchrun", 64, 4, 0.02, 0.25),
+    "ddp": (96, 4, 0.05, 0.1),
+    "zero2": (96, 4, 0.05, 0.1),
+    "fsdp2": (64, 4, 0.02, 0.25),
 }
 EPOCHS = 2
 
 
-def launch_phase(engine: str, world: int, phase: str, output: Path) -> None:
-    script, launcher = SCRIPTS / ENGINES[engine][0], ENGINES[engine][1]
-    args = [phase, output] if engine == "fsdp2" else [engine, phase, output]
-    if engine == "ddp" and world == 1:
-        launcher = "python"  # a plain `python train.py` user
+@pytest.fixture(scope="module")
+def output(tmp_path_factory) -> Path:
+    """Every engine's runs (tests/scripts/elastic.py): DeepSpeed's launcher with 1, 2, then 1 processes."""
+    output = tmp_path_factory.mktemp("elastic")
     env = {"PYTHONPATH": f"{SCRIPTS}:{REPO / 'tests'}:{python_env()['PYTHONPATH']}"}
-    launch(launcher, script, *args, processes=world, env=env, cwd=REPO)
-
-
-@pytest.fixture(scope="module", params=list(ENGINES))
-def runs(request, tmp_path_factory):
-    engine = request.param
-    output = tmp_path_factory.mktemp(engine)
     for world, phase in ((1, "first"), (2, "second"), (1, "third")):
-        launch_phase(engine, world, phase, output)
-    folder = output / engine
+        launch("deepspeed", SCRIPTS / "elastic.py", phase, output, processes=world, env=env, cwd=REPO)
+    return output
+
+
+@pytest.fixture(params=list(ENGINES))
+def runs(request, output):
+    engine = request.param
+    folder = output / engine / engine
 
     def load(name: str, rank: int = 0) -> dict:
         return json.loads((folder / f"{name}.rank{rank}.json").read_text())
@@ -54,7 +53,7 @@ def runs(request, tmp_path_factory):
 
 def legw_lrs(engine: str, batch: int, updates: range) -> list[float]:
     """LEGW for the toy runs (tests/legw_oracle.py): poly power 1 decay to 0 at EPOCHS epochs."""
-    _, _, dataset, base_batch, base_lr, base_warmup = ENGINES[engine]
+    dataset, base_batch, base_lr, base_warmup = ENGINES[engine]
     schedule = dict(base_lr=base_lr, base_warmup_epochs=base_warmup, epochs=EPOCHS)
     spe = math.ceil(dataset / batch)
     return [legw_poly_lr(u, base_batch=base_batch, batch=batch, steps_per_epoch=spe, **schedule) for u in updates]
@@ -78,9 +77,9 @@ def test_a_new_world_size_re_derives_the_plan_and_carries_progress_in_epochs(
 ):
     engine, load = runs
     run = load(name)
-    dataset = ENGINES[engine][2]
+    dataset = ENGINES[engine][0]
     total = EPOCHS * math.ceil(dataset / new_batch)
-    assert run["plan"]["batch"] == new_batch and run["plan"]["k"] == new_batch / ENGINES[engine][3]
+    assert run["plan"]["batch"] == new_batch and run["plan"]["k"] == new_batch / ENGINES[engine][1]
     assert run["updates"] == total and run.get("global_step", total) == total
     assert run["applied_lrs"] == pytest.approx(legw_lrs(engine, new_batch, range(first_update, total)), rel=1e-9)
     (note,) = [w for w in run["warnings"] if "The LEGW plan changed since the checkpoint" in w]

@@ -1,8 +1,9 @@
 """Elastic resume of an FSDP2 loop with LEGW and LAMB: a ``torch.distributed.checkpoint`` saved at one world size
 and loaded at another, which re-shards the DTensor parameters and LAMB's moments; the LEGW scheduler carries the
-progress over in epochs. Started under ``torchrun --nproc_per_node W`` once per phase, with the runs of
-``elastic_trainer.py`` (the same names and meaning). Each run writes ``<output>/fsdp2/<run>.rank<N>.json``; a
-resumed one also records how far LAMB's full moments after loading are from the ones saved.
+progress over in epochs. Started once per phase by ``elastic.py`` (or on its own under ``torchrun --nproc_per_node
+W``), with the runs of ``elastic_trainer.py`` (the same names and meaning). Each run writes
+``<output>/fsdp2/<run>.rank<N>.json``; a resumed one also records how far LAMB's full moments after loading are
+from the ones saved.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def run(root: Path, name: str, accumulation: int, stop: int | None = None, resum
 
 
 def main(phase: str, output: str) -> None:
-    dist.init_process_group("gloo")
+    if not dist.is_initialized():  # started on its own; under elastic.py the Trainer runs made the group
+        dist.init_process_group("gloo")
     root = Path(output)
     if phase == "first":
         run(root, "i1-changing", accumulation=1, stop=6)
@@ -111,5 +113,5 @@ def main(phase: str, output: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main(*[a for a in sys.argv[1:] if not a.startswith("--local_rank")])
     exit_process()

@@ -1,5 +1,5 @@
 """Elastic resume through LegwTrainer: checkpoints saved at one world size and resumed at another, plain DDP or
-DeepSpeed ZeRO-2, LAMB (nvidia preset). Started once per phase, by the launcher of that phase's world size:
+DeepSpeed ZeRO-2, LAMB (nvidia preset). Run once per phase at that phase's world size:
 
 * ``first`` (1 process): checkpoints at update 6 of a run at global batch 4 (``i1-changing``) and of one at global
   batch 8 by accumulation 2 (``i1-fixed``); the uninterrupted global-batch-8 run (``u1-fixed``).
@@ -9,7 +9,8 @@ DeepSpeed ZeRO-2, LAMB (nvidia preset). Started once per phase, by the launcher 
 * ``third`` (1 process): ``i2`` resumed with the same per-device batch (8 → 4) and with accumulation 2 (8 kept).
 
 Each run writes ``<output>/<phase>/<run>.rank<N>.json``: the plan, the LR each update applied, Trainer's and the
-scheduler's step counts, legw_hf's warnings and the final parameters.
+scheduler's step counts, legw_hf's warnings and the final parameters. ``elastic.py`` runs both engines and the FSDP2
+loop in one launch per phase.
 """
 
 from __future__ import annotations

@@ -1,17 +1,18 @@
 """Lamb and Lars under DeepSpeed ZeRO 0-3 and FSDP2 against one process with the same global batch.
 
 Run under ``deepspeed --num_gpus 2`` (``DS_ACCELERATOR=cpu``) with engine ``deepspeed``, or under ``torchrun
---nproc_per_node 2`` with engine ``fsdp2``. For every optimizer configuration (``optim_registry.SHARDED``) it trains a
-small transformer for ``STEPS`` steps sharded, and, on rank 0, the same model on the whole batch in one process; for
-a few configurations it also trains once with the sharding awareness switched off (each flat partition or local
-shard taken as a tensor of its own, norms not reduced), which must be far off. The ``*-triton`` runs take the Triton
-kernels (Triton's interpreter on CPU) for ``SHARDED_TRITON``. Rank 0 writes ``result.json`` beside the output path:
-per engine and configuration the relative parameter error of the aware and the naive run, and the all-reduces per
-``step()``.
+--nproc_per_node 2`` with engine ``fsdp2``. For every optimizer configuration (``optim_registry.SHARDED``; the engine
+variants: ``SHARDED_FEW``) it trains a small transformer for ``STEPS`` steps sharded, and, on rank 0, the same model on
+the whole batch in one process; for a few configurations it also trains once with the sharding awareness switched off
+(each flat partition or local shard taken as a tensor of its own, norms not reduced), which must be far off. The
+``*-triton`` runs take the Triton kernels (Triton's interpreter on CPU). Rank 0 writes ``result.json`` beside the
+output path: per engine and configuration the relative parameter error of the aware and the naive run, and the
+all-reduces per ``step()``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.distributed as dist
-from optim_registry import SHARDED, SHARDED_NAIVE, SHARDED_TRITON
+from optim_registry import SHARDED, SHARDED_EVERY_CONFIG, SHARDED_FEW, SHARDED_NAIVE
 from torch import nn
 
 from legw_hf import decay_param_groups
@@ -75,6 +76,7 @@ def flat(params) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).float() for p in params])
 
 
+@functools.cache
 def single_process(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The parameters after ``STEPS`` steps on the whole batch in one process, and the last step's trust ratios."""
     net = model()
@@ -316,7 +318,7 @@ def main(engine: str, output: str) -> None:
     result: dict[str, dict[str, dict[str, float]]] = {}
     kept: dict[str, torch.Tensor] = {}
     for run_name, run in runs.items():
-        for name in SHARDED_TRITON if run_name.endswith("-triton") else SHARDED:
+        for name in SHARDED if run_name in SHARDED_EVERY_CONFIG else SHARDED_FEW:
             aware, counter = run(name)
             off = None
             # the unaware run shows the comparison can fail: a few configurations suffice
