@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup main test test-fast bench reproduce gpu-check clean
+.PHONY: setup main test test-fast test-wheel bench reproduce gpu-check clean
 
 setup: $(STAMP)
 
@@ -21,10 +21,14 @@ main: setup
 	$(VENV)/bin/legw-hf pretrain --output_dir runs/main
 
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadscope
+	$(PY) -m pytest -q -n 2 --dist loadscope -m "not wheel"
 
 test-fast: setup
-	$(PY) -m pytest -q -n 2 --dist loadscope -m "not multiprocess"
+	$(PY) -m pytest -q -n 2 --dist loadscope -m "not multiprocess and not wheel"
+
+# The wheel built, installed into a fresh venv without extras, and run from outside the checkout (about 2 minutes).
+test-wheel: setup
+	$(PY) -m pytest -q -m wheel tests/test_wheel.py
 
 bench: setup
 	$(PY) benchmarks/optimizer_step.py

@@ -40,21 +40,22 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
     return write_corpus(tmp_path_factory.mktemp("text"))
 
 
-#: The slowest test modules, slowest first (`pytest --durations`, 2 cores): with `make test`'s `--dist loadscope`,
+#: The slowest test modules, slowest first (CPU seconds from `LEGW_TEST_CPU_LOG`, 2 cores): with `make test`'s `--dist loadscope`,
 #: pytest-xdist hands whole modules to its workers in collection order (a module's shared runs happen once), so
 #: these start first and the workers end closer together.
 SLOWEST_FIRST = (
-    "test_pretraining.py",
-    "test_sharded.py",
-    "test_elastic.py",
     "test_multinode.py",
-    "test_examples.py",
-    "test_accelerate.py",
+    "test_sharded.py",
+    "test_pretraining.py",
     "test_pretraining_distributed.py",
+    "test_accelerate.py",
+    "test_examples.py",
+    "test_triton_kernel.py",
     "test_reproduction.py",
+    "test_recipes.py",
     "test_cpu_kernel_cache.py",
     "test_adascale.py",
-    "test_triton_kernel.py",
+    "test_elastic.py",
 )
 
 

@@ -1,0 +1,82 @@
+"""The package as a user installs it: the wheel built from this checkout, installed into a fresh virtual environment
+with no extras (``pip install legw_hf-*.whl``, torch kept on the CPU build by ``constraints/cpu.txt``), and its
+commands run from a folder outside the checkout, with nothing of the checkout importable: ``legw-hf --version``,
+``legw-hf plan``, ``legw-hf recipes --copy`` and a seconds-long ``legw-hf pretrain`` (no matplotlib: no plots, said
+once). Marked ``wheel``; ``make test-wheel`` runs it, and CI runs it after ``make test``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pretraining_run import small_args, write_corpus
+from procs import REPO
+
+import legw_hf
+
+pytestmark = pytest.mark.wheel
+
+
+def run(command: list[str], cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    # An environment a user's shell would have: no PYTHONPATH (nothing of the checkout importable), no CI.
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "CI")}
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory) -> tuple[Path, Path]:
+    """A fresh venv holding the wheel and its declared dependencies only; a working folder outside the checkout."""
+    root = tmp_path_factory.mktemp("wheel")
+    outside = root / "work"
+    outside.mkdir()
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(root / "dist"), str(REPO)], cwd=outside)
+    (wheel,) = (root / "dist").glob("legw_hf-*.whl")
+    run([sys.executable, "-m", "venv", str(root / "venv")], cwd=outside)
+    bin_dir = root / "venv" / "bin"
+    run([str(bin_dir / "pip"), "install", "-q", "-c", str(REPO / "constraints" / "cpu.txt"), str(wheel)], cwd=outside)
+    return bin_dir, outside
+
+
+def test_the_wheel_installs_without_extras_and_imports_from_the_venv(venv):
+    bin_dir, outside = venv
+    found = run([str(bin_dir / "python"), "-c", "import legw_hf, torch; print(legw_hf.__file__, torch.__version__)"], outside)
+    module_file, torch_version = found.stdout.split()
+    assert Path(module_file).is_relative_to(bin_dir.parent) and not Path(module_file).is_relative_to(REPO)
+    assert torch_version.startswith("2.13.0")  # the constraint held: the CPU build, not a newer CUDA one
+    missing = run([str(bin_dir / "python"), "-c", "import importlib.util as u; print(u.find_spec('matplotlib'))"], outside)
+    assert missing.stdout.strip() == "None"  # no extras came along
+
+
+def test_version_plan_and_recipes_run_from_outside_the_checkout(venv):
+    bin_dir, outside = venv
+    legw = str(bin_dir / "legw-hf")
+    assert run([legw, "--version"], outside).stdout.strip() == f"legw-hf {legw_hf.__version__}"
+    flags = "plan --base-batch 256 --base-lr 0.1 --base-warmup-epochs 0.5 --epochs 90 --dataset-size 1281167"
+    plan = run([legw, *flags.split(), "--batch", "1024", "--json"], outside)
+    (row,) = json.loads(plan.stdout)
+    assert row["batch"] == 1024 and row["peak_lr"] == pytest.approx(0.1 * 2)  # √(1024/256) = 2
+    run([legw, "recipes", "--copy", "recipes"], outside)
+    for shipped in ("launch/job.sh", "launch/hostfile", "deepspeed/zero2-fp16.json", "deepspeed/zero3-bf16.json"):
+        assert (outside / "recipes" / shipped).is_file(), shipped
+    check = run([legw, "launch-check", "--hostfile", "launch/hostfile", "--accelerate-config",
+                 "launch/accelerate-multinode.yaml"], outside / "recipes")  # fmt: skip
+    assert "64 nodes, 512 processes" in check.stdout
+
+
+def test_a_seconds_long_pretrain_runs_from_the_wheel(venv):
+    bin_dir, outside = venv
+    corpus = write_corpus(outside)
+    args = small_args(corpus, outside / "run", phase1_epochs="0.25", phase2_epochs="0.25", average_last="0")
+    result = run([str(bin_dir / "legw-hf"), "pretrain", *args], outside)
+    output = result.stdout + result.stderr
+    assert "No plots: matplotlib is not installed" in output
+    report = json.loads((outside / "run" / "report.json").read_text())
+    assert set(report["validation"]) == {"last"} and report["baselines"]
+    assert not list((outside / "run").glob("*.png"))
