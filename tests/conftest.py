@@ -40,9 +40,9 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
     return write_corpus(tmp_path_factory.mktemp("text"))
 
 
-#: The slowest test modules, slowest first (CPU seconds from `LEGW_TEST_CPU_LOG`, 2 cores): with `make test`'s `--dist loadscope`,
-#: pytest-xdist hands whole modules to its workers in collection order (a module's shared runs happen once), so
-#: these start first and the workers end closer together.
+#: The slowest test modules, slowest first (CPU seconds from `LEGW_TEST_CPU_LOG`, 2 cores): with `make test`'s
+#: `--dist loadscope`, pytest-xdist hands whole modules to its workers in collection order (a module's shared runs
+#: happen once), so these start first and the workers end closer together.
 SLOWEST_FIRST = (
     "test_multinode.py",
     "test_sharded.py",

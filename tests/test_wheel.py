@@ -46,11 +46,12 @@ def venv(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_the_wheel_installs_without_extras_and_imports_from_the_venv(venv):
     bin_dir, outside = venv
-    found = run([str(bin_dir / "python"), "-c", "import legw_hf, torch; print(legw_hf.__file__, torch.__version__)"], outside)
+    python = str(bin_dir / "python")
+    found = run([python, "-c", "import legw_hf, torch; print(legw_hf.__file__, torch.__version__)"], outside)
     module_file, torch_version = found.stdout.split()
     assert Path(module_file).is_relative_to(bin_dir.parent) and not Path(module_file).is_relative_to(REPO)
     assert torch_version.startswith("2.13.0")  # the constraint held: the CPU build, not a newer CUDA one
-    missing = run([str(bin_dir / "python"), "-c", "import importlib.util as u; print(u.find_spec('matplotlib'))"], outside)
+    missing = run([python, "-c", "import importlib.util as u; print(u.find_spec('matplotlib'))"], outside)
     assert missing.stdout.strip() == "None"  # no extras came along
 
 
