@@ -113,40 +113,62 @@ def _add_world_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accelerate-config", help="an accelerate launch config to read the machines from")
 
 
+def _choices(values: Sequence) -> str:
+    return "{" + ",".join(map(str, values)) + "}"
+
+
+def _command(commands, name: str, summary: str) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` page opens with the summary ``legw-hf --help`` lists for it."""
+    return commands.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="legw-hf", description="Large-batch training helpers for HuggingFace.")
     parser.add_argument("--version", action="version", version=f"legw-hf {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
-    plan = commands.add_parser("plan", help="print the LEGW plan for one or more target batch sizes")
+    plan = _command(commands, "plan", "print the LEGW plan for one or more target batch sizes")
     _add_plan_flags(plan)
     plan.add_argument("--batch", type=int, action="append", help="target global batch (repeatable)")
     plan.add_argument("--json", action="store_true", help="print a JSON list, one object per batch")
     plan.add_argument("--plot", metavar="FILE.png", help="write a PNG of LR against epochs and steps")
 
-    config = commands.add_parser(
-        "ds-config", help="write a DeepSpeed config for a global batch on a cluster, with its LEGW plan"
+    config = _command(
+        commands, "ds-config", "write a DeepSpeed config for a global batch on a cluster, with its LEGW plan"
     )
     config.add_argument("--global-batch", type=int, required=True, help="samples per optimizer update, all GPUs")
     _add_world_flags(config)
     config.add_argument("--micro-batch", type=int, required=True, help="samples per GPU per forward/backward")
-    config.add_argument("--zero", type=int, default=1, help="ZeRO stage 0-3 (default 1)")
-    config.add_argument("--precision", default="fp16", help="fp16 (dynamic loss scale, default) or bf16")
-    config.add_argument("--offload-optimizer", default="none", help="none (default) or cpu")
+    # the library checks the values (one line naming the flag); the metavars list them in --help
+    config.add_argument("--zero", type=int, default=1, metavar=_choices(ds.ZERO_STAGES), help="ZeRO stage (default 1)")
+    config.add_argument(
+        "--precision",
+        default="fp16",
+        metavar=_choices(ds.PRECISIONS),
+        help="fp16 (dynamic loss scale, default) or bf16",
+    )
+    config.add_argument(
+        "--offload-optimizer",
+        default="none",
+        metavar=_choices(ds.OFFLOAD_DEVICES),
+        help="cpu: ZeRO-Offload (default none)",
+    )
     config.add_argument("--output", help="the config file to write (refused if it exists); default stdout")
     _add_plan_flags(config)
 
-    flags = commands.add_parser(
-        "batch-flags", help="print the Trainer batch flags that form a global batch on a cluster (for launch scripts)"
+    flags = _command(
+        commands,
+        "batch-flags",
+        "print the Trainer batch flags that form a global batch on a cluster (for launch scripts)",
     )
     flags.add_argument("--global-batch", type=int, required=True, help="samples per optimizer update, all GPUs")
     _add_world_flags(flags)
     flags.add_argument("--micro-batch", type=int, required=True, help="samples per GPU per forward/backward")
 
-    check = commands.add_parser("launch-check", help="check that hostfile, accelerate config and flags agree")
+    check = _command(commands, "launch-check", "check that hostfile, accelerate config and flags agree")
     _add_world_flags(check)
 
-    average = commands.add_parser(
-        "average-checkpoints", help="average the weights of a run's last N checkpoints into a model directory"
+    average = _command(
+        commands, "average-checkpoints", "average the weights of a run's last N checkpoints into a model directory"
     )
     average.add_argument("run_dir", help="the Trainer output directory holding checkpoint-N folders")
     average.add_argument("--last", type=int, required=True, help="how many of the newest checkpoints to average")
@@ -155,7 +177,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "pretrain", add_help=False, help="two-phase BERT pretraining with LEGW + LAMB (legw-hf pretrain --help)"
     )
-    recipes = commands.add_parser("recipes", help="list the shipped DeepSpeed configs and launch files")
+    recipes = _command(commands, "recipes", "list the shipped DeepSpeed configs and launch files")
     recipes.add_argument("--copy", metavar="DIR", help="copy them into DIR (existing files are left as they are)")
     return parser
 

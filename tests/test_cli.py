@@ -160,3 +160,18 @@ def test_version_from_the_console_script_and_python_dash_m():
     assert run_cli("--version").stdout == f"legw-hf {legw_hf.__version__}\n"
     module = subprocess.run([sys.executable, "-m", "legw_hf", "--version"], capture_output=True, text=True, timeout=120)
     assert module.returncode == 0 and module.stdout == f"legw-hf {legw_hf.__version__}\n"
+
+
+@pytest.mark.parametrize(
+    "command", ["plan", "ds-config", "batch-flags", "launch-check", "average-checkpoints", "recipes"]
+)
+def test_every_subcommand_help_says_what_it_does_and_lists_closed_choices(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    page = capsys.readouterr().out
+    summary = page.split("\n\n")[1]  # after the usage block: the description
+    assert summary.endswith(".") and len(summary) > 20, page[:400]
+    if command == "ds-config":
+        for choices in ("--zero {0,1,2,3}", "--precision {fp16,bf16}", "--offload-optimizer {none,cpu}"):
+            assert choices in " ".join(page.split()), choices

@@ -51,12 +51,22 @@ def test_both_phases_train_on_their_plan_and_the_report_compares_last_and_averag
             expected = nvidia_lr(step, peak=peak, total=total, warmup_fraction=warmup_fraction)
             assert lr == pytest.approx(expected, rel=1e-9, abs=1e-12), (name, step)
         # Evaluation every eighth of the phase (no --eval_steps given), not after every logged update.
-        evaluated = [e["step"] for e in history["log_history"] if "eval_mlm_loss" in e]
+        evaluated = [e for e in history["log_history"] if "eval_mlm_loss" in e]
         every = max(1, total // 8)
-        assert evaluated == list(range(every, total + 1, every)), (name, total)
+        assert [e["step"] for e in evaluated] == list(range(every, total + 1, every)), (name, total)
+        # The console: one line per evaluation, in place of Trainer's dict per logged update.
+        lines = [line for line in output.splitlines() if line.startswith(f"{name} update ")]
+        assert lines == [
+            f"{name} update {e['step']}/{total}: validation MLM loss {e['eval_mlm_loss']:.3f} "
+            f"({abs(e['eval_below_unigram']):.3f} {'below' if e['eval_below_unigram'] > 0 else 'ABOVE'} the unigram "
+            f"level {e['eval_unigram_loss']:.3f}), accuracy {e['eval_accuracy']:.3f} "
+            f"(most frequent token: {e['eval_most_frequent_accuracy']:.3f})"
+            for e in evaluated
+        ]
         assert f"global batch {batch} = {per_device} per device x {batch // per_device} accumulation x 1" in output
     assert f"phase1: seq 32 (5 predictions), {sizes['phase1']} sequences" in output
-    assert output.index("LEGW plan") < output.index("***** Running training *****")  # the plan comes first
+    # Trainer's INFO stream stays out of the default console (--log_level info brings it back: the second run)
+    assert "***** Running training *****" not in output and "{'loss'" not in output and "Saving model" not in output
 
     report = json.loads((output_dir / "report.json").read_text())
     assert set(report["models"]) == {"last", "averaged (last 3, every 2 updates)"}
@@ -175,8 +185,11 @@ def test_a_second_run_reuses_the_cache_picks_the_largest_micro_batch_and_moves_f
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError('matplotlib is not installed here')\n")
     env = {"PYTHONPATH": f"{blocker.parent}{os.pathsep}{python_env()['PYTHONPATH']}"}
-    output = run_program([*args, "--auto_micro_batch", "true", "--overwrite_output_dir", "true"], env=env)
+    flags = ["--auto_micro_batch", "true", "--overwrite_output_dir", "true", "--log_level", "info"]
+    output = run_program([*args, *flags], env=env)
     assert "No plots: matplotlib is not installed" in output and not list(output_dir.glob("*.png"))
+    # --log_level info: Trainer's own stream, as in transformers' example scripts, after the program's plan
+    assert output.index("LEGW plan") < output.index("***** Running training *****")
     (aside,) = output_dir.glob("replaced-*")  # told to overwrite: moved aside, never deleted
     assert (aside / "notes.txt").read_text() == "mine" and (output_dir / "report.json").is_file()
     line = next(text for text in output.splitlines() if "Preprocessing reused from the cache" in text)

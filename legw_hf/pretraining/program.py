@@ -26,17 +26,17 @@ from typing import Any, ClassVar, Literal
 
 import datasets
 import torch
-import transformers
 from transformers import HfArgumentParser, PreTrainedTokenizerFast, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..averaging import average_checkpoints
 from ..errors import SettingError, non_negative, positive, positive_int
-from ..integrations.trainer import LegwTrainingArguments, changed_fields, follow_trainer_log_level
+from ..integrations.trainer import LegwTrainingArguments, changed_fields
 from ..plan import Phase, PhasedPlan
 from ..recipes import RECIPES, phase as recipe_phase
 from ..record import write_json
 from ..shutdown import leave_process_group
+from .console import setup_logging, use_console
 from .data import PreparedText, load_text, train_wordpiece
 from .evaluation import MaskedLmMetrics, UnigramBaseline, token_scores
 from .masking import MaskingCollator, MaskingRule
@@ -305,19 +305,6 @@ class _PhaseRun:
         )
 
 
-def _setup_logging(training_args: Any) -> None:
-    # As transformers' example scripts: basicConfig() with no level, transformers and datasets follow --log_level.
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler(sys.stdout)])
-    if training_args.should_log:
-        transformers.utils.logging.set_verbosity_info()
-    level = training_args.get_process_log_level()
-    datasets.utils.logging.set_verbosity(max(level, logging.WARNING))
-    transformers.utils.logging.set_verbosity(level)
-    transformers.utils.logging.enable_default_handler()
-    transformers.utils.logging.enable_explicit_format()
-    follow_trainer_log_level(training_args)
-
-
 @dataclasses.dataclass
 class ProgramTrainingArguments(LegwTrainingArguments):
     """Trainer's arguments as this program takes them."""
@@ -375,7 +362,9 @@ def main(argv: list[str] | None = None) -> int:
 def pretrain(run_args: PretrainingArguments, phase_args: Any, training_args: LegwTrainingArguments) -> int:
     """The whole job; every setting is checked (and the data prepared) before the output directory is touched."""
     started = time.perf_counter()
-    _setup_logging(training_args)
+    setup_logging(training_args)
+    if training_args.dataloader_pin_memory and not torch.cuda.is_available():
+        training_args.dataloader_pin_memory = False  # nothing to pin for; torch would warn at every evaluation
     phases = _check_settings(run_args, phase_args, training_args)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
@@ -613,6 +602,7 @@ def _train_phases(
             callbacks=[SaveAtPhaseEnd()],
             carry_from=carry,
         )
+        use_console(trainer, run.settings.name)
         began = time.perf_counter()
         trainer.train(resume_from_checkpoint=get_last_checkpoint(str(phase_dir)) if phase_dir.is_dir() else None)
         timings[run.settings.name] = time.perf_counter() - began

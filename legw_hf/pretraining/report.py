@@ -12,6 +12,7 @@ from typing import Any
 from transformers import Trainer
 
 from ..plan import PhasedPlan
+from .console import use_console
 from .evaluation import MaskedLmMetrics, UnigramBaseline, token_scores
 from .masking import stack_masked
 from .model import bert_from_checkpoint
@@ -43,6 +44,7 @@ def evaluate_models(
                 compute_metrics=MaskedLmMetrics(baseline),
                 preprocess_logits_for_metrics=token_scores,
             )
+            use_console(trainer, name)  # no metrics dict per evaluation: the report prints them
             results[name] = {}
             for run in runs:
                 metrics = trainer.evaluate(run.validation, metric_key_prefix="validation")
