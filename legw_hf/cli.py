@@ -379,8 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             output = _recipes(args)
     except SettingError as error:
-        flag = _FLAG_FOR_SETTING.get(error.field, error.field)
-        parser.exit(2, f"legw-hf {args.command}: error: {error.renamed(flag)}\n")
+        flagged = error.renamed_by(lambda field: _FLAG_FOR_SETTING.get(field, field))
+        parser.exit(2, f"legw-hf {args.command}: error: {flagged}\n")
     print(output)
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 
@@ -13,20 +14,29 @@ class SettingError(ValueError):
     ``--base-batch``, Trainer's ``--legw_base_batch_size``) re-raise with :meth:`renamed`.
     """
 
-    def __init__(self, field: str, requirement: str, value: Any = None, *, detail: str = "") -> None:
+    def __init__(
+        self, field: str, requirement: str, value: Any = None, *, detail: str = "", also: tuple[str, ...] = ()
+    ) -> None:
         self.field = field
         self.requirement = requirement
         self.value = value
         self.detail = detail
+        self.also = also  # other fields the requirement names, at its {0}, {1}...: renamed with the field
         super().__init__(self._render(field))
 
     def _render(self, field: str) -> str:
-        message = f"{field} {self.requirement}, got {self.value!r}"
+        requirement = self.requirement.format(*self.also) if self.also else self.requirement
+        message = f"{field} {requirement}, got {self.value!r}"
         return f"{message} ({self.detail})" if self.detail else message
 
     def renamed(self, field: str) -> SettingError:
         """The same error, naming the field as ``field``."""
-        return SettingError(field, self.requirement, self.value, detail=self.detail)
+        return SettingError(field, self.requirement, self.value, detail=self.detail, also=self.also)
+
+    def renamed_by(self, name_of: Callable[[str], str]) -> SettingError:
+        """The same error, naming the field and every other field it mentions as ``name_of`` spells them."""
+        also = tuple(map(name_of, self.also))
+        return SettingError(name_of(self.field), self.requirement, self.value, detail=self.detail, also=also)
 
 
 def positive(field: str, value: float) -> float:

@@ -197,8 +197,9 @@ class LegwConfig:
         if (self.base_warmup_epochs is None) == (self.base_warmup_steps is None):
             raise SettingError(
                 "base_warmup_epochs",
-                "or base_warmup_steps must be given, exactly one of them",
+                "or {0} must be given, exactly one of them",
                 (self.base_warmup_epochs, self.base_warmup_steps),
+                also=("base_warmup_steps",),
             )
         if self.base_warmup_epochs is not None:
             non_negative("base_warmup_epochs", self.base_warmup_epochs)

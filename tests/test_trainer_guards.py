@@ -36,6 +36,15 @@ def test_legw_flags_without_the_base_batch_are_refused(tmp_path, flags, named):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_error_naming_two_settings_names_both_as_the_flags_the_user_types(tmp_path):
+    with pytest.raises(SettingError) as caught:
+        parse(tmp_path, "--legw_base_batch_size", "64")  # neither warmup form given
+    assert str(caught.value).startswith(
+        "legw_base_warmup_epochs or legw_base_warmup_steps must be given, exactly one of them"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_optimizer_flags_alone_keep_trainers_schedule(tmp_path):
     args = parse(tmp_path, "--legw_optimizer", "lamb", "--lr_scheduler_type", "cosine", "--warmup_steps", "5")
     assert not args.legw_enabled and args.legw_optimizer == "lamb"

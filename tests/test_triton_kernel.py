@@ -9,6 +9,7 @@ sm_80 and sm_90, which needs no GPU.
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -311,10 +312,11 @@ def test_gpu_benchmark_smoke_runs_every_peer(tmp_path):
             assert row["ms"] > 0 if "not_run" not in row else row["not_run"], row
             if "triton" in row["optimizer"]:
                 assert "not_run" not in row, row
-    refused = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu_step.py"), "--steps", "0", "--smoke"],
-        capture_output=True,
-        text=True,
-        env=python_env(),
-    )
-    assert refused.returncode == 2 and "--steps must be >= 1, got 0" in refused.stderr
+
+
+def test_gpu_benchmark_refuses_a_bad_flag_before_any_work(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    gpu_step = importlib.import_module("gpu_step")
+    with pytest.raises(SystemExit) as refused:
+        gpu_step.parse_args(["--steps", "0", "--smoke"])
+    assert refused.value.code == 2 and "--steps must be >= 1, got 0" in capsys.readouterr().err

@@ -84,7 +84,7 @@ _ARGUMENT_FOR_SETTING = {
 
 
 def _as_argument_error(error: SettingError) -> SettingError:
-    return error.renamed(_ARGUMENT_FOR_SETTING.get(error.field, error.field))
+    return error.renamed_by(lambda field: _ARGUMENT_FOR_SETTING.get(field, field))
 
 
 #: The LEGW flags that shape the plan; without ``--legw_base_batch_size`` they would be silently ignored.
@@ -910,8 +910,11 @@ def _optimizer_keywords(args: LegwArguments) -> dict[str, Any]:
 
 
 def _as_flag_error(error: SettingError) -> SettingError:
-    keyword = error.field.split("[")[0]
-    return error.renamed(_FLAG_OF_KEYWORD.get(keyword, keyword))
+    def flag(field: str) -> str:
+        keyword = field.split("[")[0]
+        return _FLAG_OF_KEYWORD.get(keyword, keyword)
+
+    return error.renamed_by(flag)
 
 
 def optimizer_cls_and_kwargs(args: LegwArguments) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:

@@ -53,8 +53,7 @@ class PhaseSettings:
                 batch_size=self.global_batch_size, steps_per_epoch=steps_per_epoch, **self.recipe.length(dataset_size)
             )
         except SettingError as error:
-            flag = _PLAN_FLAG.get(error.field, error.field)
-            raise error.renamed(f"{self.name}_{flag}") from None
+            raise error.renamed_by(lambda field: f"{self.name}_{_PLAN_FLAG.get(field, field)}") from None
 
 
 # Plan setting -> this phase's flag suffix, so a plan error names the flag to change.
