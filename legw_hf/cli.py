@@ -64,6 +64,7 @@ _FLAG_FOR_SETTING = {
     "accelerate_config": "--accelerate-config",
     "last": "--last",
     "run_dir": "RUN_DIR",
+    "copy": "--copy",
 }
 
 # (summary key, column width, number format)

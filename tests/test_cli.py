@@ -175,3 +175,10 @@ def test_every_subcommand_help_says_what_it_does_and_lists_closed_choices(comman
     if command == "ds-config":
         for choices in ("--zero {0,1,2,3}", "--precision {fp16,bf16}", "--offload-optimizer {none,cpu}"):
             assert choices in " ".join(page.split()), choices
+
+
+def test_errors_name_the_flag_as_typed(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["recipes", "--copy", "/proc/legw-hf/recipes"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("legw-hf recipes: error: --copy must be a directory legw-hf can create")

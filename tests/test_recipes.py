@@ -327,11 +327,18 @@ def test_a_missing_deepspeed_is_named_with_its_install_command(tmp_path):
 
 @pytest.mark.parametrize(("phase", "name"), [("1", "bert-large-phase1"), ("2", "bert-large-phase2")])
 def test_the_launch_job_uses_the_recipes_base_settings(phase, name):
-    script = f'source {REPO / "legw_hf" / "recipes" / "launch" / "job.sh"}; printf "%s\\n" "${{JOB_ARGS[@]}}"'
-    env = {**os.environ, "PHASE": phase, "SCRIPT": str(REPO / "examples" / "run_mlm.py")}
+    launch_dir = REPO / "legw_hf" / "recipes" / "launch"
+    script = f'source {launch_dir / "job.sh"}; printf "%s\\n" "$SCRIPT" "${{JOB_ARGS[@]}}"'
+    train_file = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+    env = {key: value for key, value in os.environ.items() if key != "SCRIPT"} | {
+        "PHASE": phase,
+        "TRAIN_FILE": str(train_file),
+    }
     result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, check=True, timeout=60)
-    words = result.stdout.split("\n")
+    script_path, *words = result.stdout.split("\n")
+    assert Path(script_path) == launch_dir / "run_mlm.py"  # the Trainer script shipped beside job.sh
     flag = {words[i]: words[i + 1] for i in range(len(words) - 1) if words[i].startswith("--")}
+    assert flag["--train_file"] == str(train_file)
     recipe = PHASES[name]
     assert int(flag["--legw_base_batch_size"]) == recipe.base_batch_size
     assert float(flag["--learning_rate"]) == recipe.base_lr
@@ -341,17 +348,25 @@ def test_the_launch_job_uses_the_recipes_base_settings(phase, name):
     assert flag["--legw_optimizer_preset"] == "nvidia" and "--fp16" in words
 
 
-def test_a_launch_without_a_training_script_names_the_setting(tmp_path):
-    # From a copy of the recipes (an installed package ships no examples/run_mlm.py): one line, exit 2, no launch.
+def test_a_copied_launch_recipe_names_a_missing_training_file_or_script(tmp_path):
+    # From a copy of the recipes, as an installed package gives them: the shipped run_mlm.py is the default script,
+    # and without TRAIN_FILE (or with a SCRIPT that is not there) the launch stops with one line, exit 2.
     copied = tmp_path / "recipes"
     assert run_cli("recipes", "--copy", str(copied)).returncode == 0
-    env = {key: value for key, value in os.environ.items() if key != "SCRIPT"}
-    result = subprocess.run(
-        ["bash", str(copied / "launch" / "torchrun.sh")], capture_output=True, text=True, env=env, cwd=tmp_path,
-        timeout=60,
-    )  # fmt: skip
-    assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.startswith("job.sh: SCRIPT=examples/run_mlm.py is not a file: set SCRIPT to your Trainer")
+    assert (copied / "launch" / "run_mlm.py").read_text() == (REPO / "examples" / "run_mlm.py").read_text()
+    base = {key: value for key, value in os.environ.items() if key not in ("SCRIPT", "TRAIN_FILE")}
+    cases = [
+        ({}, "job.sh: TRAIN_FILE= is not a file: set TRAIN_FILE to your training text"),
+        ({"TRAIN_FILE": str(tmp_path / "missing.txt")}, f"job.sh: TRAIN_FILE={tmp_path / 'missing.txt'} is not a file"),
+        ({"SCRIPT": "train.py"}, "job.sh: SCRIPT=train.py is not a file: set SCRIPT to your Trainer script"),
+    ]
+    for settings, message in cases:
+        result = subprocess.run(
+            ["bash", str(copied / "launch" / "torchrun.sh")], capture_output=True, text=True, env=base | settings,
+            cwd=tmp_path, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 2 and result.stdout == "", (settings, result.stderr)
+        assert result.stderr.startswith(message), (settings, result.stderr)
 
 
 @pytest.mark.parametrize("name", ["accelerate-multinode.yaml", "accelerate-deepspeed.yaml", "accelerate-fsdp2.yaml"])

@@ -46,7 +46,10 @@ def check_parity(result: dict, engines: list[str]) -> None:
                 assert numbers["aware"] < 1e-5, (engine, name, numbers)
                 assert numbers["trust_ratios"] < 1e-4, (engine, name, numbers)
                 if engine != "zero0" and naive is not None:  # ZeRO-0 keeps whole tensors: awareness changes nothing
-                    assert naive > 1e-3, (engine, name, numbers)
+                    # Non-finite counts as far off: ZeRO-3 pads the last rank's partition of a tensor that does not
+                    # split evenly with memory it never initialises (partition_parameters.py, torch.empty), and the
+                    # unaware run takes that padding into its norms, so it ends NaN when the garbage does.
+                    assert not math.isfinite(naive) or naive > 1e-3, (engine, name, numbers)
             # pre-normalisation needs a global norm of its own where all groups are stepped in one call
             own_norm = (engine.startswith("fsdp2") or engine == "zero1-bf16") and name == "lamb-nvidia"
             expected = 0 if engine.startswith("zero0") else 2 if own_norm else 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +37,11 @@ def venv(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("wheel")
     outside = root / "work"
     outside.mkdir()
-    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(root / "dist"), str(REPO)], cwd=outside)
+    # Built from a copy: setuptools writes build/ into the source tree, and the checkout is not the test's to change.
+    source = root / "source"
+    skipped = shutil.ignore_patterns(".*", "build", "dist", "runs", "*.egg-info", "__pycache__")
+    shutil.copytree(REPO, source, ignore=skipped)
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(root / "dist"), str(source)], cwd=outside)
     (wheel,) = (root / "dist").glob("legw_hf-*.whl")
     run([sys.executable, "-m", "venv", str(root / "venv")], cwd=outside)
     bin_dir = root / "venv" / "bin"
@@ -64,8 +69,11 @@ def test_version_plan_and_recipes_run_from_outside_the_checkout(venv):
     (row,) = json.loads(plan.stdout)
     assert row["batch"] == 1024 and row["peak_lr"] == pytest.approx(0.1 * 2)  # √(1024/256) = 2
     run([legw, "recipes", "--copy", "recipes"], outside)
-    for shipped in ("launch/job.sh", "launch/hostfile", "deepspeed/zero2-fp16.json", "deepspeed/zero3-bf16.json"):
+    for shipped in ("launch/job.sh", "launch/run_mlm.py", "launch/hostfile", "deepspeed/zero3-bf16.json"):
         assert (outside / "recipes" / shipped).is_file(), shipped
+    # the Trainer script job.sh runs by default, with the wheel's dependencies alone
+    script_help = run([str(bin_dir / "python"), "recipes/launch/run_mlm.py", "--help"], outside)
+    assert "--legw_base_batch_size" in script_help.stdout and "--train_file" in script_help.stdout
     check = run([legw, "launch-check", "--hostfile", "launch/hostfile", "--accelerate-config",
                  "launch/accelerate-multinode.yaml"], outside / "recipes")  # fmt: skip
     assert "64 nodes, 512 processes" in check.stdout

@@ -4,10 +4,18 @@
 # accelerate.sh and slurm.sbatch. EDIT the values below, or set any of them in the environment.
 
 PYTHON=${PYTHON:-python}
-SCRIPT=${SCRIPT:-examples/run_mlm.py}           # a Trainer script using LegwTrainer / LegwTrainingArguments
-if [[ ! -f "$SCRIPT" ]]; then  # the package ships no training script: name the setting instead of a Python error
+# The run_mlm.py-style Trainer script shipped beside this file (LegwTrainer via its one import line), or your own.
+SHIPPED_SCRIPT="$(dirname "${BASH_SOURCE[0]}")/run_mlm.py"
+SCRIPT=${SCRIPT:-$SHIPPED_SCRIPT}
+TRAIN_FILE=${TRAIN_FILE:-}                      # EDIT: your training text (one document per line)
+if [[ ! -f "$SCRIPT" ]]; then  # name the setting instead of a Python error on every rank
     echo "job.sh: SCRIPT=$SCRIPT is not a file: set SCRIPT to your Trainer script (a run_mlm.py-style script" \
-        "using LegwTrainer; examples/run_mlm.py of a legw_hf checkout is one)" >&2
+        "using LegwTrainer, as the run_mlm.py shipped beside job.sh)" >&2
+    exit 2
+fi
+if [[ -n "$TRAIN_FILE" && ! -f "$TRAIN_FILE" || -z "$TRAIN_FILE" && "$SCRIPT" == "$SHIPPED_SCRIPT" ]]; then
+    echo "job.sh: TRAIN_FILE=$TRAIN_FILE is not a file: set TRAIN_FILE to your training text (one document" \
+        "per line), which the script reads with --train_file" >&2
     exit 2
 fi
 # One phase per job: 1: seq 128; 2: seq 512. The script starts from its own initialisation; for phase 2 from phase
@@ -31,7 +39,7 @@ else
 fi
 
 JOB_ARGS=(
-    --output_dir "$OUTPUT_DIR"
+    --output_dir "$OUTPUT_DIR" ${TRAIN_FILE:+--train_file "$TRAIN_FILE"}
     "${BASE[@]}" --legw_decay poly_run --legw_power 0.5
     --legw_optimizer lamb --legw_optimizer_preset nvidia --weight_decay 0.01
     --legw_global_batch_size "$GLOBAL_BATCH" --num_train_epochs "$TRAIN_EPOCHS"
