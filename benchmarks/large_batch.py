@@ -65,7 +65,7 @@ LR_CURVE_POINTS = 150
 class Family:
     """An optimizer family, tuned at B0: its base peak LR and warmup (epochs), and its AdaScale rule."""
 
-    optimizer: str  # adam | momentum | lamb
+    optimizer: str  # adam | adamw | momentum | lamb
     base_lr: float
     base_warmup_epochs: float
     sweep_lrs: tuple[float, ...]
@@ -97,6 +97,8 @@ class Task:
     smoke: Size
     decay: Decay = field(default_factory=Polynomial)
     max_grad_norm: float | None = None
+    #: The data and model it trains (a key of DATA_BUILDERS): its own name unless another task's.
+    data: str = ""
 
     def size(self, smoke: bool) -> Size:
         return self.smoke if smoke else self.full
@@ -144,8 +146,25 @@ TASKS: dict[str, Task] = {
             smoke=Size(examples=48, epochs=1, base_batch=4, ks=(1, 4)),
             decay=PolynomialOfRun(power=0.5),
         ),
+        # benchmarks/bert_scaling.py: the LR x batch study. Base LRs are the anchors of its √2 LR lattices.
+        Task(
+            name="bert_scaling",
+            title="BERT-tiny (2 layers, hidden 128) masked LM on the main job's corpus, WordPiece 4096, sequences of "
+            "64: LAMB (preset nvidia) and AdamW, weight decay 0.01 on both",
+            metric="validation MLM loss",
+            higher_is_better=False,
+            families={"lamb": Family("lamb", 1e-2, 0.025, ()), "adamw": Family("adamw", 1e-3, 0.025, ())},
+            full=Size(examples=10**9, epochs=2, base_batch=4, ks=(1, 4, 16)),
+            smoke=Size(examples=48, epochs=1, base_batch=2, ks=(1, 4)),
+            decay=PolynomialOfRun(power=0.5),
+            data="bert_tiny",
+        ),
     )
 }
+
+
+#: The tasks of this runner's experiments and sweep (the others belong to other benchmarks).
+REPRODUCTION_TASKS = ("mnist1d", "wikitext2_lm", "bert_tiny")
 
 
 # ---------------------------------------------------------------------------------------------------------- data
@@ -386,7 +405,8 @@ DATA_BUILDERS = {"mnist1d": mnist1d_data, "wikitext2_lm": wikitext2_data, "bert_
 
 @functools.cache
 def task_data(name: str, smoke: bool, cache: str) -> TaskData:
-    return DATA_BUILDERS[name](TASKS[name].size(smoke), Path(cache))
+    task = TASKS[name]
+    return DATA_BUILDERS[task.data or name](task.size(smoke), Path(cache))
 
 
 # ------------------------------------------------------------------------------------------------------ training
@@ -401,6 +421,9 @@ class Cell:
     cache: str
     base_lr: float | None = None  # the sweep's override
     base_warmup_epochs: float | None = None
+    #: Measure B_simple from plain gradients (ADASCALE_ESTIMATES micro-batches per update) over this fraction of the
+    #: run's first updates; 0: not measured.
+    noise_fraction: float = 0.0
 
 
 def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
@@ -410,6 +433,8 @@ def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
     if name == "lamb":
         return Lamb(decay_param_groups(model, 0.01, adapt_no_decay=False), lr=1.0, preset="nvidia")
+    if name == "adamw":  # BERT's AdamW: decoupled decay 0.01 off biases and LayerNorm, eps 1e-6
+        return torch.optim.AdamW(decay_param_groups(model, 0.01), lr=1.0, eps=1e-6)
     raise ValueError(name)
 
 
@@ -460,6 +485,14 @@ def train_cell(cell: Cell) -> dict[str, Any]:
         scheduler = LegwScheduler(optimizer, plan)
         max_epochs = size.epochs
         total_steps = plan.total_steps
+    noise_updates, split = 0, 1
+    if cell.noise_fraction > 0 and not adascale:
+        # Plain gradients, no preconditioner: McCandlish et al.'s B_simple, in sequences (micro-batches of one or
+        # more sequences, each an independent estimate), a plain mean over the window's updates.
+        noise_updates = max(1, round(cell.noise_fraction * total_steps))
+        split = min(ADASCALE_ESTIMATES, batch)
+        plain_noise = GradientNoise(micro_batch=batch // split, base_batch=batch, global_batch=batch)
+        plain_statistics = GradientStatistics(model.parameters(), plain_noise).attach()
     generator = torch.Generator().manual_seed(cell.seed)
     lrs: list[float] = []
     gains: list[float] = []
@@ -474,8 +507,10 @@ def train_cell(cell: Cell) -> dict[str, Any]:
     while not diverged and not finished() and samples < max_epochs * n - 1e-9:
         for indices in _batches(n, batch, generator):
             examples = data.prepare_batch({k: v[indices] for k, v in data.train.items()}, generator)
+            measuring = updates < noise_updates
             parts = [
-                {k: v[chunk] for k, v in examples.items()} for chunk in torch.arange(len(indices)).chunk(estimates)
+                {k: v[chunk] for k, v in examples.items()}
+                for chunk in torch.arange(len(indices)).chunk(split if measuring else estimates)
             ]
             losses = [data.loss(model, part) for part in parts]
             total = sum(float(count) for _, count in losses)
@@ -485,6 +520,12 @@ def train_cell(cell: Cell) -> dict[str, Any]:
                 step_loss += float(summed.detach()) / total
                 if adascale:
                     statistics_.micro_step_done(float(count) / total)
+                if measuring:
+                    plain_statistics.micro_step_done(float(count) / total)
+            if measuring:
+                plain_statistics.update_done()
+                if updates + 1 == noise_updates:
+                    plain_statistics.detach()
             if adascale:
                 statistics_.update_done()
                 scheduler.begin_update()
@@ -521,6 +562,8 @@ def train_cell(cell: Cell) -> dict[str, Any]:
         "lr_curve": [[(i + 1) / math.ceil(n / batch), lrs[i]] for i in range(0, len(lrs), stride)],
         "peak_lr": max(lrs) if lrs else None,
     }
+    if noise_updates:
+        record.update(plain_b_simple=plain_noise.b_simple, plain_b_simple_updates=noise_updates)
     if adascale:
         record.update(
             mean_gain=statistics.fmean(gains),
@@ -557,7 +600,8 @@ def run_cells(cells: list[Cell], workers: int, log: Callable[[str], None]) -> li
 def _describe_run(r: dict[str, Any]) -> str:
     metric = "diverged" if r["diverged"] else f"{r['metric']:.4g}"
     return (
-        f"{r['task']:>12} {r['family']:>8} {r['arm']:>8} k={r['k']:<3} seed {r['seed']}: {metric:>9}, "
+        f"{r['task']:>12} {r['family']:>8} {r['arm']:>8} k={r['k']:<3} seed {r['seed']} lr {r['base_lr']:.3g} "
+        f"warmup {r['base_warmup_epochs']:.3g} ep: {metric:>9}, "
         f"{r['updates']} updates, {r['epochs']:.2f} epochs, {r['seconds']:.0f} s"
     )
 
@@ -804,7 +848,7 @@ def write_report(out: Path, stem: str, result: dict[str, Any], sweep: bool) -> N
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
+    parser.add_argument("--tasks", nargs="+", choices=REPRODUCTION_TASKS, default=list(REPRODUCTION_TASKS))
     parser.add_argument("--seeds", type=int, default=2, help="seeds per cell (default 2)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (one thread each)")
     parser.add_argument("--sweep", action="store_true", help="the base-batch LR sweep instead of the experiments")

@@ -46,12 +46,16 @@ def leave_process_group() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def deepspeed_shm_buffer(rank: int) -> Path:
+def deepspeed_shm_buffer(rank: int | str, address: str | None = None, port: int | str | None = None) -> Path:
     """The shared-memory file DeepSpeed's CPU communication op creates for ``rank`` at ``deepspeed.init_distributed``
     when all ranks are on one machine (``ops/csrc/cpu/comm/shm.cpp``: 69 MB, named by user, master address and port,
-    and rank). DeepSpeed never unlinks it, so every such run would leave one per rank in ``/dev/shm``, in memory."""
-    master = f"{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}"
-    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{master}_{rank}"
+    and rank). DeepSpeed never unlinks it, so every such run would leave one per rank in ``/dev/shm``, in memory.
+
+    ``address`` and ``port`` default to this process's ``MASTER_ADDR`` and ``MASTER_PORT``; pass ``"*"`` for any
+    of the three to get a glob pattern (a launcher cleaning up after its job)."""
+    address = os.environ.get("MASTER_ADDR", "") if address is None else address
+    port = os.environ.get("MASTER_PORT", "") if port is None else port
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{rank}"
 
 
 def _remove_deepspeed_shm_buffer(rank: int) -> None:

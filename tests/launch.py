@@ -17,6 +17,8 @@ from pathlib import Path
 
 from procs import python_env
 
+from legw_hf.shutdown import deepspeed_shm_buffer
+
 LAUNCHERS = ("python", "torchrun", "deepspeed", "accelerate")
 
 
@@ -95,7 +97,8 @@ def remove_deepspeed_shm_buffers(command: Sequence[str]) -> list[str]:
     if not flags:
         return []
     port = command[flags[0] + 1]
-    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+    pattern = deepspeed_shm_buffer("*", address="*", port=port)
+    left = sorted(pattern.parent.glob(pattern.name))
     for path in left:
         path.unlink(missing_ok=True)
     return [path.name for path in left]

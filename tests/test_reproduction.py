@@ -238,3 +238,169 @@ def test_trainer_overhead_smoke(repo, tmp_path):
     assert all(math.isfinite(result[key]) and result[key] > 0 for key in ("lamb_math", "plugin", "total"))
     # the plugin's own per-step code was timed, and is a small part of a step
     assert 0 < result["plugin_code_ms_per_step"] < result["median_ms"]["legw_lamb"]
+
+
+# ------------------------------------------------------------------------------------------- the BERT scaling study
+#: The study's lattice and warmup, written out: LR = anchor · √2^j; the base warmup, kept or multiplied by k.
+STUDY_ANCHORS = {"lamb": 1e-2, "adamw": 1e-3}
+STUDY_BASE_WARMUP_EPOCHS = 0.025
+
+
+@pytest.fixture(scope="module")
+def study(smoke):
+    cache, _ = smoke  # the large-batch smoke's data cache: the same BERT corpus and tokenizer
+    out = cache / "study"
+    run_script(
+        REPO, "benchmarks/bert_scaling.py", "--smoke", "--workers", "1", "--out", str(out), "--cache", str(cache)
+    )
+    return out, json.loads((out / "bert_scaling.json").read_text())
+
+
+def lattice_index(family, lr):
+    j = round(2 * math.log2(lr / STUDY_ANCHORS[family]))
+    assert lr == pytest.approx(STUDY_ANCHORS[family] * 2 ** (j / 2), rel=1e-12), (family, lr)
+    return j
+
+
+def setting_means(result, family):
+    """{(k, j, warmup epochs): (mean or inf when a seed diverged, runs)} of the grid runs, counted here."""
+    groups = {}
+    for r in result["runs"]:
+        if r["family"] == family and r["arm"] == "none":
+            key = (r["k"], lattice_index(family, r["base_lr"]), r["base_warmup_epochs"])
+            groups.setdefault(key, []).append(r)
+    return {
+        key: (math.inf if any(r["diverged"] for r in runs) else statistics.fmean(r["metric"] for r in runs), runs)
+        for key, runs in groups.items()
+    }
+
+
+def setting_at(means, k, j, warmup_epochs):
+    (found,) = [value for key, value in means.items() if key[:2] == (k, j) and math.isclose(key[2], warmup_epochs)]
+    return found
+
+
+def test_the_study_tunes_each_batch_on_the_lattice_and_grows_the_search_past_an_edge_best(study):
+    _, result = study
+    meta = result["meta"]
+    for family, part in result["summary"].items():
+        means = setting_means(result, family)
+        for k in meta["ks"]:
+            at_k = {key: mean for key, (mean, _) in means.items() if key[0] == k}
+            finite = {key: mean for key, mean in at_k.items() if math.isfinite(mean)}
+            best = min(finite, key=finite.get)
+            tuned = part["tuned"][str(k)]
+            assert lattice_index(family, tuned["lr"]) == best[1] and tuned["mean"] == pytest.approx(finite[best])
+            # the runs applied the setting's schedule (its LR and warmup, the task's decay), update by update
+            for r in means[best][1]:
+                assert r["base_lr"] == pytest.approx(tuned["lr"], rel=1e-12)
+                for epoch, lr in r["lr_curve"]:
+                    assert lr == pytest.approx(expected_lr(r, epoch, meta["task"]), rel=1e-9)
+            same_warmup = {key[1] for key in at_k if key[2] == best[2]}
+            window = meta["searches"][family]["windows"][str(k)]
+            growth = meta["searches"][family]["max_growth"]
+            for neighbour in (best[1] - 1, best[1] + 1):
+                # a neighbour the search did not run is beyond the growth limit of its first window
+                assert neighbour in same_warmup or min(abs(neighbour - j) for j in window) > growth
+            assert tuned["interior"] == ({best[1] - 1, best[1] + 1} <= same_warmup)
+
+
+def test_each_rules_setting_is_the_rule_written_out_from_the_tuned_base_lr(study):
+    _, result = study
+    meta = result["meta"]
+    exponents = {"legw": (0.5, 1.0), "sqrt": (0.5, 0.0), "linear": (1.0, 0.0), "none": (0.0, 0.0)}
+    for family, part in result["summary"].items():
+        base_lr = part["tuned"]["1"]["lr"]
+        means = setting_means(result, family)
+        assert set(part["rules"]) >= set(meta["searches"][family]["rules"])
+        for rule in meta["searches"][family]["rules"]:
+            lr_exponent, warmup_exponent = exponents[rule]
+            for k in meta["ks"][1:]:
+                cell = part["rules"][rule][str(k)]
+                assert cell["lr"] == pytest.approx(base_lr * k**lr_exponent, rel=1e-12)
+                warmup = STUDY_BASE_WARMUP_EPOCHS * k**warmup_exponent
+                assert cell["warmup"] == ("scaled" if warmup_exponent else "fixed")
+                mean, runs = setting_at(means, k, lattice_index(family, cell["lr"]), warmup)
+                assert len(runs) == meta["seeds"]
+                # the gap, per seed: the rule's loss minus the tuned setting's loss of the same seed
+                best = part["tuned"][str(k)]
+                best_warmup = STUDY_BASE_WARMUP_EPOCHS * (k if best["warmup"] == "scaled" else 1)
+                _, best_runs = setting_at(means, k, lattice_index(family, best["lr"]), best_warmup)
+                tuned = {r["seed"]: r["metric"] for r in best_runs}
+                if math.isfinite(mean):
+                    assert cell["gaps"] == pytest.approx([r["metric"] - tuned[r["seed"]] for r in runs])
+                    assert cell["gap"] == pytest.approx(statistics.fmean(cell["gaps"]))
+                else:
+                    assert "gap" not in cell and cell["diverged"] >= 1
+
+
+def test_the_study_measures_b_simple_early_in_every_base_run_and_runs_adascale_from_the_tuned_base(study):
+    _, result = study
+    for r in result["runs"]:
+        if r["k"] == 1:
+            assert r["plain_b_simple_updates"] == max(1, round(0.15 * r["updates"]))
+            assert r["plain_b_simple"] > 0
+        else:
+            assert "plain_b_simple" not in r
+    for family, part in result["summary"].items():
+        base = [r for r in result["runs"] if r["family"] == family and r["k"] == 1
+                and r["base_lr"] == pytest.approx(part["tuned"]["1"]["lr"])]  # fmt: skip
+        assert part["b_simple"] == {str(r["seed"]): r["plain_b_simple"] for r in base}
+    adascale = [r for r in result["runs"] if r["arm"] == "adascale"]
+    assert {r["k"] for r in adascale} == set(result["meta"]["ks"][1:])
+    assert all(r["base_lr"] == pytest.approx(result["summary"]["lamb"]["tuned"]["1"]["lr"]) for r in adascale)
+
+
+def test_the_study_report_shows_the_unigram_level_and_every_tuned_loss(study, tmp_path):
+    out, result = study
+    markdown = (out / "bert_scaling.md").read_text()
+    assert f"**{result['unigram']:.3f}** nats" in markdown
+    for family, part in result["summary"].items():
+        section = markdown.split(f"## {family}\n")[1].split("### Each rule")[0]  # the tuned table
+        for key, cell in part["tuned"].items():
+            row = f"| {int(key.partition('/')[0]) * result['meta']['base_batch']} |"
+            per_warmup = "/" in key
+            (line,) = [
+                line for line in section.splitlines()
+                if line.startswith(row) and f"| {cell['lr']:.4g}" in line and ("best of all" in line) != per_warmup
+            ]  # fmt: skip
+            shown = line.split("|")[5].strip()
+            assert shown == f"{cell['mean']:.3f} ± {cell['spread']:.3f}"
+            assert float(line.split("|")[6]) == pytest.approx(result["unigram"] - cell["mean"], abs=1e-3)
+    for name in ("bert_scaling_best_lr.png", "bert_scaling_gaps.png", "bert_scaling_sweep.png"):
+        assert (out / name).stat().st_size > 1000
+    copy = tmp_path / "bert_scaling.json"
+    copy.write_text((out / "bert_scaling.json").read_text())
+    run_script(REPO, "benchmarks/bert_scaling.py", "--report", str(copy))
+    assert (tmp_path / "bert_scaling.md").read_text() == markdown
+
+
+def test_a_study_run_above_the_unigram_level_by_ln_10_is_diverged_and_never_tuned(study):
+    cache = study[0].parent
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bert_scaling
+
+    search = bert_scaling.SEARCHES["lamb"]  # its first window at k = 1: j = -3, -2, -1
+    assert search.windows[1] == (-3, -2, -1) and search.max_growth >= 1
+    fresh = bert_scaling.Study({"lamb": search}, smoke=True, seeds=2, cache=str(cache))
+    unigram = fresh.unigram
+
+    def run(j, seed, metric):
+        return {"task": "bert_scaling", "family": "lamb", "arm": "none", "k": 1, "seed": seed,
+                "base_lr": 1e-2 * 2 ** (j / 2), "base_warmup_epochs": STUDY_BASE_WARMUP_EPOCHS,
+                "metric": metric, "diverged": metric is None, "updates": 10, "epochs": 1.0}  # fmt: skip
+
+    fresh.add([
+        run(-3, 0, unigram - 0.1), run(-3, 1, unigram - 0.1),
+        run(-2, 0, unigram - 0.5), run(-2, 1, unigram + math.log(10) + 0.01),  # one seed exploded
+        run(-1, 0, unigram - 0.2), run(-1, 1, unigram - 0.2),
+    ])  # fmt: skip
+    exploded = fresh.runs[3]
+    assert exploded["diverged"] and exploded["metric"] is None and exploded["exploded_metric"] > unigram
+    # the lowest single loss (j = -2, seed 0) is not tuned, its other seed diverged: j = -1 is the best mean, and
+    # at the window's edge the search is not done until j = 0 ran
+    assert fresh.best("lamb", 1) is None
+    assert fresh.growth("lamb", 1, ("fixed",)) == [(1, 0, "fixed")]
+    fresh.add([run(0, 0, unigram - 0.05), run(0, 1, unigram - 0.05)])
+    assert fresh.growth("lamb", 1, ("fixed",)) == []
+    assert fresh.best("lamb", 1) == (1, -1, "fixed")
