@@ -567,6 +567,11 @@ def train_cell(cell: Cell) -> dict[str, Any]:
     if adascale:
         record.update(
             mean_gain=statistics.fmean(gains),
+            # the last update's gain, the moments it came from and the LR it set, for checks written out elsewhere
+            last_gain=gains[-1],
+            last_trace=noise.trace,
+            last_signal=noise.signal,
+            last_lr=lrs[-1],
             b_simple=noise.b_simple,
             progress=scheduler.progress,
             total_progress=scheduler.total_progress,

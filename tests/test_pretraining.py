@@ -209,21 +209,21 @@ def test_a_second_run_reuses_the_cache_picks_the_largest_micro_batch_and_moves_f
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"train_file": "/nonexistent/train.txt"}, "train_file must be an existing text file"),
-        ({"train_file": "EMPTY"}, "train_file must hold at least one non-blank document"),
+        ({"train_file": "/nonexistent/train.txt"}, "--train_file must be an existing text file"),
+        ({"train_file": "EMPTY"}, "--train_file must hold at least one non-blank document"),
         (
             {"validation_file": "TINY"},
             "validation sequences of 32 tokens for phase1, fewer than --min_validation_sequences 8",
         ),
-        ({"phase2_seq_len": "1024"}, "phase2_seq_len must be at most the model's 512 positions"),
-        ({"phase1_global_batch_size": "40"}, "phase1_global_batch_size must be a multiple of per-device batch"),
-        ({"learning_rate": "0.1"}, "learning_rate is set per phase by this program: use --phase1_base_lr"),
-        ({"average_last": "50"}, "average_last must be at most phase 2's"),
-        ({"phase1_base_warmup_steps": "1000"}, "phase1_base_warmup_steps must give a warmup shorter than training"),
-        ({"resume_from_checkpoint": "x"}, "resume_from_checkpoint is not needed"),
+        ({"phase2_seq_len": "1024"}, "--phase2_seq_len must be at most the model's 512 positions"),
+        ({"phase1_global_batch_size": "40"}, "--phase1_global_batch_size must be a multiple of per-device batch"),
+        ({"learning_rate": "0.1"}, "--learning_rate is set per phase by this program: use --phase1_base_lr"),
+        ({"average_last": "50"}, "--average_last must be at most phase 2's"),
+        ({"phase1_base_warmup_steps": "1000"}, "--phase1_base_warmup_steps must give a warmup shorter than training"),
+        ({"resume_from_checkpoint": "x"}, "--resume_from_checkpoint is not needed"),
         ({"bogus_flag": "1"}, "flags must be flags of legw-hf pretrain or of Trainer"),
         ({"recipe": "nope"}, "argument --recipe: invalid choice: 'nope'"),
-        ({"output_dir": "UNWRITABLE"}, "output_dir must be a folder this process can write in (/proc:"),
+        ({"output_dir": "UNWRITABLE"}, "--output_dir must be a folder this process can write in (/proc:"),
         ({"plots": "maybe"}, "argument --plots: Truthy value expected: got maybe"),
     ],
 )
@@ -250,7 +250,7 @@ def test_an_output_directory_of_another_run_is_refused_and_left_as_it_is(finishe
     before = {p: p.stat().st_mtime_ns for p in output_dir.rglob("*")}
     assert main(small_args(corpus, output_dir, phase1_base_lr="0.03")) == 2
     error = capsys.readouterr().err
-    assert "output_dir holds a different pretraining run (differs in: phases)" in error
+    assert "--output_dir holds a different pretraining run (differs in: phases)" in error
     assert "--overwrite_output_dir" in error
     assert {p: p.stat().st_mtime_ns for p in output_dir.rglob("*")} == before
 
@@ -271,5 +271,5 @@ def test_the_cli_subcommand_runs_the_same_program(corpus, tmp_path):
         timeout=300,
     )
     assert result.returncode == 2
-    assert "legw-hf pretrain: error: learning_rate is set per phase by this program" in result.stderr
+    assert "legw-hf pretrain: error: --learning_rate is set per phase by this program" in result.stderr
     assert not output_dir.exists()

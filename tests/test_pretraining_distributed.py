@@ -99,5 +99,5 @@ def test_a_global_batch_the_processes_cannot_form_is_refused_before_anything_is_
     proc = launch(args, "torchrun")
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0
-    assert "phase1_global_batch_size must be a multiple of per-device batch × processes = 8 × 2 = 16" in output
+    assert "--phase1_global_batch_size must be a multiple of per-device batch × processes = 8 × 2 = 16" in output
     assert not output_dir.exists()

@@ -108,6 +108,19 @@ def test_adascale_follows_its_gain(smoke):
         # fewer updates than the base run, more samples than the others' epoch budget whenever r < k
         assert r["updates"] <= r["total_progress"]
         assert r["b_simple"] > 0
+        # the last update's gain from its moments, written out (Johnson et al.): per-sample trace T, signal μ²
+        trace, signal, base, k = r["last_trace"], r["last_signal"], r["base_batch"], r["k"]
+        gain = min(max((trace / base + signal) / (trace / (k * base) + signal), 1.0), k)
+        assert r["last_gain"] == pytest.approx(gain, rel=1e-6)
+        # and the LR it set: the base run's schedule at the progress it reaches, times r (SGD) or √r (Adam, LAMB)
+        power = 1.0 if task["families"][r["family"]]["optimizer"] == "momentum" else 0.5
+        base_spe = math.ceil(r["dataset_size"] / base)
+        schedule = dict(base_lr=r["base_lr"], k=1, base_warmup_epochs=r["base_warmup_epochs"], rule="none")
+        base_lr_then = legw_lr(
+            min(r["progress"], base_updates) / base_spe,
+            epochs=task["epochs"], decay=task["decay"]["name"], power=task["decay"]["power"], **schedule,
+        )  # fmt: skip
+        assert r["last_lr"] == pytest.approx(gain**power * base_lr_then, rel=1e-6)
 
 
 def test_tables_summarise_the_runs(smoke):

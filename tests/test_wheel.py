@@ -1,8 +1,10 @@
 """The package as a user installs it: the wheel built from this checkout, installed into a fresh virtual environment
 with no extras (``pip install legw_hf-*.whl``, torch kept on the CPU build by ``constraints/cpu.txt``), and its
 commands run from a folder outside the checkout, with nothing of the checkout importable: ``legw-hf --version``,
-``legw-hf plan``, ``legw-hf recipes --copy`` and a seconds-long ``legw-hf pretrain`` (no matplotlib: no plots, said
-once). Marked ``wheel``; ``make test-wheel`` runs it, and CI runs it after ``make test``.
+``legw-hf plan``, ``legw-hf recipes --copy``, a seconds-long ``legw-hf pretrain`` (no matplotlib: no plots, said
+once), the copied torchrun recipe training the shipped ``run_mlm.py`` on 2 processes, and the main job at its
+default size, which must end 0.3 nats below the unigram level (about 5 minutes). Marked ``wheel``;
+``make test-wheel`` runs it (about 9 minutes), and CI runs it after ``make test``.
 """
 
 from __future__ import annotations
@@ -89,3 +91,54 @@ def test_a_seconds_long_pretrain_runs_from_the_wheel(venv):
     report = json.loads((outside / "run" / "report.json").read_text())
     assert set(report["validation"]) == {"last"} and report["baselines"]
     assert not list((outside / "run").glob("*.png"))
+
+
+def test_the_shipped_trainer_script_trains_under_the_torchrun_recipe_from_the_wheel(venv):
+    """The copied recipes as shipped: torchrun.sh starts job.sh's default script (run_mlm.py beside it) on 2 CPU
+    processes, reading TRAIN_FILE, at the 2-node test's toy size (96 blocks, global batch 16, base batch 8)."""
+    from launch import free_port
+    from test_multinode import JOB_FLAGS
+
+    bin_dir, outside = venv
+    recipes = outside / "recipes"
+    if not recipes.is_dir():
+        run([str(bin_dir / "legw-hf"), "recipes", "--copy", str(recipes)], outside)
+    (outside / "text").mkdir()
+    corpus = write_corpus(outside / "text")
+    settings = {
+        "PYTHON": str(bin_dir / "python"),
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "TRAIN_FILE": str(corpus["train"]),
+        "NNODES": "1",
+        "GPUS_PER_NODE": "2",
+        "NODE_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "GLOBAL_BATCH": "16",
+        "MICRO_BATCH": "4",
+        "PRECISION": "fp32",
+        "OUTPUT_DIR": str(outside / "torchrun-job"),
+    }
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "CI")} | settings
+    result = subprocess.run(
+        ["bash", str(recipes / "launch" / "torchrun.sh"), *JOB_FLAGS],
+        cwd=outside, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (entry,) = json.loads((outside / "torchrun-job" / "legw_plan.json").read_text())
+    assert entry["batch"] == 16 and entry["k"] == 16 / 8
+    results = json.loads((outside / "torchrun-job" / "all_results.json").read_text())
+    assert results["train_samples"] == 96 and results["train_loss"] > 0
+
+
+def test_the_main_job_at_its_default_size_learns_from_the_wheel(venv):
+    """`legw-hf pretrain` as the README's quick start runs it (`make main`), from the wheel alone: both phases of
+    the tiny recipe on the embedded corpus, ending at least 0.3 nats below the unigram level (about 5 minutes)."""
+    bin_dir, outside = venv
+    result = run([str(bin_dir / "legw-hf"), "pretrain", "--output_dir", "main"], outside, timeout=1500)
+    assert "Pretraining report" in result.stdout + result.stderr
+    validation = json.loads((outside / "main" / "report.json").read_text())["validation"]
+    assert [model.split()[0] for model in validation] == ["last", "averaged"]
+    for model, phases in validation.items():
+        (phase2,) = [metrics for name, metrics in phases.items() if name.startswith("phase2")]
+        assert phase2["below_unigram"] >= 0.3, (model, phase2)

@@ -348,11 +348,25 @@ def parse(argv: list[str] | None) -> tuple[PretrainingArguments, Any, LegwTraini
     return parser.parse_args_into_dataclasses(args=argv)
 
 
+def _named_as_flags(error: SettingError) -> SettingError:
+    """The error naming each setting as this command line takes it, ``--phase1_global_batch_size``, as the other
+    ``legw-hf`` subcommands name theirs (the Python API and Trainer's arguments name the field)."""
+    fields = {
+        field.name
+        for arguments in (PretrainingArguments, PhaseArguments, ProgramTrainingArguments)
+        for field in dataclasses.fields(arguments)
+    }
+    return error.renamed_by(lambda name: f"--{name}" if name in fields else name)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         run_args, phase_args, training_args = parse(argv)
         status = pretrain(run_args, phase_args, training_args)
-    except (SettingError, _ArgumentError) as error:
+    except SettingError as error:
+        print(f"{PROG}: error: {_named_as_flags(error)}", file=sys.stderr)
+        return 2
+    except _ArgumentError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     leave_process_group()

@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> None:
         processing_class=tokenizer,
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.log_metrics("train", result.metrics)
+    metrics = {**result.metrics, "train_samples": len(train_dataset)}
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)  # train_results.json and all_results.json, as upstream's run_mlm.py
     if training_args.save_strategy != "no":
         trainer.save_model()
 
