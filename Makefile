@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup main test test-fast test-wheel bench reproduce gpu-check clean
+.PHONY: setup main test test-fast test-wheel bench reproduce study gpu-check clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,10 @@ reproduce: setup
 	$(PY) benchmarks/optimizer_step.py --quick > benchmarks/results/optimizer_step.md
 	$(PY) benchmarks/trainer_overhead.py --json benchmarks/results/trainer_overhead.json \
 		> benchmarks/results/trainer_overhead.md
+
+# The BERT LR x batch study (benchmarks/results/bert_scaling.*): LAMB and AdamW, about 1.5 hours on 2 cores.
+study: setup
+	$(PY) benchmarks/bert_scaling.py
 
 # On a CUDA machine, in an environment with a CUDA build of torch and `pip install -e '.[gpu,test]'`: the Triton
 # kernels compiled and run for real against the reference path, then the GPU benchmark into benchmarks/results/.

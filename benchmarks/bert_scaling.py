@@ -28,10 +28,8 @@ validation tokens; a run above it by ln 10 (10× its perplexity) or non-finite i
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -490,15 +488,7 @@ def write_report(out: Path, result: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per setting (default 3)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (one thread each)")
-    parser.add_argument("--smoke", action="store_true", help="toy sizes, one seed: checks every path in seconds")
-    parser.add_argument("--out", type=Path, default=lb.HERE / "results", help="where the tables and plots go")
-    parser.add_argument(
-        "--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "legw_hf_bench"
-    )
-    parser.add_argument("--report", type=Path, metavar="RESULT.json", help="only redraw a saved result")
+    parser = lb.runner_parser(__doc__.split("\n\n")[0], seeds=3)
     parser.add_argument(
         "--runs",
         type=Path,
@@ -506,19 +496,14 @@ def main(argv: list[str] | None = None) -> int:
         help="start from these finished runs (the runs file a study writes after every round) and run what is missing",
     )
     args = parser.parse_args(argv)
+    lb.check_runner_arguments(parser, args)
     if args.report is not None:
-        if not args.report.is_file():
-            parser.error(f"--report must be a result file written by this script, got {args.report}")
         write_report(args.report.parent, json.loads(args.report.read_text(encoding="utf-8")))
         return 0
-    if args.seeds < 1:
-        parser.error(f"--seeds must be >= 1, got {args.seeds}")
-    if args.workers < 1:
-        parser.error(f"--workers must be >= 1, got {args.workers}")
-    seeds = 1 if args.smoke and args.seeds == 3 else args.seeds
-    args.out.mkdir(parents=True, exist_ok=True)
     if args.runs is not None and not args.runs.is_file():
         parser.error(f"--runs must be a runs file written by this script, got {args.runs}")
+    seeds = 1 if args.smoke and args.seeds == 3 else args.seeds
+    args.out.mkdir(parents=True, exist_ok=True)
     study = Study(SMOKE_SEARCHES if args.smoke else SEARCHES, args.smoke, seeds, str(args.cache))
     if args.runs is not None:
         study.add(json.loads(args.runs.read_text(encoding="utf-8")))

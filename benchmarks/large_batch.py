@@ -851,12 +851,11 @@ def write_report(out: Path, stem: str, result: dict[str, Any], sweep: bool) -> N
         plot(out, stem, result, result["summary"], result["runs"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", nargs="+", choices=REPRODUCTION_TASKS, default=list(REPRODUCTION_TASKS))
-    parser.add_argument("--seeds", type=int, default=2, help="seeds per cell (default 2)")
+def runner_parser(description: str, seeds: int) -> argparse.ArgumentParser:
+    """The flags every runner of these benchmarks takes (this one and bert_scaling.py)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--seeds", type=int, default=seeds, help=f"seeds per cell (default {seeds})")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (one thread each)")
-    parser.add_argument("--sweep", action="store_true", help="the base-batch LR sweep instead of the experiments")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one seed: checks every path in seconds")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="where the tables and plots go")
     parser.add_argument(
@@ -865,17 +864,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--report", type=Path, metavar="RESULT.json", help="only rewrite the Markdown and plots of a saved result"
     )
-    args = parser.parse_args(argv)
-    if args.report is not None:
-        if not args.report.is_file():
-            parser.error(f"--report must be a result file written by this script, got {args.report}")
-        result = json.loads(args.report.read_text(encoding="utf-8"))
-        write_report(args.report.parent, args.report.stem, result, sweep="--sweep" in result["command"])
-        return 0
+    return parser
+
+
+def check_runner_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse bad counts, and a --report that is not a file, before any work."""
+    if args.report is not None and not args.report.is_file():
+        parser.error(f"--report must be a result file written by this script, got {args.report}")
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
     if args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = runner_parser(__doc__.split("\n\n")[0], seeds=2)
+    parser.add_argument("--tasks", nargs="+", choices=REPRODUCTION_TASKS, default=list(REPRODUCTION_TASKS))
+    parser.add_argument("--sweep", action="store_true", help="the base-batch LR sweep instead of the experiments")
+    args = parser.parse_args(argv)
+    check_runner_arguments(parser, args)
+    if args.report is not None:
+        result = json.loads(args.report.read_text(encoding="utf-8"))
+        write_report(args.report.parent, args.report.stem, result, sweep="--sweep" in result["command"])
+        return 0
     seeds = 1 if args.smoke and args.seeds == 2 else args.seeds
     if "wikitext2_lm" in args.tasks and not (SHARED_DATA / "wikitext-2" / "valid.txt").is_file():
         parser.error(f"--tasks wikitext2_lm needs {SHARED_DATA / 'wikitext-2' / 'valid.txt'}")

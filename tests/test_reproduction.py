@@ -228,16 +228,24 @@ def test_sweep_records_each_setting(repo, tmp_path):
     assert "lr 0.01, warmup 0.025 ep" in (tmp_path / "large_batch_sweep.md").read_text()
 
 
-def test_bad_runner_flags_are_refused_before_any_work(repo, tmp_path):
-    for flags, message in ((["--seeds", "0"], "--seeds must be >= 1"), (["--workers", "0"], "--workers must be >= 1")):
-        done = subprocess.run(
-            [sys.executable, "benchmarks/large_batch.py", *flags, "--out", str(tmp_path / "out")],
-            cwd=repo,
-            env={**os.environ, "PYTHONPATH": str(repo)},
-            capture_output=True,
-            text=True,
-        )
-        assert done.returncode == 2 and message in done.stderr
+@pytest.mark.parametrize(
+    ("script", "flags", "message"),
+    [
+        ("large_batch.py", ["--seeds", "0"], "--seeds must be >= 1"),
+        ("large_batch.py", ["--workers", "0"], "--workers must be >= 1"),
+        ("bert_scaling.py", ["--report", "missing.json"], "--report must be a result file written by this script"),
+        ("bert_scaling.py", ["--runs", "missing.json"], "--runs must be a runs file written by this script"),
+    ],
+)
+def test_bad_runner_flags_are_refused_before_any_work(repo, tmp_path, script, flags, message):
+    done = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", *flags, "--out", str(tmp_path / "out")],
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and message in done.stderr
     assert not (tmp_path / "out").exists()
 
 
