@@ -407,9 +407,18 @@ def plot(out: Path, result: dict[str, Any]) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     meta, summary = result["meta"], result["summary"]
     families = list(summary)
+    batches = [k * meta["base_batch"] for k in meta["ks"]]
+
+    def batch_axis(axis) -> None:
+        axis.set_xscale("log")
+        axis.set_xticks(batches, labels=[str(b) for b in batches])
+        axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        axis.set_xlabel("global batch")
+
     figure, axes = plt.subplots(1, len(families), figsize=(5.5 * len(families), 4), squeeze=False)
     for axis, family in zip(axes[0], families, strict=True):
         tuned = summary[family]["tuned"]
@@ -420,14 +429,18 @@ def plot(out: Path, result: dict[str, Any]) -> list[str]:
                 if (key.partition("/")[2] or None) == warmup
             )
             if points:
-                label = f"best, warmup {warmup}" if warmup else "best over both warmups"
+                label = f"best, warmup {warmup}" if warmup else "best over the warmups searched"
                 axis.plot(*zip(*points, strict=True), marker=marker, label=label, alpha=0.8)
         if "1" in tuned:
-            batches = [k * meta["base_batch"] for k in meta["ks"]]
             base = tuned["1"]["lr"]
             axis.plot(batches, [base * math.sqrt(b / batches[0]) for b in batches], "k--", label="√k (LEGW)")
             axis.plot(batches, [base * b / batches[0] for b in batches], "k:", label="k (linear)")
-        axis.set(xscale="log", yscale="log", xlabel="global batch", ylabel="peak LR", title=f"{family}: best LR")
+        noise = summary[family]["b_simple"]
+        if noise:
+            axis.axvline(statistics.fmean(noise.values()), color="grey", linewidth=0.8, label="B_simple (early)")
+        batch_axis(axis)
+        axis.set(yscale="log", ylabel="peak LR", title=f"{family}: best LR")
+        axis.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(out / "bert_scaling_best_lr.png", dpi=110)
@@ -450,7 +463,8 @@ def plot(out: Path, result: dict[str, Any]) -> list[str]:
                     label=rule,
                 )
         axis.axhline(0.0, color="black", linewidth=0.8)
-        axis.set(xscale="log", xlabel="global batch", ylabel="loss − tuned loss (nats)", title=f"{family}: gap")
+        batch_axis(axis)
+        axis.set(ylabel="loss − tuned loss (nats)", title=f"{family}: gap to the tuned LR")
         axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(out / "bert_scaling_gaps.png", dpi=110)
@@ -474,6 +488,7 @@ def plot(out: Path, result: dict[str, Any]) -> list[str]:
                     )
         axis.axhline(result["unigram"], color="black", linestyle=":", label="unigram level")
         axis.set(xscale="log", xlabel="peak LR", ylabel="validation MLM loss", title=f"{family}: loss vs LR")
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(out / "bert_scaling_sweep.png", dpi=110)
