@@ -42,7 +42,7 @@ reproduce: setup
 	$(PY) benchmarks/trainer_overhead.py --json benchmarks/results/trainer_overhead.json \
 		> benchmarks/results/trainer_overhead.md
 
-# The BERT LR x batch study (benchmarks/results/bert_scaling.*): LAMB and AdamW, about 1.5 hours on 2 cores.
+# The BERT LR x batch study (benchmarks/results/bert_scaling.*): LAMB and AdamW, about an hour on 2 cores.
 study: setup
 	$(PY) benchmarks/bert_scaling.py
 

@@ -4,7 +4,7 @@ The question (You et al., "Large-Batch Training for LSTM and Beyond"): when the 
 rule's setting from the best LR found by search at that batch? LEGW's claim is that √k peak LR with k× the warmup
 in epochs lands within noise of that optimum, without retuning.
 
-At every batch k·B0 (B0 = 4, k in 1, 4, 16; 2 epochs, so 157 updates at the largest batch) the peak LR is searched
+At every batch k·B0 (B0 = 4, k in 1, 4, 16; 2 epochs, so 158 updates at the largest batch) the peak LR is searched
 on a √2 lattice (LR = anchor · √2^j) until the best setting is interior: the search starts from a window of lattice
 points and grows it by one point at a time while the best mean is at an edge. At k > 1 LAMB's search runs with the
 base warmup epochs kept fixed and with k× of them; AdamW's with k× (LEGW's). The best mean over seeds at a batch is
