@@ -419,8 +419,17 @@ def plot(out: Path, result: dict[str, Any]) -> list[str]:
         axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         axis.set_xlabel("global batch")
 
-    figure, axes = plt.subplots(1, len(families), figsize=(5.5 * len(families), 4), squeeze=False)
-    for axis, family in zip(axes[0], families, strict=True):
+    def figure_per_family(name: str, draw: Any) -> str:
+        figure, axes = plt.subplots(1, len(families), figsize=(5.5 * len(families), 4), squeeze=False)
+        for axis, family in zip(axes[0], families, strict=True):
+            draw(axis, family)
+            axis.legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(out / name, dpi=110)
+        plt.close(figure)
+        return name
+
+    def best_lr(axis, family: str) -> None:
         tuned = summary[family]["tuned"]
         for warmup, marker in (("fixed", "s"), ("scaled", "^"), (None, "o")):
             points = sorted(
@@ -441,37 +450,20 @@ def plot(out: Path, result: dict[str, Any]) -> list[str]:
         batch_axis(axis)
         axis.set(yscale="log", ylabel="peak LR", title=f"{family}: best LR")
         axis.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(out / "bert_scaling_best_lr.png", dpi=110)
-    plt.close(figure)
 
-    figure, axes = plt.subplots(1, len(families), figsize=(5.5 * len(families), 4), squeeze=False)
-    for axis, family in zip(axes[0], families, strict=True):
-        rules = summary[family]["rules"]
-        for offset, (rule, by_k) in enumerate(rules.items()):
+    def gaps(axis, family: str) -> None:
+        for offset, (rule, by_k) in enumerate(summary[family]["rules"].items()):
             points = [(int(k), c) for k, c in by_k.items() if "gap" in c]
             if points:
                 ks, cells = zip(*points, strict=True)
-                xs = [k * meta["base_batch"] * (1 + 0.04 * offset) for k in ks]
-                axis.errorbar(
-                    xs,
-                    [c["gap"] for c in cells],
-                    yerr=[c["gap_spread"] for c in cells],
-                    marker="o",
-                    capsize=3,
-                    label=rule,
-                )
+                xs = [k * meta["base_batch"] * (1 + 0.04 * offset) for k in ks]  # side by side, not on top
+                gap, spread = [c["gap"] for c in cells], [c["gap_spread"] for c in cells]
+                axis.errorbar(xs, gap, yerr=spread, marker="o", capsize=3, label=rule)
         axis.axhline(0.0, color="black", linewidth=0.8)
         batch_axis(axis)
         axis.set(ylabel="loss − tuned loss (nats)", title=f"{family}: gap to the tuned LR")
-        axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(out / "bert_scaling_gaps.png", dpi=110)
-    plt.close(figure)
 
-    figure, axes = plt.subplots(1, len(families), figsize=(5.5 * len(families), 4), squeeze=False)
-    for axis, family in zip(axes[0], families, strict=True):
+    def loss_against_lr(axis, family: str) -> None:
         for k in meta["ks"]:
             for warmup, style in (("fixed", "-"), ("scaled", "--")):
                 points = sorted(
@@ -480,20 +472,17 @@ def plot(out: Path, result: dict[str, Any]) -> list[str]:
                     if c["k"] == k and c["warmup"] == warmup and "mean" in c
                 )
                 if points:
-                    axis.plot(
-                        *zip(*points, strict=True),
-                        style,
-                        marker="o",
-                        label=f"batch {k * meta['base_batch']}, warmup {warmup}",
-                    )
+                    label = f"batch {k * meta['base_batch']}, warmup {warmup}"
+                    axis.plot(*zip(*points, strict=True), style, marker="o", label=label)
         axis.axhline(result["unigram"], color="black", linestyle=":", label="unigram level")
         axis.set(xscale="log", xlabel="peak LR", ylabel="validation MLM loss", title=f"{family}: loss vs LR")
         axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(out / "bert_scaling_sweep.png", dpi=110)
-    plt.close(figure)
-    return ["bert_scaling_best_lr.png", "bert_scaling_gaps.png", "bert_scaling_sweep.png"]
+
+    return [
+        figure_per_family("bert_scaling_best_lr.png", best_lr),
+        figure_per_family("bert_scaling_gaps.png", gaps),
+        figure_per_family("bert_scaling_sweep.png", loss_against_lr),
+    ]
 
 
 def write_report(out: Path, result: dict[str, Any]) -> None:
