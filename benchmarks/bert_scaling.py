@@ -100,12 +100,15 @@ def lattice_index(search: Search, lr: float) -> int:
 class Study:
     """The runs so far, what they say, and which runs are still needed (a pure function of the runs)."""
 
-    def __init__(self, searches: dict[str, Search], smoke: bool, seeds: int, cache: str) -> None:
+    def __init__(
+        self, searches: dict[str, Search], smoke: bool, seeds: int, cache: str, unigram: float | None = None
+    ) -> None:
         self.task = lb.TASKS[TASK]
         self.size = self.task.size(smoke)
         self.searches, self.smoke, self.seeds, self.cache = searches, smoke, seeds, cache
         self.runs: list[dict[str, Any]] = []
-        self.unigram = lb.task_data(TASK, smoke, cache).baseline
+        #: The unigram level of the validation masks (from the task's data unless given).
+        self.unigram = lb.task_data(TASK, smoke, cache).baseline if unigram is None else unigram
 
     # ------------------------------------------------------------------------------------------ cells and results
     def warmup_epochs(self, family: str, k: int, warmup: str) -> float:

@@ -90,6 +90,7 @@ def first_step_gradients(trainer_cls, model, data, tmp_path) -> tuple[Trainer, d
         max_grad_norm=0.0,
         save_strategy="no",
         report_to="none",
+        log_level="warning",  # the warnings checked here, whatever verbosity another test left transformers at
         use_cpu=True,
         disable_tqdm=True,
     )
