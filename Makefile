@@ -27,7 +27,7 @@ test-fast: setup
 	$(PY) -m pytest -q -n 2 --dist loadscope -m "not multiprocess and not wheel"
 
 # The wheel built, installed into a fresh venv without extras, and run from outside the checkout, the main job at its
-# default size included (about 9 minutes).
+# default size included (about 12 minutes).
 test-wheel: setup
 	$(PY) -m pytest -q -m wheel tests/test_wheel.py
 

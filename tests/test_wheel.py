@@ -4,7 +4,7 @@ commands run from a folder outside the checkout, with nothing of the checkout im
 ``legw-hf plan``, ``legw-hf recipes --copy``, a seconds-long ``legw-hf pretrain`` (no matplotlib: no plots, said
 once), the copied torchrun recipe training the shipped ``run_mlm.py`` on 2 processes, and the main job at its
 default size, which must end 0.3 nats below the unigram level (about 5 minutes). Marked ``wheel``;
-``make test-wheel`` runs it (about 9 minutes), and CI runs it after ``make test``.
+``make test-wheel`` runs it (about 12 minutes), and CI runs it after ``make test``.
 """
 
 from __future__ import annotations
