@@ -21,10 +21,10 @@ main: setup
 	$(VENV)/bin/legw-hf pretrain --output_dir runs/main
 
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadscope -m "not wheel"
+	$(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder -m "not wheel"
 
 test-fast: setup
-	$(PY) -m pytest -q -n 2 --dist loadscope -m "not multiprocess and not wheel"
+	$(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder -m "not multiprocess and not wheel"
 
 # The wheel built, installed into a fresh venv without extras, and run from outside the checkout, the main job at its
 # default size included (about 12 minutes).

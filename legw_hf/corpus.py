@@ -10,6 +10,7 @@ the same on every run and machine with the same Python (another Python version g
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 import sys
@@ -26,8 +27,15 @@ _SKIPPED = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2t
 
 
 def stdlib_docstrings(root: str | Path | None = None) -> list[str]:
-    """The documents: standard-library docstrings of at least :data:`MIN_WORDS` words, one line each."""
+    """The documents: standard-library docstrings of at least :data:`MIN_WORDS` words, one line each.
+
+    Parsing the standard library takes seconds, so a process parses each root once."""
     root = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
+    return list(_parse_docstrings(root.resolve()))
+
+
+@functools.cache
+def _parse_docstrings(root: Path) -> tuple[str, ...]:
     documents: dict[str, None] = {}
     for path in sorted(root.rglob("*.py")):
         if _SKIPPED & set(path.relative_to(root).parts[:-1]):
@@ -41,7 +49,7 @@ def stdlib_docstrings(root: str | Path | None = None) -> list[str]:
                 text = ast.get_docstring(node)
                 if text and len(words := text.split()) >= MIN_WORDS:
                     documents.setdefault(" ".join(words))
-    return list(documents)
+    return tuple(documents)
 
 
 def in_validation(document: str, validation_percent: int) -> bool:

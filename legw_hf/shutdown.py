@@ -36,9 +36,10 @@ def leave_process_group() -> bool:
 
     Returns whether this process took part in a multi-process run, so the caller knows whether the gloo worker
     threads may still be alive: also true when the group was destroyed already (the threads outlive it)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    # A process group exists only where torch.distributed was imported: a command that never imported it (such as
+    # ``legw-hf plan``) must not pay torch's import on the way out.
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
         dist.barrier()
         _remove_deepspeed_shm_buffer(dist.get_rank())
         dist.destroy_process_group()

@@ -40,22 +40,24 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
     return write_corpus(tmp_path_factory.mktemp("text"))
 
 
-#: The slowest test modules, slowest first (CPU seconds from `LEGW_TEST_CPU_LOG`, 2 cores): with `make test`'s
-#: `--dist loadscope`, pytest-xdist hands whole modules to its workers in collection order (a module's shared runs
-#: happen once), so these start first and the workers end closer together.
+#: The slowest test modules, slowest first (seconds from `pytest --durations=0` on 2 cores). `make test` passes
+#: `--dist loadscope --no-loadscope-reorder`: pytest-xdist hands whole modules to its workers (a module's shared runs
+#: happen once) in collection order, so these start first and the workers end together. (By default xdist would
+#: reorder the modules by their number of tests, which puts a slow module of one test last.)
 SLOWEST_FIRST = (
-    "test_multinode.py",
     "test_sharded.py",
-    "test_pretraining.py",
     "test_pretraining_distributed.py",
-    "test_accelerate.py",
-    "test_examples.py",
     "test_triton_kernel.py",
+    "test_multinode.py",
     "test_reproduction.py",
-    "test_recipes.py",
-    "test_cpu_kernel_cache.py",
-    "test_adascale.py",
+    "test_accelerate.py",
+    "test_pretraining.py",
     "test_elastic.py",
+    "test_examples.py",
+    "test_adascale.py",
+    "test_cpu_kernel_cache.py",
+    "test_trainer.py",
+    "test_recipes.py",
 )
 
 

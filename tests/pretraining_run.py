@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import subprocess
 from pathlib import Path
 
@@ -27,15 +26,9 @@ KEYS = (
 )
 
 
-@functools.cache
-def _documents() -> tuple[str, ...]:
-    # parsing the standard library takes seconds: once per test process, not once per module
-    return tuple(stdlib_docstrings()[:301])
-
-
 def write_corpus(folder: Path) -> dict[str, Path]:
     """Small train and validation files made of standard-library docstrings, and a validation file too small."""
-    docs = _documents()
+    docs = stdlib_docstrings()[:301]  # parsed once per process
     (folder / "train.txt").write_text("".join(f"{d}\n" for d in docs[:240]))
     (folder / "validation.txt").write_text("".join(f"{d}\n" for d in docs[240:300]))
     (folder / "tiny-validation.txt").write_text(docs[300] + "\n")
