@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup main test test-fast test-wheel bench reproduce study gpu-check clean
+.PHONY: setup main test test-fast test-wheel docs bench reproduce study gpu-check clean
 
 setup: $(STAMP)
 
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints/cpu.txt torch==2.13.0
-	$(PIP) install -q -c constraints/cpu.txt -e ".[test,deepspeed,plot,bench]"
+	$(PIP) install -q -c constraints/cpu.txt -e ".[test,deepspeed,plot,bench,docs]"
 	$(PY) tests/scripts/build_extensions.py
 	touch $(STAMP)
 
@@ -30,6 +30,10 @@ test-fast: setup
 # default size included (about 12 minutes).
 test-wheel: setup
 	$(PY) -m pytest -q -m wheel tests/test_wheel.py
+
+# The documentation site from docs/ into site/ (mkdocs.yml; strict: a broken link or a warning fails the build).
+docs: setup
+	$(VENV)/bin/mkdocs build --strict --quiet
 
 bench: setup
 	$(PY) benchmarks/optimizer_step.py
@@ -54,4 +58,4 @@ gpu-check:
 	$(GPU_PYTHON) benchmarks/gpu_step.py --json benchmarks/results/gpu_step.json > benchmarks/results/gpu_step.md
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs site

@@ -18,7 +18,7 @@ At k = 1 every arm is the base run, so it runs once per seed. Runs are independe
 processes of one thread each. Output: ``results/large_batch.{json,md}`` and PNG plots (metric vs batch per arm, the
 LR curves at one batch).
 
-    python benchmarks/large_batch.py              # the default set (README: Does it hold?)
+    python benchmarks/large_batch.py              # the default set (docs/results.md)
     python benchmarks/large_batch.py --sweep      # the base-batch LR sweep the settings below come from
     python benchmarks/large_batch.py --smoke --out /tmp/smoke   # seconds: every task, arm and code path, tiny
 """

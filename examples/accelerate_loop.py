@@ -1,6 +1,6 @@
 """A plain accelerate training loop with a LEGW schedule.
 
-Two CPU processes over gloo (``--cpu`` would start only one: see the README):
+Two CPU processes over gloo (``--cpu`` would start only one: see docs/howto/accelerate.md):
 
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 examples/accelerate_loop.py \\
         --base-batch-size 8 --per-device-batch-size 8 --gradient-accumulation-steps 2 --epochs 3 --optimizer lamb

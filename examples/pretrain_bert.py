@@ -3,7 +3,7 @@
     python examples/pretrain_bert.py                          # tiny BERT, embedded corpus, 2 CPU cores, < 10 min
     python examples/pretrain_bert.py --help                   # every Trainer flag, plus the program's
 
-See legw_hf/pretraining/program.py for what it does and README.md ("The main job") for the flags and recipes.
+See legw_hf/pretraining/program.py for what it does and docs/tutorial/pretrain-bert.md for the flags and recipes.
 """
 
 from legw_hf import exit_process

@@ -177,8 +177,8 @@ class LegwConfig:
     Args:
         base_batch_size: global batch B0 the base settings were tuned at.
         base_lr: peak LR η0 at B0.
-        base_warmup_epochs / base_warmup_steps: the base warmup, in epochs or in optimizer steps at B0
-            (exactly one).
+        base_warmup_epochs: the base warmup in epochs (or give ``base_warmup_steps``: exactly one of the two).
+        base_warmup_steps: the base warmup in optimizer steps at B0.
         rule: ``legw`` (√k LR, k× warmup epochs), ``sqrt`` (√k LR), ``linear`` (k× LR) or ``none``.
         decay: the decay shape after warmup, in epochs (:mod:`legw_hf.schedules`).
     """

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from launch import launch_environment, launcher_command, remove_deepspeed_shm_buffers
 
-from legw_hf.corpus import stdlib_docstrings
+from legw_hf.pretraining.corpus import stdlib_docstrings
 
 PHASES = {
     # seq, predictions, global batch, per device, base batch, base LR, base warmup steps, epochs

@@ -4,14 +4,22 @@ and never written over a user's files."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import datasets
 import pytest
+from procs import python_env
 
 from legw_hf import SettingError
-from legw_hf.corpus import MIN_WORDS, _parse_docstrings, in_validation, stdlib_docstrings, write_embedded_corpus
+from legw_hf.pretraining.corpus import (
+    MIN_WORDS,
+    _parse_docstrings,
+    in_validation,
+    stdlib_docstrings,
+    write_embedded_corpus,
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +67,21 @@ def test_an_existing_corpus_is_reused_and_other_files_are_never_overwritten(tmp_
     assert (mine / "train.txt").read_text() == "my data\n"
     with pytest.raises(SettingError, match=r"validation_percent must be an integer in 1\.\.50"):
         write_embedded_corpus(tmp_path / "other", validation_percent=0)
+
+
+@pytest.mark.parametrize("name", ["corpus", "largest_batch"])
+def test_the_modules_old_names_still_import_with_a_deprecation_warning(name):
+    code = (
+        "import warnings\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        f"    import legw_hf.{name} as old\n"
+        f"import legw_hf.pretraining.{name} as new\n"
+        "assert old is new, (old, new)\n"
+        "print(caught[0].category.__name__, caught[0].message)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=python_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == (
+        f"DeprecationWarning legw_hf.{name} moved to legw_hf.pretraining.{name}; the old name goes in the next release"
+    )

@@ -13,9 +13,8 @@ import torch
 from transformers import BertConfig, BertForMaskedLM
 
 from legw_hf import Lamb, SettingError
-from legw_hf.corpus import stdlib_docstrings
-from legw_hf.largest_batch import fit_micro_batch, largest_fitting
 from legw_hf.optim.phases import continue_from_phase
+from legw_hf.pretraining.corpus import stdlib_docstrings
 from legw_hf.pretraining.data import PreparedText, train_wordpiece
 from legw_hf.pretraining.evaluation import (
     MaskedLmMetrics,
@@ -24,6 +23,7 @@ from legw_hf.pretraining.evaluation import (
     masked_lm_metrics,
     token_scores,
 )
+from legw_hf.pretraining.largest_batch import fit_micro_batch, largest_fitting
 from legw_hf.pretraining.masking import IGNORED_LABEL, MaskingCollator, MaskingRule, mask_sequences
 from legw_hf.pretraining.model import BertForMaskedPositions
 

@@ -109,7 +109,8 @@ def create_legw_scheduler(
         config: the tuned base settings.
         train_dataloader: the dataloader returned by ``accelerator.prepare``; the dataset size and the steps
             per epoch are read from it.
-        num_epochs / max_steps: the training length, exactly one.
+        num_epochs: the training length in epochs (or give ``max_steps``: exactly one of the two).
+        max_steps: the training length in optimizer updates.
         batch_size: the global batch you expect; a ``SettingError`` if the loop forms another.
     """
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)

@@ -4,7 +4,7 @@ The steps, each a ``datasets`` map or filter with a cache file named by what wen
 same text, tokenizer and settings loads the results instead of recomputing them):
 
 1. documents: text files (one document per line, or blank-line separated paragraphs), a ``datasets`` dataset, or
-   the embedded offline corpus (:mod:`legw_hf.corpus`);
+   the embedded offline corpus (:mod:`legw_hf.pretraining.corpus`);
 2. a WordPiece tokenizer trained on the training documents with ``tokenizers`` (or a local tokenizer);
 3. tokenize every document once (no special tokens);
 4. drop documents over ``max_document_tokens`` (Popel & Bojar: filter over-long examples once and store the result,
@@ -29,9 +29,9 @@ import numpy as np
 import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerFast
 
-from ..corpus import write_embedded_corpus
 from ..errors import SettingError
 from ..record import replace_file
+from .corpus import write_embedded_corpus
 from .masking import MaskingRule, mask_sequences
 
 logger = logging.getLogger(__name__)

@@ -535,7 +535,7 @@ def _fit_micro_batches(runs: list[_PhaseRun], config: Any, run_args: Any, traini
     """``--auto_micro_batch``: each phase's largest micro-batch that fits, the smallest any process found."""
     import torch.distributed as dist
 
-    from ..largest_batch import fit_micro_batch
+    from .largest_batch import fit_micro_batch
 
     world = training_args.world_size
     for run in runs:

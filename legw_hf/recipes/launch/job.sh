@@ -19,8 +19,8 @@ if [[ -n "$TRAIN_FILE" && ! -f "$TRAIN_FILE" || -z "$TRAIN_FILE" && "$SCRIPT" ==
     exit 2
 fi
 # One phase per job: 1: seq 128; 2: seq 512. The script starts from its own initialisation; for phase 2 from phase
-# 1's weights and LAMB moments in one job, run the two-phase program instead (README, "The main job": torchrun ...
-# -m legw_hf.pretraining --recipe bert-large).
+# 1's weights and LAMB moments in one job, run the two-phase program instead (docs/tutorial/pretrain-bert.md:
+# torchrun ... -m legw_hf.pretraining --recipe bert-large).
 PHASE=${PHASE:-1}
 OUTPUT_DIR=${OUTPUT_DIR:-runs/bert-large-phase$PHASE}
 PRECISION=${PRECISION:-fp16}                    # fp16 (dynamic loss scale) or bf16, as the DeepSpeed config; fp32
