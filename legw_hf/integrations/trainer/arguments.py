@@ -1,0 +1,447 @@
+"""The LEGW argument fields (``--legw_*`` flags) and the checks that run when the arguments are built."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from transformers import TrainingArguments
+
+from ...adascale import MODES as ADASCALE_MODES
+from ...errors import SettingError
+from ...noise_scale import check_scale
+from ...optim import LAMB_PRESETS, LARS_PRESETS
+from ...optim.choice import OPTIMIZER_NAMES
+from ...plan import RULES, LegwConfig, LegwPlan, epoch_steps
+from ...schedules import DECAY_OPTIONS, DECAYS, make_decay
+from .. import deepspeed as deepspeed_config
+from .flags import ARGUMENT_FOR_SETTING, PLAN_FLAGS, TRAINER_SCHEDULE_FLAGS, as_argument_error, changed_fields
+from .optimizer import adam_family, probe_optimizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LegwArguments:
+    """LEGW fields for any ``TrainingArguments`` class; they become ``--legw_*`` flags in ``HfArgumentParser``.
+
+    Mix into another arguments class with ``@dataclass class MyArgs(LegwArguments, Seq2SeqTrainingArguments)``.
+    LEGW is on when ``legw_base_batch_size`` is set; ``learning_rate`` is then the base peak LR.
+    """
+
+    legw_base_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Global batch at which --learning_rate and the base warmup were tuned. Turns LEGW on."},
+    )
+    legw_rule: Literal[tuple(RULES)] | None = field(
+        default=None,
+        metadata={
+            "help": "legw (default): sqrt(k) LR and k x warmup epochs; sqrt: sqrt(k) LR; linear: k x LR; none. "
+            "--legw_adascale gain/sqrt_gain replaces the rule."
+        },
+    )
+    legw_base_warmup_epochs: float | None = field(
+        default=None, metadata={"help": "Warmup at the base batch, in epochs (or give --legw_base_warmup_steps)."}
+    )
+    legw_base_warmup_steps: float | None = field(
+        default=None, metadata={"help": "Warmup at the base batch, in optimizer steps at that batch."}
+    )
+    legw_decay: Literal[tuple(DECAYS)] = field(default="poly", metadata={"help": "Decay shape after warmup."})
+    legw_power: float | None = field(
+        default=None, metadata={"help": "poly: exponent (default 1); poly_run: (default 0.5)."}
+    )
+    legw_end_lr: float | None = field(default=None, metadata={"help": "poly, cosine: final LR (default 0)."})
+    legw_milestones: list[float] | None = field(
+        default=None, metadata={"help": "multistep: epochs at which the LR is multiplied by --legw_gamma."}
+    )
+    legw_gamma: float | None = field(default=None, metadata={"help": "multistep, exp: decay factor."})
+    legw_decay_period: float | None = field(default=None, metadata={"help": "exp: epochs per gamma (default 1)."})
+    legw_staircase: bool | None = field(default=None, metadata={"help": "exp: decay in whole periods."})
+    legw_global_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Expected global batch; checked against per-device x accumulation x processes."},
+    )
+    legw_dataset_size: int | None = field(
+        default=None, metadata={"help": "Examples per epoch, for train datasets without a length (streaming)."}
+    )
+    legw_optimizer: Literal[OPTIMIZER_NAMES] | None = field(
+        default=None, metadata={"help": "Optimizer to build instead of --optim's: adamw, sgd, lamb or lars."}
+    )
+    legw_optimizer_preset: str | None = field(
+        default=None,
+        metadata={"help": f"lamb: {', '.join(LAMB_PRESETS)}; lars: {', '.join(LARS_PRESETS)} (see legw_hf.Lamb)."},
+    )
+    legw_betas: list[float] | None = field(default=None, metadata={"help": "lamb: beta1 beta2 (preset's)."})
+    legw_eps: float | None = field(default=None, metadata={"help": "lamb, lars: epsilon (preset's)."})
+    legw_momentum: float | None = field(default=None, metadata={"help": "sgd (0.9), lars (preset's): momentum."})
+    legw_nesterov: bool | None = field(default=None, metadata={"help": "sgd, lars: Nesterov momentum."})
+    legw_bias_correction: Literal["inside", "step_size", "off"] | None = field(
+        default=None, metadata={"help": "lamb: where Adam's bias correction goes (preset's)."}
+    )
+    legw_lamb_max_grad_norm: float | None = field(
+        default=None,
+        metadata={
+            "help": "lamb: global gradient pre-normalisation max norm, 0 = off (preset's; nvidia: 1.0). "
+            "When it is on, Trainer's --max_grad_norm clipping is turned off."
+        },
+    )
+    legw_trust_clamp: list[float] | None = field(
+        default=None, metadata={"help": "lamb: min max bounds of the trust ratio (preset's; deepspeed: 0.01 10)."}
+    )
+    legw_trust_coefficient: float | None = field(default=None, metadata={"help": "lars: trust coefficient."})
+    legw_adapt: Literal["all", "decayed"] | None = field(
+        default=None, metadata={"help": "lamb, lars: trust ratio for all tensors or only decayed ones."}
+    )
+    legw_master_weights: bool | None = field(
+        default=None, metadata={"help": "lamb, lars: fp32 master copies of fp16/bf16 parameters."}
+    )
+    legw_fused: Literal["cpu", "triton", "off"] | None = field(
+        default=None,
+        metadata={
+            "help": "lamb, lars: legw_hf's fused kernels: cpu (lamb, fp32 CPU tensors), triton (CUDA, pip install "
+            "'legw_hf[gpu]'; opt-in until measured on a GPU), off (torch ops). Default: lamb's CPU kernel where it "
+            "fits, torch ops elsewhere."
+        },
+    )
+    legw_trust_log: Literal["summary", "per_layer", "off"] = field(
+        default="summary", metadata={"help": "lamb, lars: trust ratios in the logs: min/median/max, per layer, none."}
+    )
+
+    legw_adascale: Literal[tuple(ADASCALE_MODES)] | None = field(
+        default=None,
+        metadata={
+            "help": "gain: AdaScale's LR (r x the base run's schedule at the scale-invariant progress; SGD, LARS); "
+            "sqrt_gain: sqrt(r) on Adam-preconditioned statistics (AdamW, LAMB); both replace the LEGW rule and need "
+            "--legw_base_batch_size, the batch the schedule was tuned at. diagnostics: log noise_scale/b_simple, "
+            "adascale/gain and adascale/efficiency beside any schedule."
+        },
+    )
+    legw_adascale_scale: float | None = field(
+        default=None,
+        metadata={"help": "Expected scale S = global batch / --legw_base_batch_size, checked against the run."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.deepspeed:
+            deepspeed_config.require_deepspeed("deepspeed", self.deepspeed)
+        self._refuse_ignored_settings()
+        self._check_adascale_settings()
+        self._legw_clipping_off = None
+        if self.legw_optimizer is not None:
+            probe = probe_optimizer(self)
+            self._settle_clipping(probe)
+            self._warn_without_trust_ratio(probe)
+        super().__post_init__()
+        self._check_deepspeed_blocks()
+        if self._legw_clipping_off is not None:
+            self._settle_deepspeed_clipping()
+        if self.legw_enabled:
+            self.legw_config()
+            self._check_global_batch()
+        if self.legw_adascale is not None:
+            self._check_adascale_run()
+
+    @property
+    def legw_adascale_lr(self) -> bool:
+        """Whether AdaScale sets the LR (``gain`` / ``sqrt_gain``), not only measures."""
+        return self.legw_adascale is not None and ADASCALE_MODES[self.legw_adascale] is not None
+
+    #: Why this arguments class does not offer --legw_adascale (None: it does).
+    legw_adascale_refused: ClassVar[str | None] = None
+
+    def _check_adascale_settings(self) -> None:
+        """What must hold before TrainingArguments.__post_init__ (no FSDP, one schedule rule, ...)."""
+        if self.legw_adascale is not None and self.legw_adascale_refused:
+            raise SettingError("legw_adascale", self.legw_adascale_refused, self.legw_adascale)
+        if self.legw_adascale is None:
+            refuse_scale_without_gain(self.legw_adascale_scale)
+            return
+        mode = f"--legw_adascale {self.legw_adascale}"
+        if self.deepspeed:
+            self._check_adascale_under_deepspeed()
+        if self.fsdp or self.fsdp_config:
+            raise SettingError(
+                "legw_adascale",
+                "is not supported under FSDP: gradients are reduce-scattered before a hook on the sharded parameters "
+                "sees them (run it with DDP)",
+                self.legw_adascale,
+            )
+        if not self.legw_adascale_lr:
+            refuse_scale_without_gain(self.legw_adascale_scale)
+            return
+        if not self.legw_enabled:
+            raise SettingError(
+                "legw_base_batch_size",
+                f"is required by {mode}: the global batch the schedule (--learning_rate, --legw_base_warmup_*, "
+                "--legw_decay) was tuned at, AdaScale's S = 1 run",
+                None,
+            )
+        if self.legw_rule not in (None, "none"):
+            raise SettingError(
+                "legw_rule",
+                f"must be left unset (or 'none') with {mode}: AdaScale replaces the LEGW scaling rule, choose one",
+                self.legw_rule,
+            )
+        if self.max_steps > 0:
+            raise SettingError(
+                "max_steps",
+                f"must be left unset with {mode}: the run ends when its progress reaches the base run's length, "
+                "--num_train_epochs at --legw_base_batch_size",
+                self.max_steps,
+            )
+        if self.legw_adascale == "sqrt_gain" and not adam_family(self):
+            raise SettingError(
+                "legw_adascale",
+                "sqrt_gain is for Adam-family optimizers (--legw_optimizer lamb or adamw, or an adamw --optim); use "
+                "gain with SGD or LARS",
+                self.legw_adascale,
+            )
+
+    def _check_adascale_under_deepspeed(self) -> None:
+        """Under DeepSpeed the applied gradient's norm is DeepSpeed's own (its partitions hold the gradient): no
+        preconditioned norms, and DeepSpeed's fp16 loss scale may change inside the step that is measured."""
+        config = self.deepspeed if isinstance(self.deepspeed, dict) else json.loads(Path(self.deepspeed).read_text())
+        refusal = deepspeed_config.adascale_refusal(config, self.legw_adascale, fp16=self.fp16)
+        if refusal is not None:
+            raise SettingError("legw_adascale", refusal, self.legw_adascale)
+
+    def _check_adascale_run(self) -> None:
+        """S = global batch / base batch >= 1, and equal to --legw_adascale_scale when given."""
+        global_batch = self.legw_global_batch()
+        base = self.legw_base_batch_size if self.legw_enabled else self.train_batch_size
+        try:
+            check_scale(
+                self.legw_adascale_scale, global_batch=global_batch, base_batch=base, field_name="legw_adascale_scale"
+            )
+        except SettingError as error:
+            raise as_argument_error(error) from None
+        if self.deepspeed and global_batch == self.train_batch_size:
+            raise SettingError(
+                "legw_adascale",
+                "needs at least 2 gradient estimates per update under DeepSpeed (processes x "
+                "gradient_accumulation_steps >= 2): one estimate per update is differenced with the previous update's "
+                "gradient, which ZeRO does not keep whole",
+                self.legw_adascale,
+            )
+
+    def _refuse_ignored_settings(self) -> None:
+        """Settings that would be silently ignored are errors: LEGW flags with LEGW off, and Trainer's own
+        schedule arguments with LEGW on (the LEGW plan replaces that schedule)."""
+        if not self.legw_enabled:
+            orphans = changed_fields(self, PLAN_FLAGS)
+            if orphans:
+                raise SettingError(
+                    "legw_base_batch_size",
+                    f"is required by {', '.join('--' + flag for flag in orphans)}: without it LEGW is off and "
+                    "Trainer's own schedule would run; give the global batch --learning_rate was tuned at",
+                    None,
+                )
+            return
+        for name in changed_fields(self, tuple(TRAINER_SCHEDULE_FLAGS)):
+            raise SettingError(
+                name,
+                f"must keep its default with LEGW on (--legw_base_batch_size): the LEGW plan replaces Trainer's "
+                f"schedule; use {TRAINER_SCHEDULE_FLAGS[name]} instead",
+                getattr(getattr(self, name), "value", getattr(self, name)),
+            )
+
+    @property
+    def _deepspeed_config(self) -> dict[str, Any] | None:
+        """The parsed ``--deepspeed`` config, the dict DeepSpeed will be handed; None without DeepSpeed."""
+        return getattr(getattr(self, "hf_deepspeed_config", None), "config", None)
+
+    def _check_deepspeed_blocks(self) -> None:
+        """A DeepSpeed config's own ``"scheduler"`` and ``"optimizer"`` blocks beside LEGW and --legw_optimizer, and
+        an optimizer offload that would swap --legw_optimizer's optimizer for DeepSpeedCPUAdam."""
+        ds_config = self._deepspeed_config
+        if not ds_config:
+            return
+        warning = deepspeed_config.check_config_blocks(
+            ds_config,
+            legw=self.legw_enabled,
+            client_optimizer=None if self.legw_optimizer is None else f"--legw_optimizer {self.legw_optimizer}",
+        )
+        if warning:
+            logger.warning("%s", warning)
+        if self.legw_optimizer is not None and deepspeed_config.keep_client_optimizer_under_offload(ds_config):
+            logger.warning(
+                "The DeepSpeed config offloads the optimizer to the CPU: zero_force_ds_cpu_optimizer is set to false "
+                "so --legw_optimizer %s runs there (otherwise accelerate would replace it by DeepSpeedCPUAdam).",
+                self.legw_optimizer,
+            )
+
+    def _warn_without_trust_ratio(self, optimizer: torch.optim.Optimizer) -> None:
+        """A LAMB that adapts only decayed tensors (apex's ``use_nvlamb=False``: the ``nvidia`` and ``paper``
+        presets) gives no tensor a trust ratio when nothing is decayed: it is then Adam with pre-normalisation."""
+        group = optimizer.param_groups[0]
+        if group.get("adapt") == "decayed" and "layer_adaptation" not in group and self.weight_decay == 0:
+            logger.warning(
+                "--legw_optimizer %s with preset %r gives a trust ratio only to tensors with weight decay (apex's "
+                "use_nvlamb=False), and --weight_decay is 0: no tensor gets one, so LAMB runs as Adam with "
+                "global-norm pre-normalisation and the trust_ratio/* logs are absent. NVIDIA's BERT recipe uses "
+                "--weight_decay 0.01; --legw_adapt all gives every tensor one.",
+                self.legw_optimizer,
+                getattr(optimizer, "preset", None) or self.legw_optimizer_preset,
+            )
+
+    def _settle_clipping(self, optimizer: torch.optim.Optimizer) -> None:
+        # Before TrainingArguments.__post_init__, which copies max_grad_norm into DeepSpeed's "auto" clipping.
+        pre_normalisation = getattr(optimizer, "max_grad_norm", None)
+        if pre_normalisation is not None and self.max_grad_norm > 0:
+            # Expected with Trainer's default max_grad_norm; worth a warning only when the user chose a value.
+            chosen = self.max_grad_norm != type(self).__dataclass_fields__["max_grad_norm"].default
+            logger.log(
+                logging.WARNING if chosen else logging.INFO,
+                "LAMB pre-normalises gradients by their global norm (max norm %g); Trainer's own clipping "
+                "(max_grad_norm=%g) is turned off so gradients are not clipped twice.",
+                pre_normalisation,
+                self.max_grad_norm,
+            )
+            self._legw_clipping_off = (self.max_grad_norm, pre_normalisation)
+            self.max_grad_norm = 0.0
+
+    def _settle_deepspeed_clipping(self) -> None:
+        """DeepSpeed clips in its engine too: a number in the config would clip a second time (and Trainer would
+        later report it as a mismatch with the max_grad_norm=0 set here), and no entry means DeepSpeed's default
+        of 1.0. Refuse the first now, saying why; set the second to 0, saying so."""
+        ds_config = self._deepspeed_config
+        if ds_config is None:
+            return
+        trainer_norm, lamb_norm = self._legw_clipping_off
+        clipping = ds_config.get("gradient_clipping")
+        why = (
+            f"--legw_optimizer {self.legw_optimizer} pre-normalises gradients by their global norm (max norm "
+            f"{lamb_norm:g}), so legw_hf turned Trainer's max_grad_norm ({trainer_norm:g}) off to clip once"
+        )
+        if clipping is None:
+            logger.warning("%s; DeepSpeed's own clipping (default 1.0) is turned off too (gradient_clipping=0).", why)
+            ds_config["gradient_clipping"] = 0.0
+        elif clipping != "auto" and float(clipping) != 0:
+            raise SettingError(
+                "gradient_clipping",
+                f'in the DeepSpeed config would clip a second time: {why}. Set "gradient_clipping" to "auto" or 0 '
+                "in the DeepSpeed config, or keep DeepSpeed's clipping and turn LAMB's off with "
+                "--legw_lamb_max_grad_norm 0",
+                clipping,
+            )
+
+    @property
+    def legw_enabled(self) -> bool:
+        return self.legw_base_batch_size is not None
+
+    def legw_config(self) -> LegwConfig:
+        """The :class:`~legw_hf.plan.LegwConfig` these arguments describe."""
+        try:
+            decay = make_decay(
+                self.legw_decay,
+                **{option: getattr(self, ARGUMENT_FOR_SETTING[option]) for option in DECAY_OPTIONS},
+            )
+            return LegwConfig(
+                base_batch_size=self.legw_base_batch_size,
+                base_lr=self.learning_rate,
+                base_warmup_epochs=self.legw_base_warmup_epochs,
+                base_warmup_steps=self.legw_base_warmup_steps,
+                rule=self.legw_rule or "legw",
+                decay=decay,
+            )
+        except SettingError as error:
+            raise as_argument_error(error) from None
+
+    def legw_global_batch(self, per_device_batch_size: int | None = None) -> int:
+        """Samples per optimizer update across all processes, as Trainer forms them.
+
+        ``per_device_train_batch_size`` × ``gradient_accumulation_steps`` × data-parallel processes; with
+        ``accelerator_config.split_batches`` the per-device size already is the global one.
+        """
+        per_device = self.train_batch_size if per_device_batch_size is None else per_device_batch_size
+        split = getattr(self.accelerator_config, "split_batches", False)
+        return per_device * self.gradient_accumulation_steps * (1 if split else self.world_size)
+
+    def _check_global_batch(self) -> None:
+        if self.legw_global_batch_size is None:
+            return
+        actual = self.legw_global_batch()
+        if actual != self.legw_global_batch_size:
+            raise SettingError(
+                "legw_global_batch_size",
+                f"must equal per_device_train_batch_size x gradient_accumulation_steps x processes = {actual}",
+                self.legw_global_batch_size,
+                detail=f"{self.train_batch_size} x {self.gradient_accumulation_steps} x "
+                f"{1 if getattr(self.accelerator_config, 'split_batches', False) else self.world_size}",
+            )
+
+    def legw_plan(
+        self, *, global_batch: int, dataset_size: int | None, steps_per_epoch: int | None, max_steps: int
+    ) -> LegwPlan:
+        """The plan for a run of these arguments; ``max_steps`` is Trainer's step count for the run."""
+        if self.legw_dataset_size is not None:
+            dataset_size, steps_per_epoch = self.legw_dataset_size, None
+        if dataset_size is None:
+            raise SettingError(
+                "legw_dataset_size", "is required when the train dataset has no length (LEGW counts epochs)", None
+            )
+        length = {"steps": max_steps} if self.max_steps > 0 else {"epochs": self.num_train_epochs}
+        try:
+            return self.legw_config().plan(
+                batch_size=global_batch,
+                dataset_size=dataset_size,
+                steps_per_epoch=steps_per_epoch,
+                drop_last=self.dataloader_drop_last,
+                **length,
+            )
+        except SettingError as error:
+            raise as_argument_error(error) from None
+
+
+@dataclass
+class LegwTrainingArguments(LegwArguments, TrainingArguments):
+    """``TrainingArguments`` with the LEGW fields of :class:`LegwArguments`."""
+
+
+def adascale_base_run_plan(args: LegwArguments, dataset_size: int) -> LegwPlan:
+    try:
+        return args.legw_config().plan(
+            batch_size=args.legw_base_batch_size,
+            dataset_size=dataset_size,
+            epochs=args.num_train_epochs,
+            drop_last=args.dataloader_drop_last,
+        )
+    except SettingError as error:
+        raise as_argument_error(error) from None
+
+
+def refuse_scale_without_gain(scale: float | None) -> None:
+    if scale is not None:
+        raise SettingError("legw_adascale_scale", "is only used with --legw_adascale gain or sqrt_gain", scale)
+
+
+def check_plan_before_training(args: LegwArguments, train_dataset: Any) -> None:
+    """Build the plan from the settings alone, so a bad one fails before Trainer writes anything.
+
+    Steps per epoch here come from the dataset size, not yet from Trainer's dataloader: the exact plan is
+    built again when training starts.
+    """
+    dataset_size = args.legw_dataset_size
+    if dataset_size is None and hasattr(train_dataset, "__len__"):
+        dataset_size = len(train_dataset)
+    if dataset_size is None:
+        return
+    if args.legw_adascale_lr:
+        adascale_base_run_plan(args, dataset_size)
+        return
+    global_batch = args.legw_global_batch()
+    spe = epoch_steps(dataset_size, global_batch, args.dataloader_drop_last)
+    if spe == 0:
+        raise SettingError(
+            "per_device_train_batch_size",
+            f"gives a global batch ({global_batch}) larger than the dataset ({dataset_size}) with "
+            "dataloader_drop_last: 0 steps per epoch",
+            args.per_device_train_batch_size,
+        )
+    max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * spe)
+    args.legw_plan(global_batch=global_batch, dataset_size=dataset_size, steps_per_epoch=spe, max_steps=max_steps)

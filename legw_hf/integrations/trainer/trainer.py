@@ -1,0 +1,367 @@
+"""``LegwTrainer``: Trainer whose LR scheduler is the LEGW plan (or AdaScale), with the optimizer, resume and
+``num_items_in_batch`` handling that needs."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from ...adascale import MODES as ADASCALE_MODES, AdaScaleScheduler, GradientStatistics
+from ...errors import SettingError
+from ...noise_scale import GradientNoise
+from ...optim import Lamb, Lars, decay_param_groups
+from ...plan import LegwPlan
+from ...scheduler import LegwScheduler, updates_in_new_plan
+from .. import deepspeed as deepspeed_config
+from .arguments import LegwArguments, adascale_base_run_plan, check_plan_before_training
+from .callback import NOISE_STATE_FILE, LegwCallback, unwrap_scheduler
+from .optimizer import optimizer_cls_and_kwargs
+from .resume import checkpoint_plan, reshard_deepspeed_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _RunShape:
+    """What Trainer measured about the run (``set_initial_training_values``)."""
+
+    steps_per_epoch: int | None
+    dataset_size: int | None
+
+
+class LegwTrainer(Trainer):
+    """``Trainer`` whose LR scheduler is the LEGW plan when ``args.legw_base_batch_size`` is set.
+
+    Also builds ``--legw_optimizer`` when given and installs :class:`LegwCallback`. Combine with another
+    Trainer subclass by listing it first: ``class MyTrainer(LegwTrainer, Seq2SeqTrainer)``.
+    Settings are checked before ``Trainer.__init__`` touches the output directory.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        bound = inspect.signature(Trainer.__init__).bind(self, *args, **kwargs).arguments
+        training_args = bound.get("args")
+        if isinstance(training_args, LegwArguments) and training_args.legw_enabled:
+            check_plan_before_training(training_args, bound.get("train_dataset"))
+        super().__init__(*args, **kwargs)
+        follow_trainer_log_level(self.args)
+        if not any(isinstance(cb, LegwCallback) for cb in self.callback_handler.callbacks):
+            # First, so reporting integrations and the progress printer see the keys it adds to the logs.
+            self.callback_handler.callbacks.insert(0, LegwCallback())
+        self._legw_run = _RunShape(None, None)
+        self._legw_loss_kwargs_unchecked = True
+        #: AdaScale / noise-scale statistics of this run (--legw_adascale), created with the scheduler.
+        self.legw_noise: GradientNoise | None = None
+        self._legw_statistics: GradientStatistics | None = None
+        self._legw_resume_checkpoint: str | None = None
+        self._legw_step_hook: Any = None
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        self._legw_resume_checkpoint = checkpoint or None
+        if checkpoint and self.is_deepspeed_enabled:
+            ds_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            reshard_deepspeed_checkpoint(
+                checkpoint, ds_config, world_size=self.args.world_size, main_process=self.args.should_save
+            )
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            if self._legw_statistics is not None:
+                self._legw_statistics.detach()
+                self._legw_statistics = None
+            if self._legw_step_hook is not None:
+                self._legw_step_hook.remove()
+                self._legw_step_hook = None
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None):
+        self._check_loss_kwargs_once(model, inputs, num_items_in_batch)
+        if self.legw_noise is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        statistics = self._gradient_statistics(model)
+        weight = self._micro_batch_weight(inputs, num_items_in_batch)
+        if self.is_deepspeed_enabled and self.accelerator.sync_gradients:
+            # DeepSpeed steps inside this backward; the step pre-hook folds this micro-batch in and measures.
+            statistics.defer_micro_step(weight)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            statistics.discard_deferred()
+            return loss
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        statistics.micro_step_done(weight)
+        if self.accelerator.sync_gradients:  # the last micro-batch: gradients are all-reduced, not yet clipped
+            statistics.update_done()
+            self._begin_adascale_update()
+        return loss
+
+    def _begin_adascale_update(self) -> None:
+        scheduler = unwrap_scheduler(self.lr_scheduler)
+        if isinstance(scheduler, AdaScaleScheduler):
+            scheduler.begin_update()
+
+    def _measure_inside_deepspeed_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """The client optimizer's step pre-hook under DeepSpeed: its norm of the applied gradient is computed by
+        now, and the step, called once per parameter group, has not run. The first call measures; each sets the
+        LR of the group it steps (DeepSpeed hands the optimizer one group at a time)."""
+        self._legw_statistics.measure_deferred()
+        self._begin_adascale_update()
+
+    def _gradient_statistics(self, model: torch.nn.Module) -> GradientStatistics:
+        if self._legw_statistics is not None:
+            return self._legw_statistics
+        scaler = self.accelerator.scaler
+        applied_norm, step_hook = None, None
+        if self.is_deepspeed_enabled:
+            applied_norm, client = deepspeed_config.zero_gradient_norm(self.optimizer)
+            step_hook = client.register_step_pre_hook(self._measure_inside_deepspeed_step)
+        self._legw_statistics = GradientStatistics(
+            model.parameters(),
+            self.legw_noise,
+            preconditioner=self.optimizer if self.args.legw_adascale == "sqrt_gain" else None,
+            loss_scale=lambda: scaler.get_scale() if scaler is not None and scaler.is_enabled() else None,
+            applied_norm=applied_norm,
+        ).attach()
+        self._legw_step_hook = step_hook
+        return self._legw_statistics
+
+    def _micro_batch_weight(self, inputs: dict[str, Any], num_items_in_batch: Any) -> Any:
+        """The weight of this micro-batch's mean gradient in the accumulated gradient, as Trainer forms the loss:
+        ``1 / accumulation steps`` for a mean loss, ``its items × processes / the batch's items`` (or without the
+        processes, per ``average_tokens_across_devices``) for a loss normalised by ``num_items_in_batch``."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func
+        if not scaled or num_items_in_batch is None or "labels" not in inputs:
+            return 1.0 / self.current_gradient_accumulation_steps
+        labels = inputs.get("shift_labels")
+        if labels is None:
+            labels = inputs["labels"][..., 1:] if getattr(self, "_loss_shifts_labels", False) else inputs["labels"]
+        items = labels.ne(-100).sum().float()
+        processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        return items.to(self.args.device) * processes / torch.as_tensor(num_items_in_batch, device=self.args.device)
+
+    def _check_loss_kwargs_once(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> None:
+        if self._legw_loss_kwargs_unchecked:
+            self._legw_loss_kwargs_unchecked = False
+            if (
+                self.model_accepts_loss_kwargs
+                and num_items_in_batch is not None
+                and self.compute_loss_func is None
+                and self.label_smoother is None
+                and getattr(self, "loss_is_scaled_for_ga", None) is None
+            ):
+                self._check_model_uses_num_items(model, inputs, num_items_in_batch)
+
+    def _check_model_uses_num_items(self, model: torch.nn.Module, inputs: dict[str, Any], num_items: Any) -> None:
+        """Whether the model's loss really is normalised by ``num_items_in_batch``; if not, Trainer must average.
+
+        Trainer passes ``num_items_in_batch`` to every model whose ``forward`` takes ``**kwargs`` and then skips
+        its own division by the accumulation steps (and multiplies by the processes), trusting the model to
+        normalise. Models such as ``BertForMaskedLM`` take ``**kwargs`` yet average their loss themselves, so the
+        gradients come out ``gradient_accumulation_steps`` (× processes) times too large. The test: one forward
+        of the first micro-batch with the item count doubled, in eval mode and without touching the RNG. A loss
+        that does not change at all ignores the count; one that changes uses it.
+        """
+        inputs = self._prepare_inputs(inputs)
+        was_training = model.training
+        model.eval()
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=devices), self.compute_loss_context_manager():
+                losses = [_loss_of(model(**inputs, num_items_in_batch=n)) for n in (num_items, 2 * num_items)]
+        finally:
+            model.train(was_training)
+        if any(loss is None for loss in losses):
+            return
+        single, double = (loss.detach().float() for loss in losses)
+        if bool(torch.isfinite(single)) and bool(single != 0) and bool(torch.isclose(single, double, rtol=1e-5)):
+            name = type(self.accelerator.unwrap_model(model)).__name__
+            logger.warning(
+                "%s.forward takes **kwargs, but its loss does not depend on num_items_in_batch: Trainer would skip "
+                "its division by gradient_accumulation_steps and the gradients would be %d times too large. "
+                "legw_hf lets Trainer average the micro-batch losses instead (as model.accepts_loss_kwargs = False "
+                "would).",
+                name,
+                self.args.gradient_accumulation_steps
+                * (self.accelerator.num_processes if self.args.average_tokens_across_devices else 1),
+            )
+            self.model_accepts_loss_kwargs = False
+
+    @property
+    def legw_enabled(self) -> bool:
+        return isinstance(self.args, LegwArguments) and self.args.legw_enabled
+
+    def set_initial_training_values(self, args: TrainingArguments, dataloader: Any) -> tuple:
+        values = super().set_initial_training_values(args, dataloader)
+        sized = hasattr(dataloader, "__len__")
+        self._legw_run = _RunShape(values[1] if sized else None, values[2] if sized else None)
+        if self.legw_enabled and self.args.legw_adascale_lr:
+            # The run is as long as it takes τ to reach the base run's length: at most that many updates (r >= 1).
+            longest = self.adascale_base_plan().total_steps
+            _, steps_per_epoch, examples, _, total_batch, steps_in_epoch, _ = values
+            values = (
+                -(-longest // steps_per_epoch),
+                steps_per_epoch,
+                examples,
+                longest * total_batch,
+                total_batch,
+                steps_in_epoch,
+                longest,
+            )
+        return values
+
+    def adascale_base_plan(self) -> LegwPlan:
+        """The base run AdaScale follows: the schedule flags at --legw_base_batch_size for --num_train_epochs."""
+        dataset_size = self.args.legw_dataset_size or self._legw_run.dataset_size
+        if dataset_size is None:
+            raise SettingError(
+                "legw_dataset_size", "is required when the train dataset has no length (AdaScale counts epochs)", None
+            )
+        return adascale_base_run_plan(self.args, dataset_size)
+
+    def _init_training_state(
+        self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+    ) -> tuple[int, int]:
+        """Trainer's progress on resume, in this run's steps when the checkpoint's plan counted others.
+
+        Trainer restores ``global_step`` as it was saved and reads it in the new run's steps per epoch: resumed at
+        another global batch (another world size, say) it would skip the wrong part of the data, stop after the
+        wrong number of updates, and disagree with the LEGW scheduler, which carries progress over in epochs. The
+        step count is converted the scheduler's way, so the two agree.
+        """
+        epochs_trained, steps_trained = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+        )
+        saved = checkpoint_plan(resume_from_checkpoint) if self.legw_enabled and resume_from_checkpoint else None
+        if saved is None:
+            return epochs_trained, steps_trained
+        saved_step = self.state.global_step
+        step = updates_in_new_plan(saved_step, saved, num_update_steps_per_epoch)
+        if step == saved_step:
+            return epochs_trained, steps_trained
+        logger.warning(
+            "Resuming at another global batch (%d, was %d): Trainer's step %d of %d per epoch becomes step %d of %d "
+            "per epoch (epoch %g), and the LEGW plan is re-derived for the new batch.",
+            self.args.legw_global_batch(self._train_batch_size),
+            saved.get("batch_size"),
+            saved_step,
+            saved["steps_per_epoch"],
+            step,
+            num_update_steps_per_epoch,
+            saved_step / saved["steps_per_epoch"],
+        )
+        self.state.global_step = step
+        epochs_trained = step // num_update_steps_per_epoch
+        if self.args.ignore_data_skip:
+            return epochs_trained, 0
+        return epochs_trained, step % num_update_steps_per_epoch * self.args.gradient_accumulation_steps
+
+    def legw_plan(self, num_training_steps: int) -> LegwPlan:
+        """The plan for this run, from Trainer's global batch and dataloader."""
+        global_batch = self.args.legw_global_batch(self._train_batch_size)
+        expected = self.args.legw_global_batch_size
+        if expected is not None and global_batch != expected:
+            logger.warning(
+                "Global batch is %d, not legw_global_batch_size=%d (auto_find_batch_size shrank it); "
+                "LEGW re-plans for %d.",
+                global_batch,
+                expected,
+                global_batch,
+            )
+        plan = self.args.legw_plan(
+            global_batch=global_batch,
+            dataset_size=self._legw_run.dataset_size,
+            steps_per_epoch=self._legw_run.steps_per_epoch,
+            max_steps=num_training_steps,
+        )
+        if plan.total_steps != num_training_steps:
+            raise SettingError(
+                "max_steps", f"disagrees with the LEGW plan's {plan.total_steps} steps", num_training_steps
+            )
+        return plan
+
+    def create_scheduler(
+        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> torch.optim.lr_scheduler.LRScheduler:
+        if self.lr_scheduler is None and isinstance(self.args, LegwArguments) and self.args.legw_adascale:
+            self._start_gradient_noise()
+        if self.legw_enabled and self.args.legw_adascale_lr:
+            if self.lr_scheduler is None:
+                plan = self.adascale_base_plan()
+                self.lr_scheduler = AdaScaleScheduler(
+                    optimizer or self.optimizer,
+                    plan,
+                    self.legw_noise,
+                    total_progress=plan.total_steps,
+                    power=ADASCALE_MODES[self.args.legw_adascale],
+                )
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+        if not self.legw_enabled:
+            return super().create_scheduler(num_training_steps, optimizer)
+        if self.lr_scheduler is None:
+            self.lr_scheduler = LegwScheduler(optimizer or self.optimizer, self.legw_plan(num_training_steps))
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def _start_gradient_noise(self) -> None:
+        """The run's :class:`GradientNoise`, restored from the checkpoint being resumed when it has one."""
+        args = self.args
+        noise = GradientNoise(
+            micro_batch=self._train_batch_size,
+            base_batch=args.legw_base_batch_size or self._train_batch_size,
+            global_batch=args.legw_global_batch(self._train_batch_size),
+        )
+        if self._legw_resume_checkpoint:
+            path = Path(self._legw_resume_checkpoint) / NOISE_STATE_FILE
+            if path.is_file():
+                noise.load_state_dict(json.loads(path.read_text()))
+            else:
+                logger.warning(
+                    "The checkpoint %s has no gradient noise state (%s): the --legw_adascale statistics are estimated "
+                    "afresh from the next update.",
+                    self._legw_resume_checkpoint,
+                    NOISE_STATE_FILE,
+                )
+        self.legw_noise = noise
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, LegwCallback):
+                callback.noise = noise
+
+    @staticmethod
+    def get_optimizer_cls_and_kwargs(args: TrainingArguments, model: Any = None) -> tuple[Any, dict[str, Any]]:
+        if getattr(args, "legw_optimizer", None) is None:
+            return Trainer.get_optimizer_cls_and_kwargs(args, model)
+        cls, kwargs = optimizer_cls_and_kwargs(args)
+        if cls in (Lamb, Lars) and model is not None:
+            # Trainer's decay / no-decay split, with parameter names for the per-layer trust-ratio logs.
+            kwargs["params"] = decay_param_groups(model, args.weight_decay)
+        return cls, kwargs
+
+
+def _loss_of(outputs: Any) -> torch.Tensor | None:
+    return outputs.get("loss") if isinstance(outputs, dict) else outputs[0]
+
+
+def follow_trainer_log_level(args: TrainingArguments) -> None:
+    """Make legw_hf's messages follow ``--log_level`` / ``--log_level_replica`` as Trainer's own do.
+
+    Trainer sets the ``transformers`` logger to ``args.get_process_log_level()``; upstream example scripts leave
+    the root logger at WARNING (``basicConfig()`` with no level), where legw_hf's INFO lines (the plan) would
+    vanish. The ``legw_hf`` logger gets the same level; where nothing would print its records (no handler on it
+    or the root), it gets a stderr handler like the one ``transformers`` uses.
+    """
+    package_logger = logging.getLogger("legw_hf")
+    package_logger.setLevel(args.get_process_log_level())
+    if not package_logger.hasHandlers():
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(levelname)s|%(name)s] %(message)s"))
+        package_logger.addHandler(handler)
