@@ -25,13 +25,14 @@ from accelerate import Accelerator
 from accelerate.data_loader import DataLoaderDispatcher, DataLoaderShard
 from accelerate.utils import DistributedType
 
-from ..adascale import MODES as ADASCALE_MODES, AdaScaleScheduler, GradientStatistics
+from ..adascale import MODES as ADASCALE_MODES, AdaScaleScheduler
 from ..distributed import deepspeed as deepspeed_layouts
 from ..errors import SettingError, one_of, positive, positive_int
 from ..noise_scale import GradientNoise, check_scale
 from ..plan import LegwConfig, LegwPlan
 from ..scheduler import LegwScheduler, SkippedStepDetector
 from . import deepspeed as deepspeed_config
+from .adascale import MicroStepProtocol, measure_micro_steps
 
 logger = logging.getLogger(__name__)
 
@@ -164,20 +165,13 @@ class AcceleratorAdaScale:
     """
 
     def __init__(
-        self,
-        accelerator: Accelerator,
-        statistics: GradientStatistics,
-        scheduler: AdaScaleScheduler | None,
-        *,
-        deepspeed_client: Any = None,
+        self, accelerator: Accelerator, micro_steps: MicroStepProtocol, scheduler: AdaScaleScheduler | None
     ) -> None:
         self.accelerator = accelerator
-        self.statistics = statistics
+        self.micro_steps = micro_steps
+        self.statistics = micro_steps.statistics
         self.scheduler = scheduler
         self._skips = SkippedStepDetector(accelerator.scaler)
-        self._deepspeed = deepspeed_client is not None
-        if self._deepspeed:
-            deepspeed_client.register_step_pre_hook(self._measure_inside_deepspeed_step)
 
     @property
     def noise(self) -> GradientNoise:
@@ -200,27 +194,9 @@ class AcceleratorAdaScale:
         """
         if weight is None:
             weight = 1.0 / self.accelerator.gradient_accumulation_steps
-        if self._deepspeed and self.accelerator.sync_gradients:
-            # DeepSpeed steps inside this backward; the client's step pre-hook folds this micro-batch in and measures.
-            self.statistics.defer_micro_step(weight)
-            self.accelerator.backward(loss, **kwargs)
-            self.statistics.discard_deferred()
-            return
-        self.accelerator.backward(loss, **kwargs)
-        self.statistics.micro_step_done(weight)
-        if self.accelerator.sync_gradients:
-            self.statistics.update_done()
-            self._begin_update()
-
-    def _begin_update(self) -> None:
-        if self.scheduler is not None:
-            self.scheduler.begin_update()
-
-    def _measure_inside_deepspeed_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        """The client optimizer's step pre-hook under DeepSpeed, called once per parameter group with that group
-        alone: the first call measures, each sets its group's LR."""
-        self.statistics.measure_deferred()
-        self._begin_update()
+        self.micro_steps.backward(
+            lambda: self.accelerator.backward(loss, **kwargs), weight, last_micro_batch=self.accelerator.sync_gradients
+        )
 
     def step(self) -> None:
         if self.scheduler is not None and update_was_applied(self.accelerator, self._skips):
@@ -321,7 +297,6 @@ def create_adascale(
     base = base_batch_size if base_batch_size is not None else micro_batch
     check_scale(scale, global_batch=global_batch, base_batch=base)
     noise = GradientNoise(micro_batch=micro_batch, base_batch=base, global_batch=global_batch)
-    applied_norm, client = None, None
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         refusal = deepspeed_config.adascale_refusal(
             accelerator.state.deepspeed_plugin.deepspeed_config, mode, fp16=accelerator.mixed_precision == "fp16"
@@ -333,18 +308,17 @@ def create_adascale(
             )
         if refusal is not None:
             raise SettingError("mode", refusal, mode)
-        applied_norm, client = deepspeed_config.zero_gradient_norm(optimizer)
-    scaler = accelerator.scaler
-    statistics = GradientStatistics(
-        model.parameters(),
-        noise,
-        preconditioner=optimizer if mode == "sqrt_gain" else None,
-        loss_scale=lambda: scaler.get_scale() if scaler is not None and scaler.is_enabled() else None,
-        applied_norm=applied_norm,
-    ).attach()
     scheduler = None
     if power is not None:
         scheduler = AdaScaleScheduler(optimizer, schedule, noise, total_progress=base_steps, power=power)
-    adascale = AcceleratorAdaScale(accelerator, statistics, scheduler, deepspeed_client=client)
+    micro_steps = measure_micro_steps(
+        accelerator,
+        model,
+        optimizer,
+        noise,
+        mode=mode,
+        begin_update=scheduler.begin_update if scheduler is not None else lambda: None,
+    )
+    adascale = AcceleratorAdaScale(accelerator, micro_steps, scheduler)
     accelerator.register_for_checkpointing(adascale)
     return adascale

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -14,13 +15,13 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from ...adascale import MODES as ADASCALE_MODES, AdaScaleScheduler, GradientStatistics
+from ...adascale import MODES as ADASCALE_MODES, AdaScaleScheduler
 from ...errors import SettingError
 from ...noise_scale import GradientNoise
 from ...optim import Lamb, Lars, decay_param_groups
 from ...plan import LegwPlan
 from ...scheduler import LegwScheduler, updates_in_new_plan
-from .. import deepspeed as deepspeed_config
+from ..adascale import MicroStepProtocol, measure_micro_steps
 from .arguments import LegwArguments, adascale_base_run_plan, check_plan_before_training
 from .callback import NOISE_STATE_FILE, LegwCallback, unwrap_scheduler
 from .optimizer import optimizer_cls_and_kwargs
@@ -59,9 +60,8 @@ class LegwTrainer(Trainer):
         self._legw_loss_kwargs_unchecked = True
         #: AdaScale / noise-scale statistics of this run (--legw_adascale), created with the scheduler.
         self.legw_noise: GradientNoise | None = None
-        self._legw_statistics: GradientStatistics | None = None
+        self._legw_micro_steps: MicroStepProtocol | None = None
         self._legw_resume_checkpoint: str | None = None
-        self._legw_step_hook: Any = None
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         checkpoint = resume_from_checkpoint
@@ -76,61 +76,33 @@ class LegwTrainer(Trainer):
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
-            if self._legw_statistics is not None:
-                self._legw_statistics.detach()
-                self._legw_statistics = None
-            if self._legw_step_hook is not None:
-                self._legw_step_hook.remove()
-                self._legw_step_hook = None
+            if self._legw_micro_steps is not None:
+                self._legw_micro_steps.close()
+                self._legw_micro_steps = None
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None):
         self._check_loss_kwargs_once(model, inputs, num_items_in_batch)
         if self.legw_noise is None:
             return super().training_step(model, inputs, num_items_in_batch)
-        statistics = self._gradient_statistics(model)
-        weight = self._micro_batch_weight(inputs, num_items_in_batch)
-        if self.is_deepspeed_enabled and self.accelerator.sync_gradients:
-            # DeepSpeed steps inside this backward; the step pre-hook folds this micro-batch in and measures.
-            statistics.defer_micro_step(weight)
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            statistics.discard_deferred()
-            return loss
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        statistics.micro_step_done(weight)
-        if self.accelerator.sync_gradients:  # the last micro-batch: gradients are all-reduced, not yet clipped
-            statistics.update_done()
-            self._begin_adascale_update()
-        return loss
+        if self._legw_micro_steps is None:
+            self._legw_micro_steps = measure_micro_steps(
+                self.accelerator,
+                model,
+                self.optimizer,
+                self.legw_noise,
+                mode=self.args.legw_adascale,
+                begin_update=self._begin_adascale_update,
+            )
+        return self._legw_micro_steps.backward(
+            functools.partial(super().training_step, model, inputs, num_items_in_batch),
+            self._micro_batch_weight(inputs, num_items_in_batch),
+            last_micro_batch=self.accelerator.sync_gradients,
+        )
 
     def _begin_adascale_update(self) -> None:
         scheduler = unwrap_scheduler(self.lr_scheduler)
         if isinstance(scheduler, AdaScaleScheduler):
             scheduler.begin_update()
-
-    def _measure_inside_deepspeed_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        """The client optimizer's step pre-hook under DeepSpeed: its norm of the applied gradient is computed by
-        now, and the step, called once per parameter group, has not run. The first call measures; each sets the
-        LR of the group it steps (DeepSpeed hands the optimizer one group at a time)."""
-        self._legw_statistics.measure_deferred()
-        self._begin_adascale_update()
-
-    def _gradient_statistics(self, model: torch.nn.Module) -> GradientStatistics:
-        if self._legw_statistics is not None:
-            return self._legw_statistics
-        scaler = self.accelerator.scaler
-        applied_norm, step_hook = None, None
-        if self.is_deepspeed_enabled:
-            applied_norm, client = deepspeed_config.zero_gradient_norm(self.optimizer)
-            step_hook = client.register_step_pre_hook(self._measure_inside_deepspeed_step)
-        self._legw_statistics = GradientStatistics(
-            model.parameters(),
-            self.legw_noise,
-            preconditioner=self.optimizer if self.args.legw_adascale == "sqrt_gain" else None,
-            loss_scale=lambda: scaler.get_scale() if scaler is not None and scaler.is_enabled() else None,
-            applied_norm=applied_norm,
-        ).attach()
-        self._legw_step_hook = step_hook
-        return self._legw_statistics
 
     def _micro_batch_weight(self, inputs: dict[str, Any], num_items_in_batch: Any) -> Any:
         """The weight of this micro-batch's mean gradient in the accumulated gradient, as Trainer forms the loss:
