@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from accelerate.data_loader import DataLoaderDispatcher, DataLoaderShard
 from accelerate.utils import DistributedType
 
-from ..adascale import MODES as ADASCALE_MODES, AdaScaleScheduler
+from ..adascale import MODES as ADASCALE_MODES, AdaScaleScheduler, GradientStatistics
 from ..distributed import deepspeed as deepspeed_layouts
 from ..errors import SettingError, one_of, positive, positive_int
 from ..noise_scale import GradientNoise, check_scale
@@ -169,9 +169,12 @@ class AcceleratorAdaScale:
     ) -> None:
         self.accelerator = accelerator
         self.micro_steps = micro_steps
-        self.statistics = micro_steps.statistics
         self.scheduler = scheduler
         self._skips = SkippedStepDetector(accelerator.scaler)
+
+    @property
+    def statistics(self) -> GradientStatistics:
+        return self.micro_steps.statistics
 
     @property
     def noise(self) -> GradientNoise:

@@ -397,22 +397,22 @@ class LegwArguments:
         except SettingError as error:
             raise as_argument_error(error) from None
 
+    def legw_adascale_base_plan(self, dataset_size: int) -> LegwPlan:
+        """The base run AdaScale follows: the schedule flags at --legw_base_batch_size for --num_train_epochs."""
+        try:
+            return self.legw_config().plan(
+                batch_size=self.legw_base_batch_size,
+                dataset_size=dataset_size,
+                epochs=self.num_train_epochs,
+                drop_last=self.dataloader_drop_last,
+            )
+        except SettingError as error:
+            raise as_argument_error(error) from None
+
 
 @dataclass
 class LegwTrainingArguments(LegwArguments, TrainingArguments):
     """``TrainingArguments`` with the LEGW fields of :class:`LegwArguments`."""
-
-
-def adascale_base_run_plan(args: LegwArguments, dataset_size: int) -> LegwPlan:
-    try:
-        return args.legw_config().plan(
-            batch_size=args.legw_base_batch_size,
-            dataset_size=dataset_size,
-            epochs=args.num_train_epochs,
-            drop_last=args.dataloader_drop_last,
-        )
-    except SettingError as error:
-        raise as_argument_error(error) from None
 
 
 def refuse_scale_without_gain(scale: float | None) -> None:
@@ -432,7 +432,7 @@ def check_plan_before_training(args: LegwArguments, train_dataset: Any) -> None:
     if dataset_size is None:
         return
     if args.legw_adascale_lr:
-        adascale_base_run_plan(args, dataset_size)
+        args.legw_adascale_base_plan(dataset_size)
         return
     global_batch = args.legw_global_batch()
     spe = epoch_steps(dataset_size, global_batch, args.dataloader_drop_last)

@@ -22,7 +22,7 @@ from ...optim import Lamb, Lars, decay_param_groups
 from ...plan import LegwPlan
 from ...scheduler import LegwScheduler, updates_in_new_plan
 from ..adascale import MicroStepProtocol, measure_micro_steps
-from .arguments import LegwArguments, adascale_base_run_plan, check_plan_before_training
+from .arguments import LegwArguments, check_plan_before_training
 from .callback import NOISE_STATE_FILE, LegwCallback, unwrap_scheduler
 from .optimizer import optimizer_cls_and_kwargs
 from .resume import checkpoint_plan, reshard_deepspeed_checkpoint
@@ -197,7 +197,7 @@ class LegwTrainer(Trainer):
             raise SettingError(
                 "legw_dataset_size", "is required when the train dataset has no length (AdaScale counts epochs)", None
             )
-        return adascale_base_run_plan(self.args, dataset_size)
+        return self.args.legw_adascale_base_plan(dataset_size)
 
     def _init_training_state(
         self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
