@@ -22,50 +22,27 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import __version__
 from .errors import SettingError
 from .integrations import deepspeed as ds  # plain Python: writing a config needs no DeepSpeed
 from .launch import LaunchWorld, agreed_world, read_accelerate_config, read_hostfile, world_of
-from .plan import RULES, LegwConfig, LegwPlan
+from .plan import LegwConfig, LegwPlan
 from .recipes import PHASES, PretrainingPhase, phase, recipe_files
-from .schedules import DECAY_OPTIONS, DECAYS, make_decay
+from .schedules import DECAY_OPTIONS, make_decay
+from .settings import PLAN_SETTINGS, SETTING, Setting, cli_flag
 
-# Core setting name -> the flag that sets it, so errors name what the user typed.
-_FLAG_FOR_SETTING = {
-    "base_batch_size": "--base-batch",
-    "base_lr": "--base-lr",
-    "base_warmup_epochs": "--base-warmup-epochs",
-    "base_warmup_steps": "--base-warmup-steps",
-    "epochs": "--epochs",
-    "base_steps": "--base-steps",
-    "dataset_size": "--dataset-size",
-    "batch_size": "--batch",
-    "rule": "--rule",
-    "decay": "--decay",
-    "power": "--power",
-    "end_lr": "--end-lr",
-    "milestones": "--milestones",
-    "gamma": "--gamma",
-    "period": "--decay-period",
-    "staircase": "--staircase",
-    "recipe": "--recipe",
-    "global_batch": "--global-batch",
-    "nodes": "--nodes",
-    "gpus_per_node": "--gpus-per-node",
-    "processes_per_node": "--gpus-per-node",
-    "micro_batch": "--micro-batch",
-    "zero": "--zero",
-    "precision": "--precision",
-    "offload_optimizer": "--offload-optimizer",
-    "output": "--output",
-    "hostfile": "--hostfile",
-    "accelerate_config": "--accelerate-config",
-    "last": "--last",
-    "run_dir": "RUN_DIR",
-    "copy": "--copy",
-}
+# Names whose flag is not the setting's (legw_hf.settings) nor ``--name-with-dashes``.
+_FLAG_EXCEPTIONS = {"processes_per_node": "--gpus-per-node", "run_dir": "RUN_DIR"}
+
+
+def _flag(field: str) -> str:
+    """How this command line spells ``field``, so errors name what the user typed."""
+    if field.startswith("-") or not field.islower():
+        return field
+    return _FLAG_EXCEPTIONS.get(field) or cli_flag(field)
+
 
 # (summary key, column width, number format)
 _TABLE_COLUMNS = (
@@ -84,27 +61,33 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _add_setting(parser: Any, setting: Setting) -> None:
+    if setting.type is bool:
+        parser.add_argument(setting.cli, dest=setting.name, action="store_true", default=None, help=setting.help)
+        return
+    parser.add_argument(
+        setting.cli,
+        dest=setting.name,
+        type=setting.type,
+        choices=setting.choices,
+        nargs=setting.nargs,
+        action="append" if setting.cli_repeat else None,
+        help=setting.help + (" (repeatable)" if setting.cli_repeat else ""),
+    )
+
+
 def _add_plan_flags(parser: argparse.ArgumentParser) -> None:
-    """The LEGW settings, shared by ``plan`` and ``ds-config``; a ``--recipe`` supplies the ones not given."""
+    """The LEGW settings (:data:`legw_hf.settings.PLAN_SETTINGS`), shared by ``plan`` and ``ds-config``; a
+    ``--recipe`` supplies the ones not given. The run's batch is ``plan``'s ``--batch`` / ``ds-config``'s
+    ``--global-batch``."""
     parser.add_argument("--recipe", choices=tuple(PHASES), help="a shipped pretraining phase's base settings")
-    parser.add_argument("--base-batch", type=int, help="global batch B0 the base run was tuned at")
-    parser.add_argument("--base-lr", type=float, help="peak LR at B0")
-    warmup = parser.add_mutually_exclusive_group()
-    warmup.add_argument("--base-warmup-epochs", type=float, help="warmup at B0, in epochs")
-    warmup.add_argument("--base-warmup-steps", type=float, help="warmup at B0, in optimizer steps")
-    length = parser.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=float, help="training length in epochs (the same at every batch)")
-    length.add_argument("--base-steps", type=int, help="training length in optimizer steps at B0")
-    parser.add_argument("--dataset-size", type=int, help="examples per epoch N")
-    parser.add_argument("--rule", choices=tuple(RULES), default="legw")
-    parser.add_argument("--drop-last", action="store_true", help="drop the last partial batch of an epoch")
-    parser.add_argument("--decay", choices=tuple(DECAYS), help="decay shape after warmup (default poly)")
-    parser.add_argument("--power", type=float, help="poly: exponent (default 1); poly_run: (default 0.5)")
-    parser.add_argument("--end-lr", type=float, help="poly, cosine: final LR (default 0)")
-    parser.add_argument("--milestones", type=float, nargs="+", help="multistep: epochs where the LR is times --gamma")
-    parser.add_argument("--gamma", type=float, help="multistep, exp: decay factor")
-    parser.add_argument("--decay-period", type=float, help="exp: epochs per factor of gamma (default 1)")
-    parser.add_argument("--staircase", action="store_true", default=None, help="exp: decay in whole periods")
+    groups: dict[str, Any] = {}
+    for setting in PLAN_SETTINGS:
+        if setting.cli is None or setting.cli_repeat:
+            continue
+        if setting.cli_group is not None and setting.cli_group not in groups:
+            groups[setting.cli_group] = parser.add_mutually_exclusive_group()
+        _add_setting(groups.get(setting.cli_group, parser), setting)
 
 
 def _add_world_flags(parser: argparse.ArgumentParser) -> None:
@@ -129,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
     plan = _command(commands, "plan", "print the LEGW plan for one or more target batch sizes")
     _add_plan_flags(plan)
-    plan.add_argument("--batch", type=int, action="append", help="target global batch (repeatable)")
+    _add_setting(plan, SETTING["batch_size"])
     plan.add_argument("--json", action="store_true", help="print a JSON list, one object per batch")
     plan.add_argument("--plot", metavar="FILE.png", help="write a PNG of LR against epochs and steps")
 
@@ -192,34 +175,34 @@ def _config_and_run(args: argparse.Namespace) -> tuple[LegwConfig, dict, Pretrai
     """The config and the run's shape (dataset size, length) from the flags, filled in by ``--recipe``."""
     recipe = phase(args.recipe) if args.recipe else None
     base = recipe.config() if recipe else None
-    options = {option: getattr(args, _FLAG_FOR_SETTING[option][2:].replace("-", "_")) for option in DECAY_OPTIONS}
+    options = {option: getattr(args, option) for option in DECAY_OPTIONS}
     if args.decay is None and base is not None and not any(v is not None for v in options.values()):
         decay = base.decay
     else:
         decay = make_decay(args.decay or "poly", **options)
     warmup_given = args.base_warmup_epochs is not None or args.base_warmup_steps is not None
     settings = {
-        "base_batch_size": args.base_batch if args.base_batch is not None else base and base.base_batch_size,
-        "base_lr": args.base_lr if args.base_lr is not None else base and base.base_lr,
-        "base_warmup_epochs": args.base_warmup_epochs if warmup_given or not base else base.base_warmup_epochs,
-        "base_warmup_steps": args.base_warmup_steps if warmup_given or not base else base.base_warmup_steps,
+        name: getattr(args, name) if getattr(args, name) is not None else base and getattr(base, name)
+        for name in ("base_batch_size", "base_lr")
     }
-    required = (("base_batch_size", "--base-batch"), ("base_lr", "--base-lr"))
-    missing = [flag for key, flag in required if settings[key] is None]
+    for name in ("base_warmup_epochs", "base_warmup_steps"):
+        settings[name] = getattr(args, name) if warmup_given or not base else getattr(base, name)
+    missing = [_flag(name) for name in ("base_batch_size", "base_lr") if settings[name] is None]
     if not warmup_given and base is None:
-        missing.append("--base-warmup-epochs or --base-warmup-steps")
-    length_given = args.epochs is not None or args.base_steps is not None
+        missing.append(f"{_flag('base_warmup_epochs')} or {_flag('base_warmup_steps')}")
+    lengths = ("epochs", "base_steps", "steps")
+    length_given = any(getattr(args, name) is not None for name in lengths)
     if not length_given and recipe is None:
-        missing.append("--epochs or --base-steps")
+        missing.append(" or ".join(map(_flag, lengths)))
     if args.dataset_size is None and recipe is None:
-        missing.append("--dataset-size")
+        missing.append(_flag("dataset_size"))
     if missing:
         raise _missing(missing)
-    config = LegwConfig(rule=args.rule, decay=decay, **settings)
-    run: dict = {"drop_last": args.drop_last}
+    config = LegwConfig(rule=args.rule or "legw", decay=decay, **settings)
+    run: dict = {"drop_last": bool(args.drop_last)}
     if length_given:
         size = args.dataset_size if args.dataset_size is not None else recipe.dataset_size
-        run.update(dataset_size=size, epochs=args.epochs, base_steps=args.base_steps)
+        run.update(dataset_size=size, **{name: getattr(args, name) for name in lengths})
     else:
         run.update(recipe.length(args.dataset_size))
     return config, run, recipe
@@ -227,9 +210,9 @@ def _config_and_run(args: argparse.Namespace) -> tuple[LegwConfig, dict, Pretrai
 
 def _plans(args: argparse.Namespace) -> list[LegwPlan]:
     config, run, recipe = _config_and_run(args)
-    batches = args.batch or (list(recipe.global_batches) if recipe else None)
+    batches = args.batch_size or (list(recipe.global_batches) if recipe else None)
     if not batches:
-        raise _missing(["--batch"])
+        raise _missing([_flag("batch_size")])
     return [config.plan(batch_size=batch, **run) for batch in batches]
 
 
@@ -265,7 +248,7 @@ def _ds_config(args: argparse.Namespace) -> str:
     config = ds.deepspeed_config(
         zero=args.zero, precision=args.precision, offload_optimizer=args.offload_optimizer, split=split
     )
-    if not args.recipe and args.base_batch is None:
+    if not args.recipe and args.base_batch_size is None:
         args.recipe = "bert-large-phase1"
     legw_config, run, _ = _config_and_run(args)
     plan = legw_config.plan(batch_size=split.global_batch, **run)
@@ -380,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             output = _recipes(args)
     except SettingError as error:
-        flagged = error.renamed_by(lambda field: _FLAG_FOR_SETTING.get(field, field))
+        flagged = error.renamed_by(_flag)
         parser.exit(2, f"legw-hf {args.command}: error: {flagged}\n")
     print(output)
     return 0

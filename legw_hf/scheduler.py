@@ -17,6 +17,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from .errors import SettingError
 from .plan import LegwConfig, LegwPlan, PhasedPlan, plan_from_dict
 from .schedules import DECAY_OPTIONS, DECAYS, make_decay
+from .settings import names_of
 
 STATE_FORMAT = "legw_hf.LegwScheduler/1"
 
@@ -203,14 +204,14 @@ def get_scheduler(
     return LegwScheduler(optimizer, plan)
 
 
-_CONFIG_KEYS = ("base_batch_size", "base_lr", "base_warmup_epochs", "base_warmup_steps", "rule")
-_RUN_KEYS = ("batch_size", "dataset_size", "epochs", "base_steps", "steps", "drop_last", "steps_per_epoch")
+_CONFIG_KEYS = names_of("config")
+_RUN_KEYS = names_of("run")
 
 
 def _plan_from_settings(
     settings: dict[str, Any], decay_name: str | None, num_training_steps: int | None
 ) -> LegwPlan | PhasedPlan:
-    unknown = sorted(set(settings) - {*_CONFIG_KEYS, *_RUN_KEYS, *DECAY_OPTIONS, "decay"})
+    unknown = sorted(set(settings) - {*_CONFIG_KEYS, *_RUN_KEYS, *names_of("decay")})
     if unknown:
         raise SettingError(unknown[0], "is not a LEGW scheduler setting", settings[unknown[0]])
     missing = [k for k in ("base_batch_size", "base_lr", "batch_size", "dataset_size") if k not in settings]

@@ -12,32 +12,16 @@ from typing import Any
 import torch
 
 from ..errors import SettingError
+from ..settings import optimizer_keywords
 from ._settings import check_fraction
 from .lamb import Lamb
 from .lars import Lars
 
-#: Optimizers by name, each with the keywords it takes from a caller (``lr`` and weight decay aside).
+#: Optimizers by name, each with the keywords it takes from a caller (``lr`` and weight decay aside), as
+#: :mod:`legw_hf.settings` declares them.
 OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], tuple[str, ...]]] = {
-    "adamw": (torch.optim.AdamW, ("betas", "eps")),
-    "sgd": (torch.optim.SGD, ("momentum", "nesterov")),
-    "lamb": (
-        Lamb,
-        (
-            "preset",
-            "betas",
-            "eps",
-            "bias_correction",
-            "max_grad_norm",
-            "trust_clamp",
-            "adapt",
-            "master_weights",
-            "fused",
-        ),
-    ),
-    "lars": (
-        Lars,
-        ("preset", "momentum", "nesterov", "eps", "trust_coefficient", "adapt", "master_weights", "fused"),
-    ),
+    name: (cls, optimizer_keywords(name))
+    for name, cls in (("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD), ("lamb", Lamb), ("lars", Lars))
 }
 OPTIMIZER_NAMES = tuple(OPTIMIZERS)
 KEYWORDS = tuple(dict.fromkeys(keyword for _, keywords in OPTIMIZERS.values() for keyword in keywords))

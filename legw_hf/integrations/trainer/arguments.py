@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, make_dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from transformers import TrainingArguments
@@ -15,116 +15,28 @@ from transformers import TrainingArguments
 from ...adascale import MODES as ADASCALE_MODES
 from ...errors import SettingError
 from ...noise_scale import check_scale
-from ...optim import LAMB_PRESETS, LARS_PRESETS
-from ...optim.choice import OPTIMIZER_NAMES
-from ...plan import RULES, LegwConfig, LegwPlan, epoch_steps
-from ...schedules import DECAY_OPTIONS, DECAYS, make_decay
+from ...plan import LegwConfig, LegwPlan, epoch_steps
+from ...schedules import DECAY_OPTIONS, make_decay
+from ...settings import trainer_argument
 from .. import deepspeed as deepspeed_config
-from .flags import ARGUMENT_FOR_SETTING, PLAN_FLAGS, TRAINER_SCHEDULE_FLAGS, as_argument_error, changed_fields
+from .flags import PLAN_FLAGS, TRAINER_SCHEDULE_FLAGS, as_argument_error, changed_fields, legw_fields
 from .optimizer import adam_family, probe_optimizer
 
 logger = logging.getLogger(__name__)
 
 
+#: The ``--legw_*`` fields, generated from :data:`legw_hf.settings.SETTINGS`.
+_LegwFields = make_dataclass("_LegwFields", legw_fields())
+
+
 @dataclass
-class LegwArguments:
+class LegwArguments(_LegwFields):
     """LEGW fields for any ``TrainingArguments`` class; they become ``--legw_*`` flags in ``HfArgumentParser``.
 
     Mix into another arguments class with ``@dataclass class MyArgs(LegwArguments, Seq2SeqTrainingArguments)``.
-    LEGW is on when ``legw_base_batch_size`` is set; ``learning_rate`` is then the base peak LR.
+    LEGW is on when ``legw_base_batch_size`` is set; ``learning_rate`` is then the base peak LR. The fields are
+    declared once, in :mod:`legw_hf.settings` (each setting's ``legw_<name>`` spelling, help and type).
     """
-
-    legw_base_batch_size: int | None = field(
-        default=None,
-        metadata={"help": "Global batch at which --learning_rate and the base warmup were tuned. Turns LEGW on."},
-    )
-    legw_rule: Literal[tuple(RULES)] | None = field(
-        default=None,
-        metadata={
-            "help": "legw (default): sqrt(k) LR and k x warmup epochs; sqrt: sqrt(k) LR; linear: k x LR; none. "
-            "--legw_adascale gain/sqrt_gain replaces the rule."
-        },
-    )
-    legw_base_warmup_epochs: float | None = field(
-        default=None, metadata={"help": "Warmup at the base batch, in epochs (or give --legw_base_warmup_steps)."}
-    )
-    legw_base_warmup_steps: float | None = field(
-        default=None, metadata={"help": "Warmup at the base batch, in optimizer steps at that batch."}
-    )
-    legw_decay: Literal[tuple(DECAYS)] = field(default="poly", metadata={"help": "Decay shape after warmup."})
-    legw_power: float | None = field(
-        default=None, metadata={"help": "poly: exponent (default 1); poly_run: (default 0.5)."}
-    )
-    legw_end_lr: float | None = field(default=None, metadata={"help": "poly, cosine: final LR (default 0)."})
-    legw_milestones: list[float] | None = field(
-        default=None, metadata={"help": "multistep: epochs at which the LR is multiplied by --legw_gamma."}
-    )
-    legw_gamma: float | None = field(default=None, metadata={"help": "multistep, exp: decay factor."})
-    legw_decay_period: float | None = field(default=None, metadata={"help": "exp: epochs per gamma (default 1)."})
-    legw_staircase: bool | None = field(default=None, metadata={"help": "exp: decay in whole periods."})
-    legw_global_batch_size: int | None = field(
-        default=None,
-        metadata={"help": "Expected global batch; checked against per-device x accumulation x processes."},
-    )
-    legw_dataset_size: int | None = field(
-        default=None, metadata={"help": "Examples per epoch, for train datasets without a length (streaming)."}
-    )
-    legw_optimizer: Literal[OPTIMIZER_NAMES] | None = field(
-        default=None, metadata={"help": "Optimizer to build instead of --optim's: adamw, sgd, lamb or lars."}
-    )
-    legw_optimizer_preset: str | None = field(
-        default=None,
-        metadata={"help": f"lamb: {', '.join(LAMB_PRESETS)}; lars: {', '.join(LARS_PRESETS)} (see legw_hf.Lamb)."},
-    )
-    legw_betas: list[float] | None = field(default=None, metadata={"help": "lamb: beta1 beta2 (preset's)."})
-    legw_eps: float | None = field(default=None, metadata={"help": "lamb, lars: epsilon (preset's)."})
-    legw_momentum: float | None = field(default=None, metadata={"help": "sgd (0.9), lars (preset's): momentum."})
-    legw_nesterov: bool | None = field(default=None, metadata={"help": "sgd, lars: Nesterov momentum."})
-    legw_bias_correction: Literal["inside", "step_size", "off"] | None = field(
-        default=None, metadata={"help": "lamb: where Adam's bias correction goes (preset's)."}
-    )
-    legw_lamb_max_grad_norm: float | None = field(
-        default=None,
-        metadata={
-            "help": "lamb: global gradient pre-normalisation max norm, 0 = off (preset's; nvidia: 1.0). "
-            "When it is on, Trainer's --max_grad_norm clipping is turned off."
-        },
-    )
-    legw_trust_clamp: list[float] | None = field(
-        default=None, metadata={"help": "lamb: min max bounds of the trust ratio (preset's; deepspeed: 0.01 10)."}
-    )
-    legw_trust_coefficient: float | None = field(default=None, metadata={"help": "lars: trust coefficient."})
-    legw_adapt: Literal["all", "decayed"] | None = field(
-        default=None, metadata={"help": "lamb, lars: trust ratio for all tensors or only decayed ones."}
-    )
-    legw_master_weights: bool | None = field(
-        default=None, metadata={"help": "lamb, lars: fp32 master copies of fp16/bf16 parameters."}
-    )
-    legw_fused: Literal["cpu", "triton", "off"] | None = field(
-        default=None,
-        metadata={
-            "help": "lamb, lars: legw_hf's fused kernels: cpu (lamb, fp32 CPU tensors), triton (CUDA, pip install "
-            "'legw_hf[gpu]'; opt-in until measured on a GPU), off (torch ops). Default: lamb's CPU kernel where it "
-            "fits, torch ops elsewhere."
-        },
-    )
-    legw_trust_log: Literal["summary", "per_layer", "off"] = field(
-        default="summary", metadata={"help": "lamb, lars: trust ratios in the logs: min/median/max, per layer, none."}
-    )
-
-    legw_adascale: Literal[tuple(ADASCALE_MODES)] | None = field(
-        default=None,
-        metadata={
-            "help": "gain: AdaScale's LR (r x the base run's schedule at the scale-invariant progress; SGD, LARS); "
-            "sqrt_gain: sqrt(r) on Adam-preconditioned statistics (AdamW, LAMB); both replace the LEGW rule and need "
-            "--legw_base_batch_size, the batch the schedule was tuned at. diagnostics: log noise_scale/b_simple, "
-            "adascale/gain and adascale/efficiency beside any schedule."
-        },
-    )
-    legw_adascale_scale: float | None = field(
-        default=None,
-        metadata={"help": "Expected scale S = global batch / --legw_base_batch_size, checked against the run."},
-    )
 
     def __post_init__(self) -> None:
         if self.deepspeed:
@@ -242,6 +154,14 @@ class LegwArguments:
                     None,
                 )
             return
+        if self.legw_base_steps is not None:
+            for name in changed_fields(self, ("max_steps", "num_train_epochs")):
+                raise SettingError(
+                    name,
+                    "must keep its default with --legw_base_steps, which sets the run's length (the base run's steps "
+                    "at --legw_base_batch_size, the same epochs at every batch); give one length",
+                    getattr(self, name),
+                )
         for name in changed_fields(self, tuple(TRAINER_SCHEDULE_FLAGS)):
             raise SettingError(
                 name,
@@ -339,7 +259,7 @@ class LegwArguments:
         try:
             decay = make_decay(
                 self.legw_decay,
-                **{option: getattr(self, ARGUMENT_FOR_SETTING[option]) for option in DECAY_OPTIONS},
+                **{option: getattr(self, trainer_argument(option)) for option in DECAY_OPTIONS},
             )
             return LegwConfig(
                 base_batch_size=self.legw_base_batch_size,
@@ -375,6 +295,13 @@ class LegwArguments:
                 f"{1 if getattr(self.accelerator_config, 'split_batches', False) else self.world_size}",
             )
 
+    def _legw_length(self) -> dict[str, float | int]:
+        """The run's length as the plan takes it when Trainer's --max_steps is unset: --legw_base_steps (steps at
+        the base batch) or --num_train_epochs."""
+        if self.legw_base_steps is not None:
+            return {"base_steps": self.legw_base_steps}
+        return {"epochs": self.num_train_epochs}
+
     def legw_plan(
         self, *, global_batch: int, dataset_size: int | None, steps_per_epoch: int | None, max_steps: int
     ) -> LegwPlan:
@@ -385,7 +312,7 @@ class LegwArguments:
             raise SettingError(
                 "legw_dataset_size", "is required when the train dataset has no length (LEGW counts epochs)", None
             )
-        length = {"steps": max_steps} if self.max_steps > 0 else {"epochs": self.num_train_epochs}
+        length = {"steps": max_steps} if self.max_steps > 0 else self._legw_length()
         try:
             return self.legw_config().plan(
                 batch_size=global_batch,
@@ -398,13 +325,14 @@ class LegwArguments:
             raise as_argument_error(error) from None
 
     def legw_adascale_base_plan(self, dataset_size: int) -> LegwPlan:
-        """The base run AdaScale follows: the schedule flags at --legw_base_batch_size for --num_train_epochs."""
+        """The base run AdaScale follows: the schedule flags at --legw_base_batch_size for --num_train_epochs (or
+        --legw_base_steps)."""
         try:
             return self.legw_config().plan(
                 batch_size=self.legw_base_batch_size,
                 dataset_size=dataset_size,
-                epochs=self.num_train_epochs,
                 drop_last=self.dataloader_drop_last,
+                **self._legw_length(),
             )
         except SettingError as error:
             raise as_argument_error(error) from None
@@ -445,3 +373,4 @@ def check_plan_before_training(args: LegwArguments, train_dataset: Any) -> None:
         )
     max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * spe)
     args.legw_plan(global_batch=global_batch, dataset_size=dataset_size, steps_per_epoch=spe, max_steps=max_steps)
+    # (with --legw_base_steps, legw_plan takes the length from it and max_steps is not read)

@@ -1,72 +1,53 @@
-"""Trainer's vocabulary for legw_hf's settings: which ``--legw_*`` flag (or Trainer argument) carries which
-setting of the plan or the optimizer, so errors name the flag a user can fix."""
+"""Trainer's vocabulary for legw_hf's settings, derived from :mod:`legw_hf.settings`: the ``--legw_*`` fields, which
+flag (or Trainer argument) carries which setting of the plan or the optimizer, so errors name the flag a user can
+fix."""
 
 from __future__ import annotations
 
-from dataclasses import MISSING, fields
-from typing import Any
+from dataclasses import MISSING, field, fields
+from typing import Any, Literal
 
 from ...errors import SettingError
 from ...schedules import DECAY_OPTIONS, DECAYS
+from ...settings import PLAN_SETTINGS, SETTINGS, settings_of, trainer_argument
 
-#: The ``--legw_*`` flags of :mod:`legw_hf.optim.choice`'s optimizer keywords (``--legw_optimizer adamw`` takes
-#: Trainer's own ``--adam_*`` flags instead of ``--legw_betas`` / ``--legw_eps``).
-KEYWORD_OF_FLAG = {
-    "legw_optimizer_preset": "preset",
-    "legw_betas": "betas",
-    "legw_eps": "eps",
-    "legw_momentum": "momentum",
-    "legw_nesterov": "nesterov",
-    "legw_bias_correction": "bias_correction",
-    "legw_lamb_max_grad_norm": "max_grad_norm",
-    "legw_trust_clamp": "trust_clamp",
-    "legw_trust_coefficient": "trust_coefficient",
-    "legw_adapt": "adapt",
-    "legw_master_weights": "master_weights",
-    "legw_fused": "fused",
-}
+#: The ``--legw_*`` flags of the optimizer keywords (``--legw_optimizer adamw`` takes Trainer's own ``--adam_*``
+#: flags instead of ``--legw_betas`` / ``--legw_eps``).
+KEYWORD_OF_FLAG = {setting.trainer_argument: setting.name for setting in settings_of("optimizer")}
 
 
-FLAG_OF_KEYWORD = {keyword: flag for flag, keyword in KEYWORD_OF_FLAG.items()} | {
-    "lr": "learning_rate",
-    "optimizer": "legw_optimizer",
-}
-
-
-# Core setting name -> the Trainer argument a user typed, so errors name the flag they can fix.
-ARGUMENT_FOR_SETTING = {
-    "base_batch_size": "legw_base_batch_size",
-    "base_lr": "learning_rate",
-    "base_warmup_epochs": "legw_base_warmup_epochs",
-    "base_warmup_steps": "legw_base_warmup_steps",
-    "rule": "legw_rule",
-    "decay": "legw_decay",
-    "power": "legw_power",
-    "end_lr": "legw_end_lr",
-    "milestones": "legw_milestones",
-    "gamma": "legw_gamma",
-    "period": "legw_decay_period",
-    "staircase": "legw_staircase",
-    "batch_size": "legw_global_batch_size",
-    "dataset_size": "legw_dataset_size",
-    "epochs": "num_train_epochs",
-    "steps": "max_steps",
-}
-
-
-def as_argument_error(error: SettingError) -> SettingError:
-    return error.renamed_by(lambda field: ARGUMENT_FOR_SETTING.get(field, field))
-
-
-#: The LEGW flags that shape the plan; without ``--legw_base_batch_size`` they would be silently ignored.
+#: The LEGW settings that shape the plan as Trainer spells them; without ``--legw_base_batch_size`` they would be
+#: silently ignored.
 PLAN_FLAGS = tuple(
-    dict.fromkeys(
-        flag for flag in ARGUMENT_FOR_SETTING.values() if flag.startswith("legw_") and flag != "legw_base_batch_size"
-    )
+    setting.trainer_argument
+    for setting in PLAN_SETTINGS
+    if setting.declared_by_legw and setting.name != "base_batch_size"
 )
 
 
-_DECAY_FLAGS = ", ".join(f"--{ARGUMENT_FOR_SETTING[option]}" for option in sorted(DECAY_OPTIONS))
+def legw_fields() -> list[tuple[str, Any, Any]]:
+    """The ``--legw_*`` fields of :class:`~legw_hf.LegwArguments`, one per setting Trainer takes, in
+    :data:`~legw_hf.settings.SETTINGS` order, for :func:`dataclasses.make_dataclass`."""
+    declared = []
+    for setting in SETTINGS:
+        if not setting.declared_by_legw:
+            continue
+        kind: Any = Literal[setting.choices] if setting.choices else setting.type
+        if setting.nargs is not None:
+            kind = list[setting.type]
+        if setting.default is None:
+            kind = kind | None
+        help_ = setting.help + (f" Deprecated: {setting.deprecated}" if setting.deprecated else "")
+        declared.append((setting.trainer_argument, kind, field(default=setting.default, metadata={"help": help_})))
+    return declared
+
+
+def as_argument_error(error: SettingError) -> SettingError:
+    """The error naming each setting as Trainer's arguments spell it (``--legw_base_batch_size``, ``max_steps``)."""
+    return error.renamed_by(trainer_argument)
+
+
+_DECAY_FLAGS = ", ".join(f"--{trainer_argument(option)}" for option in sorted(DECAY_OPTIONS))
 
 
 #: Trainer's own schedule arguments, which LEGW replaces, and the LEGW flags to use instead.
@@ -95,8 +76,5 @@ def changed_fields(args: Any, names: tuple[str, ...] | Any, defaults: dict[str, 
 
 
 def as_flag_error(error: SettingError) -> SettingError:
-    def flag(field: str) -> str:
-        keyword = field.split("[")[0]
-        return FLAG_OF_KEYWORD.get(keyword, keyword)
-
-    return error.renamed_by(flag)
+    """An optimizer's error naming the flag (``betas[1]`` is ``--legw_betas``, ``lr`` is ``--learning_rate``)."""
+    return error.renamed_by(lambda field: trainer_argument("base_lr" if field == "lr" else field.split("[")[0]))

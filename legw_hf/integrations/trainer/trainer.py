@@ -175,19 +175,14 @@ class LegwTrainer(Trainer):
         values = super().set_initial_training_values(args, dataloader)
         sized = hasattr(dataloader, "__len__")
         self._legw_run = _RunShape(values[1] if sized else None, values[2] if sized else None)
-        if self.legw_enabled and self.args.legw_adascale_lr:
+        if not self.legw_enabled:
+            return values
+        if self.args.legw_adascale_lr:
             # The run is as long as it takes τ to reach the base run's length: at most that many updates (r >= 1).
-            longest = self.adascale_base_plan().total_steps
-            _, steps_per_epoch, examples, _, total_batch, steps_in_epoch, _ = values
-            values = (
-                -(-longest // steps_per_epoch),
-                steps_per_epoch,
-                examples,
-                longest * total_batch,
-                total_batch,
-                steps_in_epoch,
-                longest,
-            )
+            return _with_total_steps(values, self.adascale_base_plan().total_steps)
+        if self.args.legw_base_steps is not None and self.args.max_steps <= 0:
+            # The length is the base run's steps: Trainer runs as many updates as the plan counts at this batch.
+            return _with_total_steps(values, self.legw_plan(None).total_steps)
         return values
 
     def adascale_base_plan(self) -> LegwPlan:
@@ -236,8 +231,9 @@ class LegwTrainer(Trainer):
             return epochs_trained, 0
         return epochs_trained, step % num_update_steps_per_epoch * self.args.gradient_accumulation_steps
 
-    def legw_plan(self, num_training_steps: int) -> LegwPlan:
-        """The plan for this run, from Trainer's global batch and dataloader."""
+    def legw_plan(self, num_training_steps: int | None) -> LegwPlan:
+        """The plan for this run, from Trainer's global batch and dataloader; ``num_training_steps`` is Trainer's
+        step count, checked against the plan (None: the plan sets it, --legw_base_steps)."""
         global_batch = self.args.legw_global_batch(self._train_batch_size)
         expected = self.args.legw_global_batch_size
         if expected is not None and global_batch != expected:
@@ -254,7 +250,7 @@ class LegwTrainer(Trainer):
             steps_per_epoch=self._legw_run.steps_per_epoch,
             max_steps=num_training_steps,
         )
-        if plan.total_steps != num_training_steps:
+        if num_training_steps is not None and plan.total_steps != num_training_steps:
             raise SettingError(
                 "max_steps", f"disagrees with the LEGW plan's {plan.total_steps} steps", num_training_steps
             )
@@ -317,6 +313,20 @@ class LegwTrainer(Trainer):
             # Trainer's decay / no-decay split, with parameter names for the per-layer trust-ratio logs.
             kwargs["params"] = decay_param_groups(model, args.weight_decay)
         return cls, kwargs
+
+
+def _with_total_steps(values: tuple, total_steps: int) -> tuple:
+    """Trainer's ``set_initial_training_values`` result for a run of ``total_steps`` updates."""
+    _, steps_per_epoch, examples, _, total_batch, steps_in_epoch, _ = values
+    return (
+        -(-total_steps // steps_per_epoch),
+        steps_per_epoch,
+        examples,
+        total_steps * total_batch,
+        total_batch,
+        steps_in_epoch,
+        total_steps,
+    )
 
 
 def _loss_of(outputs: Any) -> torch.Tensor | None:
