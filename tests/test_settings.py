@@ -101,45 +101,15 @@ def test_an_error_names_the_setting_as_each_host_spells_it(tmp_path):
 
 def test_plan_previews_a_max_steps_run_as_trainer_runs_it():
     """``legw-hf plan --steps`` is Trainer's --max_steps: that many updates at each batch, the LR written out."""
-    cli = run_cli(
-        "plan",
-        "--base-batch",
-        "4",
-        "--base-lr",
-        "0.05",
-        "--base-warmup-epochs",
-        "0.1",
-        "--steps",
-        "10",
-        "--dataset-size",
-        "100",
-        "--batch",
-        "16",
-        "--json",
-    )
+    base = "--base-batch 4 --base-lr 0.05 --base-warmup-epochs 0.1 --dataset-size 100 --batch 16".split()
+    cli = run_cli("plan", *base, "--steps", "10", "--json")
     assert cli.returncode == 0, cli.stderr
     (summary,) = json.loads(cli.stdout)
     spe = math.ceil(100 / 16)
     assert (summary["total_steps"], summary["steps_per_epoch"]) == (10, spe)
     assert summary["epochs"] == pytest.approx(10 / spe)
     assert summary["peak_lr"] == pytest.approx(0.05 * 2) and summary["warmup_epochs"] == pytest.approx(0.4)
-    both = run_cli(
-        "plan",
-        "--base-batch",
-        "4",
-        "--base-lr",
-        "0.05",
-        "--base-warmup-epochs",
-        "0.1",
-        "--steps",
-        "10",
-        "--epochs",
-        "2",
-        "--dataset-size",
-        "100",
-        "--batch",
-        "16",
-    )
+    both = run_cli("plan", *base, "--steps", "10", "--epochs", "2")
     assert both.returncode == 2 and "--epochs: not allowed with argument --steps" in both.stderr
 
 
