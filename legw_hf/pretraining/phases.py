@@ -1,63 +1,26 @@
-"""The phases of a pretraining run: their settings, and the Trainer that starts a phase from the previous one."""
+"""The phases of a pretraining run as Trainer runs them: the Trainer that starts a phase from the previous one, and
+what marks a phase finished. What a phase trains with is a :class:`legw_hf.recipes.PretrainingPhase`."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from ..errors import SettingError
 from ..integrations.trainer import LegwTrainer
 from ..optim import layerwise_optimizer_of
 from ..optim.phases import continue_from_phase, restart_step_counts
 from ..plan import LegwPlan
-from ..recipes import PretrainingPhase
 from ..record import write_json
 
 logger = logging.getLogger(__name__)
 
 COMPLETE = "phase_complete.json"
-
-
-@dataclass(frozen=True, kw_only=True)
-class PhaseSettings:
-    """One phase as this run trains it: the recipe's phase with the command line's overrides (``recipe``: sequence
-    length, predictions, base settings, length), at this run's global batch and per-device micro-batch."""
-
-    name: str
-    recipe: PretrainingPhase
-    global_batch_size: int
-    per_device_batch_size: int
-
-    def gradient_accumulation(self, world_size: int) -> int:
-        """Micro-batches per update so that micro-batch × accumulation × processes is the global batch."""
-        per_update = self.per_device_batch_size * world_size
-        if self.global_batch_size % per_update:
-            raise SettingError(
-                f"{self.name}_global_batch_size",
-                f"must be a multiple of per-device batch × processes = {self.per_device_batch_size} × {world_size} = "
-                f"{per_update}, so gradient accumulation reaches it exactly",
-                self.global_batch_size,
-            )
-        return self.global_batch_size // per_update
-
-    def plan(self, dataset_size: int, steps_per_epoch: int) -> LegwPlan:
-        try:
-            return self.recipe.config().plan(
-                batch_size=self.global_batch_size, steps_per_epoch=steps_per_epoch, **self.recipe.length(dataset_size)
-            )
-        except SettingError as error:
-            raise error.renamed_by(lambda field: f"{self.name}_{_PLAN_FLAG.get(field, field)}") from None
-
-
-# Plan setting -> this phase's flag suffix, so a plan error names the flag to change.
-_PLAN_FLAG = {"batch_size": "global_batch_size", "decay": "power", "power": "power"}
 
 
 def trainer_steps_per_epoch(dataset_size: int, per_device: int, accumulation: int, world_size: int) -> int:
