@@ -40,15 +40,33 @@ class SaveAtPhaseEnd(TrainerCallback):
 
 
 class PhaseTrainer(LegwTrainer):
-    """A :class:`~legw_hf.LegwTrainer` whose optimizer starts from the previous phase's checkpoint ``carry_from``:
+    """A :class:`~legw_hf.LegwTrainer` for one phase: it plans with the phase's config (``legw_config=``, see
+    :class:`~legw_hf.LegwTrainer`), and its optimizer starts from the previous phase's checkpoint ``carry_from``:
     its moments, with the step counts restarted (:func:`~legw_hf.optim.phases.continue_from_phase`), unless the
-    phase itself is being resumed from one of its own checkpoints."""
+    phase itself is being resumed from one of its own checkpoints.
 
-    def __init__(self, *args: Any, carry_from: str | None = None, **kwargs: Any) -> None:
+    ``planned`` is the phase's plan as the program printed and recorded it, from its own count of Trainer's updates
+    per epoch: a Trainer that counts otherwise (``--dataloader_drop_last``, ``--auto_find_batch_size`` shrinking the
+    batch) is an error before the first update, not a phase trained on another plan than the one shown."""
+
+    def __init__(
+        self, *args: Any, carry_from: str | None = None, planned: LegwPlan | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.carry_from = carry_from
+        self.planned = planned
         if carry_from is not None:
             self.add_callback(_StartFromPreviousPhase(self))
+
+    def legw_plan(self, num_training_steps: int) -> LegwPlan:
+        plan = super().legw_plan(num_training_steps)
+        if self.planned is not None and plan.to_dict() != self.planned.to_dict():
+            ours, printed = plan.to_dict(), self.planned.to_dict()
+            differ = ", ".join(
+                f"{key} {ours[key]} (printed: {printed.get(key)})" for key in ours if ours[key] != printed.get(key)
+            )
+            raise RuntimeError(f"Trainer counts this phase otherwise than the plan printed for it: {differ}")
+        return plan
 
     def start_from_previous_phase(self) -> None:
         if self.is_deepspeed_enabled:

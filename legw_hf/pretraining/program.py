@@ -34,6 +34,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..averaging import average_checkpoints
 from ..errors import SettingError, non_negative, positive, positive_int
 from ..integrations.trainer import LegwTrainingArguments, changed_fields
+from ..integrations.trainer.flags import TRAINER_SCHEDULE_FLAGS
 from ..plan import Phase, PhasedPlan
 from ..recipes import RECIPES, PretrainingPhase, phase as recipe_phase
 from ..record import write_json
@@ -236,6 +237,13 @@ def _refuse_phase_owned(training_args: LegwTrainingArguments) -> None:
             name,
             f"is set per phase by this program: use --phase1_{suffix} / --phase2_{suffix} ({why})",
             getattr(training_args, name),
+        )
+    for name in changed_fields(training_args, tuple(TRAINER_SCHEDULE_FLAGS), defaults):
+        raise SettingError(
+            name,
+            "is not used by this program: each phase's LR schedule is its recipe's LEGW plan (change it with the "
+            "--phase1_* / --phase2_* flags)",
+            getattr(getattr(training_args, name), "value", getattr(training_args, name)),
         )
     if training_args.resume_from_checkpoint:
         raise SettingError(
@@ -655,13 +663,13 @@ def _train_phases(
             preprocess_logits_for_metrics=token_scores,
             callbacks=[SaveAtPhaseEnd()],
             carry_from=carry,
+            legw_config=phase.config(),
+            planned=planned.plan,
         )
         use_console(trainer, label)
         began = time.perf_counter()
         trainer.train(resume_from_checkpoint=get_last_checkpoint(str(phase_dir)) if phase_dir.is_dir() else None)
         timings[label] = time.perf_counter() - began
-        if trainer.lr_scheduler.plan.to_dict() != planned.plan.to_dict():
-            raise RuntimeError(f"{label} trained with another plan than the one printed")
         last = phase_dir / f"checkpoint-{trainer.state.global_step}"
         if trainer.is_world_process_zero():
             mark_complete(phase_dir, last, planned.plan)
@@ -671,18 +679,14 @@ def _train_phases(
 
 
 def _phase_arguments(training_args, phase, planned, phase_dir, is_last, run_args, interval):
+    """Trainer's arguments for one phase: the run's shape from the same phase object whose config the trainer plans
+    with (``legw_config=``); no ``--legw_*`` plan field, so the plan has one source."""
     total = planned.plan.total_steps
     changes = {
         "output_dir": str(phase_dir),
-        "learning_rate": phase.base_lr,
         "per_device_train_batch_size": phase.per_device_batch_size,
         "gradient_accumulation_steps": phase.gradient_accumulation(training_args.world_size),
         "num_train_epochs": planned.plan.epochs,
-        "legw_base_batch_size": phase.base_batch_size,
-        "legw_base_warmup_steps": phase.base_warmup_steps,
-        "legw_decay": "poly_run",
-        "legw_power": phase.power,
-        "legw_global_batch_size": phase.global_batch_size,
     }
     if training_args.eval_strategy.value == "steps" and not training_args.eval_steps_given:
         changes["eval_steps"] = max(1, total // 8)
