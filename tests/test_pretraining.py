@@ -50,6 +50,9 @@ def test_both_phases_train_on_their_plan_and_the_report_compares_last_and_averag
         for step, lr in logged.items():
             expected = nvidia_lr(step, peak=peak, total=total, warmup_fraction=warmup_fraction)
             assert lr == pytest.approx(expected, rel=1e-9, abs=1e-12), (name, step)
+        # The plan the phase's Trainer recorded is the one the program printed.
+        recorded = json.loads((output_dir / name / "legw_plan.json").read_text())
+        assert [entry["plan"] for entry in recorded] == [p], name
         # Evaluation every eighth of the phase (no --eval_steps given), not after every logged update.
         evaluated = [e for e in history["log_history"] if "eval_mlm_loss" in e]
         every = max(1, total // 8)

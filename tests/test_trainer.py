@@ -9,12 +9,15 @@ import math
 import pytest
 import torch
 from launch import launch
-from legw_oracle import legw_poly_lr
+from legw_oracle import legw_poly_lr, nvidia_lr
 from procs import REPO
 from toy import Regressor, StopAt, legw_training_args, logged_learning_rates, regression_dataset
-from transformers import HfArgumentParser, Trainer, TrainerCallback
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from legw_hf import LegwCallback, LegwScheduler, LegwTrainer, LegwTrainingArguments, SettingError
+from legw_hf.plan import LegwConfig
+from legw_hf.record import read_plan_record
+from legw_hf.schedules import PolynomialOfRun
 
 
 def legw_args(tmp_path, **overrides) -> LegwTrainingArguments:
@@ -72,6 +75,76 @@ def test_max_steps_and_cosine(tmp_path):
     lrs = logged_learning_rates(trainer.state.log_history)
     warmup = 0.1 * 4
     assert lrs == pytest.approx([0.1 * min(1.0, (n + 1) / 7 / warmup) for n in range(10)])
+
+
+def args_without_plan(tmp_path, **overrides) -> LegwTrainingArguments:
+    """The toy run's arguments with no LEGW plan fields: the run's shape only (per-device 8 × accumulation 2)."""
+    plan_fields = {"legw_base_batch_size": None, "legw_base_warmup_epochs": None, "learning_rate": 5e-5}
+    return legw_args(tmp_path, **(plan_fields | overrides))
+
+
+#: NVIDIA's polynomial decay of the run, as the pretraining recipes give it, with a warmup in base-batch steps.
+CODE_CONFIG = LegwConfig(base_batch_size=4, base_lr=0.03, base_warmup_steps=3, decay=PolynomialOfRun(power=0.5))
+
+
+def test_a_config_given_in_code_is_the_plan_the_trainer_trains_with(tmp_path, caplog):
+    args = args_without_plan(tmp_path)
+    assert not args.legw_enabled
+    trainer = LegwTrainer(model=Regressor(), args=args, train_dataset=regression_dataset(100), legw_config=CODE_CONFIG)
+    assert trainer.legw_enabled and trainer.legw_config is CODE_CONFIG
+    with caplog.at_level(logging.INFO, logger="legw_hf"):
+        trainer.train()
+    # 100 examples at global batch 16 = 8 × 2 (k = 4): 7 updates per epoch, 21 in 3 epochs. The base warmup of 3
+    # steps at batch 4 (25 steps per epoch) is 0.12 epochs, 0.48 at k = 4: 16% of the run. Peak √4 × 0.03.
+    lrs = logged_learning_rates(trainer.state.log_history)
+    expected = [nvidia_lr(n, peak=0.06, total=21, warmup_fraction=0.48 / 3) for n in range(1, 22)]
+    assert lrs == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    built_here = CODE_CONFIG.plan(batch_size=16, dataset_size=100, epochs=3, steps_per_epoch=7)
+    assert trainer.lr_scheduler.plan.to_dict() == built_here.to_dict()
+    # What the trainer does with any plan: the plan line, legw_plan.json, the LEGW keys in the logs.
+    assert [entry["plan"] for entry in read_plan_record(args.output_dir)] == [built_here.to_dict()]
+    assert sum(r.getMessage().startswith("LEGW plan (") for r in caplog.records) == 1
+    assert all(entry["legw_k"] == 4.0 for entry in trainer.state.log_history if "learning_rate" in entry)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "named"),
+    [
+        (
+            {"legw_base_batch_size": 4, "legw_base_warmup_epochs": 0.1},
+            "legw_base_batch_size",
+            "legw_base_warmup_epochs",
+        ),
+        (
+            {"legw_base_batch_size": 4, "legw_base_warmup_epochs": 0.1, "legw_decay": "cosine"},
+            "legw_base_batch_size",
+            "legw_decay",
+        ),
+        ({"learning_rate": 0.1}, "learning_rate", "learning_rate"),
+        ({"warmup_steps": 2}, "warmup_steps", "warmup_steps"),
+        ({"lr_scheduler_type": "cosine"}, "lr_scheduler_type", "lr_scheduler_type"),
+    ],
+)
+def test_arguments_that_describe_another_plan_are_refused_beside_a_config(tmp_path, overrides, field, named):
+    args = args_without_plan(tmp_path, **overrides)
+    with pytest.raises(SettingError) as caught:
+        LegwTrainer(model=Regressor(), args=args, train_dataset=regression_dataset(100), legw_config=CODE_CONFIG)
+    assert caught.value.field == field and "legw_config" in str(caught.value) and named in caught.value.detail
+    assert not (tmp_path / "out").exists()
+    # The config's own base LR is no conflict.
+    LegwTrainer(
+        model=Regressor(),
+        args=args_without_plan(tmp_path, learning_rate=CODE_CONFIG.base_lr),
+        train_dataset=regression_dataset(100),
+        legw_config=CODE_CONFIG,
+    )
+
+
+def test_a_config_needs_arguments_with_the_legw_fields(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none")
+    with pytest.raises(SettingError, match="LegwTrainingArguments") as caught:
+        LegwTrainer(model=Regressor(), args=args, train_dataset=regression_dataset(100), legw_config=CODE_CONFIG)
+    assert caught.value.field == "legw_config"
 
 
 def test_sgd_and_adamw_choices(tmp_path):

@@ -278,3 +278,13 @@ class PreparedText:
             with_indices=True,
             desc=f"Masking {self.split} sequences of {seq_len} once",
         )
+
+
+@dataclass(frozen=True)
+class MaskedLmData:
+    """The masked-LM data at one sequence length: packed training sequences (masked afresh in every batch by
+    ``rule``) and validation sequences masked once."""
+
+    train: datasets.Dataset
+    validation: datasets.Dataset
+    rule: MaskingRule

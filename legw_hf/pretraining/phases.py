@@ -1,63 +1,26 @@
-"""The phases of a pretraining run: their settings, and the Trainer that starts a phase from the previous one."""
+"""The phases of a pretraining run as Trainer runs them: the Trainer that starts a phase from the previous one, and
+what marks a phase finished. What a phase trains with is a :class:`legw_hf.recipes.PretrainingPhase`."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from ..errors import SettingError
 from ..integrations.trainer import LegwTrainer
 from ..optim import layerwise_optimizer_of
 from ..optim.phases import continue_from_phase, restart_step_counts
 from ..plan import LegwPlan
-from ..recipes import PretrainingPhase
 from ..record import write_json
 
 logger = logging.getLogger(__name__)
 
 COMPLETE = "phase_complete.json"
-
-
-@dataclass(frozen=True, kw_only=True)
-class PhaseSettings:
-    """One phase as this run trains it: the recipe's phase with the command line's overrides (``recipe``: sequence
-    length, predictions, base settings, length), at this run's global batch and per-device micro-batch."""
-
-    name: str
-    recipe: PretrainingPhase
-    global_batch_size: int
-    per_device_batch_size: int
-
-    def gradient_accumulation(self, world_size: int) -> int:
-        """Micro-batches per update so that micro-batch × accumulation × processes is the global batch."""
-        per_update = self.per_device_batch_size * world_size
-        if self.global_batch_size % per_update:
-            raise SettingError(
-                f"{self.name}_global_batch_size",
-                f"must be a multiple of per-device batch × processes = {self.per_device_batch_size} × {world_size} = "
-                f"{per_update}, so gradient accumulation reaches it exactly",
-                self.global_batch_size,
-            )
-        return self.global_batch_size // per_update
-
-    def plan(self, dataset_size: int, steps_per_epoch: int) -> LegwPlan:
-        try:
-            return self.recipe.config().plan(
-                batch_size=self.global_batch_size, steps_per_epoch=steps_per_epoch, **self.recipe.length(dataset_size)
-            )
-        except SettingError as error:
-            raise error.renamed_by(lambda field: f"{self.name}_{_PLAN_FLAG.get(field, field)}") from None
-
-
-# Plan setting -> this phase's flag suffix, so a plan error names the flag to change.
-_PLAN_FLAG = {"batch_size": "global_batch_size", "decay": "power", "power": "power"}
 
 
 def trainer_steps_per_epoch(dataset_size: int, per_device: int, accumulation: int, world_size: int) -> int:
@@ -77,15 +40,33 @@ class SaveAtPhaseEnd(TrainerCallback):
 
 
 class PhaseTrainer(LegwTrainer):
-    """A :class:`~legw_hf.LegwTrainer` whose optimizer starts from the previous phase's checkpoint ``carry_from``:
+    """A :class:`~legw_hf.LegwTrainer` for one phase: it plans with the phase's config (``legw_config=``, see
+    :class:`~legw_hf.LegwTrainer`), and its optimizer starts from the previous phase's checkpoint ``carry_from``:
     its moments, with the step counts restarted (:func:`~legw_hf.optim.phases.continue_from_phase`), unless the
-    phase itself is being resumed from one of its own checkpoints."""
+    phase itself is being resumed from one of its own checkpoints.
 
-    def __init__(self, *args: Any, carry_from: str | None = None, **kwargs: Any) -> None:
+    ``planned`` is the phase's plan as the program printed and recorded it, from its own count of Trainer's updates
+    per epoch: a Trainer that counts otherwise (``--dataloader_drop_last``, ``--auto_find_batch_size`` shrinking the
+    batch) is an error before the first update, not a phase trained on another plan than the one shown."""
+
+    def __init__(
+        self, *args: Any, carry_from: str | None = None, planned: LegwPlan | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.carry_from = carry_from
+        self.planned = planned
         if carry_from is not None:
             self.add_callback(_StartFromPreviousPhase(self))
+
+    def legw_plan(self, num_training_steps: int) -> LegwPlan:
+        plan = super().legw_plan(num_training_steps)
+        if self.planned is not None and plan.to_dict() != self.planned.to_dict():
+            ours, printed = plan.to_dict(), self.planned.to_dict()
+            differ = ", ".join(
+                f"{key} {ours[key]} (printed: {printed.get(key)})" for key in ours if ours[key] != printed.get(key)
+            )
+            raise RuntimeError(f"Trainer counts this phase otherwise than the plan printed for it: {differ}")
+        return plan
 
     def start_from_previous_phase(self) -> None:
         if self.is_deepspeed_enabled:

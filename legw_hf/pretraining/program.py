@@ -11,6 +11,7 @@ flag works, except those a phase owns (its batch, LR, warmup and length), which 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -19,6 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, make_dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,17 +34,17 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..averaging import average_checkpoints
 from ..errors import SettingError, non_negative, positive, positive_int
 from ..integrations.trainer import LegwTrainingArguments, changed_fields
+from ..integrations.trainer.flags import TRAINER_SCHEDULE_FLAGS
 from ..plan import Phase, PhasedPlan
-from ..recipes import RECIPES, phase as recipe_phase
+from ..recipes import RECIPES, PretrainingPhase, phase as recipe_phase
 from ..record import write_json
 from ..shutdown import leave_process_group
 from .console import setup_logging, use_console
-from .data import PreparedText, load_text, train_wordpiece
+from .data import MaskedLmData, PreparedText, load_text, train_wordpiece
 from .evaluation import MaskedLmMetrics, UnigramBaseline, token_scores
 from .masking import MaskingCollator, MaskingRule
 from .model import MAX_POSITIONS, MODEL_SIZES, BertForMaskedPositions, bert_config, bert_from_checkpoint
 from .phases import (
-    PhaseSettings,
     PhaseTrainer,
     SaveAtPhaseEnd,
     completed_checkpoint,
@@ -62,6 +64,7 @@ PHASE_OWNED = {
     "gradient_accumulation_steps": ("global_batch_size", "the accumulation follows from it"),
     "num_train_epochs": ("epochs", "the phase's length"),
     "max_steps": ("epochs", "the phase's length"),
+    "legw_base_steps": ("epochs", "the phase's length"),
     "legw_base_batch_size": ("base_batch_size", "the batch the phase's base settings were tuned at"),
     "legw_base_warmup_epochs": ("base_warmup_steps", "the warmup at the base batch"),
     "legw_base_warmup_steps": ("base_warmup_steps", "the warmup at the base batch"),
@@ -174,45 +177,57 @@ _RECIPE_FIELD = {
 }
 
 
-def _phase_settings(recipe: str, overrides: Any) -> list[PhaseSettings]:
-    phases = []
+#: A phase's setting (or plan setting) -> its flag suffix, so an error names the flag to change.
+_FLAG_SUFFIX = {recipe: flag for flag, recipe in _RECIPE_FIELD.items()} | {
+    "batch_size": "global_batch_size",
+    "decay": "power",
+}
+
+
+@contextlib.contextmanager
+def _named_by_flags(label: str) -> Iterator[None]:
+    """A phase's setting errors named by that phase's flag (``global_batch_size`` of phase1:
+    ``phase1_global_batch_size``)."""
+    try:
+        yield
+    except SettingError as error:
+        raise error.renamed_by(lambda name: f"{label}_{_FLAG_SUFFIX.get(name, name)}") from None
+
+
+def _recipe_phases(recipe: str, overrides: Any) -> dict[str, PretrainingPhase]:
+    """The recipe's phases with the command line's overrides, by the name this program gives them (``phase1``)."""
+    phases = {}
     for n, name in enumerate(RECIPES[recipe], start=1):
         base = recipe_phase(name)
         given = {key: getattr(overrides, f"phase{n}_{key}") for key, _, _ in _PHASE_FIELDS}
-        changes = {_RECIPE_FIELD[key]: given[key] for key in _RECIPE_FIELD if given[key] is not None}
+        changes = {_RECIPE_FIELD.get(key, key): value for key, value in given.items() if value is not None}
         if given["epochs"] is not None:
             changes.update(base_steps=None, epochs=positive(f"phase{n}_epochs", given["epochs"]))
-        batches = {"global_batch_size": base.global_batches[0], "per_device_batch_size": base.micro_batch}
-        phase = PhaseSettings(
-            name=f"phase{n}",
-            recipe=dataclasses.replace(base, **changes),
-            **{key: default if given[key] is None else given[key] for key, default in batches.items()},
-        )
-        _check_phase(phase)
-        phases.append(phase)
+        label = f"phase{n}"
+        phases[label] = dataclasses.replace(base, **changes)
+        _check_phase(label, phases[label])
     return phases
 
 
-def _check_phase(phase: PhaseSettings) -> None:
+def _check_phase(label: str, phase: PretrainingPhase) -> None:
     """The phase's settings in range, each named by its flag."""
-    recipe, prefix = phase.recipe, f"{phase.name}_"
-    for key in ("global_batch_size", "per_device_batch_size"):
-        positive_int(prefix + key, getattr(phase, key))
-    for key in ("seq_len", "max_predictions", "base_batch_size"):
-        positive_int(prefix + key, getattr(recipe, _RECIPE_FIELD[key]))
-    for key in ("base_lr", "power"):
-        positive(prefix + key, getattr(recipe, key))
-    non_negative(prefix + "base_warmup_steps", recipe.base_warmup_steps)
-    if recipe.seq_len > MAX_POSITIONS:
-        raise SettingError(prefix + "seq_len", f"must be at most the model's {MAX_POSITIONS} positions", recipe.seq_len)
-    if recipe.seq_len < 8:
-        raise SettingError(prefix + "seq_len", "must be at least 8", recipe.seq_len)
-    if recipe.max_predictions_per_seq >= recipe.seq_len:
-        raise SettingError(
-            prefix + "max_predictions",
-            f"must be below {prefix}seq_len ({recipe.seq_len})",
-            recipe.max_predictions_per_seq,
-        )
+    with _named_by_flags(label):
+        for key in ("global_batch_size", "per_device_batch_size", "seq_len", "max_predictions_per_seq"):
+            positive_int(key, getattr(phase, key))
+        positive_int("base_batch_size", phase.base_batch_size)
+        for key in ("base_lr", "power"):
+            positive(key, getattr(phase, key))
+        non_negative("base_warmup_steps", phase.base_warmup_steps)
+        if phase.seq_len > MAX_POSITIONS:
+            raise SettingError("seq_len", f"must be at most the model's {MAX_POSITIONS} positions", phase.seq_len)
+        if phase.seq_len < 8:
+            raise SettingError("seq_len", "must be at least 8", phase.seq_len)
+        if phase.max_predictions_per_seq >= phase.seq_len:
+            raise SettingError(
+                "max_predictions_per_seq",
+                f"must be below {label}_seq_len ({phase.seq_len})",
+                phase.max_predictions_per_seq,
+            )
 
 
 def _refuse_phase_owned(training_args: LegwTrainingArguments) -> None:
@@ -224,6 +239,13 @@ def _refuse_phase_owned(training_args: LegwTrainingArguments) -> None:
             f"is set per phase by this program: use --phase1_{suffix} / --phase2_{suffix} ({why})",
             getattr(training_args, name),
         )
+    for name in changed_fields(training_args, tuple(TRAINER_SCHEDULE_FLAGS), defaults):
+        raise SettingError(
+            name,
+            "is not used by this program: each phase's LR schedule is its recipe's LEGW plan (change it with the "
+            "--phase1_* / --phase2_* flags)",
+            getattr(getattr(training_args, name), "value", getattr(training_args, name)),
+        )
     if training_args.resume_from_checkpoint:
         raise SettingError(
             "resume_from_checkpoint",
@@ -233,7 +255,7 @@ def _refuse_phase_owned(training_args: LegwTrainingArguments) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- output directory
-def _run_identity(run_args: PretrainingArguments, phases: list[PhaseSettings], training_args: Any) -> dict:
+def _run_identity(run_args: PretrainingArguments, phases: dict[str, PretrainingPhase], training_args: Any) -> dict:
     """What makes two invocations the same run (so the second may resume the first)."""
     kept = {
         k: v
@@ -244,9 +266,12 @@ def _run_identity(run_args: PretrainingArguments, phases: list[PhaseSettings], t
         "program": "legw-hf pretrain",
         "arguments": kept,
         "phases": [
-            {k: v for k, v in dataclasses.asdict(p.recipe).items() if k not in ("micro_batch", "source")}
-            | {"global_batch_size": p.global_batch_size}
-            for p in phases
+            {
+                k: v
+                for k, v in dataclasses.asdict(phase).items()
+                if k not in ("micro_batch", "source", "per_device_batch_size")
+            }
+            for phase in phases.values()
         ],
         "seed": training_args.seed,
         "optimizer": [training_args.legw_optimizer, training_args.legw_optimizer_preset, training_args.weight_decay],
@@ -288,23 +313,6 @@ def _claim_output_dir(output_dir: Path, identity: dict, overwrite: bool) -> bool
 
 
 # ---------------------------------------------------------------------------------------------------- the run
-@dataclass
-class _PhaseRun:
-    settings: PhaseSettings
-    train: datasets.Dataset
-    validation: datasets.Dataset
-    rule: MaskingRule
-    fit_note: str = ""
-
-    def describe(self, world: int) -> str:
-        s = self.settings
-        return (
-            f"{s.name}: seq {s.recipe.seq_len} ({s.recipe.max_predictions_per_seq} predictions), {len(self.train)} "
-            f"sequences; global batch {s.global_batch_size} = {s.per_device_batch_size} per device x "
-            f"{s.gradient_accumulation(world)} accumulation x {world} processes{self.fit_note}"
-        )
-
-
 @dataclasses.dataclass
 class ProgramTrainingArguments(LegwTrainingArguments):
     """Trainer's arguments as this program takes them."""
@@ -382,17 +390,19 @@ def pretrain(run_args: PretrainingArguments, phase_args: Any, training_args: Leg
     phases = _check_settings(run_args, phase_args, training_args)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
-    tokenizer, runs, baseline = _prepare_data(run_args, training_args, phases)
+    tokenizer, data, baseline = _prepare_data(run_args, training_args, phases)
     model_size = run_args.model_size or ("tiny" if run_args.recipe == "tiny" else "large")
     config = bert_config(model_size, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    if run_args.auto_micro_batch:
-        _fit_micro_batches(runs, config, run_args, training_args)
-    plan = _phased_plan(runs, training_args.world_size)
-    interval = _averaging_interval(run_args, plan)
-    for run, phase in zip(runs, plan.phases, strict=True):
-        logger.info("%s; %s", run.describe(training_args.world_size), phase.plan.describe())
-
     identity = _run_identity(run_args, phases, training_args)
+    notes = dict.fromkeys(phases, "")
+    if run_args.auto_micro_batch:
+        phases, notes = _fit_micro_batches(phases, config, run_args, training_args)
+    plan = _phased_plan(phases, data, training_args.world_size)
+    interval = _averaging_interval(run_args, plan)
+    for (label, phase), planned in zip(phases.items(), plan.phases, strict=True):
+        line = _describe(label, phase, data[label], training_args.world_size, notes[label])
+        logger.info("%s; %s", line, planned.plan.describe())
+
     with training_args.main_process_first(local=False, desc="claiming the output directory"):
         if training_args.should_save:
             if _claim_output_dir(output_dir, identity, run_args.overwrite_output_dir):
@@ -401,28 +411,43 @@ def pretrain(run_args: PretrainingArguments, phase_args: Any, training_args: Leg
             write_json(output_dir / RUN_RECORD, identity)
             write_json(output_dir / "pretraining_plan.json", plan.to_dict())
 
-    final, history, timings = _train_phases(runs, plan, config, tokenizer, baseline, training_args, run_args, interval)
+    final, history, timings = _train_phases(
+        phases, data, plan, config, tokenizer, baseline, training_args, run_args, interval
+    )
+    validation = {f"{label} (seq {phase.seq_len})": data[label].validation for label, phase in phases.items()}
     report = _evaluate_and_report(
-        training_args, run_args, runs, baseline, final, output_dir, config, plan, history, timings, started, interval
+        training_args,
+        run_args,
+        validation,
+        baseline,
+        final,
+        output_dir,
+        config,
+        plan,
+        history,
+        timings,
+        started,
+        interval,
     )
     if training_args.should_save:
         print(report)
     return 0
 
 
-def _check_settings(run_args: PretrainingArguments, phase_args: Any, training_args: Any) -> list[PhaseSettings]:
+def _check_settings(run_args: PretrainingArguments, phase_args: Any, training_args: Any) -> dict[str, PretrainingPhase]:
     _refuse_phase_owned(training_args)
-    phases = _phase_settings(run_args.recipe, phase_args)
+    phases = _recipe_phases(run_args.recipe, phase_args)
     world = training_args.world_size
-    for phase in phases:
+    for label, phase in phases.items():
         if run_args.auto_micro_batch and phase.global_batch_size % world:
             raise SettingError(
-                f"{phase.name}_global_batch_size",
+                f"{label}_global_batch_size",
                 f"must be a multiple of the {world} processes",
                 phase.global_batch_size,
             )
         if not run_args.auto_micro_batch:
-            phase.gradient_accumulation(world)
+            with _named_by_flags(label):
+                phase.gradient_accumulation(world)
     if run_args.average_last < 0:
         raise SettingError("average_last", "must be >= 0", run_args.average_last)
     if run_args.average_interval is not None and run_args.average_interval < 1:
@@ -460,8 +485,8 @@ def _check_writable(output_dir: Path) -> None:
 
 
 def _prepare_data(
-    run_args: PretrainingArguments, training_args: Any, phases: list[PhaseSettings]
-) -> tuple[PreTrainedTokenizerFast, list[_PhaseRun], UnigramBaseline]:
+    run_args: PretrainingArguments, training_args: Any, phases: dict[str, PretrainingPhase]
+) -> tuple[PreTrainedTokenizerFast, dict[str, MaskedLmData], UnigramBaseline]:
     """Text, tokenizer, each phase's packed sequences and the unigram baseline of the training documents; the main
     process prepares (and caches) them first."""
     cache_root = Path(
@@ -495,7 +520,10 @@ def _prepare_data(
             )
             for split, documents in (("train", text.train), ("validation", text.validation))
         }
-        runs = [_phase_data(phase, prepared, run_args, training_args, text.description) for phase in phases]
+        data = {
+            label: _phase_data(label, phase, prepared, run_args, training_args, text.description)
+            for label, phase in phases.items()
+        }
     reused = sorted({f"{split}:{step}" for split, p in prepared.items() for step in p.reused})
     dropped = run_args.max_document_tokens
     logger.info(
@@ -508,65 +536,84 @@ def _prepare_data(
         ),
     )
     logger.info("Preprocessing reused from the cache in %s: %s", cache_root, ", ".join(reused) or "nothing")
-    return tokenizer, runs, UnigramBaseline(prepared["train"].token_counts(len(tokenizer)))
+    return tokenizer, data, UnigramBaseline(prepared["train"].token_counts(len(tokenizer)))
 
 
 def _phase_data(
-    settings: PhaseSettings, prepared: dict[str, PreparedText], run_args: Any, training_args: Any, source: str
-) -> _PhaseRun:
-    seq_len = settings.recipe.seq_len
-    rule = MaskingRule(run_args.mlm_probability, settings.recipe.max_predictions_per_seq, run_args.whole_word_mask)
+    label: str,
+    phase: PretrainingPhase,
+    prepared: dict[str, PreparedText],
+    run_args: Any,
+    training_args: Any,
+    source: str,
+) -> MaskedLmData:
+    seq_len = phase.seq_len
+    rule = MaskingRule(run_args.mlm_probability, phase.max_predictions_per_seq, run_args.whole_word_mask)
     train = prepared["train"].packed(seq_len)
     validation = prepared["validation"].masked(seq_len, rule, training_args.seed)
     if len(train) == 0:
-        raise SettingError("train_file", f"gives no sequence of {seq_len} tokens for {settings.name}", source)
+        raise SettingError("train_file", f"gives no sequence of {seq_len} tokens for {label}", source)
     if len(validation) < run_args.min_validation_sequences:
         raise SettingError(
             "validation_file" if run_args.validation_file else "validation_split_percentage",
-            f"gives {len(validation)} validation sequences of {seq_len} tokens for {settings.name}, "
+            f"gives {len(validation)} validation sequences of {seq_len} tokens for {label}, "
             f"fewer than --min_validation_sequences {run_args.min_validation_sequences}: too small to "
             "evaluate; give more validation text",
             run_args.validation_file or run_args.validation_split_percentage,
         )
-    return _PhaseRun(settings, train, validation, rule)
+    return MaskedLmData(train, validation, rule)
 
 
-def _fit_micro_batches(runs: list[_PhaseRun], config: Any, run_args: Any, training_args: Any) -> None:
-    """``--auto_micro_batch``: each phase's largest micro-batch that fits, the smallest any process found."""
+def _fit_micro_batches(
+    phases: dict[str, PretrainingPhase], config: Any, run_args: Any, training_args: Any
+) -> tuple[dict[str, PretrainingPhase], dict[str, str]]:
+    """``--auto_micro_batch``: each phase's largest micro-batch that fits, the smallest any process found; the phases
+    with it, and a note per phase of what was tried."""
     import torch.distributed as dist
 
     from .largest_batch import fit_micro_batch
 
     world = training_args.world_size
-    for run in runs:
+    fitted, notes = {}, {}
+    for label, phase in phases.items():
         found = fit_micro_batch(
             lambda: BertForMaskedPositions(config),
-            seq_len=run.settings.recipe.seq_len,
+            seq_len=phase.seq_len,
             vocab_size=config.vocab_size,
-            per_process_batch=run.settings.global_batch_size // world,
+            per_process_batch=phase.global_batch_size // world,
             device=training_args.device,
             margin=run_args.auto_micro_batch_margin,
-            field=f"{run.settings.name}_global_batch_size",
+            field=f"{label}_global_batch_size",
         )
         micro_batch = found.micro_batch
         if dist.is_available() and dist.is_initialized():
             agreed = torch.tensor([micro_batch], device=training_args.device)
             dist.all_reduce(agreed, op=dist.ReduceOp.MIN)  # every process must accumulate alike
             micro_batch = int(agreed.item())
-        run.settings = dataclasses.replace(run.settings, per_device_batch_size=micro_batch)
-        run.fit_note = f" (--auto_micro_batch: {found.describe()})"
+        fitted[label] = dataclasses.replace(phase, per_device_batch_size=micro_batch)
+        notes[label] = f" (--auto_micro_batch: {found.describe()})"
+    return fitted, notes
 
 
-def _phased_plan(runs: list[_PhaseRun], world: int) -> PhasedPlan:
+def _describe(label: str, phase: PretrainingPhase, data: MaskedLmData, world: int, note: str) -> str:
+    return (
+        f"{label}: seq {phase.seq_len} ({phase.max_predictions_per_seq} predictions), {len(data.train)} "
+        f"sequences; global batch {phase.global_batch_size} = {phase.per_device_batch_size} per device x "
+        f"{phase.gradient_accumulation(world)} accumulation x {world} processes{note}"
+    )
+
+
+def _phased_plan(phases: dict[str, PretrainingPhase], data: dict[str, MaskedLmData], world: int) -> PhasedPlan:
     """The run's plan, phase by phase, from the packed data and Trainer's way of counting updates per epoch."""
-    phases = []
-    for run in runs:
-        size, settings = len(run.train), run.settings
-        per_epoch = trainer_steps_per_epoch(
-            size, settings.per_device_batch_size, settings.gradient_accumulation(world), world
-        )
-        phases.append(Phase(settings.name, settings.plan(size, per_epoch)))
-    return PhasedPlan(tuple(phases))
+    planned = []
+    for label, phase in phases.items():
+        size = len(data[label].train)
+        with _named_by_flags(label):
+            per_epoch = trainer_steps_per_epoch(
+                size, phase.per_device_batch_size, phase.gradient_accumulation(world), world
+            )
+            planned.append(Phase(label, phase.plan(dataset_size=size, steps_per_epoch=per_epoch)))
+    return PhasedPlan(tuple(planned))
 
 
 def _averaging_interval(run_args: PretrainingArguments, plan: PhasedPlan) -> int:
@@ -586,7 +633,7 @@ def _averaging_interval(run_args: PretrainingArguments, plan: PhasedPlan) -> int
 
 
 def _train_phases(
-    runs, plan, config, tokenizer, baseline, training_args, run_args, interval
+    phases, data, plan, config, tokenizer, baseline, training_args, run_args, interval
 ) -> tuple[Path, list, dict]:
     """Each phase a Trainer run in ``OUTPUT_DIR/<phase>``, the next starting from the last one's final checkpoint; a
     finished phase is skipped and an unfinished one resumed. Returns the final checkpoint, the logs and times."""
@@ -594,11 +641,11 @@ def _train_phases(
     history, timings = [], {}
     model: BertForMaskedPositions | None = None
     carry: str | None = None
-    for index, (run, phase) in enumerate(zip(runs, plan.phases, strict=True)):
-        phase_dir = output_dir / run.settings.name
+    for index, ((label, phase), planned) in enumerate(zip(phases.items(), plan.phases, strict=True)):
+        phase_dir = output_dir / label
         done = completed_checkpoint(phase_dir)
         if done is not None:
-            logger.info("%s already finished (%s)", run.settings.name, done)
+            logger.info("%s already finished (%s)", label, done)
             carry, model = str(done), None
             history.append(_saved_history(done))
             continue
@@ -606,43 +653,41 @@ def _train_phases(
             model = bert_from_checkpoint(carry, config) if carry else BertForMaskedPositions(config)
         trainer = PhaseTrainer(
             model=model,
-            args=_phase_arguments(training_args, run, phase, phase_dir, index == len(runs) - 1, run_args, interval),
-            train_dataset=run.train,
-            eval_dataset=run.validation,
-            data_collator=MaskingCollator(tokenizer, run.rule, training_args.seed + index),
+            args=_phase_arguments(
+                training_args, phase, planned, phase_dir, index == len(phases) - 1, run_args, interval
+            ),
+            train_dataset=data[label].train,
+            eval_dataset=data[label].validation,
+            data_collator=MaskingCollator(tokenizer, data[label].rule, training_args.seed + index),
             processing_class=tokenizer,
             compute_metrics=MaskedLmMetrics(baseline),
             preprocess_logits_for_metrics=token_scores,
             callbacks=[SaveAtPhaseEnd()],
             carry_from=carry,
+            legw_config=phase.config(),
+            planned=planned.plan,
         )
-        use_console(trainer, run.settings.name)
+        use_console(trainer, label)
         began = time.perf_counter()
         trainer.train(resume_from_checkpoint=get_last_checkpoint(str(phase_dir)) if phase_dir.is_dir() else None)
-        timings[run.settings.name] = time.perf_counter() - began
-        if trainer.lr_scheduler.plan.to_dict() != phase.plan.to_dict():
-            raise RuntimeError(f"{run.settings.name} trained with another plan than the one printed")
+        timings[label] = time.perf_counter() - began
         last = phase_dir / f"checkpoint-{trainer.state.global_step}"
         if trainer.is_world_process_zero():
-            mark_complete(phase_dir, last, phase.plan)
+            mark_complete(phase_dir, last, planned.plan)
         history.append(trainer.state.log_history)
         carry, model = str(last), trainer.model
     return Path(carry), history, timings
 
 
-def _phase_arguments(training_args, run, phase, phase_dir, is_last, run_args, interval):
-    total, settings, recipe = phase.plan.total_steps, run.settings, run.settings.recipe
+def _phase_arguments(training_args, phase, planned, phase_dir, is_last, run_args, interval):
+    """Trainer's arguments for one phase: the run's shape from the same phase object whose config the trainer plans
+    with (``legw_config=``); no ``--legw_*`` plan field, so the plan has one source."""
+    total = planned.plan.total_steps
     changes = {
         "output_dir": str(phase_dir),
-        "learning_rate": recipe.base_lr,
-        "per_device_train_batch_size": settings.per_device_batch_size,
-        "gradient_accumulation_steps": settings.gradient_accumulation(training_args.world_size),
-        "num_train_epochs": phase.plan.epochs,
-        "legw_base_batch_size": recipe.base_batch_size,
-        "legw_base_warmup_steps": recipe.base_warmup_steps,
-        "legw_decay": "poly_run",
-        "legw_power": recipe.power,
-        "legw_global_batch_size": settings.global_batch_size,
+        "per_device_train_batch_size": phase.per_device_batch_size,
+        "gradient_accumulation_steps": phase.gradient_accumulation(training_args.world_size),
+        "num_train_epochs": planned.plan.epochs,
     }
     if training_args.eval_strategy.value == "steps" and not training_args.eval_steps_given:
         changes["eval_steps"] = max(1, total // 8)
@@ -659,7 +704,7 @@ def _saved_history(checkpoint: Path) -> list[dict]:
 
 
 def _evaluate_and_report(
-    training_args, run_args, runs, baseline, final, output_dir, config, plan, history, timings, started, interval
+    training_args, run_args, validation, baseline, final, output_dir, config, plan, history, timings, started, interval
 ) -> str:
     from .report import evaluate_models, render_report, write_plots
 
@@ -670,7 +715,7 @@ def _evaluate_and_report(
             if training_args.should_save and not averaged.exists():
                 average_checkpoints(final.parent, run_args.average_last, averaged)
         models[f"averaged (last {run_args.average_last}, every {interval} updates)"] = averaged
-    results, baselines = evaluate_models(models, runs, baseline, training_args, config)
+    results, baselines = evaluate_models(models, validation, baseline, training_args, config)
     evaluations = [entry["eval_mlm_loss"] for logs in history for entry in logs if "eval_mlm_loss" in entry]
     summary = {
         "models": {name: str(path) for name, path in models.items()},

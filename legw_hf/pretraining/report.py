@@ -23,10 +23,10 @@ MODEL_KEYS = ("mlm_loss", "accuracy", "perplexity", "masked_tokens", "below_unig
 
 
 def evaluate_models(
-    models: dict[str, Path], runs: list[Any], baseline: UnigramBaseline, training_args: Any, config: Any
+    models: dict[str, Path], validation: dict[str, Any], baseline: UnigramBaseline, training_args: Any, config: Any
 ) -> tuple[dict[str, dict[str, dict]], dict[str, dict]]:
-    """``{model name: {phase name: metrics}}`` on each phase's validation sequences (masked once, the same for all),
-    and ``{phase name: unigram baseline}`` on the same masked tokens."""
+    """``{model name: {phase name: metrics}}`` on each phase's validation sequences (``validation``: by phase name,
+    masked once, the same for all), and ``{phase name: unigram baseline}`` on the same masked tokens."""
     results: dict[str, dict[str, dict]] = {}
     baselines: dict[str, dict] = {}
     if training_args.deepspeed:
@@ -46,9 +46,8 @@ def evaluate_models(
             )
             use_console(trainer, name)  # no metrics dict per evaluation: the report prints them
             results[name] = {}
-            for run in runs:
-                metrics = trainer.evaluate(run.validation, metric_key_prefix="validation")
-                phase = f"{run.settings.name} (seq {run.settings.recipe.seq_len})"
+            for phase, sequences in validation.items():
+                metrics = trainer.evaluate(sequences, metric_key_prefix="validation")
                 results[name][phase] = {key: metrics[f"validation_{key}"] for key in MODEL_KEYS}
                 baselines[phase] = {key: metrics[f"validation_{key}"] for key in (*BASELINE_KEYS, "masked_tokens")}
     return results, baselines

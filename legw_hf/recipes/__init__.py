@@ -24,7 +24,10 @@ from ..schedules import PolynomialOfRun
 
 @dataclass(frozen=True, kw_only=True)
 class PretrainingPhase:
-    """One phase of a pretraining recipe: its data shape, its tuned base and the global batches it targets.
+    """One phase of pretraining: what it trains with. The recipe's data shape, its tuned base and the global batches
+    it targets, and the run's own batch: ``global_batch_size`` and ``per_device_batch_size`` (default: the first of
+    ``global_batches`` and the recipe's ``micro_batch``). ``dataclasses.replace`` gives a phase with other settings,
+    as ``legw-hf pretrain``'s ``--phase1_*`` / ``--phase2_*`` flags do.
 
     The phase's length is ``base_steps`` (optimizer steps at the base batch) or ``epochs`` (of the data it is
     given), exactly one. With ``base_steps``, ``dataset_size`` is the number of sequences the phase sees at the
@@ -47,12 +50,20 @@ class PretrainingPhase:
     source: str
     base_steps: int | None = None
     epochs: float | None = None
+    #: Sequences per update, all processes, in this run (default: ``global_batches[0]``).
+    global_batch_size: int | None = None
+    #: Micro-batch per process in this run (default: ``micro_batch``).
+    per_device_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if (self.base_steps is None) == (self.epochs is None):
             raise SettingError(
                 "base_steps", "or epochs must be given, exactly one of them", (self.base_steps, self.epochs)
             )
+        if self.global_batch_size is None:
+            object.__setattr__(self, "global_batch_size", self.global_batches[0])
+        if self.per_device_batch_size is None:
+            object.__setattr__(self, "per_device_batch_size", self.micro_batch)
 
     @property
     def dataset_size(self) -> int | None:
@@ -74,9 +85,25 @@ class PretrainingPhase:
             raise SettingError("dataset_size", f"is required by recipe {self.name!r}, whose length is in epochs", None)
         return {"dataset_size": size, "epochs": self.epochs if self.base_steps is None else self.dataset_size / size}
 
-    def plan(self, batch_size: int, dataset_size: int | None = None) -> LegwPlan:
-        """The LEGW plan of this phase at global batch ``batch_size`` (same epochs as the base run)."""
-        return self.config().plan(batch_size=batch_size, **self.length(dataset_size))
+    def plan(
+        self, batch_size: int | None = None, dataset_size: int | None = None, *, steps_per_epoch: int | None = None
+    ) -> LegwPlan:
+        """The LEGW plan of this phase at global batch ``batch_size`` (default: ``global_batch_size``), same epochs
+        as the base run; ``steps_per_epoch`` is the real dataloader's count where it differs from the computed one."""
+        batch = self.global_batch_size if batch_size is None else batch_size
+        return self.config().plan(batch_size=batch, steps_per_epoch=steps_per_epoch, **self.length(dataset_size))
+
+    def gradient_accumulation(self, world_size: int) -> int:
+        """Micro-batches per update so that micro-batch × accumulation × processes is the global batch."""
+        per_update = self.per_device_batch_size * world_size
+        if self.global_batch_size % per_update:
+            raise SettingError(
+                "global_batch_size",
+                f"must be a multiple of per-device batch × processes = {self.per_device_batch_size} × {world_size} = "
+                f"{per_update}, so gradient accumulation reaches it exactly",
+                self.global_batch_size,
+            )
+        return self.global_batch_size // per_update
 
 
 _NVIDIA = (

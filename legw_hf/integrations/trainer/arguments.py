@@ -303,9 +303,16 @@ class LegwArguments(_LegwFields):
         return {"epochs": self.num_train_epochs}
 
     def legw_plan(
-        self, *, global_batch: int, dataset_size: int | None, steps_per_epoch: int | None, max_steps: int
+        self,
+        *,
+        global_batch: int,
+        dataset_size: int | None,
+        steps_per_epoch: int | None,
+        max_steps: int,
+        config: LegwConfig | None = None,
     ) -> LegwPlan:
-        """The plan for a run of these arguments; ``max_steps`` is Trainer's step count for the run."""
+        """The plan for a run of these arguments; ``max_steps`` is Trainer's step count for the run. ``config``
+        (given in code, ``LegwTrainer(legw_config=...)``) replaces the config of the ``--legw_*`` fields."""
         if self.legw_dataset_size is not None:
             dataset_size, steps_per_epoch = self.legw_dataset_size, None
         if dataset_size is None:
@@ -314,7 +321,7 @@ class LegwArguments(_LegwFields):
             )
         length = {"steps": max_steps} if self.max_steps > 0 else self._legw_length()
         try:
-            return self.legw_config().plan(
+            return (config or self.legw_config()).plan(
                 batch_size=global_batch,
                 dataset_size=dataset_size,
                 steps_per_epoch=steps_per_epoch,
@@ -322,6 +329,8 @@ class LegwArguments(_LegwFields):
                 **length,
             )
         except SettingError as error:
+            if config is not None and (error.field in LegwConfig.__dataclass_fields__ or error.field in DECAY_OPTIONS):
+                raise  # a setting of the config given in code, named as that config names it
             raise as_argument_error(error) from None
 
     def legw_adascale_base_plan(self, dataset_size: int) -> LegwPlan:
@@ -348,8 +357,9 @@ def refuse_scale_without_gain(scale: float | None) -> None:
         raise SettingError("legw_adascale_scale", "is only used with --legw_adascale gain or sqrt_gain", scale)
 
 
-def check_plan_before_training(args: LegwArguments, train_dataset: Any) -> None:
-    """Build the plan from the settings alone, so a bad one fails before Trainer writes anything.
+def check_plan_before_training(args: LegwArguments, train_dataset: Any, config: LegwConfig | None = None) -> None:
+    """Build the plan from the settings alone (and ``config``, when one is given in code), so a bad one fails before
+    Trainer writes anything.
 
     Steps per epoch here come from the dataset size, not yet from Trainer's dataloader: the exact plan is
     built again when training starts.
@@ -372,5 +382,7 @@ def check_plan_before_training(args: LegwArguments, train_dataset: Any) -> None:
             args.per_device_train_batch_size,
         )
     max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * spe)
-    args.legw_plan(global_batch=global_batch, dataset_size=dataset_size, steps_per_epoch=spe, max_steps=max_steps)
     # (with --legw_base_steps, legw_plan takes the length from it and max_steps is not read)
+    args.legw_plan(
+        global_batch=global_batch, dataset_size=dataset_size, steps_per_epoch=spe, max_steps=max_steps, config=config
+    )

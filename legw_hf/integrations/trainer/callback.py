@@ -43,6 +43,9 @@ class LegwCallback(TrainerCallback):
         self.plan: LegwPlan | None = None
         #: The run's gradient noise statistics (--legw_adascale); LegwTrainer sets it.
         self.noise: GradientNoise | None = None
+        #: Whether the trainer plans with a config given in code (``LegwTrainer(legw_config=...)``) rather than the
+        #: ``--legw_*`` fields; LegwTrainer sets it.
+        self.config_from_code = False
         self._skips = SkippedStepDetector(None)
         self._warned_about_batch = False
 
@@ -54,7 +57,7 @@ class LegwCallback(TrainerCallback):
         self._skips = SkippedStepDetector(getattr(optimizer, "scaler", None))
         # Under DeepSpeed, learn its partitions now: a setting that would make trust ratios wrong fails here.
         deepspeed_layouts.attach(optimizer)
-        if not (isinstance(args, LegwArguments) and args.legw_enabled):
+        if not (self.config_from_code or (isinstance(args, LegwArguments) and args.legw_enabled)):
             return
         lr_scheduler = unwrap_scheduler(lr_scheduler)
         if isinstance(lr_scheduler, AdaScaleScheduler):

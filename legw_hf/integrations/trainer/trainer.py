@@ -19,11 +19,13 @@ from ...adascale import MODES as ADASCALE_MODES, AdaScaleScheduler
 from ...errors import SettingError
 from ...noise_scale import GradientNoise
 from ...optim import Lamb, Lars, decay_param_groups
-from ...plan import LegwPlan
+from ...plan import LegwConfig, LegwPlan
 from ...scheduler import LegwScheduler, updates_in_new_plan
+from ...settings import settings_of
 from ..adascale import MicroStepProtocol, measure_micro_steps
 from .arguments import LegwArguments, check_plan_before_training
 from .callback import NOISE_STATE_FILE, LegwCallback, unwrap_scheduler
+from .flags import TRAINER_SCHEDULE_FLAGS, changed_fields
 from .optimizer import optimizer_cls_and_kwargs
 from .resume import checkpoint_plan, reshard_deepspeed_checkpoint
 
@@ -38,24 +40,44 @@ class _RunShape:
     dataset_size: int | None
 
 
+#: The arguments that describe a :class:`~legw_hf.plan.LegwConfig` (base batch, base LR, warmup, rule, decay).
+CONFIG_ARGUMENTS = tuple(setting.trainer_argument for setting in settings_of("config", "decay"))
+
+
 class LegwTrainer(Trainer):
-    """``Trainer`` whose LR scheduler is the LEGW plan when ``args.legw_base_batch_size`` is set.
+    """``Trainer`` whose LR scheduler is the LEGW plan when ``args.legw_base_batch_size`` is set, or when a config
+    is given in code.
+
+    Args:
+        legw_config: the :class:`~legw_hf.plan.LegwConfig` to plan with (base batch, base LR, warmup, rule and the
+            decay object), instead of the ``--legw_*`` fields of ``args``: a program that holds its schedule as
+            data hands it over as it is. ``args`` must then be :class:`LegwArguments` and leave the config's own
+            fields at their defaults (``legw_base_batch_size``, the warmup, rule and decay fields, Trainer's
+            schedule arguments; ``learning_rate`` unless it equals ``base_lr``), else a :class:`SettingError`
+            names them. The run's shape still comes from Trainer: per-device batch × accumulation × processes,
+            the dataloader's steps per epoch, ``num_train_epochs`` or ``max_steps``.
+        *args, **kwargs: ``Trainer``'s.
 
     Also builds ``--legw_optimizer`` when given and installs :class:`LegwCallback`. Combine with another
     Trainer subclass by listing it first: ``class MyTrainer(LegwTrainer, Seq2SeqTrainer)``.
     Settings are checked before ``Trainer.__init__`` touches the output directory.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, legw_config: LegwConfig | None = None, **kwargs: Any) -> None:
         bound = inspect.signature(Trainer.__init__).bind(self, *args, **kwargs).arguments
         training_args = bound.get("args")
-        if isinstance(training_args, LegwArguments) and training_args.legw_enabled:
-            check_plan_before_training(training_args, bound.get("train_dataset"))
+        if legw_config is not None:
+            refuse_arguments_beside_config(training_args, legw_config)
+        self._legw_config_given = legw_config
+        if isinstance(training_args, LegwArguments) and (training_args.legw_enabled or legw_config is not None):
+            check_plan_before_training(training_args, bound.get("train_dataset"), config=legw_config)
         super().__init__(*args, **kwargs)
         follow_trainer_log_level(self.args)
         if not any(isinstance(cb, LegwCallback) for cb in self.callback_handler.callbacks):
             # First, so reporting integrations and the progress printer see the keys it adds to the logs.
             self.callback_handler.callbacks.insert(0, LegwCallback())
+        for callback in self._legw_callbacks():
+            callback.config_from_code = legw_config is not None
         self._legw_run = _RunShape(None, None)
         self._legw_loss_kwargs_unchecked = True
         #: AdaScale / noise-scale statistics of this run (--legw_adascale), created with the scheduler.
@@ -169,7 +191,18 @@ class LegwTrainer(Trainer):
 
     @property
     def legw_enabled(self) -> bool:
-        return isinstance(self.args, LegwArguments) and self.args.legw_enabled
+        return self._legw_config_given is not None or (isinstance(self.args, LegwArguments) and self.args.legw_enabled)
+
+    @property
+    def legw_config(self) -> LegwConfig | None:
+        """The config this trainer plans with: the one given in code, else the ``--legw_*`` fields' (None with LEGW
+        off)."""
+        if self._legw_config_given is not None:
+            return self._legw_config_given
+        return self.args.legw_config() if self.legw_enabled else None
+
+    def _legw_callbacks(self) -> list[LegwCallback]:
+        return [callback for callback in self.callback_handler.callbacks if isinstance(callback, LegwCallback)]
 
     def set_initial_training_values(self, args: TrainingArguments, dataloader: Any) -> tuple:
         values = super().set_initial_training_values(args, dataloader)
@@ -249,6 +282,7 @@ class LegwTrainer(Trainer):
             dataset_size=self._legw_run.dataset_size,
             steps_per_epoch=self._legw_run.steps_per_epoch,
             max_steps=num_training_steps,
+            config=self._legw_config_given,
         )
         if num_training_steps is not None and plan.total_steps != num_training_steps:
             raise SettingError(
@@ -285,7 +319,7 @@ class LegwTrainer(Trainer):
         args = self.args
         noise = GradientNoise(
             micro_batch=self._train_batch_size,
-            base_batch=args.legw_base_batch_size or self._train_batch_size,
+            base_batch=self.legw_config.base_batch_size if self.legw_enabled else self._train_batch_size,
             global_batch=args.legw_global_batch(self._train_batch_size),
         )
         if self._legw_resume_checkpoint:
@@ -300,9 +334,8 @@ class LegwTrainer(Trainer):
                     NOISE_STATE_FILE,
                 )
         self.legw_noise = noise
-        for callback in self.callback_handler.callbacks:
-            if isinstance(callback, LegwCallback):
-                callback.noise = noise
+        for callback in self._legw_callbacks():
+            callback.noise = noise
 
     @staticmethod
     def get_optimizer_cls_and_kwargs(args: TrainingArguments, model: Any = None) -> tuple[Any, dict[str, Any]]:
@@ -327,6 +360,36 @@ def _with_total_steps(values: tuple, total_steps: int) -> tuple:
         steps_in_epoch,
         total_steps,
     )
+
+
+def refuse_arguments_beside_config(args: Any, config: LegwConfig) -> None:
+    """``LegwTrainer(legw_config=...)``: the config is the plan's only source, so the arguments may not describe
+    another one (:data:`CONFIG_ARGUMENTS` changed, ``learning_rate`` other than ``config.base_lr``) nor Trainer's own
+    schedule, which the plan replaces."""
+    if not isinstance(args, LegwArguments):
+        raise SettingError(
+            "legw_config",
+            "needs arguments with the LEGW fields (legw_hf.LegwTrainingArguments, or a class with LegwArguments "
+            "mixed in): LegwTrainer reads the run's global batch and length from them",
+            type(args).__name__,
+        )
+    if not isinstance(config, LegwConfig):
+        raise SettingError("legw_config", "must be a legw_hf.plan.LegwConfig", config)
+    conflicts = [
+        name
+        for name in changed_fields(args, (*CONFIG_ARGUMENTS, *TRAINER_SCHEDULE_FLAGS))
+        if name != "learning_rate" or args.learning_rate != config.base_lr
+    ]
+    if conflicts:
+        name = conflicts[0]
+        raise SettingError(
+            name,
+            "must keep its default when LegwTrainer is given legw_config=: that config is the plan's only source "
+            f"(base batch {config.base_batch_size}, base LR {config.base_lr:g}, its warmup, rule and decay); "
+            "drop the plan from the arguments or do not pass legw_config",
+            getattr(getattr(args, name), "value", getattr(args, name)),
+            detail=f"set beside the config: {', '.join(conflicts)}",
+        )
 
 
 def _loss_of(outputs: Any) -> torch.Tensor | None:
