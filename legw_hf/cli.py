@@ -20,7 +20,7 @@ import argparse
 import json
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -33,15 +33,18 @@ from .recipes import PHASES, PretrainingPhase, phase, recipe_files
 from .schedules import DECAY_OPTIONS, make_decay
 from .settings import PLAN_SETTINGS, SETTING, Setting, cli_flag
 
-# Names whose flag is not the setting's (legw_hf.settings) nor ``--name-with-dashes``.
-_FLAG_EXCEPTIONS = {"processes_per_node": "--gpus-per-node", "run_dir": "RUN_DIR"}
+# Fields of errors that are not a flag's destination, and the flag to name instead.
+_FLAG_EXCEPTIONS = {"processes_per_node": "--gpus-per-node"}
 
 
-def _flag(field: str) -> str:
-    """How this command line spells ``field``, so errors name what the user typed."""
-    if field.startswith("-") or not field.islower():
-        return field
-    return _FLAG_EXCEPTIONS.get(field) or cli_flag(field)
+def _flag_namer(parser: argparse.ArgumentParser, command: str) -> Callable[[str], str]:
+    """How ``command``'s command line spells each field, so errors name what the user typed: the flag (or the
+    positional's metavar) whose destination the field is; other names as they are."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    flags = dict(_FLAG_EXCEPTIONS)
+    for action in commands.choices[command]._actions:
+        flags[action.dest] = action.option_strings[0] if action.option_strings else action.dest.upper()
+    return lambda field: flags.get(field, field)
 
 
 # (summary key, column width, number format)
@@ -187,15 +190,15 @@ def _config_and_run(args: argparse.Namespace) -> tuple[LegwConfig, dict, Pretrai
     }
     for name in ("base_warmup_epochs", "base_warmup_steps"):
         settings[name] = getattr(args, name) if warmup_given or not base else getattr(base, name)
-    missing = [_flag(name) for name in ("base_batch_size", "base_lr") if settings[name] is None]
+    missing = [cli_flag(name) for name in ("base_batch_size", "base_lr") if settings[name] is None]
     if not warmup_given and base is None:
-        missing.append(f"{_flag('base_warmup_epochs')} or {_flag('base_warmup_steps')}")
+        missing.append(f"{cli_flag('base_warmup_epochs')} or {cli_flag('base_warmup_steps')}")
     lengths = ("epochs", "base_steps", "steps")
     length_given = any(getattr(args, name) is not None for name in lengths)
     if not length_given and recipe is None:
-        missing.append(" or ".join(map(_flag, lengths)))
+        missing.append(" or ".join(map(cli_flag, lengths)))
     if args.dataset_size is None and recipe is None:
-        missing.append(_flag("dataset_size"))
+        missing.append(cli_flag("dataset_size"))
     if missing:
         raise _missing(missing)
     config = LegwConfig(rule=args.rule or "legw", decay=decay, **settings)
@@ -212,7 +215,7 @@ def _plans(args: argparse.Namespace) -> list[LegwPlan]:
     config, run, recipe = _config_and_run(args)
     batches = args.batch_size or (list(recipe.global_batches) if recipe else None)
     if not batches:
-        raise _missing([_flag("batch_size")])
+        raise _missing([cli_flag("batch_size")])
     return [config.plan(batch_size=batch, **run) for batch in batches]
 
 
@@ -363,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             output = _recipes(args)
     except SettingError as error:
-        flagged = error.renamed_by(_flag)
+        flagged = error.renamed_by(_flag_namer(parser, args.command))
         parser.exit(2, f"legw-hf {args.command}: error: {flagged}\n")
     print(output)
     return 0
