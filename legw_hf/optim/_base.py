@@ -316,7 +316,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """A tensor this optimizer was not built with sits in a group: an engine swapped its parameters (DeepSpeed
         does so without ``add_param_group``). Ask the engine how its buffers map to the original tensors, or stop
         before any update: a trust ratio over such a buffer would silently be wrong."""
-        from ..distributed.deepspeed import layouts_from_caller
+        from ..integrations.deepspeed.layouts import layouts_from_caller
 
         layouts = layouts_from_caller(self)
         if layouts is not None:
@@ -380,7 +380,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 loss = closure()
         buckets = self._gather()
         if buckets and not self._stepped:
-            from ..distributed.deepspeed import initialising_state
+            from ..integrations.deepspeed.layouts import initialising_state
 
             if initialising_state(self):  # DeepSpeed's state-creating call: the state now exists, nothing moves
                 return loss
