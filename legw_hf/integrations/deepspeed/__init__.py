@@ -6,7 +6,9 @@
 - :mod:`.engine`: DeepSpeed's optimizer wrappers found around legw_hf's optimizers, their state-initialising
   call, ZeRO's gradient norm;
 - :mod:`.layouts`: the flat buffers of ZeRO 1-3 and the fp16/bf16 wrappers as
-  :class:`~legw_hf.distributed.FlatLayout`\\ s, the hook through which the optimizers learn them (it needs torch).
+  :class:`~legw_hf.distributed.FlatLayout` objects (it needs torch). It is the DeepSpeed adapter of
+  :mod:`legw_hf.engines`, registered by ``legw_hf/__init__.py``, through which the optimizers learn the layouts
+  without importing anything of DeepSpeed's.
 
 The package itself and every module but :mod:`.layouts` are plain Python: ``legw-hf ds-config`` imports them to write
 a config, with neither torch nor DeepSpeed loaded.

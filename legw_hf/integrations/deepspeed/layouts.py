@@ -17,7 +17,10 @@ directly (no ``add_param_group``):
 
 ZeRO steps one group at a time, so a global gradient norm must come from the engine, which computes it over every
 group (and every rank) first. The wrapper is found from the optimizer's own ``step`` (it is the caller whose
-``optimizer`` is ours) or, before training, by unwrapping the optimizer a framework hands out.
+``optimizer`` is ours) or, before training, by unwrapping the optimizer a framework hands out (:func:`attach`).
+
+This module is DeepSpeed's adapter in :mod:`legw_hf.engines` (:func:`layouts_from_caller`,
+:func:`initialising_state`): the optimizers reach it through that registry, never by name.
 """
 
 from __future__ import annotations
