@@ -12,6 +12,9 @@ import sys
 import pytest
 from procs import REPO, python_env
 
+from legw_hf import SettingError
+from legw_hf.integrations.deepspeed import clip_once
+
 
 def run_python(code: str) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=python_env(), timeout=300)
@@ -150,3 +153,26 @@ except SettingError as error:
 """
     )
     assert "found an unknown tensor of shape (3, 4)" in result.stdout
+
+
+@pytest.mark.parametrize("clipping", [None, "auto", 0, 0.0, 1.0])
+def test_deepspeeds_clipping_stays_when_the_lamb_does_not_pre_normalise(clipping):
+    assert clip_once(clipping, None) is None
+
+
+def test_one_rule_has_gradients_clipped_once_beside_pre_normalisation():
+    assert clip_once("auto", 1.0) is None and clip_once(0, 1.0) is None  # Trainer fills "auto" with its 0
+    note = clip_once(None, 1.0)  # DeepSpeed would clip at its default
+    assert note.endswith("DeepSpeed's own clipping (default 1.0) is turned off too (gradient_clipping=0).")
+    with pytest.raises(SettingError) as in_config:
+        clip_once(0.5, 2.0, lamb="--legw_optimizer lamb", lamb_off="--legw_lamb_max_grad_norm 0")
+    message = str(in_config.value)
+    assert message.startswith('gradient_clipping must be "auto" or 0 in the DeepSpeed config when --legw_optimizer')
+    assert "(max norm 2): DeepSpeed would clip a second time" in message and "--legw_lamb_max_grad_norm 0" in message
+    with pytest.raises(SettingError) as in_engine:  # the clipping DeepSpeed's optimizer resolved
+        clip_once(1.0, 1.0, engine="DeepSpeedZeroOptimizer")
+    message = str(in_engine.value)
+    assert message.startswith("gradient_clipping must be 0 in the DeepSpeed config when the LAMB pre-normalises")
+    assert message.endswith(
+        "(DeepSpeed DeepSpeedZeroOptimizer; its default is 1.0 when the config has no gradient_clipping)"
+    )

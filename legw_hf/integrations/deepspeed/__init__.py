@@ -2,6 +2,7 @@
 
 - :mod:`.config`: the configs of LEGW + LAMB runs (the global batch split over nodes, GPUs and micro-batches, the
   JSON, the shipped files), the checks of a user's config blocks, and whether DeepSpeed is installed;
+- :mod:`.clipping`: the one rule that has gradients clipped once beside a LAMB's pre-normalisation;
 - :mod:`.checkpoints`: ZeRO checkpoints at another world size, through DeepSpeed's universal form;
 - :mod:`.engine`: DeepSpeed's optimizer wrappers found around legw_hf's optimizers, their state-initialising
   call, ZeRO's gradient norm;
@@ -15,6 +16,7 @@ a config, with neither torch nor DeepSpeed loaded.
 """
 
 from .checkpoints import checkpoint_data_parallel_size, convert_to_universal
+from .clipping import clip_once
 from .config import (
     OFFLOAD_DEVICES,
     PRECISIONS,
@@ -40,6 +42,7 @@ __all__ = [
     "adascale_refusal",
     "check_config_blocks",
     "checkpoint_data_parallel_size",
+    "clip_once",
     "convert_to_universal",
     "deepspeed_config",
     "keep_client_optimizer_under_offload",

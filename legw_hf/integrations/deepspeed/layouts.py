@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ...distributed.layout import FlatLayout
 from ...errors import SettingError
+from .clipping import clip_once
 from .engine import calling_wrapper, find_wrapper, initialising_state
 
 __all__ = ["attach", "find_wrapper", "initialising_state", "layouts_from_caller", "layouts_of"]
@@ -58,7 +59,8 @@ def layouts_of(wrapper: Any, optimizer: Any) -> dict[int, FlatLayout]:
     import torch.distributed as dist
 
     kind = type(wrapper).__name__
-    _refuse_double_clipping(wrapper, optimizer, kind)
+    pre_normalisation = getattr(optimizer, "max_grad_norm", None) if type(optimizer).__name__ == "Lamb" else None
+    clip_once(float(getattr(wrapper, "clip_grad", 0.0) or 0.0), pre_normalisation, engine=kind)
     layouts: dict[int, FlatLayout] = {}
     if kind == "DeepSpeedZeroOptimizer":
         norm = _engine_norm(wrapper)
@@ -118,17 +120,3 @@ def _engine_norm(wrapper: Any):
         return value
 
     return norm
-
-
-def _refuse_double_clipping(wrapper: Any, optimizer: Any, kind: str) -> None:
-    clip = float(getattr(wrapper, "clip_grad", 0.0) or 0.0)
-    pre_normalisation = getattr(optimizer, "max_grad_norm", None)
-    if clip > 0 and pre_normalisation is not None and type(optimizer).__name__ == "Lamb":
-        raise SettingError(
-            "gradient_clipping",
-            f"must be 0 in the DeepSpeed config when the LAMB pre-normalises gradients (max_grad_norm="
-            f'{pre_normalisation:g}): gradients would be clipped twice. Set "gradient_clipping": 0, or '
-            "build the LAMB with max_grad_norm=None to keep DeepSpeed's clipping",
-            clip,
-            detail=f"DeepSpeed {kind}; its default is 1.0 when the config has no gradient_clipping",
-        )
