@@ -15,7 +15,7 @@ The package itself and every module but :mod:`.layouts` are plain Python: ``legw
 a config, with neither torch nor DeepSpeed loaded.
 """
 
-from .checkpoints import checkpoint_data_parallel_size, convert_to_universal
+from .checkpoints import checkpoint_data_parallel_size, convert_to_universal, reshard_checkpoint
 from .clipping import clip_once
 from .config import (
     OFFLOAD_DEVICES,
@@ -47,6 +47,7 @@ __all__ = [
     "deepspeed_config",
     "keep_client_optimizer_under_offload",
     "require_deepspeed",
+    "reshard_checkpoint",
     "shipped_config_name",
     "split_global_batch",
     "zero_gradient_norm",

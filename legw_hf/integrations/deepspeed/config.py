@@ -8,7 +8,7 @@ pre-normalises by the global gradient norm, so DeepSpeed's clipping is 0 (its de
 Two forms come from the one function :func:`deepspeed_config`:
 
 * the shipped configs (``legw_hf/recipes/deepspeed``), for Trainer: batch, accumulation and clipping are
-  ``"auto"``, which Trainer fills from its arguments (and legw_hf's clipping rule);
+  ``"auto"``, which Trainer fills from its arguments (the clipping after :mod:`.clipping`'s rule);
 * ``legw-hf ds-config``: the numbers of one cluster shape written out, for Trainer or ``deepspeed.initialize``.
 """
 
