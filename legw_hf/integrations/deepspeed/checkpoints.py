@@ -8,14 +8,11 @@ size; other loops can call it before ``deepspeed.initialize`` (or :func:`convert
 from __future__ import annotations
 
 import argparse
-import logging
 import re
 from pathlib import Path
 from typing import Any
 
 from ...errors import SettingError
-
-logger = logging.getLogger(__name__)
 
 _OPTIMIZER_STATES = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 
@@ -60,6 +57,8 @@ def reshard_checkpoint(checkpoint: str, ds_config: dict[str, Any], *, world_size
     then, so convert it to DeepSpeed's universal form (once, on the main process) and have the engine load that
     (``ds_config``, the engine's config, is told to), which re-partitions the weights and optimizer moments for
     this world. Call it on every process."""
+    import logging  # here, not at the top: legw-hf imports this module and needs no logging
+
     import torch.distributed as dist
 
     saved = checkpoint_data_parallel_size(checkpoint)
@@ -82,7 +81,7 @@ def reshard_checkpoint(checkpoint: str, ds_config: dict[str, Any], *, world_size
         dist.barrier()
     universal = Path(checkpoint) / (Path(checkpoint) / "latest_universal").read_text().strip()
     ds_config.setdefault("checkpoint", {})["load_universal"] = True
-    logger.warning(
+    logging.getLogger(__name__).warning(
         "The checkpoint %s was saved by %d DeepSpeed ranks and this run has %d: resuming from its universal form "
         "%s, which DeepSpeed re-partitions for %d ranks.",
         checkpoint,
