@@ -10,12 +10,20 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from . import engines
 from .errors import SettingError
 from .noise_scale import GradientNoise
 from .plan import RULES, LegwConfig, LegwPlan, Phase, PhasedPlan, epoch_steps, plan_from_dict
 from .schedules import DECAYS, Constant, Cosine, Exponential, MultiStep, Polynomial, PolynomialOfRun, make_decay
 
 __version__ = "0.1.0.dev0"
+
+# DeepSpeed swaps a client optimizer's parameters for flat buffers of its own however the optimizer reaches it:
+# Trainer's --deepspeed, accelerate's DeepSpeed plugin, or deepspeed.initialize(optimizer=Lamb(...)) in a script that
+# imports nothing of legw_hf's integrations. Every import of a legw_hf optimizer runs this file first, so registering
+# the adapter here covers all three; by module name, so that it is imported (with torch) only on an optimizer's step
+# once DeepSpeed itself is loaded, and the optimizers never name it.
+engines.register_engine_adapter("deepspeed", "legw_hf.integrations.deepspeed.layouts")
 
 _LAZY = {
     "SCHEDULER_NAMES": "legw_hf.scheduler",

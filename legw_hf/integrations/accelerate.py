@@ -26,13 +26,13 @@ from accelerate.data_loader import DataLoaderDispatcher, DataLoaderShard
 from accelerate.utils import DistributedType
 
 from ..adascale import MODES as ADASCALE_MODES, AdaScaleScheduler, GradientStatistics
-from ..distributed import deepspeed as deepspeed_layouts
 from ..errors import SettingError, one_of, positive, positive_int
 from ..noise_scale import GradientNoise, check_scale
 from ..plan import LegwConfig, LegwPlan
 from ..scheduler import LegwScheduler, SkippedStepDetector
 from . import deepspeed as deepspeed_config
 from .adascale import MicroStepProtocol, measure_micro_steps
+from .deepspeed import layouts as deepspeed_layouts
 
 logger = logging.getLogger(__name__)
 

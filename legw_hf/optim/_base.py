@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import engines
 from ..distributed import FlatLayout, NormReduction, local_tensor, shard_group
 from ..distributed.layout import is_dtensor
 from ..errors import SettingError
@@ -314,11 +315,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def _layout_for_stranger(self, param: Tensor) -> FlatLayout:
         """A tensor this optimizer was not built with sits in a group: an engine swapped its parameters (DeepSpeed
-        does so without ``add_param_group``). Ask the engine how its buffers map to the original tensors, or stop
-        before any update: a trust ratio over such a buffer would silently be wrong."""
-        from ..distributed.deepspeed import layouts_from_caller
-
-        layouts = layouts_from_caller(self)
+        does so without ``add_param_group``). Ask the engine how its buffers map to the original tensors (through the
+        adapters of :mod:`legw_hf.engines`), or stop before any update: a trust ratio over such a buffer would
+        silently be wrong."""
+        layouts = engines.layouts_from_caller(self)
         if layouts is not None:
             self.use_layouts(layouts)
         layout = self.layouts.get(id(param))
@@ -380,9 +380,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 loss = closure()
         buckets = self._gather()
         if buckets and not self._stepped:
-            from ..distributed.deepspeed import initialising_state
-
-            if initialising_state(self):  # DeepSpeed's state-creating call: the state now exists, nothing moves
+            if engines.initialising_state(self):  # an engine's state-creating call: the state now exists, nothing moves
                 return loss
             self._stepped = True
         if buckets:

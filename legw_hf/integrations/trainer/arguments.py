@@ -233,22 +233,16 @@ class LegwArguments(_LegwFields):
         if ds_config is None:
             return
         trainer_norm, lamb_norm = self._legw_clipping_off
-        clipping = ds_config.get("gradient_clipping")
-        why = (
-            f"--legw_optimizer {self.legw_optimizer} pre-normalises gradients by their global norm (max norm "
-            f"{lamb_norm:g}), so legw_hf turned Trainer's max_grad_norm ({trainer_norm:g}) off to clip once"
+        note = deepspeed_config.clip_once(
+            ds_config.get("gradient_clipping"),
+            lamb_norm,
+            lamb=f"--legw_optimizer {self.legw_optimizer}",
+            because=f", so legw_hf turned Trainer's max_grad_norm ({trainer_norm:g}) off to clip once",
+            lamb_off="--legw_lamb_max_grad_norm 0",
         )
-        if clipping is None:
-            logger.warning("%s; DeepSpeed's own clipping (default 1.0) is turned off too (gradient_clipping=0).", why)
+        if note:
+            logger.warning("%s", note)
             ds_config["gradient_clipping"] = 0.0
-        elif clipping != "auto" and float(clipping) != 0:
-            raise SettingError(
-                "gradient_clipping",
-                f'in the DeepSpeed config would clip a second time: {why}. Set "gradient_clipping" to "auto" or 0 '
-                "in the DeepSpeed config, or keep DeepSpeed's clipping and turn LAMB's off with "
-                "--legw_lamb_max_grad_norm 0",
-                clipping,
-            )
 
     @property
     def legw_enabled(self) -> bool:

@@ -10,12 +10,12 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ...adascale import AdaScaleScheduler
-from ...distributed import deepspeed as deepspeed_layouts
 from ...noise_scale import GradientNoise
 from ...optim import layerwise_optimizer_of
 from ...plan import LegwPlan
 from ...record import record_plan, write_json
 from ...scheduler import LegwScheduler, SkippedStepDetector
+from ..deepspeed import layouts as deepspeed_layouts
 from .arguments import LegwArguments
 
 logger = logging.getLogger(__name__)

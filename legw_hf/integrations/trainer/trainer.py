@@ -23,11 +23,12 @@ from ...plan import LegwConfig, LegwPlan
 from ...scheduler import LegwScheduler, updates_in_new_plan
 from ...settings import settings_of
 from ..adascale import MicroStepProtocol, measure_micro_steps
+from ..deepspeed.checkpoints import reshard_checkpoint
 from .arguments import LegwArguments, check_plan_before_training
 from .callback import NOISE_STATE_FILE, LegwCallback, unwrap_scheduler
 from .flags import TRAINER_SCHEDULE_FLAGS, changed_fields
 from .optimizer import optimizer_cls_and_kwargs
-from .resume import checkpoint_plan, reshard_deepspeed_checkpoint
+from .resume import checkpoint_plan
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class LegwTrainer(Trainer):
         self._legw_resume_checkpoint = checkpoint or None
         if checkpoint and self.is_deepspeed_enabled:
             ds_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
-            reshard_deepspeed_checkpoint(
+            reshard_checkpoint(
                 checkpoint, ds_config, world_size=self.args.world_size, main_process=self.args.should_save
             )
         try:

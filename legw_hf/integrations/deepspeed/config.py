@@ -8,21 +8,18 @@ pre-normalises by the global gradient norm, so DeepSpeed's clipping is 0 (its de
 Two forms come from the one function :func:`deepspeed_config`:
 
 * the shipped configs (``legw_hf/recipes/deepspeed``), for Trainer: batch, accumulation and clipping are
-  ``"auto"``, which Trainer fills from its arguments (and legw_hf's clipping rule);
+  ``"auto"``, which Trainer fills from its arguments (the clipping after :mod:`.clipping`'s rule);
 * ``legw-hf ds-config``: the numbers of one cluster shape written out, for Trainer or ``deepspeed.initialize``.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import re
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from ..errors import SettingError, one_of, positive_int
+from ...errors import SettingError, one_of, positive_int
 
 ZERO_STAGES = (0, 1, 2, 3)
 PRECISIONS = ("fp16", "bf16")
@@ -239,23 +236,6 @@ def adascale_refusal(config: dict[str, Any], mode: str, *, fp16: bool = False) -
     return None
 
 
-def zero_gradient_norm(optimizer: Any) -> tuple[Any, Any]:
-    """(a function returning DeepSpeed's norm of the applied gradient, the client optimizer) behind ``optimizer``
-    (accelerate's wrapper → DeepSpeed's ZeRO optimizer → the client). The norm is of the averaged gradient, with
-    the loss scale removed and before clipping, and is computed in ``step()`` before the client's step runs."""
-    chain = [optimizer]
-    while getattr(chain[-1], "optimizer", None) is not None:
-        chain.append(chain[-1].optimizer)
-    zero = next((o for o in chain if hasattr(o, "_global_grad_norm")), None)
-    if zero is None:
-        raise SettingError(
-            "zero_optimization",
-            "must select a ZeRO stage (1-3) for AdaScale under DeepSpeed: its optimizer computes the gradient norm",
-            None,
-        )
-    return (lambda: zero._global_grad_norm), chain[-1]
-
-
 def require_deepspeed(field: str, value: Any = None) -> None:
     """A DeepSpeed path was asked for: say how to install DeepSpeed if it is missing, before any work starts."""
     try:
@@ -268,44 +248,6 @@ def require_deepspeed(field: str, value: Any = None) -> None:
             "needs DeepSpeed, which is not installed: pip install 'legw_hf[deepspeed]' (or pip install deepspeed)",
             value,
         )
-
-
-_OPTIMIZER_STATES = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
-
-
-def checkpoint_data_parallel_size(checkpoint: str | Path) -> int | None:
-    """How many data-parallel ranks saved a DeepSpeed checkpoint (one optimizer-state file each), or None when the
-    folder holds no DeepSpeed ZeRO checkpoint. ``checkpoint`` is the folder with the ``latest`` file (Trainer's
-    ``checkpoint-N``)."""
-    root = Path(checkpoint)
-    latest = root / "latest"
-    if not latest.is_file():
-        return None
-    folder = root / latest.read_text().strip()
-    ranks = {m.group(1) for f in folder.glob("*optim_states.pt") if (m := _OPTIMIZER_STATES.search(f.name))}
-    return len(ranks) or None
-
-
-def convert_to_universal(checkpoint: str | Path) -> Path:
-    """Write DeepSpeed's universal form of a ZeRO checkpoint beside it (``<tag>_universal`` and
-    ``latest_universal``), which DeepSpeed loads at any data-parallel world size with ``"checkpoint":
-    {"load_universal": true}``: its loader re-partitions the fp32 weights and the optimizer moments. Nothing in
-    the checkpoint is changed; a conversion already there is reused. Call it on one process."""
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-    root = Path(checkpoint)
-    tag = (root / "latest").read_text().strip()
-    output = root / f"{tag}_universal"
-    if (root / "latest_universal").is_file() and output.is_dir():
-        return output
-    options = dict(num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True)
-    # legw_hf's optimizers keep no "universal_checkpoint_info" (a Megatron addition): DeepSpeed injects defaults
-    ds_to_universal(
-        argparse.Namespace(
-            input_folder=str(root / tag), output_folder=str(output), inject_missing_state=True, **options
-        )
-    )
-    return output
 
 
 def _block_type(block: Any) -> Any:
