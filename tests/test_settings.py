@@ -191,3 +191,26 @@ def test_get_scheduler_takes_exactly_the_plan_settings():
     with pytest.raises(SettingError) as caught:
         get_scheduler("legw", optimizer, scheduler_specific_kwargs=base | {"momentum": 0.9})
     assert caught.value.field == "momentum" and "not a LEGW scheduler setting" in str(caught.value)
+
+
+def test_run_shape_flags_serve_a_config_given_in_code_and_are_refused_without_any_plan(tmp_path):
+    """--legw_dataset_size, --legw_global_batch_size and --legw_base_steps shape whichever plan the trainer has: the
+    --legw_* config flags' or a LegwConfig handed over in code; with neither they would be ignored."""
+    config = LegwConfig(base_batch_size=4, base_lr=0.05, base_warmup_epochs=0.1)
+    shape = dict(legw_dataset_size=100, legw_global_batch_size=16, legw_base_steps=50)
+    no_plan = dict(legw_base_batch_size=None, legw_base_warmup_epochs=None, learning_rate=0.05)
+    args = legw_training_args(tmp_path / "out", **no_plan, **shape)
+    trainer = LegwTrainer(model=Regressor(), args=args, train_dataset=regression_dataset(100), legw_config=config)
+    trainer.train()
+    plan = trainer.lr_scheduler.plan
+    assert (plan.dataset_size, plan.batch_size, plan.epochs, plan.total_steps) == (100, 16, 2.0, 14)
+    wrong_batch = legw_training_args(tmp_path / "wrong", **no_plan, **(shape | {"legw_global_batch_size": 32}))
+    with pytest.raises(SettingError) as caught:
+        LegwTrainer(model=Regressor(), args=wrong_batch, train_dataset=regression_dataset(100), legw_config=config)
+    assert caught.value.field == "legw_global_batch_size"
+    orphan = legw_training_args(tmp_path / "orphan", **no_plan, legw_dataset_size=100, legw_global_batch_size=16)
+    with pytest.raises(SettingError) as caught:
+        LegwTrainer(model=Regressor(), args=orphan, train_dataset=regression_dataset(100))
+    assert caught.value.field == "legw_base_batch_size"
+    assert "is required by --legw_global_batch_size, --legw_dataset_size" in str(caught.value)
+    assert not (tmp_path / "wrong").exists() and not (tmp_path / "orphan").exists()

@@ -25,7 +25,6 @@ def parse(tmp_path, *flags: str) -> LegwTrainingArguments:
     [
         (["--legw_base_warmup_epochs", "0.1"], "--legw_base_warmup_epochs"),
         (["--legw_decay", "cosine", "--legw_rule", "sqrt"], "--legw_rule, --legw_decay"),
-        (["--legw_global_batch_size", "256"], "--legw_global_batch_size"),
     ],
 )
 def test_legw_flags_without_the_base_batch_are_refused(tmp_path, flags, named):

@@ -19,7 +19,7 @@ from ...plan import LegwConfig, LegwPlan, epoch_steps
 from ...schedules import DECAY_OPTIONS, make_decay
 from ...settings import trainer_argument
 from .. import deepspeed as deepspeed_config
-from .flags import PLAN_FLAGS, TRAINER_SCHEDULE_FLAGS, as_argument_error, changed_fields, legw_fields
+from .flags import PLAN_FLAGS, RUN_FLAGS, TRAINER_SCHEDULE_FLAGS, as_argument_error, changed_fields, legw_fields
 from .optimizer import adam_family, probe_optimizer
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class LegwArguments(_LegwFields):
             self._settle_deepspeed_clipping()
         if self.legw_enabled:
             self.legw_config()
-            self._check_global_batch()
+            self.check_global_batch()
         if self.legw_adascale is not None:
             self._check_adascale_run()
 
@@ -144,30 +144,37 @@ class LegwArguments(_LegwFields):
     def _refuse_ignored_settings(self) -> None:
         """Settings that would be silently ignored are errors: LEGW flags with LEGW off, and Trainer's own
         schedule arguments with LEGW on (the LEGW plan replaces that schedule)."""
-        if not self.legw_enabled:
-            orphans = changed_fields(self, PLAN_FLAGS)
-            if orphans:
-                raise SettingError(
-                    "legw_base_batch_size",
-                    f"is required by {', '.join('--' + flag for flag in orphans)}: without it LEGW is off and "
-                    "Trainer's own schedule would run; give the global batch --learning_rate was tuned at",
-                    None,
-                )
-            return
         if self.legw_base_steps is not None:
             for name in changed_fields(self, ("max_steps", "num_train_epochs")):
                 raise SettingError(
                     name,
                     "must keep its default with --legw_base_steps, which sets the run's length (the base run's steps "
-                    "at --legw_base_batch_size, the same epochs at every batch); give one length",
+                    "at the base batch, the same epochs at every batch); give one length",
                     getattr(self, name),
                 )
+        if not self.legw_enabled:
+            self.refuse_legw_flags_without_plan(PLAN_FLAGS)
+            return
         for name in changed_fields(self, tuple(TRAINER_SCHEDULE_FLAGS)):
             raise SettingError(
                 name,
                 f"must keep its default with LEGW on (--legw_base_batch_size): the LEGW plan replaces Trainer's "
                 f"schedule; use {TRAINER_SCHEDULE_FLAGS[name]} instead",
                 getattr(getattr(self, name), "value", getattr(self, name)),
+            )
+
+    def refuse_legw_flags_without_plan(self, flags: tuple[str, ...] = RUN_FLAGS) -> None:
+        """With LEGW off (no --legw_base_batch_size, no config given in code), ``flags`` that were set would be
+        ignored: refuse them. The run-shape flags are checked by :class:`LegwTrainer`, which knows whether it was
+        given ``legw_config``."""
+        orphans = changed_fields(self, flags)
+        if orphans:
+            raise SettingError(
+                "legw_base_batch_size",
+                f"is required by {', '.join('--' + flag for flag in orphans)}: without it LEGW is off and "
+                "Trainer's own schedule would run; give the global batch --learning_rate was tuned at (or hand "
+                "LegwTrainer a legw_config)",
+                None,
             )
 
     @property
@@ -276,7 +283,8 @@ class LegwArguments(_LegwFields):
         split = getattr(self.accelerator_config, "split_batches", False)
         return per_device * self.gradient_accumulation_steps * (1 if split else self.world_size)
 
-    def _check_global_batch(self) -> None:
+    def check_global_batch(self) -> None:
+        """--legw_global_batch_size, when given, must be the global batch Trainer will form."""
         if self.legw_global_batch_size is None:
             return
         actual = self.legw_global_batch()

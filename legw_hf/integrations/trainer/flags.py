@@ -9,20 +9,24 @@ from typing import Any, Literal
 
 from ...errors import SettingError
 from ...schedules import DECAY_OPTIONS, DECAYS
-from ...settings import PLAN_SETTINGS, SETTINGS, settings_of, trainer_argument
+from ...settings import SETTINGS, settings_of, trainer_argument
 
 #: The ``--legw_*`` flags of the optimizer keywords (``--legw_optimizer adamw`` takes Trainer's own ``--adam_*``
 #: flags instead of ``--legw_betas`` / ``--legw_eps``).
 KEYWORD_OF_FLAG = {setting.trainer_argument: setting.name for setting in settings_of("optimizer")}
 
 
-#: The LEGW settings that shape the plan as Trainer spells them; without ``--legw_base_batch_size`` they would be
-#: silently ignored.
+#: The ``--legw_*`` flags that describe the tuned config and its decay: without ``--legw_base_batch_size`` they
+#: would be silently ignored.
 PLAN_FLAGS = tuple(
     setting.trainer_argument
-    for setting in PLAN_SETTINGS
+    for setting in settings_of("config", "decay")
     if setting.declared_by_legw and setting.name != "base_batch_size"
 )
+
+#: The ``--legw_*`` flags of the run's shape: they serve a plan from the config flags or from
+#: ``LegwTrainer(legw_config=...)``, so they are checked once the trainer knows whether it has one.
+RUN_FLAGS = tuple(setting.trainer_argument for setting in settings_of("run") if setting.declared_by_legw)
 
 
 def legw_fields() -> list[tuple[str, Any, Any]]:

@@ -70,8 +70,12 @@ class LegwTrainer(Trainer):
         if legw_config is not None:
             refuse_arguments_beside_config(training_args, legw_config)
         self._legw_config_given = legw_config
-        if isinstance(training_args, LegwArguments) and (training_args.legw_enabled or legw_config is not None):
-            check_plan_before_training(training_args, bound.get("train_dataset"), config=legw_config)
+        if isinstance(training_args, LegwArguments):
+            if training_args.legw_enabled or legw_config is not None:
+                training_args.check_global_batch()
+                check_plan_before_training(training_args, bound.get("train_dataset"), config=legw_config)
+            else:
+                training_args.refuse_legw_flags_without_plan()
         super().__init__(*args, **kwargs)
         follow_trainer_log_level(self.args)
         if not any(isinstance(cb, LegwCallback) for cb in self.callback_handler.callbacks):
