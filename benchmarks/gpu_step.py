@@ -10,7 +10,8 @@ Part 1, per model shape and parameter dtype (fp32; bf16 with fp32 masters and fp
 optimizer gets its own parameters and the same fixed gradients, a block of steps of torch's fused AdamW is timed
 right before each one, and the table shows milliseconds per step (CUDA events, median over the block), the ratio to
 that AdamW block, the state bytes and the peak of extra memory allocated during a step. Peers: torch AdamW fused,
-legw_hf Lamb on the Triton kernels (``fused="triton"``) and on torch ops (``fused=False``), legw_hf Lars both ways,
+legw_hf Lamb on the Triton kernels (``impl="triton"``) and on torch ops (``impl=None``, the automatic choice: torch's
+fused Adam kernel for fp32, ``_foreach_`` ops with masters), legw_hf Lars both ways,
 DeepSpeed ``FusedLamb`` where its CUDA extension builds, apex ``FusedLAMB`` where apex is installed. A peer that
 cannot run says why in its row.
 
@@ -100,15 +101,15 @@ def peers(masters: bool) -> list[tuple[str, Factory]]:
     torch's fused AdamW runs on the bf16 parameters with bf16 state, the cheapest peer there is."""
     rows: list[tuple[str, Factory]] = [
         ("torch AdamW fused", lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01, fused=True)),
-        ("legw_hf Lamb fused='triton'", lambda p: Lamb(p, lr=1e-3, fused="triton", master_weights=masters)),
+        ("legw_hf Lamb impl='triton'", lambda p: Lamb(p, lr=1e-3, impl="triton", master_weights=masters)),
         (
-            "legw_hf Lamb preset=nvidia fused='triton'",
-            lambda p: Lamb(p, lr=1e-3, preset="nvidia", fused="triton", master_weights=masters),
+            "legw_hf Lamb preset=nvidia impl='triton'",
+            lambda p: Lamb(p, lr=1e-3, preset="nvidia", impl="triton", master_weights=masters),
         ),
-        ("legw_hf Lamb fused=False (torch ops)", lambda p: Lamb(p, lr=1e-3, fused=False, master_weights=masters)),
+        ("legw_hf Lamb impl=None (torch ops)", lambda p: Lamb(p, lr=1e-3, master_weights=masters)),
         (
-            "legw_hf Lars fused='triton'",
-            lambda p: Lars(p, lr=0.1, weight_decay=1e-4, fused="triton", master_weights=masters),
+            "legw_hf Lars impl='triton'",
+            lambda p: Lars(p, lr=0.1, weight_decay=1e-4, impl="triton", master_weights=masters),
         ),
         ("legw_hf Lars (torch ops)", lambda p: Lars(p, lr=0.1, weight_decay=1e-4, master_weights=masters)),
     ]

@@ -105,22 +105,22 @@ OPTIMIZERS: list[tuple[str, Factory]] = [
     ("torch AdamW fused", lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01, fused=True)),
     ("torch AdamW foreach", lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01, foreach=True)),
     ("torch-optimizer Lamb", torch_optimizer_lamb),
-    ("legw_hf Lamb (default: two-pass CPU kernel)", lambda p: Lamb(p, lr=1e-3, weight_decay=0.01)),
-    ("legw_hf Lamb preset=nvidia (two-pass CPU kernel)", lambda p: Lamb(p, lr=1e-3, preset="nvidia")),
-    ("legw_hf Lamb fused=False (torch fused Adam kernel)", lambda p: Lamb(p, lr=1e-3, weight_decay=0.01, fused=False)),
+    ("legw_hf Lamb (default: impl='cpu', two-pass CPU kernel)", lambda p: Lamb(p, lr=1e-3, weight_decay=0.01)),
+    ("legw_hf Lamb preset=nvidia (impl='cpu')", lambda p: Lamb(p, lr=1e-3, preset="nvidia")),
     (
-        "legw_hf Lamb fused=False keep_workspace=False",
-        lambda p: Lamb(p, lr=1e-3, weight_decay=0.01, fused=False, keep_workspace=False),
+        "legw_hf Lamb impl='fused_adam' (torch fused Adam kernel)",
+        lambda p: Lamb(p, lr=1e-3, weight_decay=0.01, impl="fused_adam"),
     ),
     (
-        "legw_hf Lamb fused=False fused_adam=False (_foreach_ ops)",
-        lambda p: Lamb(p, lr=1e-3, weight_decay=0.01, fused=False, fused_adam=False),
+        "legw_hf Lamb impl='fused_adam' keep_workspace=False",
+        lambda p: Lamb(p, lr=1e-3, weight_decay=0.01, impl="fused_adam", keep_workspace=False),
     ),
-    ("legw_hf Lamb single-tensor reference", lambda p: Lamb(p, lr=1e-3, weight_decay=0.01, foreach=False)),
+    ("legw_hf Lamb impl='foreach' (_foreach_ ops)", lambda p: Lamb(p, lr=1e-3, weight_decay=0.01, impl="foreach")),
+    ("legw_hf Lamb impl='reference'", lambda p: Lamb(p, lr=1e-3, weight_decay=0.01, impl="reference")),
     ("torch SGD momentum foreach", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=True)),
-    ("legw_hf Lars (foreach)", lambda p: Lars(p, lr=0.1, momentum=0.9, weight_decay=1e-4)),
-    ("legw_hf Lars preset=optax (foreach)", lambda p: Lars(p, lr=0.1, preset="optax", weight_decay=1e-4)),
-    ("legw_hf Lars single-tensor reference", lambda p: Lars(p, lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=False)),
+    ("legw_hf Lars (default: impl='foreach')", lambda p: Lars(p, lr=0.1, momentum=0.9, weight_decay=1e-4)),
+    ("legw_hf Lars preset=optax (impl='foreach')", lambda p: Lars(p, lr=0.1, preset="optax", weight_decay=1e-4)),
+    ("legw_hf Lars impl='reference'", lambda p: Lars(p, lr=0.1, momentum=0.9, weight_decay=1e-4, impl="reference")),
 ]
 
 

@@ -270,12 +270,22 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     _optimizer("master_weights", bool, "fp32 master copies of fp16/bf16 parameters.", _LAYERWISE),
     _optimizer(
+        "impl",
+        str,
+        "The implementation of the step (default: chosen from the tensors): lamb reference, foreach, fused_adam, "
+        "cpu (legw_hf's kernel, fp32 CPU tensors), triton (CUDA; pip install 'legw_hf[gpu]'); lars reference, "
+        "foreach, triton.",
+        _LAYERWISE,
+        choices=("reference", "foreach", "fused_adam", "cpu", "triton"),
+        trainer="legw_optimizer_impl",
+    ),
+    _optimizer(
         "fused",
         str,
-        "legw_hf's fused kernels: cpu (lamb, fp32 CPU tensors), triton (CUDA; pip install 'legw_hf[gpu]'), off "
-        "(torch ops). Default: lamb's CPU kernel where it fits, torch ops elsewhere.",
+        "legw_hf's fused kernels: cpu (lamb), triton, off (torch ops only).",
         _LAYERWISE,
         choices=("cpu", "triton", "off"),
+        deprecated="use --legw_optimizer_impl (cpu, triton; off: leave it unset or pick foreach / fused_adam).",
     ),
     # ---------------------------------------------------------------- Trainer-only switches
     Setting(

@@ -49,11 +49,11 @@ INFOS: dict[str, OptimizerInfo] = {
             {"max_grad_norm": 0.5, "adapt": "decayed"},
         ),
         paths={
-            "single": {"foreach": False},
-            "foreach": {"fused": False, "fused_adam": False},  # plain _foreach_ ops
-            "fused-adam": {"fused": False},  # torch's fused Adam kernel wherever the settings allow
-            "cpu-kernel": {"fused": True},  # legw_hf's two-pass kernel
-            "triton": {"fused": "triton"},  # opt-in; on CPU in Triton's interpreter
+            "single": {"impl": "reference"},
+            "foreach": {"impl": "foreach"},  # plain _foreach_ ops
+            "fused-adam": {"impl": "fused_adam"},  # torch's fused Adam kernel; refused where the settings differ
+            "cpu-kernel": {"impl": "cpu"},  # legw_hf's two-pass kernel
+            "triton": {"impl": "triton"},  # opt-in; on CPU in Triton's interpreter
         },
     ),
     "lars": OptimizerInfo(
@@ -71,9 +71,9 @@ INFOS: dict[str, OptimizerInfo] = {
             {"trust_denominator": "update_norm", "adapt": "decayed"},
         ),
         paths={
-            "single": {"foreach": False},
-            "foreach": {"foreach": True},
-            "triton": {"fused": "triton"},
+            "single": {"impl": "reference"},
+            "foreach": {"impl": "foreach"},
+            "triton": {"impl": "triton"},
         },
     ),
 }

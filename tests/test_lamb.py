@@ -1,4 +1,4 @@
-"""Lamb against independent references over 50 steps, and agreement of its three code paths."""
+"""Lamb against independent references over 50 steps, and agreement of its implementations (``impl``)."""
 
 from __future__ import annotations
 
@@ -93,42 +93,64 @@ def test_layer_adaptation_group_flags_match_tf_addons_exclusion_lists():
 LAMB = INFOS["lamb"]
 
 
+FUSED_ADAM_SETTINGS = {"bias_correction": "inside", "eps_inside_sqrt": False, "weight_decay_mode": "decoupled"}
+
+
+def fits_fused_adam(config: dict) -> bool:
+    from legw_hf.optim.lamb import LAMB_DEFAULTS, LAMB_PRESETS
+
+    settings = {**(LAMB_PRESETS[config["preset"]] if "preset" in config else LAMB_DEFAULTS), **config}
+    return all(settings[k] == v for k, v in FUSED_ADAM_SETTINGS.items()) and settings["grad_averaging"]
+
+
 @pytest.mark.parametrize("config", settings_of("lamb"))
-def test_single_tensor_multi_tensor_and_fused_paths_agree(config):
+def test_every_impl_agrees_with_the_single_tensor_reference(config):
     single, _ = lamb_run(**LAMB.paths["single"], **config)
     for name, path in LAMB.paths.items():
         if name in ("single", "triton"):  # the reference; the Triton kernel has tests of its own
             continue
-        multi, _ = lamb_run(**path, **config)
+        if name == "fused-adam" and not fits_fused_adam(config):
+            with pytest.raises(SettingError, match="^impl 'fused_adam' needs bias_correction='inside'"):
+                lamb_run(**path, **config)
+            continue
+        multi, optimizer = lamb_run(**path, **config)
+        assert optimizer.impl == path["impl"]
         errors = relative_errors(multi, single)
         assert max(errors.values()) <= 1e-5, (name, errors)
 
 
-def test_cpu_kernel_is_the_default_for_fp32_cpu_tensors(monkeypatch):
+def count_kernel_passes(monkeypatch) -> list[int]:
     passes = []
     original = Lamb._kernel_pass
 
     def counted(self, buckets, grad_divisor, kernel):
-        assert kernel is self._kernel  # the CPU kernel, not the opt-in Triton one
+        assert kernel is lamb_module._cpu_kernel.load()  # the CPU kernel, not the opt-in Triton one
         passes.append(len(buckets))
         return original(self, buckets, grad_divisor, kernel)
 
     monkeypatch.setattr(Lamb, "_kernel_pass", counted)
+    return passes
+
+
+def test_cpu_kernel_is_the_default_for_fp32_cpu_tensors(monkeypatch):
+    passes = count_kernel_passes(monkeypatch)
     _, optimizer = lamb_run()
-    assert optimizer._kernel is not None and passes == [2] * 50  # both groups, every step
-    passes.clear()
-    lamb_run(fused=False)
-    assert passes == []
+    assert optimizer.impl == "cpu" and passes == [2] * 50  # both groups, every step, in one pass
     assert optimizer.workspace_bytes == 0  # the kernel needs no scratch
+    passes.clear()
+    _, optimizer = lamb_run(impl="fused_adam")
+    assert passes == [] and optimizer.impl == "fused_adam"
 
 
 def test_cpu_kernel_refuses_what_it_cannot_run():
     params = [torch.nn.Parameter(torch.randn(4, dtype=torch.bfloat16))]
     params[0].grad = torch.randn(4, dtype=torch.bfloat16)
-    optimizer = Lamb(params, lr=LR, fused=True, master_weights=True)
-    with pytest.raises(SettingError, match="^fused needs contiguous fp32 CPU"):
-        optimizer.step()
-    relaxed = Lamb(params, lr=LR, master_weights=True)  # the default falls back to torch ops
+    before = params[0].detach().clone()
+    with pytest.raises(SettingError, match="^impl 'cpu' needs contiguous fp32 CPU"):
+        Lamb(params, lr=LR, impl="cpu", master_weights=True)
+    assert torch.equal(params[0].detach(), before)
+    relaxed = Lamb(params, lr=LR, master_weights=True)  # the automatic choice takes torch ops
+    assert relaxed.impl == "foreach"
     p, g = params[0].detach().double().clone(), params[0].grad.double()
     relaxed.step()
     # LAMB's first step written out (no preset: ε 1e-6 outside the root, decoupled λ 0.01, bias corrected):
@@ -153,15 +175,21 @@ def count_kernel_calls(monkeypatch) -> dict[str, int]:
     return calls
 
 
-def test_fused_kernels_are_taken_where_the_settings_allow(monkeypatch):
+@pytest.fixture
+def no_cpu_kernel(monkeypatch):
+    """As where LAMB's CPU kernel cannot be built: the automatic choice goes on to torch ops."""
+    monkeypatch.setattr(lamb_module._cpu_kernel, "load", lambda: None)
+
+
+def test_fused_kernels_are_taken_where_the_settings_allow(monkeypatch, no_cpu_kernel):
     calls = count_kernel_calls(monkeypatch)
-    lamb_run(foreach=False)
-    lamb_run(fused=False, fused_adam=False)
-    lamb_run()  # legw_hf's CPU kernel takes precedence over torch's
+    for impl in ("reference", "foreach"):
+        lamb_run(impl=impl)
     assert calls == {"_fused_adam_": 0, "_fused_adamw_": 0}
-    lamb_run(fused=False)
+    _, optimizer = lamb_run()  # automatic, without the CPU kernel
+    assert optimizer.impl == "fused_adam"
     assert calls == {"_fused_adam_": 50 * 2, "_fused_adamw_": 0}  # one call per bucket (two groups) per step
-    lamb_run(fused=False, preset="nvidia")  # pre-normalised gradients: the in-place AdamW form
+    lamb_run(impl="fused_adam", preset="nvidia")  # pre-normalised gradients: the in-place AdamW form
     assert calls == {"_fused_adam_": 50 * 2, "_fused_adamw_": 50 * 2}
     for config in (
         {"preset": "deepspeed"},
@@ -169,23 +197,27 @@ def test_fused_kernels_are_taken_where_the_settings_allow(monkeypatch):
         {"weight_decay_mode": "l2"},
         {"grad_averaging": False},
     ):
-        lamb_run(fused=False, **config)
+        _, optimizer = lamb_run(**config)
+        assert optimizer.impl == "foreach", config
+        with pytest.raises(SettingError, match="^impl 'fused_adam' needs"):
+            lamb_run(impl="fused_adam", **config)
     assert calls == {"_fused_adam_": 50 * 2, "_fused_adamw_": 50 * 2}
-    with pytest.raises(SettingError, match="fused_adam"):
-        lamb_run(fused=False, preset="deepspeed", fused_adam=True)
 
 
 @pytest.mark.parametrize("kernel", ["_fused_adam_", "_fused_adamw_"])
-def test_fused_kernel_self_check_rejects_a_kernel_that_disagrees(kernel, monkeypatch):
+def test_fused_kernel_self_check_rejects_a_kernel_that_disagrees(kernel, monkeypatch, no_cpu_kernel):
     lamb_module._fused_adam_agrees.cache_clear()
     monkeypatch.setattr(torch, kernel, lambda params, *a, **k: [p.mul_(2) for p in params])
     try:
         in_place = kernel == "_fused_adamw_"
         assert not lamb_module._fused_adam_agrees(in_place=in_place)
         config = {"preset": "nvidia"} if in_place else {}  # a config that would take the patched kernel
-        single, _ = lamb_run(foreach=False, **config)
-        result, _ = lamb_run(fused=False, **config)  # the check failed, so the plain multi-tensor path runs
+        single, _ = lamb_run(impl="reference", **config)
+        result, optimizer = lamb_run(**config)  # the check failed, so the plain multi-tensor path runs
+        assert optimizer.impl == "foreach"
         assert max(relative_errors(result, single).values()) <= 1e-5
+        with pytest.raises(SettingError, match="^impl 'fused_adam' needs torch's fused Adam kernel"):
+            lamb_run(impl="fused_adam", **config)
     finally:
         lamb_module._fused_adam_agrees.cache_clear()
 

@@ -214,3 +214,15 @@ def test_run_shape_flags_serve_a_config_given_in_code_and_are_refused_without_an
     assert caught.value.field == "legw_base_batch_size"
     assert "is required by --legw_global_batch_size, --legw_dataset_size" in str(caught.value)
     assert not (tmp_path / "wrong").exists() and not (tmp_path / "orphan").exists()
+
+
+def test_the_deprecated_fused_flag_warns_and_still_selects_the_kernel(tmp_path):
+    with pytest.warns(FutureWarning, match="--legw_fused is deprecated.*--legw_optimizer_impl"):
+        args = legw_training_args(tmp_path / "out", legw_optimizer="lamb", legw_fused="cpu", max_steps=1)
+    assert (
+        LegwTrainer(model=Regressor(), args=args, train_dataset=regression_dataset(16)).create_optimizer().impl == "cpu"
+    )
+    modern = legw_training_args(tmp_path / "new", legw_optimizer="lamb", legw_optimizer_impl="foreach", max_steps=1)
+    assert LegwTrainer(
+        model=Regressor(), args=modern, train_dataset=regression_dataset(16)
+    ).create_optimizer().impl == ("foreach")

@@ -102,7 +102,7 @@ def test_fsdp2_matches_one_process(fsdp2_parity):
 
 
 def test_triton_kernels_under_fsdp2_and_zero_match_one_process(fsdp2_parity, deepspeed_parity):
-    """fused="triton" (interpreted on CPU): the kernels' partial squares of FSDP2 shards and of ZeRO-2 flat
+    """impl="triton" (interpreted on CPU): the kernels' partial squares of FSDP2 shards and of ZeRO-2 flat
     partitions (pieces at any offset, so unaligned addresses too) pass the one all-reduce and match one process."""
     check_parity(fsdp2_parity, ["fsdp2-triton"])
     check_parity(deepspeed_parity, ["zero2-triton"])

@@ -1,4 +1,4 @@
-"""LAMB's and LARS' Triton kernels (``fused="triton"``) against the single-tensor reference path.
+"""LAMB's and LARS' Triton kernels (``impl="triton"``) against the single-tensor reference path.
 
 On a machine without a GPU the kernels run in Triton's interpreter on CPU tensors (conftest sets
 ``TRITON_INTERPRET=1``); with one they are compiled and run on CUDA tensors. The interpreter is slow, so most
@@ -97,7 +97,7 @@ def test_tensor_lr_is_read_on_device(name):
     lr = torch.tensor(1e-2 if name == "lamb" else 0.5, device=DEVICE)
     cls = Lamb if name == "lamb" else Lars
     preset = "nvidia" if name == "lamb" else "larc"
-    tensors, _ = run(lambda p: cls(torch_groups(p, 0.01), lr=lr, preset=preset, fused="triton"))
+    tensors, _ = run(lambda p: cls(torch_groups(p, 0.01), lr=lr, preset=preset, impl="triton"))
     assert max(relative_errors(tensors, floats).values()) <= 1e-6
 
 
@@ -192,7 +192,7 @@ def test_the_shipped_chunk_size(monkeypatch):
             optimizer.step()
         return [p.detach().cpu() for p in params]
 
-    for result, reference in zip(train(fused="triton"), train(foreach=False), strict=True):
+    for result, reference in zip(train(impl="triton"), train(impl="reference"), strict=True):
         torch.testing.assert_close(result, reference, rtol=1e-5, atol=1e-6)
 
 
@@ -209,15 +209,15 @@ def test_partial_squares_take_the_one_reduction_hook(name):
             return squares
 
     lr = 1e-2 if name == "lamb" else 0.5
-    run(lambda p: Recording(torch_groups(p, 0.01), lr=lr, fused="triton"), steps=3)
+    run(lambda p: Recording(torch_groups(p, 0.01), lr=lr, impl="triton"), steps=3)
     assert seen == [torch.Size([2 * len(NAMES)])] * 3
 
 
 def test_step_does_not_sync_with_the_host():
     tensors = {n: torch.tensor(a, device=DEVICE, requires_grad=True) for n, a in initial_params().items()}
     optimizers = [
-        Lamb(torch_groups(tensors, 0.01), lr=torch.tensor(1e-2, device=DEVICE), preset="nvidia", fused="triton"),
-        Lars(torch_groups(tensors, 0.01), lr=0.5, preset="larc", fused="triton"),
+        Lamb(torch_groups(tensors, 0.01), lr=torch.tensor(1e-2, device=DEVICE), preset="nvidia", impl="triton"),
+        Lars(torch_groups(tensors, 0.01), lr=0.5, preset="larc", impl="triton"),
     ]
     for optimizer in optimizers:
         for step in range(2):  # the second step reuses the cached address table
@@ -230,11 +230,11 @@ def test_step_does_not_sync_with_the_host():
 def test_state_dict_round_trip_equals_never_stopping():
     uninterrupted, _ = run(lamb(TRITON, preset="nvidia"))
     params = {n: torch.tensor(a, device=DEVICE, requires_grad=True) for n, a in initial_params().items()}
-    first = Lamb(torch_groups(params, 0.01), lr=1e-2, preset="nvidia", fused="triton")
+    first = Lamb(torch_groups(params, 0.01), lr=1e-2, preset="nvidia", impl="triton")
     for step in range(STEPS):
         if step == 2:
             saved = first.state_dict()
-            first = Lamb(torch_groups(params, 0.01), lr=1e-2, preset="nvidia", fused="triton")
+            first = Lamb(torch_groups(params, 0.01), lr=1e-2, preset="nvidia", impl="triton")
             first.load_state_dict(saved)
         current = {n: p.detach().cpu().numpy() for n, p in params.items()}
         for n, grad in FIELD(current, step).items():
@@ -247,26 +247,31 @@ def test_state_dict_round_trip_equals_never_stopping():
 def test_what_the_kernels_cannot_take_is_refused_with_the_field():
     doubles = [torch.nn.Parameter(torch.zeros(3, dtype=torch.float64, device=DEVICE))]
     doubles[0].grad = torch.ones_like(doubles[0])
-    with pytest.raises(SettingError, match=r"^fused 'triton' needs contiguous fp32, bf16 or fp16 tensors"):
-        Lamb(doubles, fused="triton").step()
-    with pytest.raises(SettingError, match="^fused must be one of None, False, True, 'cpu', 'triton'"):
-        Lamb(doubles, fused="cuda")
+    for cls in (Lamb, Lars):  # at construction, from the parameters
+        with pytest.raises(SettingError, match=r"^impl 'triton' needs contiguous fp32, bf16 or fp16 tensors"):
+            cls(doubles, lr=0.1, impl="triton")
+    with pytest.raises(SettingError, match="^impl must be one of None, 'reference', 'foreach', 'fused_adam', 'cpu'"):
+        Lamb(doubles, impl="cuda")
+    with pytest.raises(SettingError, match="^impl must be one of None, 'reference', 'foreach', 'triton'"):
+        Lars(doubles, lr=0.1, impl="cpu")
+    # the deprecated spellings keep their checks
     with pytest.raises(SettingError, match="^fused must be one of None, False, 'triton'"):
         Lars(doubles, lr=0.1, fused=True)
     with pytest.raises(SettingError, match="^fused needs the multi-tensor path"):
         Lars(doubles, lr=0.1, fused="triton", foreach=False)
+    assert float(doubles[0].detach().sum()) == 0.0
 
 
 def test_a_missing_triton_is_named_before_any_step():
-    """Without the triton package (a plain install), ``fused="triton"`` says how to get it when it is built."""
+    """Without the triton package (a plain install), ``impl="triton"`` says how to get it when it is built."""
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch\nfrom legw_hf import Lamb, SettingError\n"
-        "try:\n    Lamb([torch.nn.Parameter(torch.zeros(2))], fused='triton')\n"
+        "try:\n    Lamb([torch.nn.Parameter(torch.zeros(2))], impl='triton')\n"
         "except SettingError as error:\n    print(error)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=python_env(), check=True)
-    assert "fused 'triton' needs the triton package: pip install 'legw_hf[gpu]'" in out.stdout, out
+    assert "impl 'triton' needs the triton package: pip install 'legw_hf[gpu]'" in out.stdout, out
 
 
 def test_kernels_compile_for_gpus():
@@ -308,7 +313,7 @@ def test_gpu_benchmark_smoke_runs_every_peer(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(output.read_text())
     names = [row["optimizer"] for table in report["tables"] for row in table["rows"]]
-    assert "legw_hf Lamb fused='triton'" in names and "legw_hf Lars fused='triton'" in names
+    assert "legw_hf Lamb impl='triton'" in names and "legw_hf Lars impl='triton'" in names
     for table in report["tables"]:
         for row in table["rows"]:
             assert row["ms"] > 0 if "not_run" not in row else row["not_run"], row

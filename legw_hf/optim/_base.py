@@ -12,6 +12,7 @@ them whole with one all-reduce, and the algorithm never needs to know it ran sha
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ from ..distributed import FlatLayout, NormReduction, local_tensor, shard_group
 from ..distributed.layout import is_dtensor
 from ..errors import SettingError
 from . import _trust
+from ._dispatch import Dispatch, Implementation, step_signature
 from ._settings import check_flag, check_parameter
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -83,12 +85,12 @@ def _state_pieces(state: dict[str, Any], shape: torch.Size, starts, lengths) -> 
 
 def load_triton_kernels() -> Any:
     """legw_hf's Triton kernels (:mod:`legw_hf.optim._triton_kernel`), or a :class:`~legw_hf.SettingError` on
-    ``fused`` saying why they cannot be used."""
+    ``impl`` saying why they cannot be used."""
     try:
         from . import _triton_kernel
     except ImportError as error:
         raise SettingError(
-            "fused",
+            "impl",
             "'triton' needs the triton package: pip install 'legw_hf[gpu]'",
             "triton",
             detail=f"{type(error).__name__}: {error}",
@@ -106,6 +108,15 @@ def layerwise_optimizer_of(optimizer: Any) -> LayerwiseOptimizer | None:
         seen.add(id(optimizer))
         optimizer = getattr(optimizer, "optimizer", None)
     return None
+
+
+def _warn_replaced_attribute(name: str) -> None:
+    warnings.warn(
+        f"the optimizer attribute {name!r} is deprecated and goes in the next release; read impl (the implementation "
+        "that runs) or requested_impl (what was asked for)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
 
 
 class LayerwiseOptimizer(torch.optim.Optimizer):
@@ -131,11 +142,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         params: Iterable[Any],
         defaults: dict[str, Any],
         *,
-        foreach: bool | None,
         master_weights: bool,
         keep_workspace: bool | None,
     ) -> None:
-        self.foreach = None if foreach is None else check_flag("foreach", foreach)
         self.master_weights = check_flag("master_weights", master_weights)
         self.keep_workspace = None if keep_workspace is None else check_flag("keep_workspace", keep_workspace)
         # keyed by (id(param), piece start): contents never matter, so a reused id can only reuse a buffer of the
@@ -155,8 +164,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._stepped = False
         self._global_grad_norm: Any = None
         self._idle_rows: list[int] = []
-        #: legw_hf's Triton kernels when asked for (``fused="triton"``), else None.
-        self._triton: Any = None
+        #: Which implementation runs the step (:mod:`legw_hf.optim._dispatch`); set by the subclass once its
+        #: parameters are known.
+        self._dispatch: Dispatch | None = None
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------------------------------------- groups
@@ -367,9 +377,44 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------------------------------------- step
     @property
+    def impl(self) -> str | None:
+        """The implementation that runs the step: the one chosen for the parameters at construction, then the one
+        of the last step (they differ only when the step's tensors changed, see :mod:`legw_hf.optim._dispatch`).
+        None only for a settings-only probe (:func:`~legw_hf.optim.check_optimizer`) left to choose
+        automatically."""
+        current = None if self._dispatch is None else self._dispatch.current
+        return None if current is None else current.name
+
+    @property
+    def requested_impl(self) -> str | None:
+        """The ``impl`` asked for at construction; None: chosen automatically."""
+        return None if self._dispatch is None else self._dispatch.requested
+
+    @property
     def uses_foreach(self) -> bool:
-        """Whether ``step`` takes the multi-tensor path (``foreach=None`` means yes)."""
-        return self.foreach is not False
+        """Whether the step runs on multi-tensor ops (every implementation but ``"reference"``)."""
+        return self.impl != "reference"
+
+    # The keywords impl replaced, readable for one more release, as what they would have been set to.
+    @property
+    def foreach(self) -> bool | None:
+        """Deprecated: read :attr:`impl`. False for ``impl="reference"``, else None (the multi-tensor default)."""
+        _warn_replaced_attribute("foreach")
+        return False if self.requested_impl == "reference" else None
+
+    @property
+    def fused(self) -> str | None:
+        """Deprecated: read :attr:`impl`. ``"cpu"`` or ``"triton"`` when that ``impl`` was asked for, else None."""
+        _warn_replaced_attribute("fused")
+        return self.requested_impl if self.requested_impl in ("cpu", "triton") else None
+
+    def dispatch_settings(self, group: dict[str, Any]) -> tuple:
+        """The settings of ``group`` that decide which implementations can run it (subclasses)."""
+        return ()
+
+    def _implementation(self, buckets: list[Bucket]) -> Implementation:
+        """The implementation of this step: the cached choice for its tensors' signature."""
+        return self._dispatch.choose(step_signature(self, buckets))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -408,27 +453,6 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         parts = [_trust.squared_norms(run, foreach=self.uses_foreach) for run in runs]
         squares = parts[0] if len(parts) == 1 else torch.cat([part.to(parts[0].device) for part in parts])
         return self.reduce_squared_norms(squares)
-
-    def _takes_triton(self, buckets: list[Bucket], state_keys: tuple[str, ...]) -> bool:
-        """Whether this step runs on the Triton kernels: asked for (``fused="triton"``), and every tensor of the step
-        fits them (else a :class:`~legw_hf.SettingError` says what does not)."""
-        if self._triton is None:
-            return False
-        runs_on = self._triton.runs_on
-        for bucket in buckets:
-            states = [state[key] for state in bucket.states for key in state_keys if key in state]
-            tensors = [*bucket.weights, *bucket.grads, *states, *(bucket.params if bucket.has_masters else ())]
-            if not all(runs_on(t) for t in tensors) or len({g.dtype for g in bucket.grads}) != 1:
-                where = "CUDA" + (" or CPU (Triton interprets)" if self._triton.INTERPRETED else "")
-                raise SettingError(
-                    "fused",
-                    f"'triton' needs contiguous fp32, bf16 or fp16 tensors on {where}, one gradient dtype per "
-                    "param group and dtype",
-                    "triton",
-                    detail=f"found {sorted({(str(t.device), str(t.dtype)) for t in tensors})[:4]}; pass fused=None "
-                    "for the torch-ops path",
-                )
-        return True
 
     def workspace(self, bucket: Bucket) -> list[Tensor]:
         """One scratch tensor per tensor of ``bucket``, in the state dtype, contents undefined."""

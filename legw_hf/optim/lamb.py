@@ -14,6 +14,7 @@ Where LAMB implementations disagree, a keyword says which way to go; presets are
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -22,7 +23,16 @@ from torch import Tensor
 
 from ..errors import SettingError, non_negative
 from . import _cpu_kernel, _ops
-from ._base import Bucket, LayerwiseOptimizer, load_triton_kernels, state_dtype
+from ._base import Bucket, LayerwiseOptimizer, _warn_replaced_attribute, load_triton_kernels, state_dtype
+from ._dispatch import (
+    Dispatch,
+    Implementation,
+    Signature,
+    check_value,
+    parameter_signature,
+    triton_missing,
+    triton_refusal,
+)
 from ._settings import (
     FROM_PRESET,
     check_betas,
@@ -113,7 +123,8 @@ class Lamb(LayerwiseOptimizer):
     Refused combinations (:class:`~legw_hf.SettingError`), each because the result would be ambiguous:
     ``preset="deepspeed"`` with ``max_grad_norm`` (DeepSpeed's in-optimizer clipping uses a different formula on
     loss-scaled norms; clip in the engine or Trainer instead), a bool ``bias_correction`` (``True`` means
-    "inside" in apex but "step_size" in DeepSpeed), ``fused_adam=True`` with ``foreach=False``.
+    "inside" in apex but "step_size" in DeepSpeed), an ``impl`` whose requirements the settings or parameters do
+    not meet.
 
     Args:
         params: parameters or param groups. A group may override ``lr``, ``betas``, ``eps``, ``weight_decay``,
@@ -136,22 +147,38 @@ class Lamb(LayerwiseOptimizer):
             ``max_grad_norm`` clipping unless clipping twice is meant.
         trust_clamp: ``(min, max)`` bounds of a defined trust ratio, or None.
         adapt: ``"all"`` or ``"decayed"`` (only groups with λ ≠ 0).
-        foreach: multi-tensor path (default) or, with False, the single-tensor reference path.
-        fused: legw_hf's own two-pass kernels, which never materialise the update, so a step needs no scratch
-            memory and two passes over it. ``"cpu"`` (or True): the kernel for contiguous fp32 CPU tensors
-            (``csrc/lamb_cpu.cpp``, compiled on first use; see :mod:`legw_hf.optim._cpu_kernel`). ``"triton"``: the
-            multi-tensor Triton kernels for fp32/bf16/fp16 CUDA tensors, fp32 masters written back to the
-            parameters in the same pass (:mod:`legw_hf.optim._triton_kernel`, ``pip install 'legw_hf[gpu]'``;
-            opt-in until measured on a GPU). None: the CPU kernel where it fits and can be built (a one-time
-            warning says why when it cannot), torch ops elsewhere. False: torch ops only.
-        fused_adam: compute the Adam part with torch's fused Adam kernels (``torch._fused_adam_`` /
-            ``_fused_adamw_``, private ops checked once per process against the formula) when the settings allow
-            it (bias correction inside, ε outside the root, decoupled decay, gradient averaging, fp32 tensors on
-            CPU or CUDA). None uses them where possible; True insists.
+        impl: which implementation runs the step, chosen once for every tensor of it (never one per bucket):
+
+            - ``None`` (default): automatic, the first that fits every tensor and param group of ``"cpu"``,
+              ``"fused_adam"``, ``"foreach"``. Chosen at construction from the parameters and again only when a
+              step's tensors differ in device, dtype or masters (an engine's flat partitions, a moved model).
+              Where the CPU kernel cannot be built, a one-time warning says why and the next one runs.
+            - ``"reference"``: the single-tensor reference path, one tensor at a time in the formula's own order.
+            - ``"foreach"``: torch's multi-tensor ``_foreach_`` ops; fits every tensor.
+            - ``"fused_adam"``: torch's fused Adam kernel (``torch._fused_adam_`` / ``_fused_adamw_``, private ops
+              checked once per process against the formula) for the moments and the Adam direction, ``_foreach_``
+              ops for the rest. Needs bias_correction="inside", ε outside the root, decoupled decay and gradient
+              averaging in every group, and fp32 tensors on CPU or CUDA without masters.
+            - ``"cpu"``: legw_hf's two-pass C++ kernel (``csrc/lamb_cpu.cpp``, compiled on first use, see
+              :mod:`legw_hf.optim._cpu_kernel`), which never materialises the update: no scratch memory, two passes
+              over it. Needs contiguous fp32 CPU tensors without masters.
+            - ``"triton"``: the same two passes as multi-tensor Triton kernels for contiguous fp32/bf16/fp16 CUDA
+              tensors, fp32 masters written back to the parameters in the same pass
+              (:mod:`legw_hf.optim._triton_kernel`, ``pip install 'legw_hf[gpu]'``; with ``TRITON_INTERPRET=1``
+              Triton's interpreter takes CPU tensors). Opt-in until measured on a GPU.
+
+            An explicit value never falls back: a requirement not met is a :class:`~legw_hf.SettingError` at
+            construction, or at the first step whose tensors changed so that it no longer holds. :attr:`impl` says
+            which implementation runs.
         master_weights: keep an fp32 copy of fp16/bf16 parameters and update that (moments are fp32 for such
             parameters either way).
         keep_workspace: keep the step's parameter-sized scratch list between steps; None keeps it on CPU only
             (see :class:`~legw_hf.optim.LayerwiseOptimizer`).
+        foreach, fused, fused_adam: deprecated spellings of ``impl``, for one release (a
+            :class:`DeprecationWarning` names the value to pass): ``foreach=False`` is ``"reference"``,
+            ``foreach=True`` automatic, ``fused=True`` / ``"cpu"`` is ``"cpu"``, ``fused="triton"`` is ``"triton"``,
+            ``fused_adam=True`` is ``"fused_adam"``; ``fused=False`` leaves the CPU kernel and ``fused_adam=False``
+            torch's fused Adam kernel out of the automatic choice. They cannot be combined with ``impl``.
     """
 
     def __init__(
@@ -170,12 +197,14 @@ class Lamb(LayerwiseOptimizer):
         max_grad_norm: float | None = FROM_PRESET,
         trust_clamp: tuple[float, float] | None = FROM_PRESET,
         adapt: str = FROM_PRESET,
+        impl: str | None = None,
+        master_weights: bool = False,
+        keep_workspace: bool | None = None,
         foreach: bool | None = None,
         fused: bool | str | None = None,
         fused_adam: bool | None = None,
-        master_weights: bool = False,
-        keep_workspace: bool | None = None,
     ) -> None:
+        requested, candidates = _requested_impl(impl, foreach, fused, fused_adam)
         given = {
             "lr": lr,
             "betas": betas,
@@ -200,40 +229,24 @@ class Lamb(LayerwiseOptimizer):
         settings = resolve(LAMB_DEFAULTS, LAMB_PRESETS, preset, given)
         self.preset = preset
         self.max_grad_norm = check_optional_positive("max_grad_norm", settings.pop("max_grad_norm"))
-        self.fused_adam = None if fused_adam is None else check_flag("fused_adam", fused_adam)
-        self.fused = check_fused(fused, ("cpu", "triton"))
-        for name, insisted in (("fused_adam", self.fused_adam), ("fused", self.fused)):
-            if insisted and foreach is False:
-                raise SettingError(
-                    name,
-                    "needs the multi-tensor path",
-                    insisted,
-                    detail="foreach=False selects the single-tensor reference path",
-                )
-        # The one-time checks of the private kernels run here, never inside a step (they read results back).
-        if self.fused_adam is not False:
-            available = _fused_adam_agrees()
-            _fused_adam_agrees(in_place=True)
-            if self.fused_adam and not available:
-                raise SettingError("fused_adam", "is not available in this torch build", fused_adam)
-        super().__init__(
-            params, settings, foreach=foreach, master_weights=master_weights, keep_workspace=keep_workspace
-        )
-        # Built here, never inside a step: the first build takes about half a minute.
-        self._kernel = None
-        if self.fused == "cpu" or (self.fused is None and self.uses_foreach and self._has_cpu_fp32_params()):
-            self._kernel = _cpu_kernel.load()
-        if self.fused == "cpu" and self._kernel is None:
-            raise SettingError("fused", "needs LAMB's CPU kernel, which cannot be built here", fused)
-        if self.fused == "triton":
-            self._triton = load_triton_kernels()
+        if "fused_adam" in ((requested,) if requested else candidates):
+            # the one-time check of torch's private kernel reads results back: here, never inside a step
+            _fused_adam_agrees(in_place=self.max_grad_norm is not None)
+        super().__init__(params, settings, master_weights=master_weights, keep_workspace=keep_workspace)
+        # Chosen here for every tensor at once (the CPU kernel is built here when it is chosen, about half a minute
+        # the first time), and again only when a step's tensors differ (legw_hf.optim._dispatch).
+        self._cpu_kernel: Any = None  # the compiled module, once an implementation choice has loaded it
+        self._dispatch = Dispatch(self, IMPLEMENTATIONS, requested, candidates)
+        self._dispatch.start(parameter_signature(self))
 
-    def _has_cpu_fp32_params(self) -> bool:
-        return any(
-            param.device.type == "cpu" and param.dtype == torch.float32
-            for group in self.param_groups
-            for param in group["params"]
-        )
+    @property
+    def fused_adam(self) -> bool | None:
+        """Deprecated: read :attr:`impl`. True when ``impl="fused_adam"`` was asked for, else None."""
+        _warn_replaced_attribute("fused_adam")
+        return True if self.requested_impl == "fused_adam" else None
+
+    def dispatch_settings(self, group: dict[str, Any]) -> tuple:
+        return (group["bias_correction"], group["eps_inside_sqrt"], group["weight_decay_mode"], group["grad_averaging"])
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
@@ -263,6 +276,7 @@ class Lamb(LayerwiseOptimizer):
 
     # ------------------------------------------------------------------------------------------------ step
     def _update(self, buckets: list[Bucket]) -> tuple[Tensor, Tensor, Tensor]:
+        impl = self._implementation(buckets)  # first: a refusal leaves every tensor as it was
         grad_divisor = self._grad_divisor(buckets)
         for bucket in buckets:
             steps = list(bucket.counters.values())
@@ -271,12 +285,7 @@ class Lamb(LayerwiseOptimizer):
             else:
                 for step in steps:
                     step.add_(1.0)
-        if self._takes_triton(buckets, ("exp_avg", "exp_avg_sq")):
-            squares, apply = self._kernel_pass(buckets, grad_divisor, self._triton)
-        elif self._takes_kernel(buckets):
-            squares, apply = self._kernel_pass(buckets, grad_divisor, self._kernel)
-        else:
-            squares, apply = self._torch_pass(buckets, grad_divisor)
+        squares, apply = impl.run(self, buckets, grad_divisor)
         count = squares.numel() // 2
         param_norms, update_norms = squares[:count].sqrt(), squares[count:].sqrt()
 
@@ -298,13 +307,14 @@ class Lamb(LayerwiseOptimizer):
         apply(step_sizes)
         return param_norms, update_norms, torch.cat(ratios)
 
-    def _torch_pass(self, buckets: list[Bucket], grad_divisor: Tensor | None) -> tuple[Tensor, Any]:
-        """Moments and a materialised ``u = c·u'`` per tensor (torch ops); squared norms of p and u, and a
-        function applying ``p -= step_size·u``."""
+    def _torch_pass(self, buckets: list[Bucket], grad_divisor: Tensor | None, direction: Any) -> tuple[Tensor, Any]:
+        """Moments and a materialised ``u = c·u'`` per tensor (torch ops; ``direction`` is one of
+        :func:`_reference_direction`, :func:`_foreach_direction`, :func:`_fused_adam_direction`); squared norms of
+        p and u, and a function applying ``p -= step_size·u``."""
         updates: list[Tensor] = []
         inner_scales: list[Tensor] = []
         for bucket in buckets:
-            bucket_updates, inner_scale = self._direction(bucket, grad_divisor)
+            bucket_updates, inner_scale = direction(self, bucket, grad_divisor)
             updates += bucket_updates
             inner_scales.append(inner_scale)
         weights = [weight for bucket in buckets for weight in bucket.weights]
@@ -373,27 +383,6 @@ class Lamb(LayerwiseOptimizer):
 
         return squares, apply
 
-    def _takes_kernel(self, buckets: list[Bucket]) -> bool:
-        if self._kernel is None:
-            return False
-        fits = all(
-            not bucket.has_masters
-            and all(
-                t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
-                for t in (*bucket.weights, *bucket.grads)
-            )
-            and (not isinstance(bucket.group["lr"], Tensor) or bucket.group["lr"].device.type == "cpu")
-            for bucket in buckets
-        )
-        if self.fused == "cpu" and not fits:
-            raise SettingError(
-                "fused",
-                "needs contiguous fp32 CPU parameters and gradients without masters",
-                "cpu",
-                detail="for CUDA tensors pass fused='triton'",
-            )
-        return fits
-
     def _grad_divisor(self, buckets: list[Bucket]) -> Tensor | None:
         """``max(1, G / max_grad_norm)`` over every gradient of this step, on device; None when off."""
         if self.max_grad_norm is None:
@@ -402,43 +391,6 @@ class Lamb(LayerwiseOptimizer):
         return torch.where(
             global_norm > self.max_grad_norm, global_norm / self.max_grad_norm, torch.ones_like(global_norm)
         )
-
-    def _direction(self, bucket: Bucket, grad_divisor: Tensor | None) -> tuple[list[Tensor], Tensor]:
-        """Update the moments and return ``(u', c)`` with the update direction ``u = c·u'`` (c per tensor)."""
-        if not self.uses_foreach:
-            updates = [
-                _adam_direction(weight, grad, state, bucket.group, grad_divisor)
-                for weight, grad, state in zip(bucket.weights, bucket.grads, bucket.states, strict=True)
-            ]
-            return updates, torch.ones(len(updates), device=bucket.weights[0].device)
-        if self._takes_fused_adam(bucket, grad_divisor):
-            return _fused_adam_direction(bucket, self.workspace(bucket), grad_divisor)
-        return _foreach_direction(bucket, grad_divisor, self.workspace(bucket))
-
-    def _takes_fused_adam(self, bucket: Bucket, grad_divisor: Tensor | None) -> bool:
-        if self.fused_adam is False:
-            return False
-        group, weight, grad = bucket.group, bucket.weights[0], bucket.grads[0]
-        settings_fit = (
-            group["bias_correction"] == "inside"
-            and not group["eps_inside_sqrt"]
-            and group["weight_decay_mode"] == "decoupled"
-            and group["grad_averaging"]
-        )
-        tensors_fit = (
-            weight.dtype == grad.dtype == torch.float32
-            and not bucket.has_masters
-            and weight.device.type in ("cpu", "cuda")
-        )
-        kernel_fits = _fused_adam_agrees(in_place=grad_divisor is not None)
-        if self.fused_adam and not (settings_fit and tensors_fit and kernel_fits):
-            raise SettingError(
-                "fused_adam",
-                "needs bias_correction='inside', eps outside the root, decoupled "
-                "decay, grad_averaging and fp32 tensors on CPU or CUDA",
-                True,
-            )
-        return settings_fit and tensors_fit and kernel_fits
 
 
 # ---------------------------------------------------------------------------------------------------- math
@@ -564,6 +516,160 @@ def _fused_adam_direction(
         if decay != 0:
             torch._foreach_add_(scratch, bucket.weights, alpha=decay)
     return scratch, torch.ones(len(scratch), device=scratch[0].device)
+
+
+def _reference_direction(optimizer: Lamb, bucket: Bucket, grad_divisor: Tensor | None) -> tuple[list[Tensor], Tensor]:
+    updates = [
+        _adam_direction(weight, grad, state, bucket.group, grad_divisor)
+        for weight, grad, state in zip(bucket.weights, bucket.grads, bucket.states, strict=True)
+    ]
+    return updates, torch.ones(len(updates), device=bucket.weights[0].device)
+
+
+# ------------------------------------------------------------------------------------------ implementations
+# Each is complete behind one two-pass interface, ``run(optimizer, buckets, grad_divisor) -> (squares, apply)``:
+# pass 1 updates the moments and returns the squared norms of every p and then every u (reduced over shards);
+# ``apply(step_sizes)`` is pass 2, ``p -= step_size·u``. legw_hf.optim._dispatch chooses one per step signature.
+FP32 = torch.float32
+
+
+def _fused_adam_settings(optimizer: Lamb) -> str | None:
+    for group in optimizer.param_groups:
+        if optimizer.dispatch_settings(group) != ("inside", False, "decoupled", True):
+            return (
+                "'fused_adam' needs bias_correction='inside', eps_inside_sqrt=False, weight_decay_mode='decoupled' "
+                "and grad_averaging=True in every param group"
+            )
+    return None
+
+
+def _fused_adam_tensors(signature: Signature) -> str | None:
+    fits = all(
+        kind.device in ("cpu", "cuda") and kind.weight_dtype == FP32 and kind.grad_dtypes == {FP32} and not kind.masters
+        for kind in signature
+    )
+    return None if fits else "'fused_adam' needs fp32 parameters and gradients on CPU or CUDA, without masters"
+
+
+def _fused_adam_available(optimizer: Lamb) -> str | None:
+    if _fused_adam_agrees(in_place=optimizer.max_grad_norm is not None):
+        return None
+    return "'fused_adam' needs torch's fused Adam kernel, which this torch build lacks or computes differently"
+
+
+def _cpu_tensors(signature: Signature) -> str | None:
+    fits = all(
+        kind.device == "cpu"
+        and kind.weight_dtype == FP32
+        and kind.grad_dtypes == {FP32}
+        and not kind.masters
+        and kind.contiguous
+        and kind.lr_device in (None, "cpu")
+        for kind in signature
+    )
+    return None if fits else "'cpu' needs contiguous fp32 CPU parameters and gradients without masters"
+
+
+def _cpu_available(optimizer: Lamb) -> str | None:
+    if optimizer._cpu_kernel is None:
+        optimizer._cpu_kernel = _cpu_kernel.load()
+    return None if optimizer._cpu_kernel is not None else "'cpu' needs LAMB's CPU kernel, which cannot be built here"
+
+
+IMPLEMENTATIONS = (
+    Implementation("reference", lambda opt, buckets, divisor: opt._torch_pass(buckets, divisor, _reference_direction)),
+    Implementation(
+        "foreach",
+        lambda opt, buckets, divisor: opt._torch_pass(
+            buckets, divisor, lambda o, bucket, d: _foreach_direction(bucket, d, o.workspace(bucket))
+        ),
+    ),
+    Implementation(
+        "fused_adam",
+        lambda opt, buckets, divisor: opt._torch_pass(
+            buckets, divisor, lambda o, bucket, d: _fused_adam_direction(bucket, o.workspace(bucket), d)
+        ),
+        settings=_fused_adam_settings,
+        tensors=_fused_adam_tensors,
+        available=_fused_adam_available,
+    ),
+    Implementation(
+        "cpu",
+        lambda opt, buckets, divisor: opt._kernel_pass(buckets, divisor, opt._cpu_kernel),
+        tensors=_cpu_tensors,
+        available=_cpu_available,
+        builds=True,
+        ready=lambda opt: opt._cpu_kernel is not None,
+    ),
+    Implementation(
+        "triton",
+        lambda opt, buckets, divisor: opt._kernel_pass(buckets, divisor, load_triton_kernels()),
+        tensors=triton_refusal,
+        available=triton_missing,
+    ),
+)
+IMPL_NAMES = tuple(impl.name for impl in IMPLEMENTATIONS)
+#: The automatic choice, best first: the first whose requirements every tensor and group meets.
+AUTOMATIC = ("cpu", "fused_adam", "foreach")
+
+
+def _requested_impl(impl: Any, foreach: Any, fused: Any, fused_adam: Any) -> tuple[str | None, tuple[str, ...]]:
+    """``(impl, candidates of the automatic choice)`` from ``impl`` or the deprecated ``foreach``, ``fused`` and
+    ``fused_adam`` (a :class:`DeprecationWarning` names the ``impl`` to pass instead)."""
+    impl = check_value(impl, IMPL_NAMES)
+    old = {name: value for name, value in (("foreach", foreach), ("fused", fused), ("fused_adam", fused_adam))}
+    given = {name: value for name, value in old.items() if value is not None}
+    if not given:
+        return impl, AUTOMATIC
+    if impl is not None:
+        raise SettingError(
+            "impl",
+            f"cannot be combined with the deprecated {', '.join(given)}",
+            impl,
+            detail=f"impl takes None, {', '.join(map(repr, IMPL_NAMES))}; pass impl alone",
+        )
+    foreach = None if foreach is None else check_flag("foreach", foreach)
+    fused = check_fused(fused, ("cpu", "triton"))
+    fused_adam = None if fused_adam is None else check_flag("fused_adam", fused_adam)
+    for name, insisted in (("fused_adam", fused_adam), ("fused", fused)):
+        if insisted and foreach is False:
+            raise SettingError(
+                name,
+                "needs the multi-tensor path",
+                insisted,
+                detail="foreach=False selects the single-tensor reference path, impl='reference'",
+            )
+    if fused_adam and fused:
+        raise SettingError(
+            "fused_adam", f"contradicts fused={fused!r}", True, detail=f"pick one: impl='fused_adam' or impl={fused!r}"
+        )
+    candidates = AUTOMATIC
+    if foreach is False:
+        impl, advice = "reference", "impl='reference'"
+    elif fused:
+        impl, advice = fused, f"impl={fused!r}"
+    elif fused_adam:
+        impl, advice = "fused_adam", "impl='fused_adam'"
+    else:
+        candidates = tuple(
+            name
+            for name in AUTOMATIC
+            if not (name == "cpu" and fused is False) and not (name == "fused_adam" and fused_adam is False)
+        )
+        advice = {
+            AUTOMATIC: "impl=None (the automatic choice)",
+            ("fused_adam", "foreach"): "impl='fused_adam' or impl='foreach' (torch ops only; this spelling takes the "
+            "first of them that fits)",
+            ("cpu", "foreach"): "impl=None (the automatic choice), or impl='foreach' or impl='cpu'",
+            ("foreach",): "impl='foreach'",
+        }[candidates]
+    spelled = ", ".join(f"{name}={value!r}" for name, value in given.items())
+    warnings.warn(
+        f"Lamb({spelled}) is deprecated and will be removed in the next release; pass {advice}",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return impl, candidates
 
 
 def _kernel_matches(in_place: bool) -> bool:

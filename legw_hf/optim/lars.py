@@ -7,6 +7,7 @@ gradients (torch SGD, LR applied after) or LR-scaled steps (optax); each is a ke
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -16,6 +17,7 @@ from torch import Tensor
 from ..errors import SettingError, non_negative, positive
 from . import _ops
 from ._base import Bucket, LayerwiseOptimizer, load_triton_kernels, state_dtype
+from ._dispatch import Dispatch, Implementation, check_value, parameter_signature, triton_missing, triton_refusal
 from ._settings import FROM_PRESET, check_choice, check_flag, check_fraction, check_fused, check_lr, resolve
 from ._trust import trust_ratio
 
@@ -103,7 +105,7 @@ class Lars(LayerwiseOptimizer):
 
     Args:
         params: parameters or param groups; a group may override every keyword below except ``preset``,
-            ``foreach``, ``master_weights`` and ``keep_workspace``, and may set ``layer_adaptation`` (bool).
+            ``impl``, ``master_weights`` and ``keep_workspace``, and may set ``layer_adaptation`` (bool).
         lr: η, a float or a one-element tensor.
         momentum: μ in [0, 1).
         weight_decay: λ >= 0.
@@ -115,13 +117,19 @@ class Lars(LayerwiseOptimizer):
         local_lr_clip: LARC's clip mode.
         lr_before_momentum: optax's order (buffer of LR-scaled steps).
         adapt: ``"all"`` or ``"decayed"`` (only groups with λ ≠ 0).
-        foreach: multi-tensor path (default) or, with False, the single-tensor reference path.
-        fused: ``"triton"`` runs the step as two multi-tensor Triton kernels (norms, then decay, momentum and
-            update in one pass, no scratch) on fp32/bf16/fp16 CUDA tensors (:mod:`legw_hf.optim._triton_kernel`,
-            ``pip install 'legw_hf[gpu]'``; opt-in until measured on a GPU). None or False: torch ops.
+        impl: which implementation runs the step, one for every tensor of it: ``None`` (default, automatic:
+            ``"foreach"``), ``"reference"`` (the single-tensor reference path), ``"foreach"`` (torch's
+            ``_foreach_`` ops) or ``"triton"`` (two multi-tensor Triton kernels: norms, then decay, momentum and
+            update in one pass, no scratch; contiguous fp32/bf16/fp16 CUDA tensors, or CPU ones under
+            ``TRITON_INTERPRET=1``; :mod:`legw_hf.optim._triton_kernel`, ``pip install 'legw_hf[gpu]'``; opt-in
+            until measured on a GPU). What an explicit value cannot take is a :class:`~legw_hf.SettingError` at
+            construction, or at the first step whose tensors changed; :attr:`impl` says which one runs.
         master_weights: keep an fp32 copy of fp16/bf16 parameters and update that.
         keep_workspace: keep the step's gradient-sized scratch list between steps; None keeps it on CPU only
             (see :class:`~legw_hf.optim.LayerwiseOptimizer`).
+        foreach, fused: deprecated spellings of ``impl`` for one release (a :class:`DeprecationWarning` names
+            the value to pass): ``foreach=False`` is ``"reference"``, ``fused="triton"`` is ``"triton"``,
+            ``foreach=True`` and ``fused=False`` the automatic choice. They cannot be combined with ``impl``.
     """
 
     def __init__(
@@ -139,11 +147,13 @@ class Lars(LayerwiseOptimizer):
         local_lr_clip: bool = FROM_PRESET,
         lr_before_momentum: bool = FROM_PRESET,
         adapt: str = FROM_PRESET,
-        foreach: bool | None = None,
-        fused: str | bool | None = None,
+        impl: str | None = None,
         master_weights: bool = False,
         keep_workspace: bool | None = None,
+        foreach: bool | None = None,
+        fused: str | bool | None = None,
     ) -> None:
+        requested = _requested_impl(impl, foreach, fused)
         given = {
             "lr": lr,
             "momentum": momentum,
@@ -157,17 +167,10 @@ class Lars(LayerwiseOptimizer):
             "adapt": adapt,
         }
         self.preset = preset
-        self.fused = check_fused(fused, ("triton",))
-        if self.fused and foreach is False:
-            raise SettingError(
-                "fused", "needs the multi-tensor path", fused, detail="foreach=False selects the single-tensor path"
-            )
         settings = resolve(LARS_DEFAULTS, LARS_PRESETS, preset, given)
-        super().__init__(
-            params, settings, foreach=foreach, master_weights=master_weights, keep_workspace=keep_workspace
-        )
-        if self.fused == "triton":
-            self._triton = load_triton_kernels()
+        super().__init__(params, settings, master_weights=master_weights, keep_workspace=keep_workspace)
+        self._dispatch = Dispatch(self, IMPLEMENTATIONS, requested, AUTOMATIC)
+        self._dispatch.start(parameter_signature(self))
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
@@ -196,25 +199,14 @@ class Lars(LayerwiseOptimizer):
             self._init_state(group, param, state)
 
     def _update(self, buckets: list[Bucket]) -> tuple[Tensor, Tensor, Tensor]:
-        triton = self._takes_triton(buckets, ("momentum_buffer",))
-        weights = [weight for bucket in buckets for weight in bucket.weights]
-        if triton:
-            directions = [bucket.grads for bucket in buckets]
-            parts = [
-                self._triton.lars_squared_norms(bucket.weights, bucket.grads, self._norm_decay(bucket.group))
-                for bucket in buckets
-            ]
-            local = torch.cat(parts)
-            squares = self.reduce_squared_norms(torch.cat([local[:, 0], local[:, 1]]))
-        else:
-            directions = [self._decayed_gradient(bucket) for bucket in buckets]
-            squares = self.squared_norms(weights + [tensor for direction in directions for tensor in direction])
-        param_norms = squares[: len(weights)].sqrt()
-        direction_norms = squares[len(weights) :].sqrt()
+        impl = self._implementation(buckets)  # first: a refusal leaves every tensor as it was
+        squares, apply = impl.run(self, buckets)
+        count = squares.numel() // 2
+        param_norms, direction_norms = squares[:count].sqrt(), squares[count:].sqrt()
 
         denominators, ratios = [], []
         start = 0
-        for bucket, direction in zip(buckets, directions, strict=True):
+        for bucket in buckets:
             group, end = bucket.group, start + len(bucket.weights)
             param_norm, direction_norm = param_norms[start:end], direction_norms[start:end]
             decay_norm = None
@@ -230,23 +222,59 @@ class Lars(LayerwiseOptimizer):
                     decay_norm=decay_norm,
                     local_lr_clip=group["lr"] if group["local_lr_clip"] else None,
                 )
-            if triton:
-                self._triton_step(bucket, ratio, param_norm, direction_norm)
-            else:
-                if decay_norm is not None:
-                    direction = self._add_gated_decay(bucket, direction, param_norm, direction_norm)
-                self._momentum_step(bucket, direction, ratio)
             denominators.append(direction_norm if decay_norm is None else direction_norm + decay_norm)
             ratios.append(ratio)
             start = end
+        apply(ratios, param_norms, direction_norms)
         return param_norms, torch.cat(denominators), torch.cat(ratios)
+
+    def _torch_pass(self, buckets: list[Bucket]) -> tuple[Tensor, Any]:
+        """Pass 1 with torch ops (``_foreach_`` or one tensor at a time, as :attr:`uses_foreach` says): squared
+        norms of every p and then of every ratio denominator's tensor; the returned function is pass 2, decay,
+        momentum and update from the per-bucket ratios."""
+        weights = [weight for bucket in buckets for weight in bucket.weights]
+        directions = [self._decayed_gradient(bucket) for bucket in buckets]
+        squares = self.squared_norms(weights + [tensor for direction in directions for tensor in direction])
+
+        def apply(ratios: list[Tensor], param_norms: Tensor, direction_norms: Tensor) -> None:
+            start = 0
+            for bucket, direction, ratio in zip(buckets, directions, ratios, strict=True):
+                group, end = bucket.group, start + len(bucket.weights)
+                if group["trust_denominator"] == "norm_sum" and group["weight_decay"] != 0:
+                    direction = self._add_gated_decay(
+                        bucket, direction, param_norms[start:end], direction_norms[start:end]
+                    )
+                self._momentum_step(bucket, direction, ratio)
+                start = end
+
+        return squares, apply
+
+    def _triton_pass(self, buckets: list[Bucket]) -> tuple[Tensor, Any]:
+        """Pass 1 on the Triton kernels (the squares without materialising ``g + λp``); pass 2 is one kernel per
+        bucket."""
+        triton = load_triton_kernels()
+        parts = [
+            triton.lars_squared_norms(bucket.weights, bucket.grads, self._norm_decay(bucket.group))
+            for bucket in buckets
+        ]
+        local = torch.cat(parts)
+        squares = self.reduce_squared_norms(torch.cat([local[:, 0], local[:, 1]]))
+
+        def apply(ratios: list[Tensor], param_norms: Tensor, direction_norms: Tensor) -> None:
+            start = 0
+            for bucket, ratio in zip(buckets, ratios, strict=True):
+                end = start + len(bucket.weights)
+                self._triton_step(triton, bucket, ratio, param_norms[start:end], direction_norms[start:end])
+                start = end
+
+        return squares, apply
 
     @staticmethod
     def _norm_decay(group: dict[str, Any]) -> float:
         """λ where the ratio's denominator is ``‖g + λp‖`` (``"update_norm"``), else 0: the norm is of ``g``."""
         return group["weight_decay"] if group["trust_denominator"] == "update_norm" else 0.0
 
-    def _triton_step(self, bucket: Bucket, ratio: Tensor, param_norm: Tensor, grad_norm: Tensor) -> None:
+    def _triton_step(self, triton: Any, bucket: Bucket, ratio: Tensor, param_norm: Tensor, grad_norm: Tensor) -> None:
         """Decay, momentum and update in one Triton pass, with the per-tensor factors of :meth:`_momentum_step`."""
         group = bucket.group
         if group["trust_denominator"] == "norm_sum" and group["weight_decay"] != 0:
@@ -257,7 +285,7 @@ class Lars(LayerwiseOptimizer):
         lrs = lr.to(ratio).expand_as(ratio) if isinstance(lr, Tensor) else torch.full_like(ratio, lr)
         into, out = (ratio * lrs, torch.ones_like(ratio)) if group["lr_before_momentum"] else (ratio, lrs)
         momentum = group["momentum"]
-        self._triton.lars_apply_updates(
+        triton.lars_apply_updates(
             bucket.weights,
             bucket.grads,
             bucket.state_list("momentum_buffer") if momentum != 0 else None,
@@ -326,6 +354,55 @@ class Lars(LayerwiseOptimizer):
             _ops.add_scaled_(bucket.weights, buffers, -out_of_buffer * momentum, foreach=foreach)
         else:
             _ops.add_scaled_(bucket.weights, buffers, -out_of_buffer, foreach=foreach)
+
+
+# ------------------------------------------------------------------------------------------ implementations
+# One two-pass interface, ``run(optimizer, buckets) -> (squares, apply)``: pass 1 returns the squared norms of every
+# p and then of every ratio denominator's tensor (reduced over shards); ``apply(ratios, param_norms,
+# direction_norms)`` is pass 2. "reference" and "foreach" share the torch-ops code, which reads uses_foreach.
+IMPLEMENTATIONS = (
+    Implementation("reference", lambda opt, buckets: opt._torch_pass(buckets)),
+    Implementation("foreach", lambda opt, buckets: opt._torch_pass(buckets)),
+    Implementation(
+        "triton", lambda opt, buckets: opt._triton_pass(buckets), tensors=triton_refusal, available=triton_missing
+    ),
+)
+IMPL_NAMES = tuple(impl.name for impl in IMPLEMENTATIONS)
+AUTOMATIC = ("foreach",)
+
+
+def _requested_impl(impl: Any, foreach: Any, fused: Any) -> str | None:
+    """The ``impl`` asked for, from ``impl`` or the deprecated ``foreach`` and ``fused`` (with a
+    :class:`DeprecationWarning` naming the ``impl`` to pass instead)."""
+    impl = check_value(impl, IMPL_NAMES)
+    given = {name: value for name, value in (("foreach", foreach), ("fused", fused)) if value is not None}
+    if not given:
+        return impl
+    if impl is not None:
+        raise SettingError(
+            "impl",
+            f"cannot be combined with the deprecated {', '.join(given)}",
+            impl,
+            detail=f"impl takes None, {', '.join(map(repr, IMPL_NAMES))}; pass impl alone",
+        )
+    foreach = None if foreach is None else check_flag("foreach", foreach)
+    fused = check_fused(fused, ("triton",))
+    if fused and foreach is False:
+        raise SettingError(
+            "fused",
+            "needs the multi-tensor path",
+            fused,
+            detail="foreach=False selects the single-tensor reference path, impl='reference'",
+        )
+    impl = "reference" if foreach is False else fused or None
+    spelled = ", ".join(f"{name}={value!r}" for name, value in given.items())
+    advice = "impl=None (the automatic choice)" if impl is None else f"impl={impl!r}"
+    warnings.warn(
+        f"Lars({spelled}) is deprecated and will be removed in the next release; pass {advice}",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return impl
 
 
 __all__ = ["LARS_DEFAULTS", "LARS_PRESETS", "Lars"]

@@ -68,7 +68,7 @@ def build_optimizer(name: str, net: nn.Module, sharded: bool = True, triton: boo
     config = SHARDED[name]
     masters = next(net.parameters()).dtype == torch.bfloat16  # as DeepSpeed keeps fp32 masters of bf16 weights
     groups = decay_param_groups(net, config.settings.get("weight_decay", 0.01), adapt_no_decay=None)
-    path = {"fused": "triton"} if triton and sharded else {}
+    path = {"impl": "triton"} if triton and sharded else {}
     return config.build(groups, master_weights=masters, **path)
 
 

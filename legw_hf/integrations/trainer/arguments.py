@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from dataclasses import dataclass, make_dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,7 +18,7 @@ from ...errors import SettingError
 from ...noise_scale import check_scale
 from ...plan import LegwConfig, LegwPlan, epoch_steps
 from ...schedules import DECAY_OPTIONS, make_decay
-from ...settings import trainer_argument
+from ...settings import SETTINGS, trainer_argument
 from .. import deepspeed as deepspeed_config
 from .flags import PLAN_FLAGS, RUN_FLAGS, TRAINER_SCHEDULE_FLAGS, as_argument_error, changed_fields, legw_fields
 from .optimizer import adam_family, probe_optimizer
@@ -41,6 +42,7 @@ class LegwArguments(_LegwFields):
     def __post_init__(self) -> None:
         if self.deepspeed:
             deepspeed_config.require_deepspeed("deepspeed", self.deepspeed)
+        self._warn_deprecated_flags()
         self._refuse_ignored_settings()
         self._check_adascale_settings()
         self._legw_clipping_off = None
@@ -140,6 +142,17 @@ class LegwArguments(_LegwFields):
                 "gradient, which ZeRO does not keep whole",
                 self.legw_adascale,
             )
+
+    def _warn_deprecated_flags(self) -> None:
+        """A FutureWarning (shown by default, as transformers warns of its own deprecated arguments) for every
+        deprecated ``--legw_*`` flag that was set."""
+        for setting in SETTINGS:
+            if setting.deprecated and setting.declared_by_legw and changed_fields(self, (setting.trainer_argument,)):
+                warnings.warn(
+                    f"--{setting.trainer_argument} is deprecated and goes in the next release: {setting.deprecated}",
+                    FutureWarning,
+                    stacklevel=3,
+                )
 
     def _refuse_ignored_settings(self) -> None:
         """Settings that would be silently ignored are errors: LEGW flags with LEGW off, and Trainer's own
