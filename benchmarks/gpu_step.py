@@ -15,7 +15,7 @@ fused Adam kernel for fp32, ``_foreach_`` ops with masters), legw_hf Lars both w
 DeepSpeed ``FusedLamb`` where its CUDA extension builds, apex ``FusedLAMB`` where apex is installed. A peer that
 cannot run says why in its row.
 
-Part 2: ``LegwTrainer`` with LEGW + LAMB (preset nvidia, ``--legw_fused triton``) against ``Trainer`` with its
+Part 2: ``LegwTrainer`` with LEGW + LAMB (preset nvidia, ``--legw_optimizer_impl triton``) against ``Trainer`` with its
 fused AdamW, on a BERT-base-sized masked LM from a config (random tokens, bf16 autocast), median step time between
 ``on_step_end`` callbacks after a warm-up.
 
@@ -237,7 +237,7 @@ def trainer_step(args: argparse.Namespace, device: torch.device) -> dict:
                     legw_base_warmup_epochs=0.1,
                     legw_optimizer="lamb",
                     legw_optimizer_preset="nvidia",
-                    legw_fused="triton",
+                    legw_optimizer_impl="triton",
                     **common,
                 )
                 trainer = LegwTrainer(model=model, args=training, train_dataset=data, callbacks=[timer])
