@@ -216,6 +216,7 @@ def test_run_shape_flags_serve_a_config_given_in_code_and_are_refused_without_an
     assert not (tmp_path / "wrong").exists() and not (tmp_path / "orphan").exists()
 
 
+@pytest.mark.filterwarnings("ignore:the optimizer keyword fused:DeprecationWarning")  # the keyword it passes
 def test_the_deprecated_fused_flag_warns_and_still_selects_the_kernel(tmp_path):
     with pytest.warns(FutureWarning, match="--legw_fused is deprecated.*--legw_optimizer_impl"):
         args = legw_training_args(tmp_path / "out", legw_optimizer="lamb", legw_fused="cpu", max_steps=1)
