@@ -339,6 +339,11 @@ class PhasedPlan:
         return cls(tuple(Phase(p["name"], LegwPlan.from_dict(p["plan"])) for p in data["phases"]))
 
 
-def plan_from_dict(data: dict[str, Any]) -> LegwPlan | PhasedPlan:
-    """Rebuild a plan saved with ``to_dict`` (single or phased)."""
+def plan_from_dict(data: dict[str, Any]) -> Any:
+    """Rebuild a plan saved with ``to_dict``: a :class:`LegwPlan`, a :class:`PhasedPlan` or a
+    :class:`~legw_hf.ramp.RampedPlan`."""
+    if "ramp" in data:
+        from .ramp import RampedPlan  # built on this module
+
+        return RampedPlan.from_dict(data)
     return PhasedPlan.from_dict(data) if "phases" in data else LegwPlan.from_dict(data)

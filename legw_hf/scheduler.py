@@ -16,6 +16,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from .errors import SettingError
 from .plan import LegwConfig, LegwPlan, PhasedPlan, plan_from_dict
+from .ramp import RampedPlan
 from .schedules import DECAY_OPTIONS, DECAYS, make_decay
 from .settings import names_of
 
@@ -35,12 +36,13 @@ class LegwScheduler(LRScheduler):
 
     Args:
         optimizer: the optimizer whose groups to drive.
-        plan: a :class:`~legw_hf.plan.LegwPlan` or :class:`~legw_hf.plan.PhasedPlan`.
+        plan: a :class:`~legw_hf.plan.LegwPlan`, :class:`~legw_hf.plan.PhasedPlan` or
+            :class:`~legw_hf.ramp.RampedPlan` (a batch ramp: the LR of each update for its own batch).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, plan: LegwPlan | PhasedPlan) -> None:
-        if not isinstance(plan, (LegwPlan, PhasedPlan)):
-            raise TypeError(f"plan must be a LegwPlan or PhasedPlan, got {type(plan).__name__}")
+    def __init__(self, optimizer: torch.optim.Optimizer, plan: LegwPlan | PhasedPlan | RampedPlan) -> None:
+        if not isinstance(plan, (LegwPlan, PhasedPlan, RampedPlan)):
+            raise TypeError(f"plan must be a LegwPlan, PhasedPlan or RampedPlan, got {type(plan).__name__}")
         self.plan = plan
         #: The plan (as a dict) of the checkpoint last loaded, when it differs from ``plan``; else None.
         self.checkpoint_plan: dict[str, Any] | None = None
