@@ -16,6 +16,10 @@ the tests compare with the plan.
 ``--stop-after N --output-dir DIR`` stops after N updates with ``save_state``; ``--resume-from DIR`` continues from
 such a state, also with another number of processes: when that changes the global batch, the LEGW plan is the new
 batch's and the progress carries over in epochs; the loop picks the data up at that point of the epoch.
+
+``--batch-ramp 16@0,32@1,64@2`` grows the global batch during the run (16 from the start, 32 from epoch 1, 64 from
+epoch 2): each update accumulates the micro-batches of its stage's batch and takes LEGW's LR for that batch
+(``legw_hf.ramp``); the log lines then also carry the update's batch and the samples this process took.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader, TensorDataset
 
 from legw_hf import Lamb, Lars, LegwConfig, Polynomial, decay_param_groups, exit_process
-from legw_hf.integrations.accelerate import create_legw_scheduler
+from legw_hf.integrations.accelerate import create_legw_scheduler, ramped_updates
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--parameters-out", help="write the trained model's state dict here (torch.save)")
     parser.add_argument("--optimizer", choices=("sgd", "lamb", "lars"), default="sgd")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-ramp", help="grow the global batch: batch@epoch stages, e.g. 16@0,32@1,64@2")
     return parser.parse_args(argv)
 
 
@@ -87,13 +92,31 @@ def main(argv: list[str] | None = None) -> None:
         base_warmup_epochs=args.base_warmup_epochs,
         decay=Polynomial(power=2.0),
     )
-    scheduler = create_legw_scheduler(accelerator, optimizer, config, loader, num_epochs=args.epochs)
+    scheduler = create_legw_scheduler(
+        accelerator, optimizer, config, loader, num_epochs=args.epochs, batch_ramp=args.batch_ramp
+    )
     accelerator.print(scheduler.plan.describe())
     if args.resume_from:
         accelerator.load_state(args.resume_from)  # the scheduler's progress too, converted if the plan changed
 
     log = open(f"{args.lr_log}.rank{accelerator.process_index}", "w") if args.lr_log else None
     last = scheduler.plan.total_steps if args.stop_after is None else min(args.stop_after, scheduler.plan.total_steps)
+    if args.batch_ramp:
+        train_ramped(accelerator, model, optimizer, scheduler, loader, last, log)
+    else:
+        train(accelerator, model, optimizer, scheduler, loader, last, log, args)
+    if log:
+        log.close()
+    if args.output_dir:
+        accelerator.save_state(args.output_dir)
+    if args.parameters_out:
+        state = accelerator.get_state_dict(model)  # whole tensors, also from DeepSpeed's partitions
+        if accelerator.is_main_process:
+            torch.save(state, args.parameters_out)
+    accelerator.print(f"done: {scheduler.updates} updates, final LR {scheduler.get_last_lr()[0]:.6g}")
+
+
+def train(accelerator, model, optimizer, scheduler, loader, last, log, args) -> None:
     first_epoch, done_in_epoch = divmod(scheduler.updates, scheduler.plan.steps_per_epoch)
     for epoch in range(first_epoch, int(-(-args.epochs // 1))):
         model.train()
@@ -114,15 +137,25 @@ def main(argv: list[str] | None = None) -> None:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-    if log:
-        log.close()
-    if args.output_dir:
-        accelerator.save_state(args.output_dir)
-    if args.parameters_out:
-        state = accelerator.get_state_dict(model)  # whole tensors, also from DeepSpeed's partitions
-        if accelerator.is_main_process:
-            torch.save(state, args.parameters_out)
-    accelerator.print(f"done: {scheduler.updates} updates, final LR {scheduler.get_last_lr()[0]:.6g}")
+
+
+def train_ramped(accelerator, model, optimizer, scheduler, loader, last, log) -> None:
+    """Each update accumulates its stage's micro-batches (the ramp, not accelerate, decides how many)."""
+    model.train()
+    for update in ramped_updates(accelerator, scheduler, loader, model):
+        if update.index >= last:
+            break
+        samples = 0
+        for features, targets in update.micro_batches():
+            loss = torch.nn.functional.mse_loss(model(features).squeeze(-1), targets)
+            accelerator.backward(loss / update.accumulation)
+            samples += len(targets)
+        if log:
+            row = {"update": update.index, "lr": optimizer.param_groups[0]["lr"], "batch": update.batch_size}
+            log.write(json.dumps(row | {"samples": samples, "processes": accelerator.num_processes}) + "\n")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
 
 
 if __name__ == "__main__":

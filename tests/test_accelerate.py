@@ -11,6 +11,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from launch import launch
 from legw_oracle import legw_poly_lr
+from test_ramp import written_out
 from torch.utils.data import DataLoader, TensorDataset
 
 from legw_hf import LegwConfig, Polynomial, SettingError
@@ -241,3 +242,55 @@ def test_accelerate_loop_resumed_at_another_world_size(repo, tmp_path):
     expected = torch.load(tmp_path / "uninterrupted.pt", weights_only=True)
     for name, value in torch.load(tmp_path / "fixed.pt", weights_only=True).items():
         torch.testing.assert_close(value, expected[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.multiprocess
+def test_a_batch_ramp_on_two_processes_takes_each_stage_batch_at_its_lr_and_resumes_mid_ramp_exactly(repo, tmp_path):
+    """``--batch-ramp 8@0,16@1,32@2`` on 2 processes of 2 samples per micro-batch: every update takes its stage's
+    batch (the two processes' samples add up to it) at LEGW's LR for that batch; stopped after 10 updates (inside the
+    second stage) and resumed, the run ends with the uninterrupted run's weights, bit for bit."""
+    script = repo / "examples" / "accelerate_loop.py"
+    loop = "--base-batch-size 8 --per-device-batch-size 2 --epochs 3 --dataset-size 64 --batch-ramp 8@0,16@1,32@2"
+    loop += " --optimizer lamb"
+    launch(
+        "accelerate",
+        script,
+        *loop.split(),
+        "--lr-log",
+        tmp_path / "lr",
+        "--parameters-out",
+        tmp_path / "whole.pt",
+        cwd=tmp_path,
+        timeout=300,
+    )
+    expected = written_out(
+        [(8, 0.0), (16, 1.0), (32, 2.0)],
+        dataset_size=64,
+        epochs=3,
+        base_batch=8,
+        base_lr=0.05,
+        base_warmup_epochs=0.25,
+        power=2.0,
+    )
+    rows = [[json.loads(line) for line in (tmp_path / f"lr.rank{rank}").read_text().splitlines()] for rank in (0, 1)]
+    assert [row["update"] for row in rows[0]] == list(range(len(expected))) == [row["update"] for row in rows[1]]
+    assert [row["batch"] for row in rows[0]] == [batch for batch, _ in expected]
+    assert [a["samples"] + b["samples"] for a, b in zip(*rows, strict=True)] == [batch for batch, _ in expected]
+    for rank_rows in rows:
+        assert [row["lr"] for row in rank_rows] == pytest.approx([lr for _, lr in expected], rel=1e-12, abs=1e-15)
+    state = tmp_path / "stopped"
+    launch("accelerate", script, *loop.split(), "--stop-after", "10", "--output-dir", state, cwd=tmp_path, timeout=300)
+    launch(
+        "accelerate",
+        script,
+        *loop.split(),
+        "--resume-from",
+        state,
+        "--parameters-out",
+        tmp_path / "resumed.pt",
+        cwd=tmp_path,
+        timeout=300,
+    )
+    whole, resumed = (torch.load(tmp_path / name, weights_only=True) for name in ("whole.pt", "resumed.pt"))
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[key], resumed[key]) for key in whole)

@@ -17,15 +17,19 @@ CONFIG = LegwConfig(base_batch_size=32, base_lr=0.1, base_warmup_epochs=0.05)
 RAMP = "32@0,64@0.5,128@1.5"
 
 
-def written_out(ramp: list[tuple[int, float]], *, dataset_size: int, epochs: float) -> list[tuple[int, float]]:
+def written_out(
+    ramp: list[tuple[int, float]], *, dataset_size: int, epochs: float, base_batch: int = 32, **schedule
+) -> list[tuple[int, float]]:
     """(batch, LR) of every update: an update takes the batch of the stage its progress starts in and LEGW's LR for
-    that batch (k = B / 32) at the progress it completes; the run ends once ``epochs`` of samples are taken."""
+    that batch (k = B / base batch) at the progress it completes; the run ends once ``epochs`` of samples are taken.
+    ``schedule``: :func:`legw_lr`'s settings (default: this module's config)."""
+    schedule = {"base_lr": 0.1, "base_warmup_epochs": 0.05} | schedule
     updates, samples = [], 0
     while samples < epochs * dataset_size:
         start = samples / dataset_size
         batch = [b for b, at in ramp if at <= start][-1]
         samples += batch
-        lr = legw_lr(samples / dataset_size, base_lr=0.1, k=batch / 32, base_warmup_epochs=0.05, epochs=epochs)
+        lr = legw_lr(samples / dataset_size, k=batch / base_batch, epochs=epochs, **schedule)
         updates.append((batch, lr))
     return updates
 

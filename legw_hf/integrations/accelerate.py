@@ -18,6 +18,8 @@ returns a wrapper whose ``step()`` advances the plan once per real optimizer upd
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,6 +31,7 @@ from ..adascale import MODES as ADASCALE_MODES, AdaScaleScheduler, GradientStati
 from ..errors import SettingError, one_of, positive, positive_int
 from ..noise_scale import GradientNoise, check_scale
 from ..plan import LegwConfig, LegwPlan
+from ..ramp import BatchRamp, RampedPlan, ramped_plan
 from ..scheduler import LegwScheduler, SkippedStepDetector
 from . import deepspeed as deepspeed_config
 from .adascale import MicroStepProtocol, measure_micro_steps
@@ -101,6 +104,7 @@ def create_legw_scheduler(
     num_epochs: float | None = None,
     max_steps: int | None = None,
     batch_size: int | None = None,
+    batch_ramp: BatchRamp | str | None = None,
 ) -> AcceleratorLegwScheduler:
     """Build, register for checkpointing and return the LEGW scheduler of an accelerate loop.
 
@@ -113,7 +117,14 @@ def create_legw_scheduler(
         num_epochs: the training length in epochs (or give ``max_steps``: exactly one of the two).
         max_steps: the training length in optimizer updates.
         batch_size: the global batch you expect; a ``SettingError`` if the loop forms another.
+        batch_ramp: a batch ramp (:class:`~legw_hf.ramp.BatchRamp` or its text, ``"64@0,256@1"``): the global batch
+            grows during the run and each update takes LEGW's LR for its own batch (:class:`~legw_hf.ramp.RampedPlan`).
+            The loop then draws each update's micro-batches from :func:`ramped_updates`; the ``Accelerator`` keeps
+            ``gradient_accumulation_steps=1`` and every stage batch must be a multiple of the dataloader's batch ×
+            processes. Takes ``num_epochs``, not ``max_steps`` or ``batch_size``.
     """
+    if batch_ramp is not None:
+        return _create_ramped_scheduler(accelerator, optimizer, config, train_dataloader, batch_ramp, num_epochs)
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is not None:  # a "scheduler" block would be a second schedule beside the plan
         warning = deepspeed_config.check_config_blocks(plugin.deepspeed_config, legw=True, client_optimizer=None)
@@ -144,6 +155,103 @@ def create_legw_scheduler(
     scheduler = AcceleratorLegwScheduler(LegwScheduler(optimizer, plan), accelerator)
     accelerator.register_for_checkpointing(scheduler)
     return scheduler
+
+
+def _create_ramped_scheduler(
+    accelerator: Accelerator,
+    optimizer: torch.optim.Optimizer,
+    config: LegwConfig,
+    train_dataloader: Any,
+    batch_ramp: BatchRamp | str,
+    num_epochs: float | None,
+) -> AcceleratorLegwScheduler:
+    if not isinstance(train_dataloader, (DataLoaderShard, DataLoaderDispatcher)):
+        raise SettingError(
+            "train_dataloader", "must be the dataloader returned by accelerator.prepare", type(train_dataloader)
+        )
+    if num_epochs is None:
+        raise SettingError("num_epochs", "is required with batch_ramp (the ramp's progress points are epochs)", None)
+    if accelerator.gradient_accumulation_steps != 1:
+        raise SettingError(
+            "gradient_accumulation_steps",
+            "must be 1 with batch_ramp: the ramp sets each update's accumulation (ramped_updates)",
+            accelerator.gradient_accumulation_steps,
+        )
+    micro_step = train_dataloader.total_batch_size
+    epoch_samples = len(train_dataloader) * micro_step
+    if epoch_samples != len(train_dataloader.dataset) and not getattr(train_dataloader, "drop_last", False):
+        raise SettingError(
+            "train_dataloader",
+            f"must give whole micro-batches with batch_ramp (a ramp counts progress in samples): drop_last=True, or a "
+            f"dataset whose size is a multiple of batch x processes = {micro_step}",
+            len(train_dataloader.dataset),
+        )
+    plan = ramped_plan(config, batch_ramp, dataset_size=epoch_samples, epochs=num_epochs, micro_step_samples=micro_step)
+    deepspeed_layouts.attach(optimizer)
+    scheduler = AcceleratorLegwScheduler(LegwScheduler(optimizer, plan), accelerator)
+    accelerator.register_for_checkpointing(scheduler)
+    return scheduler
+
+
+@dataclass
+class RampedUpdate:
+    """One update of a batch ramp: its index, batch and accumulation, and its micro-batches (:meth:`micro_batches`)."""
+
+    index: int
+    batch_size: int
+    accumulation: int
+    _batches: Iterator[Any]
+    _accelerator: Accelerator
+    _model: Any
+
+    def micro_batches(self) -> Iterator[Any]:
+        """The update's ``accumulation`` micro-batches. Gradients are all-reduced only on the last one (the others
+        run under ``accelerator.no_sync``); scale each loss by ``1 / accumulation``."""
+        for position in range(self.accumulation):
+            batch = next(self._batches)
+            if position + 1 < self.accumulation:
+                with self._accelerator.no_sync(self._model):
+                    yield batch
+            else:
+                yield batch
+
+
+def ramped_updates(
+    accelerator: Accelerator, scheduler: AcceleratorLegwScheduler, train_dataloader: Any, model: Any
+) -> Iterator[RampedUpdate]:
+    """The updates of a batch ramp (:func:`create_legw_scheduler` with ``batch_ramp``), from the scheduler's progress
+    on (a run resumed with ``accelerator.load_state`` picks the data up where it stopped)::
+
+        scheduler = create_legw_scheduler(accelerator, optimizer, config, loader, num_epochs=3, batch_ramp="64@0,256@1")
+        for update in ramped_updates(accelerator, scheduler, loader, model):
+            for batch in update.micro_batches():
+                accelerator.backward(model(**batch).loss / update.accumulation)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+
+    Micro-batches are drawn across epoch ends (``set_epoch`` at each), since an update at one batch may begin in one
+    epoch and end in the next.
+    """
+    plan = scheduler.plan
+    if not isinstance(plan, RampedPlan):
+        raise SettingError("scheduler", "must be made with batch_ramp (create_legw_scheduler)", type(plan).__name__)
+    micro_steps = _micro_batch_stream(
+        accelerator, train_dataloader, plan.samples_before(scheduler.updates) // plan.micro_step_samples
+    )
+    for index in range(scheduler.updates, plan.total_steps):
+        yield RampedUpdate(
+            index, plan.batch_for_update(index), plan.accumulation_for_update(index), micro_steps, accelerator, model
+        )
+
+
+def _micro_batch_stream(accelerator: Accelerator, loader: Any, done: int) -> Iterator[Any]:
+    """The loader's micro-batches from the ``done``-th on, epoch after epoch."""
+    epoch, offset = divmod(done, len(loader))
+    while True:
+        loader.set_epoch(epoch)
+        yield from accelerator.skip_first_batches(loader, offset) if offset else loader
+        epoch, offset = epoch + 1, 0
 
 
 class AcceleratorAdaScale:
