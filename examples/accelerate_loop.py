@@ -20,6 +20,12 @@ batch's and the progress carries over in epochs; the loop picks the data up at t
 ``--batch-ramp 16@0,32@1,64@2`` grows the global batch during the run (16 from the start, 32 from epoch 1, 64 from
 epoch 2): each update accumulates the micro-batches of its stage's batch and takes LEGW's LR for that batch
 (``legw_hf.ramp``); the log lines then also carry the update's batch and the samples this process took.
+
+``--batch-ramp auto --max-batch 64`` decides the ramp during the run instead: from the dataloader's global batch (or
+``--start-batch``), the batch doubles while doubling it is at least ``--ramp-efficiency`` efficient by the measured
+gradient noise scale, ``--ramp-patience`` updates after the start and after each change (``legw_hf.ramp.AutoRamp``).
+``--decision-log FILE`` keeps the changes as JSON lines; the log lines carry the noise estimates of every update.
+``--target-noise`` is the noise on the regression targets: the larger, the larger the noise scale.
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader, TensorDataset
 
 from legw_hf import Lamb, Lars, LegwConfig, Polynomial, decay_param_groups, exit_process
-from legw_hf.integrations.accelerate import create_legw_scheduler, ramped_updates
+from legw_hf.integrations.accelerate import AcceleratorAutoRamp, create_legw_scheduler, ramped_updates
+from legw_hf.ramp import AutoRamp
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,16 +59,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--parameters-out", help="write the trained model's state dict here (torch.save)")
     parser.add_argument("--optimizer", choices=("sgd", "lamb", "lars"), default="sgd")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-ramp", help="grow the global batch: batch@epoch stages, e.g. 16@0,32@1,64@2")
+    parser.add_argument(
+        "--batch-ramp", help="grow the global batch: batch@epoch stages, e.g. 16@0,32@1,64@2, or auto (--max-batch)"
+    )
+    parser.add_argument("--max-batch", type=int, help="--batch-ramp auto: the largest batch (start x a power of 2)")
+    parser.add_argument("--start-batch", type=int, help="--batch-ramp auto: the first batch (default: the loader's)")
+    parser.add_argument("--ramp-efficiency", type=float, default=0.8, help="--batch-ramp auto: doubling threshold")
+    parser.add_argument("--ramp-patience", type=int, default=20, help="--batch-ramp auto: updates between changes")
+    parser.add_argument("--decision-log", help="--batch-ramp auto: append each change to this file as a JSON line")
+    parser.add_argument("--target-noise", type=float, default=0.1, help="noise on the regression targets")
     return parser.parse_args(argv)
 
 
-def synthetic_regression(size: int, seed: int) -> TensorDataset:
+def synthetic_regression(size: int, seed: int, noise: float = 0.1) -> TensorDataset:
     generator = torch.Generator().manual_seed(seed)
     features = torch.randn(size, 16, generator=generator)
     weights = torch.randn(16, generator=generator)
-    targets = features @ weights + 0.1 * torch.randn(size, generator=generator)
+    targets = features @ weights + noise * torch.randn(size, generator=generator)
     return TensorDataset(features, targets)
+
+
+def batch_ramp(args: argparse.Namespace) -> str | AutoRamp | None:
+    if args.batch_ramp != "auto":
+        return args.batch_ramp
+    settings = {"efficiency": args.ramp_efficiency, "patience": args.ramp_patience, "start_batch": args.start_batch}
+    return AutoRamp(max_batch=args.max_batch, log=args.decision_log, **settings)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,7 +104,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         optimizer = torch.optim.SGD(groups, lr=args.base_lr, momentum=0.9)
     loader = DataLoader(
-        synthetic_regression(args.dataset_size, args.seed), batch_size=args.per_device_batch_size, shuffle=True
+        synthetic_regression(args.dataset_size, args.seed, args.target_noise),
+        batch_size=args.per_device_batch_size,
+        shuffle=True,
     )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
@@ -93,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         decay=Polynomial(power=2.0),
     )
     scheduler = create_legw_scheduler(
-        accelerator, optimizer, config, loader, num_epochs=args.epochs, batch_ramp=args.batch_ramp
+        accelerator, optimizer, config, loader, num_epochs=args.epochs, batch_ramp=batch_ramp(args)
     )
     accelerator.print(scheduler.plan.describe())
     if args.resume_from:
@@ -113,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         state = accelerator.get_state_dict(model)  # whole tensors, also from DeepSpeed's partitions
         if accelerator.is_main_process:
             torch.save(state, args.parameters_out)
+    if isinstance(scheduler, AcceleratorAutoRamp):
+        accelerator.print(f"decided batch ramp: {scheduler.plan.ramp.to_text()}")
     accelerator.print(f"done: {scheduler.updates} updates, final LR {scheduler.get_last_lr()[0]:.6g}")
 
 
@@ -147,12 +173,14 @@ def train_ramped(accelerator, model, optimizer, scheduler, loader, last, log) ->
             break
         samples = 0
         for features, targets in update.micro_batches():
-            loss = torch.nn.functional.mse_loss(model(features).squeeze(-1), targets)
-            accelerator.backward(loss / update.accumulation)
+            update.backward(torch.nn.functional.mse_loss(model(features).squeeze(-1), targets))  # loss / accumulation
             samples += len(targets)
         if log:
             row = {"update": update.index, "lr": optimizer.param_groups[0]["lr"], "batch": update.batch_size}
-            log.write(json.dumps(row | {"samples": samples, "processes": accelerator.num_processes}) + "\n")
+            row |= {"samples": samples, "processes": accelerator.num_processes}
+            if isinstance(scheduler, AcceleratorAutoRamp):  # the moving averages the ramp decides from
+                row |= {"trace": scheduler.noise.trace, "signal": scheduler.noise.signal}
+            log.write(json.dumps(row) + "\n")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()

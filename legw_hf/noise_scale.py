@@ -59,6 +59,16 @@ def gain(trace: float, signal: float, *, base_batch: float, scale: float) -> flo
     return min(max((base_variance + signal) / denominator, 1.0), scale)
 
 
+def doubling_efficiency(trace: float, signal: float, *, batch: float) -> float:
+    """The efficiency of doubling the batch ``batch``: :func:`gain` of 2B over B, halved.
+
+    With B_simple = tr Σ / μ², dividing :func:`gain`'s numerator and denominator by μ² gives
+    r = (1 + B_simple/B) / (1 + B_simple/(2B)), so r / 2 = (B + B_simple) / (2B + B_simple): 1 while B ≪ B_simple
+    (twice the batch, half the steps), 1/2 once B ≫ B_simple (twice the samples for the same progress).
+    """
+    return gain(trace, signal, base_batch=batch, scale=2.0) / 2.0
+
+
 def b_simple(trace: float, signal: float) -> float:
     """The simple noise scale tr Σ / ‖G‖² in samples (inf while the signal estimate is 0)."""
     return trace / signal if signal > 0 else math.inf

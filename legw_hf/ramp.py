@@ -13,17 +13,26 @@ change made inside one run. Two pieces, no framework in either:
   accumulates ``B / (micro-batch × processes)`` micro-batches.
 
 Progress is counted in samples: an update at batch B advances it by B / dataset_size epochs, across epoch ends.
+
+A ramp can also be decided during the run from the measured gradient noise scale (:class:`AutoRamp`): a
+:class:`RampController` doubles the batch while doubling is still efficient, and each change becomes one more stage
+of the run's :class:`RampedPlan` (:meth:`RampedPlan.with_stage`), starting at the progress the run had reached. Its
+decisions (:class:`RampDecision`) written as a ramp (:func:`ramp_from_decisions`) replay the run as a scheduled one.
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
+import json
 import math
-from dataclasses import dataclass, field
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import SettingError, positive, positive_int
+from .noise_scale import b_simple, doubling_efficiency
 from .plan import LegwConfig, LegwPlan
 
 
@@ -33,6 +42,13 @@ class RampStage:
 
     batch_size: int
     start: float
+
+
+def _epoch_text(epoch: float) -> str:
+    """A stage start as a ramp writes it: short where that is exact, else every digit (a stage an automatic ramp
+    started at ``samples / dataset_size`` must be read back as the same number, or an update would change stage)."""
+    short = f"{epoch:g}"
+    return short if float(short) == epoch else repr(float(epoch))
 
 
 def _ceil(x: float) -> int:
@@ -77,7 +93,7 @@ class BatchRamp:
         return cls(tuple(stages))
 
     def to_text(self) -> str:
-        return ",".join(f"{stage.batch_size}@{stage.start:g}" for stage in self.stages)
+        return ",".join(f"{stage.batch_size}@{_epoch_text(stage.start)}" for stage in self.stages)
 
     def batch_at(self, epoch: float) -> int:
         """The batch of an update that starts at ``epoch`` epochs of progress."""
@@ -164,6 +180,15 @@ class RampedPlan:
     @property
     def total_steps(self) -> int:
         return sum(stage.updates for stage in self.stages)
+
+    def with_stage(self, plan: LegwPlan, start: float) -> RampedPlan:
+        """This plan and one more stage: ``plan``'s batch (a LEGW plan of the same run) from ``start`` epochs on.
+
+        The updates that start before ``start`` keep their batch and LR; with ``start`` = the samples taken so far /
+        the dataset size, the stage begins with the next update (what an automatic ramp does at a change).
+        """
+        ramp = BatchRamp((*self.ramp.stages, RampStage(plan.batch_size, start)))
+        return RampedPlan(ramp=ramp, plans=(*self.plans, plan), micro_step_samples=self.micro_step_samples)
 
     def stage_of(self, update: int) -> StagePlan:
         """The stage update ``update`` (0-based) belongs to; past the end, the last stage with updates."""
@@ -275,4 +300,215 @@ def ramped_plan(
     return RampedPlan(ramp=ramp, plans=plans, micro_step_samples=micro_step_samples)
 
 
-__all__ = ["BatchRamp", "RampStage", "RampedPlan", "StagePlan", "ramped_plan"]
+def _doublings(start: int, cap: int) -> list[int]:
+    batches = [start]
+    while batches[-1] < cap:
+        batches.append(2 * batches[-1])
+    return batches
+
+
+@dataclass(frozen=True, kw_only=True)
+class AutoRamp:
+    """A batch ramp decided during the run from the measured gradient noise scale.
+
+    The run starts at ``start_batch`` (by default the dataloader's global batch) and doubles its batch at an update
+    boundary when doubling is still efficient. Doubling B gives AdaScale's gain of 2B over B
+    (:func:`~legw_hf.noise_scale.gain` with scale 2),
+
+        r = (1 + B_simple/B) / (1 + B_simple/(2B)),   efficiency e = r / 2 = (B + B_simple) / (2B + B_simple),
+
+    the fraction of the doubled batch's samples that still buy progress (1 when B ≪ B_simple, 1/2 when B ≫ B_simple).
+    The batch doubles when e ≥ ``efficiency``, which solves to
+
+        B ≤ B_simple · (1 − efficiency) / (2 · efficiency − 1)       (efficiency 0.8: B ≤ B_simple / 3),
+
+    provided that
+
+    * at least ``patience`` updates ran at the current batch (from the start and after every change), so that the
+      moving averages of tr Σ and ‖G‖² reflect it;
+    * the estimate B_simple = tr Σ / ‖G‖² is finite (a positive signal estimate);
+    * 2B ≤ ``max_batch``, and the run has an update left.
+
+    Args:
+        max_batch: the largest batch the ramp may reach: the start batch times a power of 2.
+        efficiency: the threshold on e, in (0.5, 1): 0.5 would always double, 1 never.
+        patience: updates at a batch before the next decision (>= 1).
+        start_batch: the first stage's batch; by default the dataloader's global batch (per-device × processes). It
+            must give at least 2 gradient estimates per update (accumulation × processes).
+        log: a file to append each decision to, as one JSON line (main process only).
+    """
+
+    max_batch: int
+    efficiency: float = 0.8
+    patience: int = 20
+    start_batch: int | None = None
+    log: str | os.PathLike | None = None
+
+    def __post_init__(self) -> None:
+        positive_int("max_batch", self.max_batch)
+        positive_int("patience", self.patience)
+        if self.start_batch is not None:
+            positive_int("start_batch", self.start_batch)
+        e = self.efficiency
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not 0.5 < e < 1:
+            raise SettingError(
+                "efficiency",
+                "must be in (0.5, 1): doubling the batch is (B + B_simple) / (2B + B_simple) efficient, which is "
+                "always > 0.5 and never > 1",
+                e,
+            )
+
+    @property
+    def batch_ratio(self) -> float:
+        """The batch doubles while B ≤ ``batch_ratio`` · B_simple: (1 − e) / (2e − 1) for the threshold e."""
+        return (1 - self.efficiency) / (2 * self.efficiency - 1)
+
+    def batches(self, start_batch: int) -> list[int]:
+        """The batches a run starting at ``start_batch`` can take: doublings up to ``max_batch``."""
+        return _doublings(start_batch, self.max_batch)
+
+    def check(self, start_batch: int, *, micro_batch: int, micro_step_samples: int) -> None:
+        """Refuse a start and cap the ramp cannot run: a start that ``micro_step_samples`` (one micro-batch step over
+        all processes) does not divide, a cap below the start or not a doubling of it, or fewer than 2 gradient
+        estimates (of ``micro_batch`` samples each) per update at the start."""
+        positive_int("start_batch", start_batch)
+        if start_batch % micro_step_samples:
+            raise SettingError(
+                "start_batch",
+                f"must be a multiple of per-device batch x processes = {micro_step_samples}; the nearest: "
+                f"{_nearest_multiples(start_batch, micro_step_samples)}",
+                start_batch,
+            )
+        if self.max_batch < start_batch:
+            raise SettingError("max_batch", f"must be >= the start batch ({start_batch})", self.max_batch)
+        reached = self.batches(start_batch)[-1]
+        if reached != self.max_batch:
+            raise SettingError(
+                "max_batch",
+                f"must be reachable by doubling the start batch ({start_batch}); the nearest: {reached // 2}, "
+                f"{reached}",
+                self.max_batch,
+            )
+        if start_batch // micro_batch < 2:
+            raise SettingError(
+                "start_batch",
+                f"must give at least 2 gradient estimates per update (accumulation x processes = start batch / "
+                f"per-device batch {micro_batch}) for the noise scale to be measured",
+                start_batch,
+            )
+
+
+@dataclass(frozen=True)
+class RampDecision:
+    """One change of an automatic ramp: from ``update`` (0-based, the first update at ``new_batch``) on, after
+    ``samples`` samples (``epoch`` = samples / dataset size), the batch is ``new_batch`` instead of ``old_batch``; the
+    estimates that triggered it (moving averages after update ``update - 1``) and the efficiency of doubling."""
+
+    update: int
+    samples: int
+    epoch: float
+    b_simple: float
+    trace: float
+    signal: float
+    efficiency: float
+    old_batch: int
+    new_batch: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RampDecision:
+        return cls(**data)
+
+
+class RampController:
+    """The decisions of an :class:`AutoRamp` over one run, from the estimates after each update (no torch here).
+
+    Call :meth:`observe` after each applied update with the samples the run has taken and the moving averages of
+    tr Σ (per sample) and ‖G‖²; it returns the :class:`RampDecision` when the batch doubles from the next update on.
+    Fed the same estimates, it makes the same decisions.
+    """
+
+    def __init__(self, settings: AutoRamp, start_batch: int, *, dataset_size: int, epochs: float) -> None:
+        self.settings = settings
+        self.dataset_size = dataset_size
+        self.epochs = epochs
+        self.start_batch = start_batch
+        #: The current batch.
+        self.batch = start_batch
+        #: Updates observed at the current batch.
+        self.updates_at_batch = 0
+        self.decisions: list[RampDecision] = []
+
+    def observe(self, *, update: int, samples: int, trace: float | None, signal: float | None) -> RampDecision | None:
+        """After update ``update`` (0-based) at the current batch, ``samples`` taken in all: double or not."""
+        self.updates_at_batch += 1
+        if self.updates_at_batch < self.settings.patience or trace is None or signal is None:
+            return None
+        estimate = b_simple(trace, signal)
+        new_batch = 2 * self.batch
+        if not math.isfinite(estimate) or new_batch > self.settings.max_batch:
+            return None
+        epoch = samples / self.dataset_size
+        if epoch >= self.epochs:  # no update left
+            return None
+        efficiency = doubling_efficiency(trace, signal, batch=self.batch)
+        if efficiency < self.settings.efficiency:
+            return None
+        # fields in order: the first update at the new batch, samples, epoch, the estimates, the efficiency, batches
+        decision = RampDecision(update + 1, samples, epoch, estimate, trace, signal, efficiency, self.batch, new_batch)
+        self.batch, self.updates_at_batch = new_batch, 0
+        self.decisions.append(decision)
+        return decision
+
+    def state_dict(self) -> dict[str, Any]:
+        """Primitives only."""
+        return {
+            "batch": self.batch,
+            "updates_at_batch": self.updates_at_batch,
+            "decisions": [decision.to_dict() for decision in self.decisions],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batch, self.updates_at_batch = int(state["batch"]), int(state["updates_at_batch"])
+        self.decisions = [RampDecision.from_dict(decision) for decision in state["decisions"]]
+
+
+def read_decisions(path: str | os.PathLike) -> list[RampDecision]:
+    """The decisions of a JSON-lines decision log (:attr:`AutoRamp.log`)."""
+    with open(path) as log:
+        return [RampDecision.from_dict(json.loads(line)) for line in log if line.strip()]
+
+
+def ramp_from_decisions(decisions: Iterable[RampDecision | dict[str, Any]], *, start_batch: int | None = None) -> str:
+    """The :class:`BatchRamp` text of an automatic run's decisions: a scheduled ramp that replays it (each stage
+    starts at the exact progress of its change, so every update takes the same batch and LR).
+
+    ``start_batch`` is needed only without decisions (otherwise the first decision's old batch).
+    """
+    decisions = [d if isinstance(d, RampDecision) else RampDecision.from_dict(d) for d in decisions]
+    if decisions:
+        start_batch = decisions[0].old_batch if start_batch is None else start_batch
+        if start_batch != decisions[0].old_batch:
+            raise SettingError(
+                "start_batch", f"must be the first decision's old batch ({decisions[0].old_batch})", start_batch
+            )
+    elif start_batch is None:
+        raise SettingError("start_batch", "is needed to replay a run without decisions", None)
+    stages = [RampStage(start_batch, 0.0), *(RampStage(d.new_batch, d.epoch) for d in decisions)]
+    return BatchRamp(tuple(stages)).to_text()
+
+
+__all__ = [
+    "AutoRamp",
+    "BatchRamp",
+    "RampController",
+    "RampDecision",
+    "RampStage",
+    "RampedPlan",
+    "StagePlan",
+    "ramp_from_decisions",
+    "ramped_plan",
+    "read_decisions",
+]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -15,7 +16,8 @@ from test_ramp import written_out
 from torch.utils.data import DataLoader, TensorDataset
 
 from legw_hf import LegwConfig, Polynomial, SettingError
-from legw_hf.integrations.accelerate import create_legw_scheduler
+from legw_hf.integrations.accelerate import create_legw_scheduler, ramped_updates
+from legw_hf.ramp import AutoRamp, BatchRamp, RampController, ramp_from_decisions, ramped_plan, read_decisions
 
 
 @pytest.fixture
@@ -294,3 +296,166 @@ def test_a_batch_ramp_on_two_processes_takes_each_stage_batch_at_its_lr_and_resu
     whole, resumed = (torch.load(tmp_path / name, weights_only=True) for name in ("whole.pt", "resumed.pt"))
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[key], resumed[key]) for key in whole)
+
+
+# The automatic batch ramp in one process (the two-process launch is the last test).
+
+AUTO = {"max_batch": 64, "start_batch": 4, "patience": 5}
+
+
+def noisy_regression_config() -> LegwConfig:
+    return LegwConfig(base_batch_size=4, base_lr=0.02, base_warmup_epochs=0.1, decay=Polynomial(power=2.0))
+
+
+def noisy_regression(accelerator, dataset_size=256, per_device=2):
+    """Targets that are mostly noise: the gradient noise scale is in the hundreds of samples from the start."""
+    torch.manual_seed(0)
+    x = torch.randn(dataset_size, 6)
+    data = TensorDataset(x, 0.1 * x.sum(-1) + 3.0 * torch.randn(dataset_size))
+    model = torch.nn.Linear(6, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, DataLoader(data, batch_size=per_device))
+    return model, optimizer, loader, noisy_regression_config()
+
+
+def ramped_run(batch_ramp, *, stop=None, resume=None, save=None):
+    """A ramped loop on the noisy regression: each update's batch, LR, samples and the estimates after it."""
+    AcceleratorState._reset_state(True)
+    accelerator = Accelerator(cpu=True)
+    model, optimizer, loader, config = noisy_regression(accelerator)
+    scheduler = create_legw_scheduler(accelerator, optimizer, config, loader, num_epochs=3, batch_ramp=batch_ramp)
+    if resume:
+        accelerator.load_state(resume)
+    rows = []
+    for update in ramped_updates(accelerator, scheduler, loader, model):
+        if update.index == stop:
+            break
+        samples = 0
+        for x, y in update.micro_batches():
+            update.backward(torch.nn.functional.mse_loss(model(x).squeeze(-1), y))
+            samples += len(y)
+        row = {"update": update.index, "batch": update.batch_size, "lr": optimizer.param_groups[0]["lr"]}
+        trace, signal = (getattr(getattr(scheduler, "noise", None), name, None) for name in ("trace", "signal"))
+        rows.append(row | {"samples": samples, "trace": trace, "signal": signal})
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    if save:
+        accelerator.save_state(save)
+    return scheduler, rows, [p.detach().clone() for p in model.parameters()]
+
+
+def test_an_automatic_ramp_doubles_by_the_noise_scale_and_replays_as_a_scheduled_ramp(tmp_path, caplog):
+    log = tmp_path / "decisions.jsonl"
+    with caplog.at_level(logging.INFO, logger="legw_hf.integrations.accelerate"):
+        scheduler, rows, _ = ramped_run(AutoRamp(**AUTO, log=log))
+    decisions = scheduler.decisions
+    assert len(decisions) >= 2 and read_decisions(log) == decisions
+    assert sum("AutoRamp: batch" in record.getMessage() for record in caplog.records) == len(decisions)
+    for decision in decisions:  # the first update at the new batch, from the progress the run had reached
+        assert rows[decision.update]["batch"] == decision.new_batch == 2 * rows[decision.update - 1]["batch"]
+        assert decision.samples == sum(row["samples"] for row in rows[: decision.update])
+        assert decision.epoch == decision.samples / 256 and decision.b_simple >= 3 * decision.old_batch * (1 - 1e-9)
+    assert [row["samples"] for row in rows] == [row["batch"] for row in rows]
+    assert [row["update"] for row in rows] == list(range(scheduler.plan.total_steps))
+
+    # the same estimates make the same decisions
+    replayed, samples = RampController(AutoRamp(**AUTO), 4, dataset_size=256, epochs=3), 0
+    for row in rows:
+        samples += row["batch"]
+        replayed.observe(update=row["update"], samples=samples, trace=row["trace"], signal=row["signal"])
+    assert replayed.decisions == decisions
+
+    # the decisions as a scheduled ramp: every update at the same batch and LR, the same plan
+    text = ramp_from_decisions(read_decisions(log))
+    assert text == scheduler.plan.ramp.to_text()
+    scheduled, scheduled_rows, _ = ramped_run(text)
+    assert [(row["batch"], row["lr"]) for row in scheduled_rows] == [(row["batch"], row["lr"]) for row in rows]
+    assert scheduled.plan == scheduler.plan
+    stages = [(stage.batch_size, stage.start) for stage in BatchRamp.parse(text).stages]
+    config = noisy_regression_config()
+    expected = written_out(
+        stages, dataset_size=256, epochs=3, base_batch=4, base_lr=0.02, base_warmup_epochs=0.1, power=2
+    )
+    assert [row["batch"] for row in rows] == [batch for batch, _ in expected]
+    assert [row["lr"] for row in rows] == pytest.approx([lr for _, lr in expected], rel=1e-12, abs=1e-15)
+    assert ramped_plan(config, text, dataset_size=256, epochs=3, micro_step_samples=2) == scheduler.plan
+
+
+def test_an_automatic_ramp_resumed_from_save_state_continues_exactly(tmp_path):
+    whole, whole_rows, whole_weights = ramped_run(AutoRamp(**AUTO))
+    stop = whole.decisions[1].update + 2  # inside the third stage
+    state = tmp_path / "state"
+    stopped, _, _ = ramped_run(AutoRamp(**AUTO), stop=stop, save=state)
+    assert stopped.decisions == whole.decisions[:2]
+    resumed, rows, weights = ramped_run(AutoRamp(**AUTO), resume=state)
+    assert rows == whole_rows[stop:]
+    assert resumed.decisions == whole.decisions and resumed.plan == whole.plan
+    assert all(torch.equal(a, b) for a, b in zip(weights, whole_weights, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("batch_ramp", "accumulation", "field", "words"),
+    [
+        (AutoRamp(max_batch=2, start_batch=4), 1, "max_batch", "must be >= the start batch (4)"),
+        (AutoRamp(max_batch=48, start_batch=4), 1, "max_batch", "the nearest: 32, 64"),
+        (AutoRamp(max_batch=64), 1, "start_batch", "at least 2 gradient estimates per update"),
+        (
+            AutoRamp(max_batch=64, start_batch=5),
+            1,
+            "start_batch",
+            "per-device batch x processes = 2; the nearest: 4, 6",
+        ),
+        (AutoRamp(max_batch=64, start_batch=4), 2, "gradient_accumulation_steps", "must be 1 with batch_ramp"),
+        ("auto", 1, "batch_ramp", "AutoRamp(max_batch="),
+    ],
+)
+def test_an_automatic_ramp_with_bad_settings_is_refused_before_any_work(batch_ramp, accumulation, field, words):
+    AcceleratorState._reset_state(True)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
+    _, optimizer, loader, config = noisy_regression(accelerator)
+    with pytest.raises(SettingError) as caught:
+        create_legw_scheduler(accelerator, optimizer, config, loader, num_epochs=3, batch_ramp=batch_ramp)
+    assert caught.value.field == field and words in str(caught.value)
+    AcceleratorState._reset_state(True)
+
+
+def test_an_automatic_ramp_needs_update_backward(fresh_accelerate_state):
+    accelerator = Accelerator(cpu=True)
+    model, optimizer, loader, config = noisy_regression(accelerator)
+    scheduler = create_legw_scheduler(accelerator, optimizer, config, loader, num_epochs=3, batch_ramp=AutoRamp(**AUTO))
+    update = next(ramped_updates(accelerator, scheduler, loader, model))
+    for x, y in update.micro_batches():
+        accelerator.backward(torch.nn.functional.mse_loss(model(x).squeeze(-1), y) / update.accumulation)
+    with pytest.raises(RuntimeError, match="call update.backward"):
+        scheduler.step()
+
+
+@pytest.mark.multiprocess
+def test_an_automatic_ramp_on_two_processes_decides_alike_on_every_rank_and_replays(repo, tmp_path):
+    """``--batch-ramp auto`` on 2 processes of 2 samples per micro-batch (2 gradient estimates per update at the start
+    batch of 4) on targets with much noise: the batch doubles, every rank takes each update at the batch and LR of the
+    scheduled ramp written from the decision log, and the ranks' estimates agree."""
+    loop = "--base-batch-size 4 --per-device-batch-size 2 --epochs 3 --dataset-size 128 --target-noise 5"
+    loop += " --batch-ramp auto --max-batch 32 --ramp-patience 4"
+    outputs = ["--lr-log", tmp_path / "lr", "--decision-log", tmp_path / "decisions.jsonl"]
+    result = launch("accelerate", repo / "examples" / "accelerate_loop.py", *loop.split(), *outputs, cwd=tmp_path)
+    decisions = read_decisions(tmp_path / "decisions.jsonl")
+    assert decisions and decisions[0].old_batch == 4
+    text = ramp_from_decisions(decisions)
+    assert f"decided batch ramp: {text}" in result.stdout
+    stages = [(stage.batch_size, stage.start) for stage in BatchRamp.parse(text).stages]
+    expected = written_out(
+        stages, dataset_size=128, epochs=3, base_batch=4, base_lr=0.05, base_warmup_epochs=0.25, power=2.0
+    )
+    rows = [[json.loads(line) for line in (tmp_path / f"lr.rank{rank}").read_text().splitlines()] for rank in (0, 1)]
+    assert [row["batch"] for row in rows[0]] == [batch for batch, _ in expected] == [row["batch"] for row in rows[1]]
+    assert [a["samples"] + b["samples"] for a, b in zip(*rows, strict=True)] == [batch for batch, _ in expected]
+    for rank_rows in rows:
+        assert [row["lr"] for row in rank_rows] == pytest.approx([lr for _, lr in expected], rel=1e-12, abs=1e-15)
+    assert [(row["trace"], row["signal"]) for row in rows[0]] == [(row["trace"], row["signal"]) for row in rows[1]]
+    replayed, samples = RampController(AutoRamp(max_batch=32, patience=4), 4, dataset_size=128, epochs=3), 0
+    for row in rows[0]:
+        samples += row["batch"]
+        replayed.observe(update=row["update"], samples=samples, trace=row["trace"], signal=row["signal"])
+    assert replayed.decisions == decisions

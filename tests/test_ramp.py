@@ -11,7 +11,7 @@ import torch
 from legw_oracle import legw_lr
 
 from legw_hf import LegwConfig, LegwScheduler, SettingError, plan_from_dict
-from legw_hf.ramp import BatchRamp, ramped_plan
+from legw_hf.ramp import AutoRamp, BatchRamp, RampController, ramp_from_decisions, ramped_plan
 
 CONFIG = LegwConfig(base_batch_size=32, base_lr=0.1, base_warmup_epochs=0.05)
 RAMP = "32@0,64@0.5,128@1.5"
@@ -108,3 +108,120 @@ def test_a_ramp_reads_as_it_is_written():
     assert ramp.to_text() == "256@0,1024@0.5,4096@2"
     assert [ramp.batch_at(e) for e in (0, 0.49, 0.5, 1.99, 2, 5)] == [256, 256, 1024, 1024, 4096, 4096]
     assert math.isclose(ramp.stages[1].start, 0.5)
+
+
+# The automatic ramp: the rule written out, e = (B + B_simple) / (2B + B_simple) >= threshold doubles B.
+
+
+def doubles(batch: float, noise_scale: float, threshold: float) -> bool:
+    return math.isfinite(noise_scale) and (batch + noise_scale) / (2 * batch + noise_scale) >= threshold
+
+
+def controller(max_batch=1 << 20, start=16, patience=1, efficiency=0.8, dataset_size=10**9, epochs=1.0):
+    settings = AutoRamp(max_batch=max_batch, patience=patience, efficiency=efficiency)
+    return RampController(settings, start, dataset_size=dataset_size, epochs=epochs)
+
+
+@pytest.mark.parametrize("threshold", [0.6, 0.8, 0.9])
+@pytest.mark.parametrize("ratio", [0.5, 0.99, 1.0, 1.01, 2.0, 100.0])
+def test_the_batch_doubles_when_doubling_is_efficient_enough(threshold, ratio):
+    # at the threshold, B_simple = B (2t - 1) / (1 - t): 3B for 0.8, 0.5B for 0.6, 8B for 0.9
+    batch = 16
+    noise_scale = ratio * batch * (2 * threshold - 1) / (1 - threshold)
+    for signal in (1.0, 0.25):
+        ramp = controller(efficiency=threshold)
+        decision = ramp.observe(update=0, samples=batch, trace=noise_scale * signal, signal=signal)
+        if ratio in (0.99, 1.01):  # clear of rounding at the boundary
+            assert (decision is not None) == (ratio > 1) == doubles(batch, noise_scale, threshold)
+        else:
+            assert (decision is not None) == doubles(batch, noise_scale, threshold)
+        if decision is not None:
+            assert decision.efficiency == pytest.approx((batch + noise_scale) / (2 * batch + noise_scale), rel=1e-12)
+            assert (decision.old_batch, decision.new_batch, ramp.batch) == (16, 32, 32)
+            assert decision.b_simple == pytest.approx(noise_scale, rel=1e-12)
+
+
+def test_the_default_threshold_doubles_up_to_a_third_of_the_noise_scale():
+    assert AutoRamp(max_batch=64).batch_ratio == pytest.approx(1 / 3)
+    for noise_scale, expected in [(47.0, False), (48.0, True), (49.0, True), (math.inf, False), (math.nan, False)]:
+        trace, signal = (1.0, 0.0) if noise_scale == math.inf else (noise_scale, 1.0)
+        decision = controller().observe(update=0, samples=16, trace=trace, signal=signal)
+        assert (decision is not None) == expected == doubles(16, noise_scale, 0.8), noise_scale
+    assert controller().observe(update=0, samples=16, trace=None, signal=None) is None
+
+
+def test_patience_and_the_cap_and_the_end_of_the_run():
+    ramp = controller(max_batch=32, start=4, patience=3, dataset_size=1000, epochs=1.0)
+    decisions, samples = [], 0
+    for update in range(20):
+        samples += ramp.batch
+        decision = ramp.observe(update=update, samples=samples, trace=1e6, signal=1.0)
+        decisions.append(decision and (decision.update, decision.samples, decision.old_batch, decision.new_batch))
+    # 3 updates at each batch (from the start, after each change), then no doubling past the cap of 32
+    assert [d for d in decisions if d] == [(3, 12, 4, 8), (6, 36, 8, 16), (9, 84, 16, 32)]
+    assert [n for n, d in enumerate(decisions) if d] == [2, 5, 8]
+    ended = controller(start=4, dataset_size=40, epochs=1.0)
+    assert ended.observe(update=9, samples=40, trace=1e6, signal=1.0) is None  # no update left at epoch 1
+
+
+def test_decisions_come_back_from_the_same_estimates_and_the_saved_state():
+    rng = torch.Generator().manual_seed(0)
+    estimates = [
+        (float(t), float(s))
+        for t, s in zip(torch.rand(60, generator=rng) * 400, torch.rand(60, generator=rng), strict=True)
+    ]
+    runs = []
+    for _ in range(2):
+        ramp, samples, decided = controller(max_batch=256, start=4, patience=4, dataset_size=10_000), 0, []
+        for update, (trace, signal) in enumerate(estimates):
+            samples += ramp.batch
+            decided.append(ramp.observe(update=update, samples=samples, trace=trace, signal=signal))
+        runs.append((decided, ramp))
+    assert runs[0][0] == runs[1][0] and any(runs[0][0])
+    restored = controller(max_batch=256, start=4, patience=4, dataset_size=10_000)
+    restored.load_state_dict(json.loads(json.dumps(runs[0][1].state_dict())))
+    assert restored.decisions == runs[0][1].decisions and restored.batch == runs[0][1].batch
+
+
+@pytest.mark.parametrize(
+    ("settings", "start", "field", "words"),
+    [
+        ({"max_batch": 8}, 16, "max_batch", "must be >= the start batch (16)"),
+        ({"max_batch": 48}, 8, "max_batch", "reachable by doubling the start batch (8); the nearest: 32, 64"),
+        ({"max_batch": 64}, 4, "start_batch", "at least 2 gradient estimates per update"),
+    ],
+)
+def test_an_automatic_ramp_it_cannot_run_is_refused(settings, start, field, words):
+    with pytest.raises(SettingError) as caught:
+        AutoRamp(**settings).check(start, micro_batch=4, micro_step_samples=4)
+    assert caught.value.field == field and words in str(caught.value)
+
+
+@pytest.mark.parametrize("efficiency", [0.5, 1.0, 0.3, 1.2, True])
+def test_a_threshold_outside_half_to_one_is_refused(efficiency):
+    with pytest.raises(SettingError) as caught:
+        AutoRamp(max_batch=64, efficiency=efficiency)
+    assert caught.value.field == "efficiency" and "(0.5, 1)" in str(caught.value)
+
+
+def test_the_decisions_replay_as_a_scheduled_ramp_with_exact_stage_starts():
+    dataset_size, micro = 997, 4
+    start = ramped_plan(CONFIG, "8@0", dataset_size=dataset_size, epochs=3, micro_step_samples=micro)
+    ramp, grown, samples = controller(max_batch=64, start=8, patience=7, dataset_size=dataset_size, epochs=3), start, 0
+    for update in range(10_000):
+        if update >= grown.total_steps:
+            break
+        samples += grown.batch_for_update(update)
+        decision = ramp.observe(update=update, samples=samples, trace=1e6, signal=1.0)
+        if decision:
+            new = CONFIG.plan(batch_size=decision.new_batch, dataset_size=dataset_size, epochs=3)
+            grown = grown.with_stage(new, decision.epoch)
+    text = ramp_from_decisions([d.to_dict() for d in ramp.decisions])
+    assert text == "8@0,16@" + repr(56 / 997) + ",32@" + repr(168 / 997) + ",64@" + repr(392 / 997)
+    replayed = ramped_plan(CONFIG, text, dataset_size=dataset_size, epochs=3, micro_step_samples=micro)
+    assert replayed == grown
+    assert [replayed.batch_for_update(n) for n in range(replayed.total_steps)] == [8] * 7 + [16] * 7 + [32] * 7 + [
+        64
+    ] * replayed.stages[-1].updates
+    assert ramp_from_decisions([], start_batch=8) == "8@0"
+    assert BatchRamp.parse("32@0,64@0.5").to_text() == "32@0,64@0.5"  # short where short is exact

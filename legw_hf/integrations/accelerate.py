@@ -17,6 +17,7 @@ returns a wrapper whose ``step()`` advances the plan once per real optimizer upd
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from ..adascale import MODES as ADASCALE_MODES, AdaScaleScheduler, GradientStati
 from ..errors import SettingError, one_of, positive, positive_int
 from ..noise_scale import GradientNoise, check_scale
 from ..plan import LegwConfig, LegwPlan
-from ..ramp import BatchRamp, RampedPlan, ramped_plan
+from ..ramp import AutoRamp, BatchRamp, RampController, RampDecision, RampedPlan, ramped_plan
 from ..scheduler import LegwScheduler, SkippedStepDetector
 from . import deepspeed as deepspeed_config
 from .adascale import MicroStepProtocol, measure_micro_steps
@@ -104,7 +105,7 @@ def create_legw_scheduler(
     num_epochs: float | None = None,
     max_steps: int | None = None,
     batch_size: int | None = None,
-    batch_ramp: BatchRamp | str | None = None,
+    batch_ramp: BatchRamp | str | AutoRamp | None = None,
 ) -> AcceleratorLegwScheduler:
     """Build, register for checkpointing and return the LEGW scheduler of an accelerate loop.
 
@@ -121,7 +122,9 @@ def create_legw_scheduler(
             grows during the run and each update takes LEGW's LR for its own batch (:class:`~legw_hf.ramp.RampedPlan`).
             The loop then draws each update's micro-batches from :func:`ramped_updates`; the ``Accelerator`` keeps
             ``gradient_accumulation_steps=1`` and every stage batch must be a multiple of the dataloader's batch ×
-            processes. Takes ``num_epochs``, not ``max_steps`` or ``batch_size``.
+            processes. Takes ``num_epochs``, not ``max_steps`` or ``batch_size``. An
+            :class:`~legw_hf.ramp.AutoRamp` decides the ramp during the run from the measured gradient noise scale
+            (:class:`AcceleratorAutoRamp`); its loop calls ``update.backward(loss)``, which measures each micro-batch.
     """
     if batch_ramp is not None:
         return _create_ramped_scheduler(accelerator, optimizer, config, train_dataloader, batch_ramp, num_epochs)
@@ -162,9 +165,16 @@ def _create_ramped_scheduler(
     optimizer: torch.optim.Optimizer,
     config: LegwConfig,
     train_dataloader: Any,
-    batch_ramp: BatchRamp | str,
+    batch_ramp: BatchRamp | str | AutoRamp,
     num_epochs: float | None,
 ) -> AcceleratorLegwScheduler:
+    if isinstance(batch_ramp, str) and batch_ramp.strip() == "auto":
+        raise SettingError(
+            "batch_ramp",
+            "takes an automatic ramp as AutoRamp(max_batch=..., efficiency=0.8, patience=20) (legw_hf.ramp): it needs "
+            "at least its cap",
+            batch_ramp,
+        )
     if not isinstance(train_dataloader, (DataLoaderShard, DataLoaderDispatcher)):
         raise SettingError(
             "train_dataloader", "must be the dataloader returned by accelerator.prepare", type(train_dataloader)
@@ -186,11 +196,168 @@ def _create_ramped_scheduler(
             f"dataset whose size is a multiple of batch x processes = {micro_step}",
             len(train_dataloader.dataset),
         )
-    plan = ramped_plan(config, batch_ramp, dataset_size=epoch_samples, epochs=num_epochs, micro_step_samples=micro_step)
-    deepspeed_layouts.attach(optimizer)
-    scheduler = AcceleratorLegwScheduler(LegwScheduler(optimizer, plan), accelerator)
+    if isinstance(batch_ramp, AutoRamp):
+        scheduler = _create_auto_ramp(accelerator, optimizer, config, batch_ramp, micro_step, epoch_samples, num_epochs)
+    else:
+        plan = ramped_plan(
+            config, batch_ramp, dataset_size=epoch_samples, epochs=num_epochs, micro_step_samples=micro_step
+        )
+        deepspeed_layouts.attach(optimizer)
+        scheduler = AcceleratorLegwScheduler(LegwScheduler(optimizer, plan), accelerator)
     accelerator.register_for_checkpointing(scheduler)
     return scheduler
+
+
+def _create_auto_ramp(
+    accelerator: Accelerator,
+    optimizer: torch.optim.Optimizer,
+    config: LegwConfig,
+    settings: AutoRamp,
+    micro_step: int,
+    dataset_size: int,
+    epochs: float,
+) -> AcceleratorAutoRamp:
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        raise SettingError(
+            "batch_ramp",
+            "AutoRamp needs each micro-batch's gradient, which DeepSpeed and FSDP reduce or partition before it is "
+            "seen (run it with DDP)",
+            accelerator.distributed_type.value,
+        )
+    micro_batch = micro_step // accelerator.num_processes
+    start = micro_step if settings.start_batch is None else settings.start_batch
+    settings.check(start, micro_batch=micro_batch, micro_step_samples=micro_step)
+    plans = {}
+    for batch in settings.batches(start):
+        try:
+            plans[batch] = config.plan(batch_size=batch, dataset_size=dataset_size, epochs=epochs)
+        except SettingError as error:
+            raise SettingError(
+                "max_batch",
+                f"must be a batch LEGW can plan for this run: at batch {batch}, {error}",
+                settings.max_batch,
+            ) from None
+    plan = ramped_plan(config, f"{start}@0", dataset_size=dataset_size, epochs=epochs, micro_step_samples=micro_step)
+    controller = RampController(settings, start, dataset_size=dataset_size, epochs=epochs)
+    noise = GradientNoise(micro_batch=micro_batch, base_batch=micro_batch, global_batch=start)
+    return AcceleratorAutoRamp(LegwScheduler(optimizer, plan), accelerator, controller, noise, plans)
+
+
+class AcceleratorAutoRamp(AcceleratorLegwScheduler):
+    """The scheduler of an accelerate loop whose batch ramp is decided as it runs (:class:`~legw_hf.ramp.AutoRamp`).
+
+    Each update's micro-batch gradients are measured in ``update.backward(loss)`` (:func:`ramped_updates`) into
+    :attr:`noise` (moving averages of tr Σ and ‖G‖², the statistics AdaScale uses); :meth:`step` hands them to the
+    :attr:`controller` and, when it doubles the batch, adds the new batch's LEGW plan as a stage of the plan,
+    starting with the next update, before setting that update's LR. Each change is logged (INFO, and a JSON line in
+    ``AutoRamp.log``) and kept in :attr:`decisions`; :func:`~legw_hf.ramp.ramp_from_decisions` turns them into
+    the scheduled ramp that replays the run. The state (``save_state``/``load_state``) holds the plan so far, the
+    controller and the moving averages.
+    """
+
+    def __init__(
+        self,
+        scheduler: LegwScheduler,
+        accelerator: Accelerator,
+        controller: RampController,
+        noise: GradientNoise,
+        plans: dict[int, LegwPlan],
+    ) -> None:
+        super().__init__(scheduler, accelerator)
+        self.controller = controller
+        self.noise = noise
+        self._plans = plans
+        self.micro_steps: MicroStepProtocol | None = None
+        self._measured = False
+
+    @property
+    def decisions(self) -> list[RampDecision]:
+        """The changes so far, in order."""
+        return self.controller.decisions
+
+    def measure(self, model: torch.nn.Module) -> MicroStepProtocol:
+        """Attach the gradient statistics to ``model`` (once; :func:`ramped_updates` calls this)."""
+        if self.micro_steps is None:
+            self.micro_steps = measure_micro_steps(
+                self.accelerator,
+                model,
+                self.scheduler.optimizer,
+                self.noise,
+                mode="diagnostics",
+                begin_update=self._update_measured,
+            )
+        return self.micro_steps
+
+    def _update_measured(self) -> None:
+        self._measured = True
+
+    def step(self) -> None:
+        if not self._measured:
+            raise RuntimeError(
+                "AutoRamp measures every micro-batch: call update.backward(loss) (ramped_updates), not "
+                "accelerator.backward, for each of the update's micro-batches before scheduler.step()"
+            )
+        self._measured = False
+        if not update_was_applied(self.accelerator, self._skips):
+            return
+        plan = self.scheduler.plan
+        update = self.scheduler.updates
+        decision = self.controller.observe(
+            update=update, samples=plan.samples_before(update + 1), trace=self.noise.trace, signal=self.noise.signal
+        )
+        if decision is not None:
+            self.scheduler.plan = plan.with_stage(self._plans[decision.new_batch], decision.epoch)
+            self.noise.global_batch = decision.new_batch
+            self._log(decision)
+        self.scheduler.step()
+
+    def _log(self, decision: RampDecision) -> None:
+        logger.info(
+            "AutoRamp: batch %d -> %d from update %d (%d samples, epoch %.4g): B_simple %.4g (trace %.4g, signal "
+            "%.4g), doubling efficiency %.3f >= %g",
+            decision.old_batch,
+            decision.new_batch,
+            decision.update,
+            decision.samples,
+            decision.epoch,
+            decision.b_simple,
+            decision.trace,
+            decision.signal,
+            decision.efficiency,
+            self.controller.settings.efficiency,
+        )
+        path = self.controller.settings.log
+        if path is not None and self.accelerator.is_main_process:
+            with open(path, "a") as log:
+                log.write(json.dumps(decision.to_dict()) + "\n")
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scheduler.state_dict() | {
+            "auto_ramp": {"controller": self.controller.state_dict(), "noise": self.noise.state_dict()}
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the ramp so far (the plan's stages), the controller, the moving averages and the progress."""
+        saved = state_dict.get("plan")
+        if isinstance(saved, dict) and "ramp" in saved:
+            ramp = BatchRamp.parse(saved["ramp"])
+            batches = [stage.batch_size for stage in ramp.stages]
+            if any(batch not in self._plans for batch in batches) or batches[0] != self.controller.start_batch:
+                raise ValueError(
+                    f"the checkpoint's ramp {ramp.to_text()} is not one this AutoRamp can take (from batch "
+                    f"{self.controller.start_batch}, doubling up to {self.controller.settings.max_batch})"
+                )
+            self.scheduler.plan = RampedPlan(
+                ramp=ramp,
+                plans=tuple(self._plans[batch] for batch in batches),
+                micro_step_samples=self.plan.micro_step_samples,
+            )
+        super().load_state_dict(state_dict)
+        auto = state_dict.get("auto_ramp")
+        if auto is not None:
+            self.controller.load_state_dict(auto["controller"])
+            self.noise.load_state_dict(auto["noise"])
+        self.noise.global_batch = self.controller.batch
 
 
 @dataclass
@@ -203,10 +370,12 @@ class RampedUpdate:
     _batches: Iterator[Any]
     _accelerator: Accelerator
     _model: Any
+    _measure: MicroStepProtocol | None = None
+    _backwards: int = 0
 
     def micro_batches(self) -> Iterator[Any]:
         """The update's ``accumulation`` micro-batches. Gradients are all-reduced only on the last one (the others
-        run under ``accelerator.no_sync``); scale each loss by ``1 / accumulation``."""
+        run under ``accelerator.no_sync``); scale each loss by ``1 / accumulation``, or call :meth:`backward`."""
         for position in range(self.accumulation):
             batch = next(self._batches)
             if position + 1 < self.accumulation:
@@ -214,6 +383,21 @@ class RampedUpdate:
                     yield batch
             else:
                 yield batch
+
+    def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
+        """``accelerator.backward(loss / accumulation)`` for one micro-batch's mean loss; with an automatic ramp
+        also that micro-batch's gradient statistics (there it replaces ``accelerator.backward``)."""
+        self._backwards += 1
+        if self._backwards > self.accumulation:
+            raise RuntimeError(f"update {self.index} has {self.accumulation} micro-batches: one backward for each")
+        scaled = loss / self.accumulation
+        if self._measure is None:
+            self._accelerator.backward(scaled, **kwargs)
+            return
+        last = self._backwards == self.accumulation
+        self._measure.backward(
+            lambda: self._accelerator.backward(scaled, **kwargs), 1.0 / self.accumulation, last_micro_batch=last
+        )
 
 
 def ramped_updates(
@@ -225,24 +409,28 @@ def ramped_updates(
         scheduler = create_legw_scheduler(accelerator, optimizer, config, loader, num_epochs=3, batch_ramp="64@0,256@1")
         for update in ramped_updates(accelerator, scheduler, loader, model):
             for batch in update.micro_batches():
-                accelerator.backward(model(**batch).loss / update.accumulation)
+                update.backward(model(**batch).loss)  # accelerator.backward(loss / update.accumulation)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
 
     Micro-batches are drawn across epoch ends (``set_epoch`` at each), since an update at one batch may begin in one
-    epoch and end in the next.
+    epoch and end in the next. The plan is read again for every update: an automatic ramp (``AutoRamp``) adds
+    stages as it runs, and ``update.backward`` is where it measures the gradients.
     """
     plan = scheduler.plan
     if not isinstance(plan, RampedPlan):
         raise SettingError("scheduler", "must be made with batch_ramp (create_legw_scheduler)", type(plan).__name__)
+    measure = scheduler.measure(model) if isinstance(scheduler, AcceleratorAutoRamp) else None
     micro_steps = _micro_batch_stream(
         accelerator, train_dataloader, plan.samples_before(scheduler.updates) // plan.micro_step_samples
     )
-    for index in range(scheduler.updates, plan.total_steps):
-        yield RampedUpdate(
-            index, plan.batch_for_update(index), plan.accumulation_for_update(index), micro_steps, accelerator, model
-        )
+    index = scheduler.updates
+    while index < scheduler.plan.total_steps:
+        plan = scheduler.plan
+        batch, accumulation = plan.batch_for_update(index), plan.accumulation_for_update(index)
+        yield RampedUpdate(index, batch, accumulation, micro_steps, accelerator, model, measure)
+        index += 1
 
 
 def _micro_batch_stream(accelerator: Accelerator, loader: Any, done: int) -> Iterator[Any]:
