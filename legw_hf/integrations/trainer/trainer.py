@@ -221,7 +221,8 @@ class LegwTrainer(Trainer):
                 "legw_hf lets Trainer average the micro-batch losses instead (as model.accepts_loss_kwargs = False "
                 "would).",
                 name,
-                self.args.gradient_accumulation_steps
+                # the update's accumulation: Trainer's, or with a batch ramp the first stage's
+                self.current_gradient_accumulation_steps
                 * (self.accelerator.num_processes if self.args.average_tokens_across_devices else 1),
             )
             self.model_accepts_loss_kwargs = False
