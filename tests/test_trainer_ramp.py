@@ -111,6 +111,18 @@ def test_a_one_stage_ramp_trains_as_trainer_s_own_accumulation(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_epoch_strategies_follow_the_data_epochs(tmp_path):
+    """save_strategy="epoch": a checkpoint after each update in which a data epoch ends (Trainer sees one epoch)."""
+    trainer = train(ramp_training_args(tmp_path / "out", save_strategy="epoch"))
+    # epoch 1 ends inside update 13 (samples 96-104), epoch 2 with update 19 (sample 200), epoch 3 with the last
+    assert sorted(path.name for path in (tmp_path / "out").glob("checkpoint-*")) == [
+        "checkpoint-13",
+        "checkpoint-19",
+        "checkpoint-23",
+    ]
+    assert trainer.state.epoch == pytest.approx(3.28)
+
+
 class ItemsRegressor(Regressor):
     """A loss normalised by Trainer's ``num_items_in_batch`` (the update's label count), recording each count."""
 
@@ -167,6 +179,7 @@ def test_a_run_resumed_mid_ramp_ends_bit_identical(tmp_path):
         ({"legw_adascale": "gain"}, "legw_adascale", "set the LR themselves"),
         ({"auto_find_batch_size": True}, "auto_find_batch_size", "must not shrink"),
         ({"dataloader_drop_last": True}, "dataloader_drop_last", "no batch is partial"),
+        ({"ignore_data_skip": True}, "ignore_data_skip", "skips the updates done"),
         ({"fsdp": "full_shard"}, "fsdp", "not supported with --legw_batch_ramp yet"),
         ({"train_sampling_strategy": "group_by_length"}, "train_sampling_strategy", "draws each update's samples"),
         ({"accelerator_config": {"split_batches": True}}, "accelerator_config", "split_batches off"),

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
+from transformers import DefaultFlowCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ...adascale import AdaScaleScheduler
@@ -132,9 +132,7 @@ class LegwCallback(TrainerCallback):
     def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
         lr_scheduler = unwrap_scheduler(lr_scheduler)
         if isinstance(lr_scheduler, LegwScheduler) and isinstance(lr_scheduler.plan, RampedPlan):
-            # Trainer sees one epoch of the whole ramp; the epoch of the data is the samples taken.
-            plan = lr_scheduler.plan
-            state.epoch = plan.samples_before(state.global_step) / plan.dataset_size
+            _follow_data_epochs(lr_scheduler.plan, args, state, control)
         if isinstance(lr_scheduler, AdaScaleScheduler) and lr_scheduler.finished:
             control.should_training_stop = True
 
@@ -151,6 +149,17 @@ def unwrap_scheduler(scheduler: Any) -> Any:
     while not isinstance(scheduler, LegwScheduler) and hasattr(scheduler, "scheduler"):
         scheduler = scheduler.scheduler
     return scheduler
+
+
+def _follow_data_epochs(plan: RampedPlan, args: Any, state: Any, control: Any) -> None:
+    """Trainer sees one epoch of the whole ramp: ``state.epoch`` is set to the data's (samples taken ÷ dataset size),
+    and an update in which a data epoch ends gets what Trainer does at an epoch end (``*_strategy="epoch"``: log,
+    evaluate, save). The last update's is Trainer's own epoch end."""
+    done = plan.samples_before(state.global_step)
+    state.epoch = done / plan.dataset_size
+    before = plan.samples_before(state.global_step - 1)
+    if done // plan.dataset_size > before // plan.dataset_size and state.global_step < state.max_steps:
+        DefaultFlowCallback().on_epoch_end(args, state, control)
 
 
 def _check_ramp_matches_run(plan: RampedPlan, args: LegwArguments, state: Any) -> None:

@@ -57,6 +57,8 @@ def check_ramp_arguments(args: Any) -> None:
         "auto_find_batch_size": "must be off with {ramp}: the stage batches are multiples of the per-device batch, "
         "which must not shrink",
         "dataloader_drop_last": "must be off with {ramp}: updates run across epoch ends, so no batch is partial",
+        "ignore_data_skip": "must be off with {ramp}: a resumed ramp skips the updates done (the next updates' "
+        "samples and batches are their own)",
     }
     for name in changed_fields(args, tuple(refusals)):
         raise SettingError(name, refusals[name].format(ramp=ramp), getattr(args, name))
@@ -260,7 +262,7 @@ def ramp_dataloader(trainer: Any, plan: RampedPlan) -> Any:
         processes=args.world_size,
         micro_batch=args.train_batch_size,
         seed=args.data_seed if args.data_seed is not None else args.seed,
-        shuffle=args.train_sampling_strategy != "sequential",
+        shuffle=getattr(args, "train_sampling_strategy", "random") != "sequential",
     )
     loader = DataLoader(
         dataset,
