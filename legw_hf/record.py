@@ -4,7 +4,10 @@ The file is a JSON list with one entry per plan the run followed, oldest first. 
 ``legw-hf plan --json`` (``batch``, ``k``, ``rule``, ``peak_lr``, ``warmup_epochs``, ``warmup_steps``,
 ``steps_per_epoch``, ``total_steps``, ``epochs``, ``decay``), ``from_update`` (the optimizer update at which the run
 started to follow it; ``null`` for a plan known only from the checkpoint a run resumed from) and ``plan``, the
-whole plan as :meth:`~legw_hf.plan.LegwPlan.to_dict` writes it (``legw_hf.plan_from_dict`` rebuilds it).
+whole plan as :meth:`~legw_hf.plan.LegwPlan.to_dict` writes it (``legw_hf.plan_from_dict`` rebuilds it). A batch
+ramp's entry (:class:`~legw_hf.ramp.RampedPlan`) holds ``ramp`` (its text), ``stages`` (one row per stage: batch, k,
+accumulation, first update, updates, start epoch, peak LR, warmup epochs), ``total_steps`` and ``epochs`` instead of
+the one batch's keys.
 
 A run that resumes with the plan it saved adds nothing; one that resumes with another plan (say, a new batch
 size) adds an entry, after the checkpoint's own plan if the file does not end with it. Entries already in the
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .plan import LegwPlan, plan_from_dict
+from .ramp import RampedPlan
 
 PLAN_FILE = "legw_plan.json"
 
@@ -40,7 +44,10 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     replace_file(path, json.dumps(data, indent=2) + "\n")
 
 
-def plan_entry(plan: LegwPlan, from_update: int | None) -> dict[str, Any]:
+def plan_entry(plan: LegwPlan | RampedPlan, from_update: int | None) -> dict[str, Any]:
+    if isinstance(plan, RampedPlan):
+        summary = {"ramp": plan.ramp.to_text(), "stages": plan.summary(), "total_steps": plan.total_steps}
+        return {**summary, "epochs": plan.epochs, "from_update": from_update, "plan": plan.to_dict()}
     return {**plan.summary(), "from_update": from_update, "plan": plan.to_dict()}
 
 
@@ -57,7 +64,7 @@ def read_plan_record(directory: str | os.PathLike) -> list[dict[str, Any]]:
 
 def record_plan(
     directory: str | os.PathLike,
-    plan: LegwPlan,
+    plan: LegwPlan | RampedPlan,
     *,
     from_update: int,
     checkpoint_plan: dict[str, Any] | None = None,

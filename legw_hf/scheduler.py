@@ -207,7 +207,8 @@ def get_scheduler(
 
 
 _CONFIG_KEYS = names_of("config")
-_RUN_KEYS = names_of("run")
+# a batch ramp is a RampedPlan (legw_hf.ramp.ramped_plan), handed over as plan=
+_RUN_KEYS = tuple(name for name in names_of("run") if name != "batch_ramp")
 
 
 def _plan_from_settings(

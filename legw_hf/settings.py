@@ -39,7 +39,7 @@ class Setting:
     without the ``legw_`` prefix is Trainer's own argument (``learning_rate``), which legw_hf reads rather than
     declares. ``cli`` is the ``legw-hf plan`` / ``ds-config`` flag (``None``: not offered there), ``cli_group`` a
     group of those flags of which at most one may be given. ``nargs`` is argparse's (``"+"``, or a count), with
-    ``type`` the type of each value.
+    ``type`` the type of each value; ``metavar`` the value's form in the tables when a type name says too little.
     """
 
     name: str
@@ -55,6 +55,7 @@ class Setting:
     cli_group: str | None = None
     cli_repeat: bool = False
     deprecated: str | None = None
+    metavar: str | None = None
 
     @property
     def trainer_argument(self) -> str | None:
@@ -71,6 +72,8 @@ class Setting:
         of the ``legw-hf`` command line)."""
         if self.type is bool and host == "cli":
             return ""
+        if self.metavar:
+            return self.metavar
         if self.choices:
             return "|".join(self.choices)
         word = {int: "N", float: "X", bool: "true|false", str: "NAME"}[self.type]
@@ -206,6 +209,18 @@ SETTINGS: tuple[Setting, ...] = (
         cli="--drop-last",
     ),
     Setting("steps_per_epoch", "run", int, "Updates per epoch of the real dataloader.", trainer=None),
+    Setting(
+        "batch_ramp",
+        "run",
+        str,
+        "A global batch that grows during the run: comma-separated batch@epoch stages (8@0,16@1,32@2: batch 8 from "
+        "the start, 16 from epoch 1, 32 from epoch 2). Each update takes the batch of the stage its progress starts "
+        "in and LEGW's LR for that batch; the per-device batch stays fixed and the accumulation follows the stage. "
+        "The length is --num_train_epochs.",
+        trainer="legw_batch_ramp",
+        cli=None,
+        metavar="B@EPOCH[,B@EPOCH...]",
+    ),
     # ---------------------------------------------------------------- the optimizer (legw_hf.optim.choice)
     Setting(
         "optimizer",

@@ -18,6 +18,7 @@ from legw_hf import Lamb, Lars, LegwConfig, LegwTrainer, LegwTrainingArguments, 
 from legw_hf.adascale import MODES
 from legw_hf.optim import LAMB_PRESETS, LARS_PRESETS
 from legw_hf.optim.choice import OPTIMIZERS
+from legw_hf.ramp import ramped_plan
 from legw_hf.schedules import DECAY_OPTIONS
 from legw_hf.settings import (
     ADASCALE_MODES,
@@ -37,7 +38,9 @@ def test_the_schema_names_what_the_code_takes():
     assert set(names_of("decay")) == DECAY_OPTIONS | {"decay"}
     assert set(names_of("config")) == {f.name for f in dataclasses.fields(LegwConfig)} - {"decay"}
     plan_parameters = set(inspect.signature(LegwConfig.plan).parameters) - {"self"}
-    assert set(names_of("run")) == plan_parameters
+    # the batch ramp is the one run setting LegwConfig.plan does not take: legw_hf.ramp.ramped_plan takes it beside them
+    assert set(names_of("run")) == plan_parameters | {"batch_ramp"}
+    assert "ramp" in inspect.signature(ramped_plan).parameters
     assert len({s.name for s in SETTINGS}) == len(SETTINGS)
 
 

@@ -78,3 +78,44 @@ def legw_training_args(output_dir, **overrides) -> LegwTrainingArguments:
         seed=7,
     )
     return LegwTrainingArguments(**(settings | overrides))
+
+
+class RecordingRegressor(Regressor):
+    """A :class:`Regressor` that records the first feature of every training sample it sees, per forward (one list
+    per micro-batch): the samples identify themselves by it (:func:`sample_ids`)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.micro_batches: list[list[float]] = []
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.training:
+            self.micro_batches.append(x[:, 0].tolist())
+        return super().forward(x, y)
+
+
+class MicroBatchesPerUpdate(TrainerCallback):
+    """The micro-batches (first features of their samples) a :class:`RecordingRegressor` saw in each update."""
+
+    def __init__(self, model: RecordingRegressor) -> None:
+        self.model = model
+        self.updates: list[list[list[float]]] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.updates.append(list(self.model.micro_batches))
+        self.model.micro_batches.clear()
+
+
+def sample_ids(dataset: datasets.Dataset, first_features: list[float]) -> list[int]:
+    """The dataset indices of samples named by their first feature (as :class:`RecordingRegressor` records them)."""
+    index = {value: i for i, value in enumerate(dataset[:]["x"][:, 0].tolist())}
+    return [index[value] for value in first_features]
+
+
+def ramp_training_args(output_dir, **overrides) -> LegwTrainingArguments:
+    """:func:`legw_training_args` with the batch ramp 8@0,16@1,32@2 over 3 epochs at base batch 8 (warmup 0.2 epochs),
+    per-device 4, no accumulation of Trainer's own."""
+    ramp = {"legw_batch_ramp": "8@0,16@1,32@2", "legw_base_batch_size": 8, "legw_base_warmup_epochs": 0.2}
+    return legw_training_args(
+        output_dir, **({"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1} | ramp | overrides)
+    )

@@ -14,6 +14,7 @@ as transformers splits its own:
 - :mod:`.arguments`: :class:`LegwArguments` (the fields) and the checks that run when arguments are built;
 - :mod:`.optimizer`: the optimizer ``--legw_optimizer`` and its flags select;
 - :mod:`.trainer`: :class:`LegwTrainer`;
+- :mod:`.ramp`: the batch ramp (``--legw_batch_ramp``): its checks, its sampler and its dataloader;
 - :mod:`.resume`: what a checkpoint says about the plan it was saved under;
 - :mod:`.callback`: :class:`LegwCallback`.
 """

@@ -22,6 +22,7 @@ from ...settings import SETTINGS, trainer_argument
 from .. import deepspeed as deepspeed_config
 from .flags import PLAN_FLAGS, RUN_FLAGS, TRAINER_SCHEDULE_FLAGS, as_argument_error, changed_fields, legw_fields
 from .optimizer import adam_family, probe_optimizer
+from .ramp import check_ramp_accelerator, check_ramp_arguments, plan_of_ramp
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class LegwArguments(_LegwFields):
             deepspeed_config.require_deepspeed("deepspeed", self.deepspeed)
         self._warn_deprecated_flags()
         self._refuse_ignored_settings()
+        check_ramp_arguments(self)
         self._check_adascale_settings()
         self._legw_clipping_off = None
         if self.legw_optimizer is not None:
@@ -51,6 +53,7 @@ class LegwArguments(_LegwFields):
             self._settle_clipping(probe)
             self._warn_without_trust_ratio(probe)
         super().__post_init__()
+        check_ramp_accelerator(self)
         self._check_deepspeed_blocks()
         if self._legw_clipping_off is not None:
             self._settle_deepspeed_clipping()
@@ -377,8 +380,12 @@ def check_plan_before_training(args: LegwArguments, train_dataset: Any, config: 
     Trainer writes anything.
 
     Steps per epoch here come from the dataset size, not yet from Trainer's dataloader: the exact plan is
-    built again when training starts.
+    built again when training starts. A batch ramp's plan is the whole plan already (it needs a sized dataset).
     """
+    if args.legw_batch_ramp is not None:
+        if train_dataset is not None:  # (else checked when training starts)
+            plan_of_ramp(args, train_dataset, config)
+        return
     dataset_size = args.legw_dataset_size
     if dataset_size is None and hasattr(train_dataset, "__len__"):
         dataset_size = len(train_dataset)

@@ -6,13 +6,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
+from transformers import DefaultFlowCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ...adascale import AdaScaleScheduler
 from ...noise_scale import GradientNoise
 from ...optim import layerwise_optimizer_of
 from ...plan import LegwPlan
+from ...ramp import RampedPlan
 from ...record import record_plan, write_json
 from ...scheduler import LegwScheduler, SkippedStepDetector
 from ..deepspeed import layouts as deepspeed_layouts
@@ -30,7 +31,8 @@ class LegwCallback(TrainerCallback):
 
     On train begin: the scheduler must be a :class:`LegwScheduler` whose plan matches Trainer's global
     batch, steps per epoch and total steps (else ``ValueError`` before the first step). Each log gets
-    ``legw_k`` (batch ÷ base batch) and ``legw_lr_scale`` (logged LR ÷ base LR), and with
+    ``legw_k`` (batch ÷ base batch) and ``legw_lr_scale`` (logged LR ÷ base LR) (with a batch ramp also
+    ``legw_batch``, the logged update's batch, and ``state.epoch`` reads the samples taken ÷ dataset size), and with
     :class:`~legw_hf.Lamb` or :class:`~legw_hf.Lars` the last step's trust ratios
     (``trust_ratio/min|median|max``; per parameter with ``--legw_trust_log per_layer``).
 
@@ -40,7 +42,7 @@ class LegwCallback(TrainerCallback):
     """
 
     def __init__(self) -> None:
-        self.plan: LegwPlan | None = None
+        self.plan: LegwPlan | RampedPlan | None = None
         #: The run's gradient noise statistics (--legw_adascale); LegwTrainer sets it.
         self.noise: GradientNoise | None = None
         #: Whether the trainer plans with a config given in code (``LegwTrainer(legw_config=...)``) rather than the
@@ -79,7 +81,10 @@ class LegwCallback(TrainerCallback):
                 "legw_hf.LegwTrainer, or pass legw_hf.get_scheduler('legw', ...) in Trainer(optimizers=...)"
             )
         plan = lr_scheduler.plan
-        _check_plan_matches_run(plan, args, state, train_dataloader)
+        if isinstance(plan, RampedPlan):
+            _check_ramp_matches_run(plan, args, state)
+        else:
+            _check_plan_matches_run(plan, args, state, train_dataloader)
         self.plan = plan
         # Every process logs at its own level, as Trainer does: by default only the main process shows it.
         logger.info(plan.describe())
@@ -99,7 +104,12 @@ class LegwCallback(TrainerCallback):
             return
         extra: dict[str, float] = {}
         lr_scheduler = unwrap_scheduler(lr_scheduler)
-        if isinstance(lr_scheduler, LegwScheduler):
+        if isinstance(lr_scheduler, LegwScheduler) and isinstance(lr_scheduler.plan, RampedPlan):
+            plan = lr_scheduler.plan
+            batch = plan.batch_for_update(max(state.global_step - 1, 0))  # the update whose LR is logged
+            base = plan.plans[0].base_batch_size
+            extra.update(legw_batch=batch, legw_k=batch / base, legw_lr_scale=logs["learning_rate"] / plan.base_lr)
+        elif isinstance(lr_scheduler, LegwScheduler):
             plan = lr_scheduler.plan
             extra.update(legw_k=plan.k, legw_lr_scale=logs["learning_rate"] / plan.base_lr)
         if isinstance(lr_scheduler, AdaScaleScheduler):
@@ -121,6 +131,8 @@ class LegwCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
         lr_scheduler = unwrap_scheduler(lr_scheduler)
+        if isinstance(lr_scheduler, LegwScheduler) and isinstance(lr_scheduler.plan, RampedPlan):
+            _follow_data_epochs(lr_scheduler.plan, args, state, control)
         if isinstance(lr_scheduler, AdaScaleScheduler) and lr_scheduler.finished:
             control.should_training_stop = True
 
@@ -137,6 +149,28 @@ def unwrap_scheduler(scheduler: Any) -> Any:
     while not isinstance(scheduler, LegwScheduler) and hasattr(scheduler, "scheduler"):
         scheduler = scheduler.scheduler
     return scheduler
+
+
+def _follow_data_epochs(plan: RampedPlan, args: Any, state: Any, control: Any) -> None:
+    """Trainer sees one epoch of the whole ramp: ``state.epoch`` is set to the data's (samples taken ÷ dataset size),
+    and an update in which a data epoch ends gets what Trainer does at an epoch end (``*_strategy="epoch"``: log,
+    evaluate, save). The last update's is Trainer's own epoch end."""
+    done = plan.samples_before(state.global_step)
+    state.epoch = done / plan.dataset_size
+    before = plan.samples_before(state.global_step - 1)
+    if done // plan.dataset_size > before // plan.dataset_size and state.global_step < state.max_steps:
+        DefaultFlowCallback().on_epoch_end(args, state, control)
+
+
+def _check_ramp_matches_run(plan: RampedPlan, args: LegwArguments, state: Any) -> None:
+    micro_step = args.train_batch_size * args.world_size
+    mismatches = []
+    if plan.micro_step_samples != micro_step:
+        mismatches.append(f"micro-batch step {plan.micro_step_samples} vs Trainer's {micro_step}")
+    if plan.total_steps != state.max_steps:
+        mismatches.append(f"total steps {plan.total_steps} vs Trainer's {state.max_steps}")
+    if mismatches:
+        raise ValueError("The LEGW batch ramp does not match this run: " + "; ".join(mismatches))
 
 
 def _check_plan_matches_run(plan: LegwPlan, args: LegwArguments, state: Any, train_dataloader: Any) -> None:

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import itertools
 import json
 import logging
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from ...errors import SettingError
 from ...noise_scale import GradientNoise
 from ...optim import Lamb, Lars, decay_param_groups
 from ...plan import LegwConfig, LegwPlan
+from ...ramp import RampedPlan
 from ...scheduler import LegwScheduler, updates_in_new_plan
 from ...settings import settings_of
 from ..adascale import MicroStepProtocol, measure_micro_steps
@@ -28,6 +31,7 @@ from .arguments import LegwArguments, check_plan_before_training
 from .callback import NOISE_STATE_FILE, LegwCallback, unwrap_scheduler
 from .flags import TRAINER_SCHEDULE_FLAGS, changed_fields
 from .optimizer import optimizer_cls_and_kwargs
+from .ramp import MicroBatches, check_ramp_resume, plan_of_ramp, ramp_dataloader
 from .resume import checkpoint_plan
 
 logger = logging.getLogger(__name__)
@@ -59,6 +63,8 @@ class LegwTrainer(Trainer):
             the dataloader's steps per epoch, ``num_train_epochs`` or ``max_steps``.
         *args, **kwargs: ``Trainer``'s.
 
+    With ``--legw_batch_ramp`` the global batch grows by stages and each update takes LEGW's LR for its own batch
+    (:mod:`legw_hf.integrations.trainer.ramp`: one dataloader batch per update, split into micro-batches here).
     Also builds ``--legw_optimizer`` when given and installs :class:`LegwCallback`. Combine with another
     Trainer subclass by listing it first: ``class MyTrainer(LegwTrainer, Seq2SeqTrainer)``.
     Settings are checked before ``Trainer.__init__`` touches the output directory.
@@ -108,6 +114,8 @@ class LegwTrainer(Trainer):
                 self._legw_micro_steps = None
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None):
+        if isinstance(inputs, MicroBatches):
+            return self._ramped_training_step(model, inputs, num_items_in_batch)
         self._check_loss_kwargs_once(model, inputs, num_items_in_batch)
         if self.legw_noise is None:
             return super().training_step(model, inputs, num_items_in_batch)
@@ -125,6 +133,30 @@ class LegwTrainer(Trainer):
             self._micro_batch_weight(inputs, num_items_in_batch),
             last_micro_batch=self.accelerator.sync_gradients,
         )
+
+    def _ramped_training_step(self, model: torch.nn.Module, share: MicroBatches, num_items_in_batch: Any) -> Any:
+        """One update of a batch ramp (``--legw_batch_ramp``): Trainer's step on each micro-batch of this process's
+        share, gradients all-reduced on the last only; a mean loss is averaged over the update's micro-batches (a loss
+        normalised by ``num_items_in_batch`` already is: the count is the whole update's). The summed loss, as
+        Trainer's accumulation sums it."""
+        self.current_gradient_accumulation_steps = len(share)
+        total = None
+        for position, inputs in enumerate(share):
+            last = position == len(share) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                loss = self.training_step(model, inputs, num_items_in_batch)
+            total = loss if total is None else total + loss
+        return total
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        """Trainer's; with a batch ramp, the update's share (:class:`MicroBatches`) and ``num_items_in_batch`` counted
+        by Trainer over all of its micro-batches (and processes, with ``average_tokens_across_devices``)."""
+        if not self.legw_ramp:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        shares = list(itertools.islice(epoch_iterator, num_batches))  # one: Trainer's accumulation is 1
+        micro_batches = [inputs for share in shares for inputs in share]
+        _, num_items_in_batch = super().get_batch_samples(iter(micro_batches), len(micro_batches), device)
+        return shares, num_items_in_batch
 
     def _begin_adascale_update(self) -> None:
         scheduler = unwrap_scheduler(self.lr_scheduler)
@@ -189,7 +221,8 @@ class LegwTrainer(Trainer):
                 "legw_hf lets Trainer average the micro-batch losses instead (as model.accepts_loss_kwargs = False "
                 "would).",
                 name,
-                self.args.gradient_accumulation_steps
+                # the update's accumulation: Trainer's, or with a batch ramp the first stage's
+                self.current_gradient_accumulation_steps
                 * (self.accelerator.num_processes if self.args.average_tokens_across_devices else 1),
             )
             self.model_accepts_loss_kwargs = False
@@ -206,6 +239,24 @@ class LegwTrainer(Trainer):
             return self._legw_config_given
         return self.args.legw_config() if self.legw_enabled else None
 
+    @property
+    def legw_ramp(self) -> bool:
+        """Whether this run follows a batch ramp (``--legw_batch_ramp`` with LEGW on)."""
+        return self.legw_enabled and getattr(self.args, "legw_batch_ramp", None) is not None
+
+    def legw_ramped_plan(self) -> RampedPlan:
+        """The batch ramp's plan for this run: the ramp over ``num_train_epochs`` of the train dataset."""
+        return plan_of_ramp(self.args, self.train_dataset, config=self._legw_config_given)
+
+    def get_train_dataloader(self) -> Any:
+        """Trainer's, or with a batch ramp one batch per update: each process's share of the update, in micro-batches
+        of ``per_device_train_batch_size`` (:func:`~legw_hf.integrations.trainer.ramp.ramp_dataloader`)."""
+        if not self.legw_ramp:
+            return super().get_train_dataloader()
+        if self.train_dataset is None:
+            raise ValueError("Trainer: training requires a train_dataset.")
+        return ramp_dataloader(self, self.legw_ramped_plan())
+
     def _legw_callbacks(self) -> list[LegwCallback]:
         return [callback for callback in self.callback_handler.callbacks if isinstance(callback, LegwCallback)]
 
@@ -215,6 +266,11 @@ class LegwTrainer(Trainer):
         self._legw_run = _RunShape(values[1] if sized else None, values[2] if sized else None)
         if not self.legw_enabled:
             return values
+        if self.legw_ramp:
+            # One epoch of one batch per update (the dataloader's length); the samples are the ramp's.
+            plan = self.legw_ramped_plan()
+            steps = plan.total_steps
+            return (1, steps, values[2], plan.samples_before(steps), values[4], steps, steps)
         if self.args.legw_adascale_lr:
             # The run is as long as it takes τ to reach the base run's length: at most that many updates (r >= 1).
             return _with_total_steps(values, self.adascale_base_plan().total_steps)
@@ -246,7 +302,9 @@ class LegwTrainer(Trainer):
             max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
         )
         saved = checkpoint_plan(resume_from_checkpoint) if self.legw_enabled and resume_from_checkpoint else None
-        if saved is None:
+        check_ramp_resume(saved, self.legw_ramped_plan() if self.legw_ramp else None)
+        if saved is None or self.legw_ramp:
+            # A ramp's update n is the same samples at any world size: Trainer's step is the ramp's.
             return epochs_trained, steps_trained
         saved_step = self.state.global_step
         step = updates_in_new_plan(saved_step, saved, num_update_steps_per_epoch)
@@ -315,7 +373,9 @@ class LegwTrainer(Trainer):
         if not self.legw_enabled:
             return super().create_scheduler(num_training_steps, optimizer)
         if self.lr_scheduler is None:
-            self.lr_scheduler = LegwScheduler(optimizer or self.optimizer, self.legw_plan(num_training_steps))
+            # (a ramp's total steps are checked against Trainer's by LegwCallback at train begin)
+            plan = self.legw_ramped_plan() if self.legw_ramp else self.legw_plan(num_training_steps)
+            self.lr_scheduler = LegwScheduler(optimizer or self.optimizer, plan)
             self._created_lr_scheduler = True
         return self.lr_scheduler
 
