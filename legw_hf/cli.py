@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ from .errors import SettingError
 from .integrations import deepspeed as ds  # plain Python: writing a config needs no DeepSpeed
 from .launch import LaunchWorld, agreed_world, read_accelerate_config, read_hostfile, world_of
 from .plan import LegwConfig, LegwPlan
+from .ramp import BatchRamp, RampedPlan, ramped_plan
 from .recipes import PHASES, PretrainingPhase, phase, recipe_files
 from .schedules import DECAY_OPTIONS, make_decay
 from .settings import PLAN_SETTINGS, SETTING, Setting, cli_flag
@@ -213,10 +215,26 @@ def _config_and_run(args: argparse.Namespace) -> tuple[LegwConfig, dict, Pretrai
 
 def _plans(args: argparse.Namespace) -> list[LegwPlan]:
     config, run, recipe = _config_and_run(args)
+    if args.batch_ramp is not None:
+        return [_ramped(args, config, run)]
     batches = args.batch_size or (list(recipe.global_batches) if recipe else None)
     if not batches:
         raise _missing([cli_flag("batch_size")])
     return [config.plan(batch_size=batch, **run) for batch in batches]
+
+
+def _ramped(args: argparse.Namespace, config: LegwConfig, run: dict) -> RampedPlan:
+    """``plan --batch-ramp``: the ramped run's plan, every stage (its batch, accumulation, updates, LR range)."""
+    for name in ("batch_size", "plot"):
+        if getattr(args, name):
+            raise SettingError(name, "cannot be combined with --batch-ramp (the ramp gives the run's batches)", True)
+    if run.get("epochs") is None:
+        raise SettingError("epochs", "is the length a --batch-ramp run takes (its stages start at epochs)", None)
+    ramp = BatchRamp.parse(args.batch_ramp)
+    micro_step = args.micro_step_samples or math.gcd(*(stage.batch_size for stage in ramp.stages))
+    return ramped_plan(
+        config, ramp, dataset_size=run["dataset_size"], epochs=run["epochs"], micro_step_samples=micro_step
+    )
 
 
 def _world(args: argparse.Namespace) -> LaunchWorld:
@@ -253,6 +271,13 @@ def _ds_config(args: argparse.Namespace) -> str:
     )
     if not args.recipe and args.base_batch_size is None:
         args.recipe = "bert-large-phase1"
+    if args.batch_ramp is not None or args.micro_step_samples is not None:
+        raise SettingError(
+            "batch_ramp" if args.batch_ramp is not None else "micro_step_samples",
+            "is not offered by ds-config: a DeepSpeed config fixes one global batch, and the batch ramp does not run "
+            "under DeepSpeed yet",
+            args.batch_ramp or args.micro_step_samples,
+        )
     legw_config, run, _ = _config_and_run(args)
     plan = legw_config.plan(batch_size=split.global_batch, **run)
     text = json.dumps(config, indent=2) + "\n"
@@ -351,7 +376,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             plans = _plans(args)
             if args.plot:
                 _plot(plans, args.plot)
-            output = json.dumps([p.summary() for p in plans], indent=2) if args.json else _table(plans)
+            if isinstance(plans[0], RampedPlan):
+                output = json.dumps(plans[0].to_dict(), indent=2) if args.json else plans[0].describe()
+            else:
+                output = json.dumps([p.summary() for p in plans], indent=2) if args.json else _table(plans)
         elif args.command == "ds-config":
             output = _ds_config(args)
         elif args.command == "batch-flags":

@@ -218,8 +218,17 @@ SETTINGS: tuple[Setting, ...] = (
         "in and LEGW's LR for that batch; the per-device batch stays fixed and the accumulation follows the stage. "
         "The length is --num_train_epochs.",
         trainer="legw_batch_ramp",
-        cli=None,
+        cli="--batch-ramp",
         metavar="B@EPOCH[,B@EPOCH...]",
+    ),
+    Setting(
+        "micro_step_samples",
+        "run",
+        int,
+        "A ramp's micro-batch step over all processes (per-device batch x processes), in samples: each stage "
+        "accumulates batch / this many (default: the greatest common divisor of the stage batches).",
+        trainer=None,
+        cli="--micro-step",
     ),
     # ---------------------------------------------------------------- the optimizer (legw_hf.optim.choice)
     Setting(

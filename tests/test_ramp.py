@@ -225,3 +225,32 @@ def test_the_decisions_replay_as_a_scheduled_ramp_with_exact_stage_starts():
     ] * replayed.stages[-1].updates
     assert ramp_from_decisions([], start_batch=8) == "8@0"
     assert BatchRamp.parse("32@0,64@0.5").to_text() == "32@0,64@0.5"  # short where short is exact
+
+
+def test_legw_hf_plan_previews_a_ramp_as_a_run_takes_it():
+    from test_cli import run_cli
+
+    base = "--base-batch 32 --base-lr 0.1 --base-warmup-epochs 0.05 --epochs 3 --dataset-size 1000".split()
+    result = run_cli("plan", *base, "--batch-ramp", RAMP, "--micro-step", "16", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = plan_from_dict(json.loads(result.stdout))
+    expected = written_out([(32, 0.0), (64, 0.5), (128, 1.5)], dataset_size=1000, epochs=3.0)
+    assert [plan.batch_for_update(n) for n in range(plan.total_steps)] == [batch for batch, _ in expected]
+    assert [plan.lr_for_update(n) for n in range(plan.total_steps)] == pytest.approx([lr for _, lr in expected])
+    assert [stage.accumulation for stage in plan.stages] == [2, 4, 8]
+    text = run_cli("plan", *base, "--batch-ramp", RAMP).stdout
+    assert "batch 128 (k=4, accumulation 4)" in text  # micro step: the stage batches' greatest common divisor, 32
+    refused = run_cli(
+        "ds-config",
+        "--global-batch",
+        "64",
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "2",
+        "--micro-batch",
+        "4",
+        "--batch-ramp",
+        RAMP,
+    )
+    assert refused.returncode == 2 and "--batch-ramp is not offered by ds-config" in refused.stderr

@@ -39,7 +39,8 @@ def test_the_schema_names_what_the_code_takes():
     assert set(names_of("config")) == {f.name for f in dataclasses.fields(LegwConfig)} - {"decay"}
     plan_parameters = set(inspect.signature(LegwConfig.plan).parameters) - {"self"}
     # the batch ramp is the one run setting LegwConfig.plan does not take: legw_hf.ramp.ramped_plan takes it beside them
-    assert set(names_of("run")) == plan_parameters | {"batch_ramp"}
+    ramp_parameters = set(inspect.signature(ramped_plan).parameters) - {"config", "ramp"}
+    assert set(names_of("run")) == plan_parameters | {"batch_ramp"} | ramp_parameters
     assert "ramp" in inspect.signature(ramped_plan).parameters
     assert len({s.name for s in SETTINGS}) == len(SETTINGS)
 
