@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -246,25 +247,16 @@ def test_accelerate_loop_resumed_at_another_world_size(repo, tmp_path):
         torch.testing.assert_close(value, expected[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
+RAMP_LOOP = "--base-batch-size 8 --per-device-batch-size 2 --epochs 3 --dataset-size 64 --batch-ramp 8@0,16@1,32@2"
+
+
 @pytest.mark.multiprocess
-def test_a_batch_ramp_on_two_processes_takes_each_stage_batch_at_its_lr_and_resumes_mid_ramp_exactly(repo, tmp_path):
+def test_a_batch_ramp_on_two_processes_takes_each_stage_batch_at_its_lr(repo, tmp_path):
     """``--batch-ramp 8@0,16@1,32@2`` on 2 processes of 2 samples per micro-batch: every update takes its stage's
-    batch (the two processes' samples add up to it) at LEGW's LR for that batch; stopped after 10 updates (inside the
-    second stage) and resumed, the run ends with the uninterrupted run's weights, bit for bit."""
+    batch (the two processes' samples add up to it) at LEGW's LR for that batch."""
     script = repo / "examples" / "accelerate_loop.py"
-    loop = "--base-batch-size 8 --per-device-batch-size 2 --epochs 3 --dataset-size 64 --batch-ramp 8@0,16@1,32@2"
-    loop += " --optimizer lamb"
-    launch(
-        "accelerate",
-        script,
-        *loop.split(),
-        "--lr-log",
-        tmp_path / "lr",
-        "--parameters-out",
-        tmp_path / "whole.pt",
-        cwd=tmp_path,
-        timeout=300,
-    )
+    outputs = ["--optimizer", "lamb", "--lr-log", tmp_path / "lr"]
+    launch("accelerate", script, *RAMP_LOOP.split(), *outputs, cwd=tmp_path, timeout=300)
     expected = written_out(
         [(8, 0.0), (16, 1.0), (32, 2.0)],
         dataset_size=64,
@@ -280,19 +272,23 @@ def test_a_batch_ramp_on_two_processes_takes_each_stage_batch_at_its_lr_and_resu
     assert [a["samples"] + b["samples"] for a, b in zip(*rows, strict=True)] == [batch for batch, _ in expected]
     for rank_rows in rows:
         assert [row["lr"] for row in rank_rows] == pytest.approx([lr for _, lr in expected], rel=1e-12, abs=1e-15)
-    state = tmp_path / "stopped"
-    launch("accelerate", script, *loop.split(), "--stop-after", "10", "--output-dir", state, cwd=tmp_path, timeout=300)
-    launch(
-        "accelerate",
-        script,
-        *loop.split(),
-        "--resume-from",
-        state,
-        "--parameters-out",
-        tmp_path / "resumed.pt",
-        cwd=tmp_path,
-        timeout=300,
+
+
+def test_a_scheduled_ramp_resumed_mid_ramp_ends_bit_identical(repo, tmp_path, fresh_accelerate_state):
+    """The example's shuffled loop, stopped after 10 updates (inside the second stage) with ``save_state`` and
+    resumed with ``load_state``, ends with the uninterrupted run's weights, bit for bit."""
+    spec = importlib.util.spec_from_file_location("accelerate_loop", repo / "examples" / "accelerate_loop.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    loop = [*RAMP_LOOP.replace("--per-device-batch-size 2", "--per-device-batch-size 4").split(), "--optimizer", "lamb"]
+    runs = (
+        ["--parameters-out", tmp_path / "whole.pt"],
+        ["--stop-after", "10", "--output-dir", tmp_path / "stopped"],
+        ["--resume-from", tmp_path / "stopped", "--parameters-out", tmp_path / "resumed.pt"],
     )
+    for flags in runs:
+        AcceleratorState._reset_state(True)
+        example.main([*loop, *map(str, flags)])
     whole, resumed = (torch.load(tmp_path / name, weights_only=True) for name in ("whole.pt", "resumed.pt"))
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[key], resumed[key]) for key in whole)

@@ -11,7 +11,16 @@ import torch
 from launch import launch
 from legw_oracle import legw_poly_lr, nvidia_lr
 from procs import REPO
-from toy import Regressor, StopAt, legw_training_args, logged_learning_rates, regression_dataset
+from test_trainer_ramp import expected as ramp_expected, stream_slices, train as ramp_train
+from toy import (
+    Regressor,
+    StopAt,
+    legw_training_args,
+    logged_learning_rates,
+    ramp_training_args,
+    regression_dataset,
+    sample_ids,
+)
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from legw_hf import LegwCallback, LegwScheduler, LegwTrainer, LegwTrainingArguments, SettingError
@@ -355,7 +364,8 @@ def test_legw_off_leaves_trainer_unchanged(tmp_path):
 
 @pytest.fixture(scope="module")
 def torchrun_runs(tmp_path_factory):
-    """tests/scripts/trainer_ddp.py under torchrun, 2 processes: both of its runs in one launch."""
+    """tests/scripts/trainer_ddp.py under torchrun, 2 processes: all of its runs (the batch ramp's too) in one
+    launch."""
     output = tmp_path_factory.mktemp("torchrun")
     launch("torchrun", REPO / "tests" / "scripts" / "trainer_ddp.py", output)
     return output
@@ -380,3 +390,49 @@ def test_torchrun_two_processes_plan_from_trainer_arithmetic(torchrun_runs, spli
         ]
         assert record["lrs"] == pytest.approx(wanted, rel=1e-12, abs=1e-15)
         assert record["updates"] == 2 * spe
+
+
+# ----------------------------------------------------- the batch ramp's runs of the same launch
+@pytest.fixture(scope="module")
+def torchrun_ramp(torchrun_runs):
+    """The batch-ramp runs of the shared torchrun launch (tests/scripts/trainer_ramp_ddp.py: a whole run and one
+    stopped inside its second stage): the output folder, and what each rank recorded of the whole run."""
+    output = torchrun_runs / "ramp"
+    return output, [json.loads((output / "full" / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.multiprocess
+def test_a_two_process_checkpoint_resumes_in_one_process(torchrun_ramp):
+    """The ramp's update n is the same samples at any world size: resumed by one process (accumulating twice the
+    micro-batches), the run ends where the two-process run ended, up to the order of the sums."""
+    output, _ = torchrun_ramp
+    stopped = output / "stopped" / "out"
+    args = ramp_training_args(stopped, per_device_train_batch_size=2)
+    resumed = ramp_train(args, resume_from_checkpoint=str(stopped / "checkpoint-16"))
+    assert resumed.state.global_step == 23
+    wanted = [lr for _, lr in ramp_expected()][16:]
+    assert logged_learning_rates(resumed.state.log_history)[16:] == pytest.approx(wanted)
+    whole = torch.load(output / "full" / "weights0.pt")
+    for name, value in resumed.model.state_dict().items():
+        torch.testing.assert_close(value, whole[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.multiprocess
+def test_two_processes_share_every_update_and_take_its_lr(torchrun_ramp):
+    output, ranks = torchrun_ramp
+    want = ramp_expected()
+    batches = [batch for batch, _ in want]
+    dataset = regression_dataset(100)
+    for record in ranks:
+        assert (record["world_size"], record["global_step"]) == (2, len(want))
+        assert record["lrs"] == pytest.approx([lr for _, lr in want], rel=1e-12)
+        # half of every update on each rank, in micro-batches of the per-device batch (2)
+        assert [sum(map(len, update)) for update in record["updates"]] == [batch // 2 for batch in batches]
+        assert all(len(micro) == 2 for update in record["updates"] for micro in update)
+    both = [
+        sorted(sample_ids(dataset, [x for record in ranks for micro in record["updates"][n] for x in micro]))
+        for n in range(len(batches))
+    ]
+    assert both == [sorted(update) for update in stream_slices(batches)]
+    weights = [torch.load(output / "full" / f"weights{r}.pt") for r in (0, 1)]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])

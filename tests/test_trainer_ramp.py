@@ -3,13 +3,10 @@ out, the stage boundary, a mid-ramp resume, two processes, and what the ramp ref
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pytest
 import torch
-from launch import launch
-from procs import REPO
 from test_ramp import written_out
 from toy import (
     MicroBatchesPerUpdate,
@@ -236,48 +233,3 @@ def test_the_ramp_needs_a_plan_and_serves_a_config_given_in_code(tmp_path):
     trainer = LegwTrainer(model=Regressor(), args=args, train_dataset=regression_dataset(100), legw_config=config)
     trainer.train()
     assert logged_learning_rates(trainer.state.log_history) == pytest.approx([lr for _, lr in expected()], rel=1e-12)
-
-
-@pytest.fixture(scope="module")
-def torchrun_ramp(tmp_path_factory):
-    """tests/scripts/trainer_ramp_ddp.py under torchrun, 2 processes: a whole run and a stopped one, one launch. The
-    output folder, and what each rank recorded of the whole run."""
-    output = tmp_path_factory.mktemp("ramp-torchrun")
-    launch("torchrun", REPO / "tests" / "scripts" / "trainer_ramp_ddp.py", output)
-    return output, [json.loads((output / "full" / f"rank{r}.json").read_text()) for r in (0, 1)]
-
-
-@pytest.mark.multiprocess
-def test_a_two_process_checkpoint_resumes_in_one_process(torchrun_ramp):
-    """The ramp's update n is the same samples at any world size: resumed by one process (accumulating twice the
-    micro-batches), the run ends where the two-process run ended, up to the order of the sums."""
-    output, _ = torchrun_ramp
-    stopped = output / "stopped" / "out"
-    args = ramp_training_args(stopped, per_device_train_batch_size=2)
-    resumed = train(args, resume_from_checkpoint=str(stopped / "checkpoint-16"))
-    assert resumed.state.global_step == 23
-    assert logged_learning_rates(resumed.state.log_history)[16:] == pytest.approx([lr for _, lr in expected()][16:])
-    whole = torch.load(output / "full" / "weights0.pt")
-    for name, value in resumed.model.state_dict().items():
-        torch.testing.assert_close(value, whole[name], rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.multiprocess
-def test_two_processes_share_every_update_and_take_its_lr(torchrun_ramp):
-    output, ranks = torchrun_ramp
-    want = expected()
-    batches = [batch for batch, _ in want]
-    dataset = regression_dataset(100)
-    for record in ranks:
-        assert (record["world_size"], record["global_step"]) == (2, len(want))
-        assert record["lrs"] == pytest.approx([lr for _, lr in want], rel=1e-12)
-        # half of every update on each rank, in micro-batches of the per-device batch (2)
-        assert [sum(map(len, update)) for update in record["updates"]] == [batch // 2 for batch in batches]
-        assert all(len(micro) == 2 for update in record["updates"] for micro in update)
-    both = [
-        sorted(sample_ids(dataset, [x for record in ranks for micro in record["updates"][n] for x in micro]))
-        for n in range(len(batches))
-    ]
-    assert both == [sorted(update) for update in stream_slices(batches)]
-    weights = [torch.load(output / "full" / f"weights{r}.pt") for r in (0, 1)]
-    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])

@@ -153,11 +153,15 @@ def create_legw_scheduler(
         steps_per_epoch=max(-(-len(train_dataloader) // ga), 1),
         drop_last=bool(getattr(train_dataloader, "drop_last", False)),
     )
-    # Under a DeepSpeed plugin, learn its partitions now: a setting that would make trust ratios wrong fails here.
-    deepspeed_layouts.attach(optimizer)
-    scheduler = AcceleratorLegwScheduler(LegwScheduler(optimizer, plan), accelerator)
+    scheduler = _plan_scheduler(accelerator, optimizer, plan)
     accelerator.register_for_checkpointing(scheduler)
     return scheduler
+
+
+def _plan_scheduler(accelerator: Accelerator, optimizer: torch.optim.Optimizer, plan: Any) -> AcceleratorLegwScheduler:
+    # Under a DeepSpeed plugin, learn its partitions now: a setting that would make trust ratios wrong fails here.
+    deepspeed_layouts.attach(optimizer)
+    return AcceleratorLegwScheduler(LegwScheduler(optimizer, plan), accelerator)
 
 
 def _create_ramped_scheduler(
@@ -202,8 +206,7 @@ def _create_ramped_scheduler(
         plan = ramped_plan(
             config, batch_ramp, dataset_size=epoch_samples, epochs=num_epochs, micro_step_samples=micro_step
         )
-        deepspeed_layouts.attach(optimizer)
-        scheduler = AcceleratorLegwScheduler(LegwScheduler(optimizer, plan), accelerator)
+        scheduler = _plan_scheduler(accelerator, optimizer, plan)
     accelerator.register_for_checkpointing(scheduler)
     return scheduler
 

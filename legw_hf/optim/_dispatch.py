@@ -193,6 +193,17 @@ def check_value(value: Any, names: Iterable[str]) -> str | None:
     return value
 
 
+def refuse_impl_beside(impl: str | None, deprecated: dict[str, Any], names: Iterable[str]) -> None:
+    """``impl`` together with any of the keywords it replaced (``deprecated``: those given) is ambiguous: refused."""
+    if impl is not None and deprecated:
+        raise SettingError(
+            "impl",
+            f"cannot be combined with the deprecated {', '.join(deprecated)}",
+            impl,
+            detail=f"impl takes None, {', '.join(map(repr, names))}; pass impl alone",
+        )
+
+
 def parameter_signature(optimizer: Any) -> Signature:
     """The signature of a step over every parameter the optimizer holds, each with a gradient of its own dtype."""
     kinds = set()

@@ -30,6 +30,7 @@ from ._dispatch import (
     Signature,
     check_value,
     parameter_signature,
+    refuse_impl_beside,
     triton_missing,
     triton_refusal,
 )
@@ -621,13 +622,7 @@ def _requested_impl(impl: Any, foreach: Any, fused: Any, fused_adam: Any) -> tup
     given = {name: value for name, value in old.items() if value is not None}
     if not given:
         return impl, AUTOMATIC
-    if impl is not None:
-        raise SettingError(
-            "impl",
-            f"cannot be combined with the deprecated {', '.join(given)}",
-            impl,
-            detail=f"impl takes None, {', '.join(map(repr, IMPL_NAMES))}; pass impl alone",
-        )
+    refuse_impl_beside(impl, given, IMPL_NAMES)
     foreach = None if foreach is None else check_flag("foreach", foreach)
     fused = check_fused(fused, ("cpu", "triton"))
     fused_adam = None if fused_adam is None else check_flag("fused_adam", fused_adam)

@@ -17,7 +17,15 @@ from torch import Tensor
 from ..errors import SettingError, non_negative, positive
 from . import _ops
 from ._base import Bucket, LayerwiseOptimizer, load_triton_kernels, state_dtype
-from ._dispatch import Dispatch, Implementation, check_value, parameter_signature, triton_missing, triton_refusal
+from ._dispatch import (
+    Dispatch,
+    Implementation,
+    check_value,
+    parameter_signature,
+    refuse_impl_beside,
+    triton_missing,
+    triton_refusal,
+)
 from ._settings import FROM_PRESET, check_choice, check_flag, check_fraction, check_fused, check_lr, resolve
 from ._trust import trust_ratio
 
@@ -378,13 +386,7 @@ def _requested_impl(impl: Any, foreach: Any, fused: Any) -> str | None:
     given = {name: value for name, value in (("foreach", foreach), ("fused", fused)) if value is not None}
     if not given:
         return impl
-    if impl is not None:
-        raise SettingError(
-            "impl",
-            f"cannot be combined with the deprecated {', '.join(given)}",
-            impl,
-            detail=f"impl takes None, {', '.join(map(repr, IMPL_NAMES))}; pass impl alone",
-        )
+    refuse_impl_beside(impl, given, IMPL_NAMES)
     foreach = None if foreach is None else check_flag("foreach", foreach)
     fused = check_fused(fused, ("triton",))
     if fused and foreach is False:

@@ -1,5 +1,6 @@
-"""LegwTrainer runs for torchrun, without and with accelerate's ``split_batches``, in one launch: each rank writes
-its plan and the LR of every update as JSON to ``OUTPUT/{nosplit,split}/rank{r}.json``."""
+"""LegwTrainer runs for torchrun, in one launch: without and with accelerate's ``split_batches`` (each rank writes its
+plan and the LR of every update as JSON to ``OUTPUT/{nosplit,split}/rank{r}.json``), then the batch-ramp runs of
+``trainer_ramp_ddp.py`` into ``OUTPUT/ramp``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from toy import Regressor, legw_training_args, logged_learning_rates, regression_dataset
 from trainer_deepspeed import fresh_accelerator_state
+from trainer_ramp_ddp import main as ramp_runs
 
 from legw_hf import LegwTrainer
 from legw_hf.shutdown import exit_process
@@ -20,6 +22,7 @@ def main(output: str) -> None:
     for split_batches in ("nosplit", "split"):
         fresh_accelerator_state()
         run(str(Path(output) / split_batches), split_batches)
+    ramp_runs(str(Path(output) / "ramp"))
 
 
 def run(output: str, split_batches: str) -> None:
