@@ -135,6 +135,8 @@ class RampedPlan:
     plans: tuple[LegwPlan, ...]
     micro_step_samples: int
     stages: tuple[StagePlan, ...] = field(init=False)
+    _running: tuple[StagePlan, ...] = field(init=False, repr=False, compare=False)
+    _firsts: list[int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "plans", tuple(self.plans))
@@ -164,6 +166,9 @@ class RampedPlan:
         if update == 0:
             raise SettingError("epochs", "must give the run at least one update", epochs)
         object.__setattr__(self, "stages", tuple(stages))
+        # the stages that take updates, looked up on every update by the scheduler
+        object.__setattr__(self, "_running", tuple(stage for stage in stages if stage.updates))
+        object.__setattr__(self, "_firsts", [stage.first_update for stage in self._running])
 
     @property
     def dataset_size(self) -> int:
@@ -192,9 +197,8 @@ class RampedPlan:
 
     def stage_of(self, update: int) -> StagePlan:
         """The stage update ``update`` (0-based) belongs to; past the end, the last stage with updates."""
-        firsts = [stage.first_update for stage in self.stages if stage.updates]
-        running = [stage for stage in self.stages if stage.updates]
-        return running[max(bisect.bisect_right(firsts, update) - 1, 0)]
+        running = self._running
+        return running[max(bisect.bisect_right(self._firsts, update) - 1, 0)]
 
     def samples_before(self, update: int) -> int:
         """Samples the run has taken when update ``update`` starts."""

@@ -91,6 +91,14 @@ def update_was_applied(accelerator: Accelerator, skips: SkippedStepDetector) -> 
     return not (skips.step_was_skipped() or accelerator.optimizer_step_was_skipped)
 
 
+def require_prepared(train_dataloader: Any) -> None:
+    """The plan and the statistics read the dataloader accelerate prepared (its global batch, its shards)."""
+    if not isinstance(train_dataloader, (DataLoaderShard, DataLoaderDispatcher)):
+        raise SettingError(
+            "train_dataloader", "must be the dataloader returned by accelerator.prepare", type(train_dataloader)
+        )
+
+
 def global_batch_size(accelerator: Accelerator, train_dataloader: Any) -> int:
     """Samples per optimizer update across all processes: per-device × accumulation × processes."""
     return train_dataloader.total_batch_size * accelerator.gradient_accumulation_steps
@@ -133,10 +141,7 @@ def create_legw_scheduler(
         warning = deepspeed_config.check_config_blocks(plugin.deepspeed_config, legw=True, client_optimizer=None)
         if warning:
             logger.warning("%s", warning)
-    if not isinstance(train_dataloader, (DataLoaderShard, DataLoaderDispatcher)):
-        raise SettingError(
-            "train_dataloader", "must be the dataloader returned by accelerator.prepare", type(train_dataloader)
-        )
+    require_prepared(train_dataloader)
     actual = global_batch_size(accelerator, train_dataloader)
     if batch_size is not None and batch_size != actual:
         raise SettingError(
@@ -179,10 +184,7 @@ def _create_ramped_scheduler(
             "at least its cap",
             batch_ramp,
         )
-    if not isinstance(train_dataloader, (DataLoaderShard, DataLoaderDispatcher)):
-        raise SettingError(
-            "train_dataloader", "must be the dataloader returned by accelerator.prepare", type(train_dataloader)
-        )
+    require_prepared(train_dataloader)
     if num_epochs is None:
         raise SettingError("num_epochs", "is required with batch_ramp (the ramp's progress points are epochs)", None)
     if accelerator.gradient_accumulation_steps != 1:
@@ -566,10 +568,7 @@ def create_adascale(
             "the sharded parameters sees it (run it with DDP)",
             mode,
         )
-    if not isinstance(train_dataloader, (DataLoaderShard, DataLoaderDispatcher)):
-        raise SettingError(
-            "train_dataloader", "must be the dataloader returned by accelerator.prepare", type(train_dataloader)
-        )
+    require_prepared(train_dataloader)
     global_batch = global_batch_size(accelerator, train_dataloader)
     micro_batch = global_batch // (accelerator.num_processes * accelerator.gradient_accumulation_steps)
     power = ADASCALE_MODES[mode]
