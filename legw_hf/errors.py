@@ -24,6 +24,10 @@ class SettingError(ValueError):
         self.also = also  # other fields the requirement names, at its {0}, {1}...: renamed with the field
         super().__init__(self._render(field))
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # raised in a worker process (multiprocessing, DataLoader workers) it crosses back by pickle
+        return _rebuild_setting_error, (self.field, self.requirement, self.value, self.detail, self.also)
+
     def _render(self, field: str) -> str:
         requirement = self.requirement.format(*self.also) if self.also else self.requirement
         message = f"{field} {requirement}, got {self.value!r}"
@@ -37,6 +41,12 @@ class SettingError(ValueError):
         """The same error, naming the field and every other field it mentions as ``name_of`` spells them."""
         also = tuple(map(name_of, self.also))
         return SettingError(name_of(self.field), self.requirement, self.value, detail=self.detail, also=also)
+
+
+def _rebuild_setting_error(
+    field: str, requirement: str, value: Any, detail: str, also: tuple[str, ...]
+) -> SettingError:
+    return SettingError(field, requirement, value, detail=detail, also=also)
 
 
 def positive(field: str, value: float) -> float:

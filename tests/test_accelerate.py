@@ -455,3 +455,23 @@ def test_an_automatic_ramp_on_two_processes_decides_alike_on_every_rank_and_repl
         samples += row["batch"]
         replayed.observe(update=row["update"], samples=samples, trace=row["trace"], signal=row["signal"])
     assert replayed.decisions == decisions
+
+
+def test_a_prepared_dataloader_that_drops_its_last_batch_is_read_as_dropping_it(fresh_accelerate_state):
+    # accelerate keeps the user's drop_last in the prepared loader's _drop_last; its own drop_last reads False
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(11, 6), torch.randn(11))
+    model = torch.nn.Linear(6, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    config = LegwConfig(base_batch_size=2, base_lr=0.02, base_warmup_epochs=0.2)
+    model, optimizer, dropping = accelerator.prepare(model, optimizer, DataLoader(data, batch_size=2, drop_last=True))
+    keeping = accelerator.prepare(DataLoader(data, batch_size=2))
+    plain = create_legw_scheduler(accelerator, optimizer, config, dropping, num_epochs=1)
+    assert plain.plan.drop_last is True
+    ramped = create_legw_scheduler(accelerator, optimizer, config, dropping, num_epochs=2, batch_ramp="2@0,4@1")
+    # 11 examples, the last one dropped: 5 updates of 2, then 10 samples at 4 (3 updates, the last one past the end)
+    assert ramped.plan.dataset_size == 10
+    assert [(s.batch_size, s.updates) for s in ramped.plan.stages] == [(2, 5), (4, 3)]
+    with pytest.raises(SettingError, match="train_dataloader must give whole micro-batches"):
+        create_legw_scheduler(accelerator, optimizer, config, keeping, num_epochs=2, batch_ramp="2@0,4@1")

@@ -231,3 +231,22 @@ def test_the_deprecated_fused_flag_warns_and_still_selects_the_kernel(tmp_path):
     assert LegwTrainer(
         model=Regressor(), args=modern, train_dataset=regression_dataset(16)
     ).create_optimizer().impl == ("foreach")
+
+
+def test_a_setting_error_crosses_a_process_boundary_whole():
+    # raised in a worker (multiprocessing pools, DataLoader workers) it comes back by pickle
+    import pickle
+
+    from legw_hf.errors import SettingError
+
+    error = SettingError("batch_ramp", "must start at {0}", "8@1", detail="a detail", also=("epoch 0",))
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is SettingError
+    assert (copy.field, copy.requirement, copy.value, copy.detail, copy.also) == (
+        "batch_ramp",
+        "must start at {0}",
+        "8@1",
+        "a detail",
+        ("epoch 0",),
+    )
+    assert str(copy) == "batch_ramp must start at epoch 0, got '8@1' (a detail)"

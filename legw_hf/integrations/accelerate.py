@@ -99,6 +99,12 @@ def require_prepared(train_dataloader: Any) -> None:
         )
 
 
+def drops_last(train_dataloader: Any) -> bool:
+    """Whether a prepared dataloader drops the last partial batch: accelerate keeps the user's ``drop_last`` in
+    ``_drop_last`` (its own ``drop_last`` is False, the batch sampler doing the dropping)."""
+    return bool(getattr(train_dataloader, "_drop_last", getattr(train_dataloader, "drop_last", False)))
+
+
 def global_batch_size(accelerator: Accelerator, train_dataloader: Any) -> int:
     """Samples per optimizer update across all processes: per-device × accumulation × processes."""
     return train_dataloader.total_batch_size * accelerator.gradient_accumulation_steps
@@ -156,7 +162,7 @@ def create_legw_scheduler(
         epochs=num_epochs,
         steps=max_steps,
         steps_per_epoch=max(-(-len(train_dataloader) // ga), 1),
-        drop_last=bool(getattr(train_dataloader, "drop_last", False)),
+        drop_last=drops_last(train_dataloader),
     )
     scheduler = _plan_scheduler(accelerator, optimizer, plan)
     accelerator.register_for_checkpointing(scheduler)
@@ -195,7 +201,7 @@ def _create_ramped_scheduler(
         )
     micro_step = train_dataloader.total_batch_size
     epoch_samples = len(train_dataloader) * micro_step
-    if epoch_samples != len(train_dataloader.dataset) and not getattr(train_dataloader, "drop_last", False):
+    if epoch_samples != len(train_dataloader.dataset) and not drops_last(train_dataloader):
         raise SettingError(
             "train_dataloader",
             f"must give whole micro-batches with batch_ramp (a ramp counts progress in samples): drop_last=True, or a "
@@ -589,7 +595,7 @@ def create_adascale(
                 batch_size=base_batch_size,
                 dataset_size=len(train_dataloader.dataset),
                 epochs=num_epochs,
-                drop_last=bool(getattr(train_dataloader, "drop_last", False)),
+                drop_last=drops_last(train_dataloader),
             )
             schedule, base_steps = plan, plan.total_steps
         else:
