@@ -199,12 +199,14 @@ def fsdp2_run(name: str, triton: bool = False) -> tuple[torch.Tensor, Collective
 
 
 def fsdp2_accelerate_run(name: str) -> tuple[torch.Tensor, CollectiveCounter]:
-    """As accelerate's FSDP2 ``prepare`` does it: the optimizer is built on the plain model, then each of its
-    parameters is swapped for its DTensor (accelerate's own function)."""
+    """As accelerate's FSDP2 ``prepare`` does it: the optimizer is built on the plain model and reloaded from its
+    own state (``AcceleratedOptimizer`` places the state so: new param-group dicts), then each of its parameters is
+    swapped for its DTensor (accelerate's own function)."""
     from accelerate.utils.fsdp_utils import fsdp2_switch_optimizer_parameters
 
     net = model()
     optimizer = build_optimizer(name, net)
+    optimizer.load_state_dict(optimizer.state_dict())
     old = {p.data_ptr: name for name, p in net.named_parameters()}
     sharded_model(net)
     new = dict(net.named_parameters())
