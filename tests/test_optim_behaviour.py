@@ -169,6 +169,24 @@ def test_trust_stats_and_summary():
     assert optimizer.parameter_names() == ["w", "b", "s", "k"]
 
 
+def test_a_loaded_state_dict_s_groups_decide_what_the_trust_summary_counts():
+    """torch's ``load_state_dict`` puts new group dicts in place (accelerate's ``prepare`` calls it, before FSDP2 swaps
+    in the DTensors): the optimizer follows them, here the loaded ``layer_adaptation`` of the no-decay group."""
+    decayed, plain = nn.Parameter(torch.ones(3)), nn.Parameter(torch.full((2,), 2.0))
+    optimizer = Lamb(
+        [{"params": [decayed]}, {"params": [plain], "weight_decay": 0.0}], lr=0.1, weight_decay=0.01, adapt="decayed"
+    )
+    state = optimizer.state_dict()
+    state["param_groups"][1]["layer_adaptation"] = True
+    optimizer.load_state_dict(state)
+    decayed.grad, plain.grad = torch.ones(3), torch.ones(2)
+    optimizer.step()
+    # first step: Adam's update is 1 per element (+ 0.01 p with decay); ratio ||p|| / ||update||
+    summary = optimizer.trust_summary()
+    assert summary["trust_ratio/min"] == pytest.approx(1 / 1.01, rel=1e-5)
+    assert summary["trust_ratio/max"] == pytest.approx(2.0, rel=1e-5)
+
+
 def test_unnamed_groups_get_positional_names():
     optimizer = Lars([nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(2))], lr=0.1)
     assert optimizer.parameter_names() == ["group0.0", "group0.1"]

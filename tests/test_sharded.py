@@ -21,6 +21,7 @@ from launch import launch
 from legw_oracle import legw_poly_lr
 from optim_registry import SHARDED, SHARDED_EVERY_CONFIG, SHARDED_FEW, SHARDED_NAIVE
 from procs import REPO
+from test_ramp import written_out
 from toy import Regressor, legw_training_args, logged_learning_rates, regression_dataset
 
 from legw_hf import LegwTrainer
@@ -99,6 +100,58 @@ def test_fsdp2_matches_one_process(fsdp2_parity):
     assert result["fsdp2-resume"] == dict.fromkeys(SHARDED, 0.0)
     # torch's GradScaler: only the overflowed third step leaves weights and step counters as they were
     assert result["fsdp2-gradscaler"] == {"unchanged": [False, False, True, False], "scale": 2.0**9}
+
+
+#: tests/scripts/fsdp2_ramp.py's ramp: 32 samples, 2 epochs, 2 processes of 2 samples per micro-batch.
+FSDP2_RAMP = {"stages": [(4, 0.0), (8, 0.25), (16, 1.0)], "dataset_size": 32, "epochs": 2}
+
+
+def test_a_batch_ramp_under_fsdp2_takes_each_stage_batch_at_its_lr_with_the_mean_gradient(fsdp2_parity):
+    """accelerate's FSDP2 (its prepare, no_sync, save_state): every update of the ramp takes its stage's batch, as
+    consecutive samples dealt over the 2 processes, at LEGW's LR for that batch; its gradient is the mean over all
+    its samples, reduce-scattered once, after the last micro-batch; LAMB over the shards ends where one process does."""
+    ramp = fsdp2_parity["fsdp2-ramp"]
+    expected = written_out(
+        FSDP2_RAMP["stages"],
+        dataset_size=FSDP2_RAMP["dataset_size"],
+        epochs=FSDP2_RAMP["epochs"],
+        base_batch=4,
+        base_lr=0.02,
+        base_warmup_epochs=0.25,
+    )
+    updates = ramp["updates"]
+    assert [u["update"] for u in updates] == list(range(7))
+    assert [u["batch"] for u in updates] == [batch for batch, _ in expected] == [4, 4, 8, 8, 8, 16, 16]
+    assert [u["accumulation"] for u in updates] == [1, 1, 2, 2, 2, 4, 4]  # batch / (2 per device x 2 processes)
+    assert [u["lr"] for u in updates] == pytest.approx([lr for _, lr in expected], rel=1e-12, abs=1e-15)
+    start = 0
+    for update in updates:
+        batch = update["batch"]
+        assert [len(ids) for ids in update["ids"]] == [batch // 2, batch // 2]
+        assert sorted(update["ids"][0] + update["ids"][1]) == [(start + i) % 32 for i in range(batch)]
+        start += batch
+    # no_sync under FSDP2: the micro-batches before the last left no (sharded) gradient, they were not reduced
+    assert [u["grads_before_last"] for u in updates] == [False] * 7
+    # each update's gradient, gathered whole, is one process's gradient of the mean loss over the update's batch
+    assert all(u["gradient_error"] < 1e-5 for u in updates), [u["gradient_error"] for u in updates]
+    assert ramp["parameters_error"] < 1e-5
+    assert ramp["trust_ratio_error"] < 1e-4  # LAMB's trust ratios of the whole tensors, from their shards
+
+
+def test_a_batch_ramp_under_fsdp2_resumed_mid_ramp_ends_bit_identical(fsdp2_parity):
+    """Stopped after 3 of 7 updates (inside the batch-8 stage) with accelerate's ``save_state`` (the sharded model
+    and optimizer through torch.distributed.checkpoint, the scheduler's progress), a new run's ``load_state``: the
+    updates left, at the same LRs with the same gradients, end with the uninterrupted run's weights bit for bit."""
+    ramp = fsdp2_parity["fsdp2-ramp"]
+    assert ramp["resumed_updates"] == [3, 4, 5, 6]
+    assert ramp["resumed_lrs_equal"] and ramp["resumed_gradients_equal"]
+    assert ramp["resumed_bit_identical"] and ramp["resumed_error"] == 0.0
+
+
+def test_an_automatic_ramp_under_fsdp2_is_refused(fsdp2_parity):
+    refusal = fsdp2_parity["fsdp2-ramp"]["auto_ramp_refusal"]
+    assert refusal is not None and refusal.startswith("batch_ramp AutoRamp needs each micro-batch's gradient")
+    assert "DeepSpeed and FSDP reduce or partition" in refusal and "got 'FSDP'" in refusal
 
 
 def test_triton_kernels_under_fsdp2_and_zero_match_one_process(fsdp2_parity, deepspeed_parity):

@@ -136,7 +136,9 @@ def create_legw_scheduler(
             grows during the run and each update takes LEGW's LR for its own batch (:class:`~legw_hf.ramp.RampedPlan`).
             The loop then draws each update's micro-batches from :func:`ramped_updates`; the ``Accelerator`` keeps
             ``gradient_accumulation_steps=1`` and every stage batch must be a multiple of the dataloader's batch ×
-            processes. Takes ``num_epochs``, not ``max_steps`` or ``batch_size``. An
+            processes. Takes ``num_epochs``, not ``max_steps`` or ``batch_size``. Runs under DDP and under FSDP2
+            (accelerate's FSDP plugin with ``fsdp_version=2``), where each update's gradient is reduce-scattered
+            once, after its last micro-batch, into the sharded gradients. An
             :class:`~legw_hf.ramp.AutoRamp` decides the ramp during the run from the measured gradient noise scale
             (:class:`AcceleratorAutoRamp`); its loop calls ``update.backward(loss)``, which measures each micro-batch.
     """
@@ -385,8 +387,11 @@ class RampedUpdate:
     _backwards: int = 0
 
     def micro_batches(self) -> Iterator[Any]:
-        """The update's ``accumulation`` micro-batches. Gradients are all-reduced only on the last one (the others
-        run under ``accelerator.no_sync``); scale each loss by ``1 / accumulation``, or call :meth:`backward`."""
+        """The update's ``accumulation`` micro-batches. Gradients are reduced across processes only on the last one
+        (the others run under ``accelerator.no_sync``: DDP's ``no_sync``; under FSDP2 ``set_requires_gradient_sync``,
+        which keeps the unsharded gradients until the last backward reduce-scatters their sum); scale each loss by
+        ``1 / accumulation``, or call :meth:`backward`. Either way the update's gradient is the mean over all its
+        micro-batches on all processes."""
         for position in range(self.accumulation):
             batch = next(self._batches)
             if position + 1 < self.accumulation:

@@ -352,10 +352,18 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         in :func:`state_dtype`, ``step`` in fp32, all on the parameter's device. A saved master is dropped when
         this optimizer keeps none for that parameter, and created from the parameter at the next step when it
         needs one the checkpoint lacks.
+
+        torch also replaces every group by a new dict (accelerate's ``prepare`` reloads the optimizer to place its
+        state, before FSDP2 swaps the parameters for their DTensors): the original tensors' rows and groups follow
+        the new groups by position, so that the swapped DTensors are still recognised.
         """
         saved_state = state_dict["state"]
         saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
+        previous_groups = list(self.param_groups)
         super().load_state_dict(state_dict)
+        replaced = {id(old): new for old, new in zip(previous_groups, self.param_groups, strict=True)}
+        self._group_rows = {id(replaced[key]): rows for key, rows in self._group_rows.items() if key in replaced}
+        self._originals = [(tensor, replaced.get(id(group), group), name) for tensor, group, name in self._originals]
         params = [param for group in self.param_groups for param in group["params"]]
         for saved_id, param in zip(saved_ids, params, strict=True):
             if saved_id in saved_state:

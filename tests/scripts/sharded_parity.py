@@ -7,7 +7,7 @@ the whole batch in one process; for a few configurations it also trains once wit
 (each flat partition or local shard taken as a tensor of its own, norms not reduced), which must be far off. The
 ``*-triton`` runs take the Triton kernels (Triton's interpreter on CPU). Rank 0 writes ``result.json`` beside the
 output path: per engine and configuration the relative parameter error of the aware and the naive run, and the
-all-reduces per ``step()``.
+all-reduces per ``step()``; with ``fsdp2`` also the batch-ramp checks of ``fsdp2_ramp.py`` (an accelerate loop).
 """
 
 from __future__ import annotations
@@ -199,12 +199,14 @@ def fsdp2_run(name: str, triton: bool = False) -> tuple[torch.Tensor, Collective
 
 
 def fsdp2_accelerate_run(name: str) -> tuple[torch.Tensor, CollectiveCounter]:
-    """As accelerate's FSDP2 ``prepare`` does it: the optimizer is built on the plain model, then each of its
-    parameters is swapped for its DTensor (accelerate's own function)."""
+    """As accelerate's FSDP2 ``prepare`` does it: the optimizer is built on the plain model and reloaded from its
+    own state (``AcceleratedOptimizer`` places the state so: new param-group dicts), then each of its parameters is
+    swapped for its DTensor (accelerate's own function)."""
     from accelerate.utils.fsdp_utils import fsdp2_switch_optimizer_parameters
 
     net = model()
     optimizer = build_optimizer(name, net)
+    optimizer.load_state_dict(optimizer.state_dict())
     old = {p.data_ptr: name for name, p in net.named_parameters()}
     sharded_model(net)
     new = dict(net.named_parameters())
@@ -353,6 +355,11 @@ def main(engine: str, output: str) -> None:
             resumed = fsdp2_resumed(name, Path(output).parent / "checkpoints")
             if dist.get_rank() == 0:
                 result.setdefault("fsdp2-resume", {})[name] = relative_error(resumed, uninterrupted)
+        from fsdp2_ramp import checks as ramp_checks  # last: it leaves accelerate's state set to FSDP2
+
+        ramp = ramp_checks(Path(output).parent / "ramp-state")
+        if dist.get_rank() == 0:
+            result["fsdp2-ramp"] = ramp
     if dist.get_rank() == 0:
         Path(output).write_text(json.dumps(result, indent=2))
     dist.barrier()
