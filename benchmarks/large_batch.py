@@ -585,8 +585,17 @@ def _init_worker() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def run_cells(cells: list[Cell], workers: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """The runs of ``cells`` (in their order), on ``workers`` spawned processes, logging each as it comes in."""
+def run_cells(
+    cells: list[Any],
+    workers: int,
+    log: Callable[[str], None],
+    *,
+    train: Callable[[Any], dict[str, Any]] = train_cell,
+    describe: Callable[[dict[str, Any]], str] | None = None,
+) -> list[dict[str, Any]]:
+    """The runs of ``cells`` (in their order) by ``train``, on ``workers`` spawned processes, logging each as it
+    comes in (``describe``)."""
+    describe = describe or _describe_run
     # Longest first (small batches are the slowest per sample) so the workers finish together.
     ordered = sorted(cells, key=lambda cell: (cell.k, cell.task != "bert_tiny"))
     results: dict[Cell, dict[str, Any]] = {}
@@ -596,9 +605,9 @@ def run_cells(cells: list[Cell], workers: int, log: Callable[[str], None]) -> li
             context = multiprocessing.get_context("spawn")
             pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker)
             run_all = stack.enter_context(pool).map
-        for cell, result in zip(ordered, run_all(train_cell, ordered), strict=True):
+        for cell, result in zip(ordered, run_all(train, ordered), strict=True):
             results[cell] = result
-            log(_describe_run(result))
+            log(describe(result))
     return [results[cell] for cell in cells]
 
 

@@ -7,6 +7,7 @@ against the runs they summarise.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -433,3 +434,111 @@ def test_a_study_run_above_the_unigram_level_by_ln_10_is_diverged_and_never_tune
     fresh.add([run(0, 0, unigram - 0.05), run(0, 1, unigram - 0.05)])
     assert fresh.growth("lamb", 1, ("fixed",)) == []
     assert fresh.best("lamb", 1) == (1, -1, "fixed")
+
+
+# ----------------------------------------------------------------------------------------- batch_ramp.py (smoke)
+@pytest.fixture(scope="module")
+def ramp_smoke(smoke):
+    """batch_ramp.py --smoke in this process, one worker, on the data the large-batch smoke run cached."""
+    import torch
+    from accelerate.state import AcceleratorState
+
+    cache, _ = smoke
+    out = cache / "batch_ramp"
+    threads = torch.get_num_threads()
+    AcceleratorState._reset_state(True)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        argv = ("--smoke", "--workers", "1", "--out", str(out), "--cache", str(cache))
+        assert runner_main(monkeypatch, "batch_ramp.py", *argv) == 0
+    AcceleratorState._reset_state(True)
+    torch.set_num_threads(threads)  # each run takes one thread
+    return out, json.loads((out / "batch_ramp.json").read_text())
+
+
+def test_the_ramp_benchmark_runs_every_arm_of_every_task(ramp_smoke):
+    out, result = ramp_smoke
+    assert set(result["tasks"]) == {"wikitext2_lm", "bert_tiny"}
+    for name, task in result["tasks"].items():
+        runs = [r for r in result["runs"] if r["task"] == name]
+        assert [r["label"] for r in runs] == [*(f"fixed {b}" for b in task["fixed"]), "scheduled", "auto"]
+        low, high = METRIC_RANGES[name]
+        for r in runs:
+            assert not r["diverged"] and low <= r["metric"] <= high, (name, r["label"], r["metric"])
+            # evaluated once in each 1/16 epoch of samples the run enters, the last one at the end of the run
+            sixteenths = [math.floor(16 * e["samples"] / r["dataset_size"]) for e in r["evaluations"]]
+            assert all(earlier < later for earlier, later in itertools.pairwise(sixteenths))
+            assert r["evaluations"][-1]["samples"] == r["samples"] >= task["epochs"] * r["dataset_size"]
+        assert (out / f"batch_ramp_{name}.png").stat().st_size > 1000
+
+
+def _ramp_updates(stages: list[tuple[int, float]], n: int, epochs: float) -> list[int]:
+    """The batch of every update of a ramp, written out: an update takes the batch of the stage its progress
+    starts in; the run ends once ``epochs`` of ``n`` samples are taken."""
+    batches, samples = [], 0
+    while samples < epochs * n:
+        batch = [b for b, start in stages if start * n <= samples][-1]
+        batches.append(batch)
+        samples += batch
+    return batches
+
+
+def test_fixed_and_scheduled_arms_take_the_batches_their_ramp_gives(ramp_smoke):
+    _, result = ramp_smoke
+    for name, task in result["tasks"].items():
+        for r in (r for r in result["runs"] if r["task"] == name and r["arm"] != "auto"):
+            text = f"{r['batch']}@0" if r["arm"] == "fixed" else task["scheduled"]
+            stages = [(int(b), float(s)) for b, s in (part.split("@") for part in text.split(","))]
+            batches = _ramp_updates(stages, r["dataset_size"], task["epochs"])
+            assert r["ramp"] == text and r["updates"] == len(batches) and r["samples"] == sum(batches)
+            starts = [[sum(batches[:i]) / r["dataset_size"], b] for i, b in enumerate(batches)]
+            assert r["batches"] == [s for i, s in enumerate(starts) if i == 0 or s[1] != starts[i - 1][1]]
+
+
+def test_the_automatic_arm_doubles_by_its_rule_and_its_decisions_replay_as_its_ramp(ramp_smoke):
+    from legw_hf.ramp import ramp_from_decisions
+
+    _, result = ramp_smoke
+    autos = [r for r in result["runs"] if r["arm"] == "auto"]
+    assert any(r["decisions"] for r in autos)  # the smoke's patience (2 updates) lets at least one run double
+    threshold = result["auto_ramp"]["efficiency"]
+    for r in autos:
+        task = result["tasks"][r["task"]]
+        batch = task["base_batch"]
+        for decision in r["decisions"]:
+            b_simple = decision["trace"] / decision["signal"]
+            assert decision["old_batch"] == batch and decision["new_batch"] == 2 * batch <= task["fixed"][-1]
+            assert decision["efficiency"] == pytest.approx((batch + b_simple) / (2 * batch + b_simple))
+            assert decision["efficiency"] >= threshold
+            batch = decision["new_batch"]
+        assert r["ramp"] == ramp_from_decisions(r["decisions"], start_batch=task["base_batch"])
+        assert [b for _, b in r["batches"]] == [task["base_batch"], *(d["new_batch"] for d in r["decisions"])]
+
+
+def test_the_ramp_table_counts_updates_to_the_base_runs_final_quality(ramp_smoke):
+    out, result = ramp_smoke
+    markdown = (out / "batch_ramp.md").read_text()
+    for name, task in result["tasks"].items():
+        runs = [r for r in result["runs"] if r["task"] == name]
+        target = max(r["metric"] for r in runs if r["label"] == f"fixed {task['base_batch']}")  # lower is better
+        assert result["summary"][name]["target"] == target
+        section = markdown.split(f"## {name}:")[1].split("\n## ")[0]
+        assert f"{task['baseline']['name']}: {task['baseline']['value']:.4g}" in section
+        assert f"Target: the base run's final quality, {target:.4g}" in section
+        for r in runs:
+            first = next((e for e in r["evaluations"] if e["metric"] <= target), None)
+            row = next(line for line in section.splitlines() if line.startswith(f"| {r['label']} |"))
+            cells = [cell.strip() for cell in row.split("|")[1:-1]]
+            assert cells[1] == f"{r['metric']:.4g}" and cells[2] == str(r["updates"])
+            if first is None:
+                assert cells[3:6] == ["0/1", "–", "–"]
+            else:
+                assert cells[3:6] == ["1/1", str(first["updates"]), f"{first['epoch']:.4g}"]
+
+
+def test_the_ramp_report_is_rewritten_from_its_saved_result(ramp_smoke, tmp_path, monkeypatch):
+    out, _ = ramp_smoke
+    copy = tmp_path / "batch_ramp.json"
+    copy.write_text((out / "batch_ramp.json").read_text())
+    assert runner_main(monkeypatch, "batch_ramp.py", "--report", str(copy)) == 0
+    assert (tmp_path / "batch_ramp.md").read_text() == (out / "batch_ramp.md").read_text()
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(p.name for p in out.glob("*.png"))
