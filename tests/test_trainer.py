@@ -13,6 +13,7 @@ from legw_oracle import legw_poly_lr, nvidia_lr
 from procs import REPO
 from test_trainer_ramp import expected as ramp_expected, stream_slices, train as ramp_train
 from toy import (
+    PoisonSteps,
     Regressor,
     StopAt,
     legw_training_args,
@@ -21,7 +22,7 @@ from toy import (
     regression_dataset,
     sample_ids,
 )
-from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from legw_hf import LegwCallback, LegwScheduler, LegwTrainer, LegwTrainingArguments, SettingError
 from legw_hf.plan import LegwConfig
@@ -186,16 +187,6 @@ def test_bf16_run_follows_the_plan(tmp_path):
     lrs = logged_learning_rates(trainer.state.log_history)
     assert lrs == pytest.approx(expected_lrs(args, 100, range(14)))
     assert all(math.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
-
-
-class PoisonSteps(TrainerCallback):
-    """Makes the loss of chosen optimizer steps infinite, as an fp16 overflow would."""
-
-    def __init__(self, model: Regressor, steps: set[int]) -> None:
-        self.model, self.steps = model, steps
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.model.poison = state.global_step in self.steps
 
 
 @pytest.mark.parametrize("optimizer", [None, "sgd"], ids=["fused-adamw", "sgd"])

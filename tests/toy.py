@@ -37,10 +37,13 @@ class Regressor(nn.Module):
         return {"loss": loss * math.inf if self.poison else loss}
 
 
-def regression_dataset(size: int = 100, features: int = 8, seed: int = 0) -> datasets.Dataset:
+def regression_dataset(size: int = 100, features: int = 8, seed: int = 0, noise: float = 0.0) -> datasets.Dataset:
+    """``noise`` adds that much Gaussian noise to the targets: the gradient noise scale grows with it."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(size, features, generator=generator)
     y = torch.tanh(x @ torch.randn(features, generator=generator))
+    if noise:
+        y = y + noise * torch.randn(size, generator=generator)
     return datasets.Dataset.from_dict({"x": x.tolist(), "y": y.tolist()}).with_format("torch")
 
 
@@ -54,6 +57,16 @@ class StopAt(TrainerCallback):
         if state.global_step == self.step:
             control.should_save = True
             control.should_training_stop = True
+
+
+class PoisonSteps(TrainerCallback):
+    """Makes the loss of chosen optimizer steps (all their micro-batches) infinite, as an fp16 overflow would."""
+
+    def __init__(self, model: Regressor, steps: set[int]) -> None:
+        self.model, self.steps = model, steps
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.model.poison = state.global_step in self.steps
 
 
 def logged_learning_rates(log_history: list[dict]) -> list[float]:
