@@ -11,6 +11,9 @@ import pytest
 import torch
 from test_ramp import written_out
 from toy import (
+    AUTO_RAMP,
+    NOISY_DATA,
+    RAMP_SHAPE,
     MicroBatchesPerUpdate,
     PoisonSteps,
     RecordingRegressor,
@@ -268,16 +271,8 @@ def test_an_fp16_skipped_update_keeps_plan_and_data_in_step(tmp_path, optimizer)
 
 
 # ----------------------------------------------------- the automatic ramp (--legw_batch_ramp auto), one process
-#: per-device 2 on one process, starting at batch 4 (2 gradient estimates per update), doubling up to 32 after 3
-#: updates at a batch; 2 epochs of 128 samples whose targets are mostly noise (B_simple is tens of samples).
-SHAPE = {"per_device_train_batch_size": 2, "legw_base_batch_size": 4, "num_train_epochs": 2}
-AUTO = SHAPE | {
-    "legw_batch_ramp": "auto",
-    "legw_ramp_max_batch": 32,
-    "legw_ramp_start_batch": 4,
-    "legw_ramp_patience": 3,
-}
-NOISY = {"size": 128, "noise": 3.0}
+#: toy.AUTO_RAMP on one process, starting at batch 4: 2 gradient estimates per update.
+AUTO = AUTO_RAMP | {"legw_ramp_start_batch": 4}
 
 
 def auto_args(output_dir, **overrides):
@@ -308,7 +303,7 @@ def decisions_from_logs(log_history, *, start=4, dataset_size=128, skipped=(), m
 def recorded_run(args, *callbacks, overflows=()):
     """A ramped run of a RecordingRegressor on the noisy data (fp16 loss scaling when updates ``overflows``
     overflow): the trainer, and the samples (dataset indices) of each update."""
-    model, dataset = RecordingRegressor(), regression_dataset(**NOISY)
+    model, dataset = RecordingRegressor(), regression_dataset(**NOISY_DATA)
     recorder = MicroBatchesPerUpdate(model)
     callbacks = [recorder, *callbacks, *([PoisonSteps(model, set(overflows))] if overflows else [])]
     trainer = LegwTrainer(model=model, args=args, train_dataset=dataset, callbacks=callbacks)
@@ -352,7 +347,7 @@ def test_an_automatic_ramp_decides_from_its_logged_estimates(auto_run):
 def test_an_automatic_ramp_replays_as_a_scheduled_ramp(auto_run, tmp_path):
     output, auto, auto_taken = auto_run
     text = ramp_from_decisions(read_decisions(output / "legw_ramp_decisions.jsonl"))
-    replay, taken = recorded_run(ramp_training_args(tmp_path / "replay", **SHAPE, legw_batch_ramp=text))
+    replay, taken = recorded_run(ramp_training_args(tmp_path / "replay", **RAMP_SHAPE, legw_batch_ramp=text))
     assert taken == auto_taken
     lrs = logged_learning_rates(auto.state.log_history)
     assert logged_learning_rates(replay.state.log_history) == lrs and len(lrs) == len(auto_expected(text))
@@ -380,14 +375,14 @@ def test_an_automatic_ramp_resumed_mid_ramp_ends_bit_identical(auto_run, tmp_pat
     output = tmp_path / "out"
     recorded_run(auto_args(output), SaveAt(saved_at), StopAt(decisions[1].update + 1))
     assert read_decisions(output / "legw_ramp_decisions.jsonl") == decisions[:2]
-    trainer = LegwTrainer(model=Regressor(), args=auto_args(output), train_dataset=regression_dataset(**NOISY))
+    trainer = LegwTrainer(model=Regressor(), args=auto_args(output), train_dataset=regression_dataset(**NOISY_DATA))
     trainer.train(resume_from_checkpoint=str(output / f"checkpoint-{saved_at}"))
     assert trainer.lr_scheduler.decisions == decisions and trainer.state.global_step == whole.state.global_step
     assert read_decisions(output / "legw_ramp_decisions.jsonl") == decisions
     # the checkpoint of another automatic ramp (here: one started at batch 8) is not this run's
     other = auto_args(output, legw_ramp_start_batch=8)
     with pytest.raises(SettingError) as caught:
-        LegwTrainer(model=Regressor(), args=other, train_dataset=regression_dataset(**NOISY)).train(
+        LegwTrainer(model=Regressor(), args=other, train_dataset=regression_dataset(**NOISY_DATA)).train(
             resume_from_checkpoint=str(output / f"checkpoint-{saved_at}")
         )
     assert caught.value.field == "legw_batch_ramp" and "from batch 8 doubling up to" in str(caught.value)
@@ -460,6 +455,6 @@ def test_an_automatic_ramp_is_refused_under_deepspeed(tmp_path):
 def test_an_automatic_ramp_the_run_cannot_take_is_refused_when_the_trainer_is_built(tmp_path, overrides, field, words):
     args = auto_args(tmp_path / "out", **overrides)
     with pytest.raises(SettingError) as caught:
-        LegwTrainer(model=Regressor(), args=args, train_dataset=regression_dataset(**NOISY))
+        LegwTrainer(model=Regressor(), args=args, train_dataset=regression_dataset(**NOISY_DATA))
     assert caught.value.field == field and words in str(caught.value)
     assert not (tmp_path / "out").exists()

@@ -132,3 +132,12 @@ def ramp_training_args(output_dir, **overrides) -> LegwTrainingArguments:
     return legw_training_args(
         output_dir, **({"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1} | ramp | overrides)
     )
+
+
+#: The run shape of the automatic-ramp runs: per-device 2, base batch 4, 2 epochs (of the noisy data, NOISY_DATA).
+RAMP_SHAPE = {"per_device_train_batch_size": 2, "legw_base_batch_size": 4, "num_train_epochs": 2}
+#: An automatic ramp (--legw_batch_ramp auto) of that shape, doubling up to 32 after 3 updates at a batch; it starts
+#: at per-device batch x processes unless --legw_ramp_start_batch says otherwise.
+AUTO_RAMP = RAMP_SHAPE | {"legw_batch_ramp": "auto", "legw_ramp_max_batch": 32, "legw_ramp_patience": 3}
+#: 128 samples whose targets are mostly noise: the gradient noise scale B_simple is tens of samples.
+NOISY_DATA = {"size": 128, "noise": 3.0}
