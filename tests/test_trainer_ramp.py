@@ -24,7 +24,7 @@ from toy import (
     regression_dataset,
     sample_ids,
 )
-from transformers import TrainerCallback
+from transformers import ProgressCallback, TrainerCallback
 
 from legw_hf import LegwConfig, LegwTrainer, SettingError
 from legw_hf.ramp import AutoRamp, BatchRamp, RampController, ramp_from_decisions, read_decisions
@@ -313,15 +313,29 @@ def recorded_run(args, *callbacks, overflows=()):
     return trainer, [sample_ids(dataset, [x for micro in update for x in micro]) for update in recorder.updates]
 
 
+class ProgressBar(ProgressCallback):
+    """Trainer's progress bar, with its total and position after each update."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shown: list[tuple[int, int]] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        super().on_step_end(args, state, control, **kwargs)
+        self.shown.append((self.training_bar.n, self.training_bar.total))
+
+
 @pytest.fixture(scope="module")
 def auto_run(tmp_path_factory):
-    """One automatic run (its output folder, trainer, samples per update), shared by the checks below."""
+    """One automatic run (its output folder, trainer, samples per update, progress bar), shared by the checks
+    below."""
     output = tmp_path_factory.mktemp("auto") / "out"
-    return (output, *recorded_run(auto_args(output)))
+    bar = ProgressBar()
+    return (output, *recorded_run(auto_args(output), bar), bar)
 
 
 def test_an_automatic_ramp_decides_from_its_logged_estimates(auto_run):
-    output, trainer, taken = auto_run
+    output, trainer, taken, bar = auto_run
     decisions = trainer.lr_scheduler.decisions
     assert [(d.old_batch, d.new_batch) for d in decisions] == [(4, 8), (8, 16), (16, 32)]
     # the decision log, in the output folder by default, holds the decisions; fed the logged estimates of every
@@ -333,6 +347,12 @@ def test_an_automatic_ramp_decides_from_its_logged_estimates(auto_run):
     want = auto_expected(text)
     batches = [batch for batch, _ in want]
     assert trainer.state.global_step == trainer.state.max_steps == len(want)
+    # Trainer's length and progress bar: the most updates the run can take (256 samples at batch 4), then after each
+    # change the grown plan's
+    totals = [total for _, total in bar.shown]
+    assert totals[0] == 64 and totals[-1] == bar.shown[-1][0] == len(want)
+    changes = [n for n in range(1, len(totals)) if totals[n] != totals[n - 1]]
+    assert changes == [d.update - 1 for d in decisions]
     assert [len(update) for update in taken] == batches and taken == stream_slices(batches, dataset_size=128)
     assert logged_learning_rates(trainer.state.log_history) == pytest.approx([lr for _, lr in want], rel=1e-12)
     for decision in decisions:  # from the update after the estimates, at the samples the run had taken
@@ -345,7 +365,7 @@ def test_an_automatic_ramp_decides_from_its_logged_estimates(auto_run):
 
 
 def test_an_automatic_ramp_replays_as_a_scheduled_ramp(auto_run, tmp_path):
-    output, auto, auto_taken = auto_run
+    output, auto, auto_taken, _ = auto_run
     text = ramp_from_decisions(read_decisions(output / "legw_ramp_decisions.jsonl"))
     replay, taken = recorded_run(ramp_training_args(tmp_path / "replay", **RAMP_SHAPE, legw_batch_ramp=text))
     assert taken == auto_taken
@@ -369,7 +389,7 @@ class SaveAt(TrainerCallback):
 def test_an_automatic_ramp_resumed_mid_ramp_ends_bit_identical(auto_run, tmp_path):
     """Saved one update before the second change, stopped one after it, resumed from the save: the run decides again
     what it decided, its log holds every change once, and it ends with the uninterrupted run's weights."""
-    _, whole, _ = auto_run
+    _, whole, _, _ = auto_run
     decisions = whole.lr_scheduler.decisions
     saved_at = decisions[1].update - 1
     output = tmp_path / "out"

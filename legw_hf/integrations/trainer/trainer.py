@@ -94,7 +94,8 @@ class LegwTrainer(Trainer):
             callback.trainer_callbacks = self.callback_handler.callbacks
         self._legw_run = _RunShape(None, None)
         self._legw_loss_kwargs_unchecked = True
-        #: AdaScale / noise-scale statistics of this run (--legw_adascale), created with the scheduler.
+        #: AdaScale / noise-scale statistics of this run (--legw_adascale, or an automatic batch ramp's), created
+        #: with the scheduler.
         self.legw_noise: GradientNoise | None = None
         self._legw_micro_steps: MicroStepProtocol | None = None
         self._legw_resume_checkpoint: str | None = None
