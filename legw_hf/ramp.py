@@ -401,6 +401,34 @@ class AutoRamp:
                 start_batch,
             )
 
+    def plans(
+        self, config: LegwConfig, *, micro_batch: int, micro_step_samples: int, dataset_size: int, epochs: float
+    ) -> tuple[RampedPlan, dict[int, LegwPlan]]:
+        """The run's first plan (one stage, at the start batch) and the LEGW plan of every batch the ramp may double
+        to, for ``epochs`` of ``dataset_size`` samples in micro-batch steps of ``micro_step_samples`` (``micro_batch``
+        per process). A start, cap or batch the run cannot take is refused here, before any work (:meth:`check`)."""
+        positive_int("dataset_size", dataset_size)
+        positive("epochs", epochs)
+        start = micro_step_samples if self.start_batch is None else self.start_batch
+        self.check(start, micro_batch=micro_batch, micro_step_samples=micro_step_samples)
+        plans = {}
+        for batch in self.batches(start):
+            try:
+                plans[batch] = config.plan(batch_size=batch, dataset_size=dataset_size, epochs=epochs)
+            except SettingError as error:
+                reason = f"must be a batch LEGW can plan for this run: at batch {batch}, {error}"
+                raise SettingError("max_batch", reason, self.max_batch) from None
+        first = RampedPlan(
+            ramp=BatchRamp((RampStage(start, 0.0),)), plans=(plans[start],), micro_step_samples=micro_step_samples
+        )
+        return first, plans
+
+    def takes(self, ramp: BatchRamp, start_batch: int) -> bool:
+        """Whether ``ramp`` is one this automatic ramp can have decided from ``start_batch``: its stages are that
+        batch and its doublings in order, none above the cap (a checkpoint's ramp, say)."""
+        batches = [stage.batch_size for stage in ramp.stages]
+        return batches == self.batches(start_batch)[: len(batches)]
+
 
 @dataclass(frozen=True)
 class RampDecision:
@@ -485,6 +513,14 @@ def read_decisions(path: str | os.PathLike) -> list[RampDecision]:
         return [RampDecision.from_dict(json.loads(line)) for line in log if line.strip()]
 
 
+def write_decisions(path: str | os.PathLike, decisions: Iterable[RampDecision]) -> None:
+    """A decision log (:attr:`AutoRamp.log`) holding ``decisions`` alone, as a run resumed from a checkpoint starts
+    it: the changes up to the checkpoint (a log that ran past it would otherwise get the later ones twice)."""
+    from .record import replace_file  # (record imports this module)
+
+    replace_file(path, "".join(json.dumps(decision.to_dict()) + "\n" for decision in decisions))
+
+
 def ramp_from_decisions(decisions: Iterable[RampDecision | dict[str, Any]], *, start_batch: int | None = None) -> str:
     """The :class:`BatchRamp` text of an automatic run's decisions: a scheduled ramp that replays it (each stage
     starts at the exact progress of its change, so every update takes the same batch and LR).
@@ -515,4 +551,5 @@ __all__ = [
     "ramp_from_decisions",
     "ramped_plan",
     "read_decisions",
+    "write_decisions",
 ]

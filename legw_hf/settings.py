@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from .plan import RULES
+from .ramp import AutoRamp
 from .schedules import DECAYS
 
 Kind = Literal["config", "decay", "run", "optimizer", "trainer"]
@@ -216,7 +217,8 @@ SETTINGS: tuple[Setting, ...] = (
         "A global batch that grows during the run: comma-separated batch@epoch stages (8@0,16@1,32@2: batch 8 from "
         "the start, 16 from epoch 1, 32 from epoch 2). Each update takes the batch of the stage its progress starts "
         "in and LEGW's LR for that batch; the per-device batch stays fixed and the accumulation follows the stage. "
-        "The length is --num_train_epochs.",
+        "The length is --num_train_epochs. In Trainer also auto: the batch doubles during the run while the measured "
+        "gradient noise scale says doubling is efficient (--legw_ramp_max_batch and the other --legw_ramp_* flags).",
         trainer="legw_batch_ramp",
         cli="--batch-ramp",
         metavar="B@EPOCH[,B@EPOCH...]",
@@ -335,6 +337,48 @@ SETTINGS: tuple[Setting, ...] = (
         "trainer",
         float,
         "Expected scale S = global batch / --legw_base_batch_size, checked against the run.",
+    ),
+    # the automatic batch ramp (--legw_batch_ramp auto): legw_hf.ramp.AutoRamp's keywords
+    Setting(
+        "max_batch",
+        "trainer",
+        int,
+        "--legw_batch_ramp auto: the largest batch the ramp may reach, the start batch times a power of 2 (required).",
+        trainer="legw_ramp_max_batch",
+    ),
+    Setting(
+        "start_batch",
+        "trainer",
+        int,
+        "--legw_batch_ramp auto: the first batch (default per-device batch x processes); it must give at least 2 "
+        "gradient estimates per update (start batch / per-device batch >= 2).",
+        trainer="legw_ramp_start_batch",
+    ),
+    Setting(
+        "efficiency",
+        "trainer",
+        float,
+        "--legw_batch_ramp auto: the batch B doubles while doubling is at least this efficient by the measured noise "
+        "scale, (B + B_simple) / (2B + B_simple) >= X; in (0.5, 1).",
+        default=AutoRamp.efficiency,
+        trainer="legw_ramp_efficiency",
+    ),
+    Setting(
+        "patience",
+        "trainer",
+        int,
+        "--legw_batch_ramp auto: updates at a batch, from the start and after each change, before the next decision.",
+        default=AutoRamp.patience,
+        trainer="legw_ramp_patience",
+    ),
+    Setting(
+        "log",
+        "trainer",
+        str,
+        "--legw_batch_ramp auto: the file each change is written to as a JSON line, by the main process (default "
+        "output_dir/legw_ramp_decisions.jsonl; a resumed run starts it again from the checkpoint's changes).",
+        trainer="legw_ramp_log",
+        metavar="FILE",
     ),
 )
 

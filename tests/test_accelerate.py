@@ -303,22 +303,26 @@ def noisy_regression_config() -> LegwConfig:
     return LegwConfig(base_batch_size=4, base_lr=0.02, base_warmup_epochs=0.1, decay=Polynomial(power=2.0))
 
 
-def noisy_regression(accelerator, dataset_size=256, per_device=2):
+def noisy_regression(accelerator, dataset_size=256, per_device=2, scaler=None):
     """Targets that are mostly noise: the gradient noise scale is in the hundreds of samples from the start."""
     torch.manual_seed(0)
     x = torch.randn(dataset_size, 6)
     data = TensorDataset(x, 0.1 * x.sum(-1) + 3.0 * torch.randn(dataset_size))
     model = torch.nn.Linear(6, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
+    if scaler is not None:
+        accelerator.scaler = scaler  # accelerate makes none on CPU; a GPU fp16 run has this one
     model, optimizer, loader = accelerator.prepare(model, optimizer, DataLoader(data, batch_size=per_device))
     return model, optimizer, loader, noisy_regression_config()
 
 
-def ramped_run(batch_ramp, *, stop=None, resume=None, save=None):
-    """A ramped loop on the noisy regression: each update's batch, LR, samples and the estimates after it."""
+def ramped_run(batch_ramp, *, stop=None, resume=None, save=None, overflows=frozenset()):
+    """A ramped loop on the noisy regression: each update's batch, LR, samples and the estimates after it. The
+    updates ``overflows`` overflow (an infinite loss) under fp16 loss scaling, whose GradScaler skips them."""
     AcceleratorState._reset_state(True)
     accelerator = Accelerator(cpu=True)
-    model, optimizer, loader, config = noisy_regression(accelerator)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if overflows else None
+    model, optimizer, loader, config = noisy_regression(accelerator, scaler=scaler)
     scheduler = create_legw_scheduler(accelerator, optimizer, config, loader, num_epochs=3, batch_ramp=batch_ramp)
     if resume:
         accelerator.load_state(resume)
@@ -328,7 +332,8 @@ def ramped_run(batch_ramp, *, stop=None, resume=None, save=None):
             break
         samples = 0
         for x, y in update.micro_batches():
-            update.backward(torch.nn.functional.mse_loss(model(x).squeeze(-1), y))
+            loss = torch.nn.functional.mse_loss(model(x).squeeze(-1), y)
+            update.backward(loss * math.inf if update.index in overflows else loss)
             samples += len(y)
         row = {"update": update.index, "batch": update.batch_size, "lr": optimizer.param_groups[0]["lr"]}
         trace, signal = (getattr(getattr(scheduler, "noise", None), name, None) for name in ("trace", "signal"))
@@ -388,6 +393,47 @@ def test_an_automatic_ramp_resumed_from_save_state_continues_exactly(tmp_path):
     assert rows == whole_rows[stop:]
     assert resumed.decisions == whole.decisions and resumed.plan == whole.plan
     assert all(torch.equal(a, b) for a, b in zip(weights, whole_weights, strict=True))
+
+
+def decisions_from_rows(rows, skipped=()):
+    """A RampController's decisions from the estimates after each update of ``rows``, shown ``skipped`` or not."""
+    controller, samples = RampController(AutoRamp(**AUTO), 4, dataset_size=256, epochs=3), 0
+    for row in rows:
+        samples += row["batch"]
+        if row["update"] not in skipped:
+            controller.observe(update=row["update"], samples=samples, trace=row["trace"], signal=row["signal"])
+    return controller.decisions
+
+
+def noisy_expected(text):
+    """(batch, LR) of every update of the scheduled ramp ``text`` on the noisy regression, written out."""
+    stages = [(stage.batch_size, stage.start) for stage in BatchRamp.parse(text).stages]
+    return written_out(stages, dataset_size=256, epochs=3, base_batch=4, base_lr=0.02, base_warmup_epochs=0.1, power=2)
+
+
+def test_an_fp16_skipped_update_of_a_scheduled_ramp_keeps_plan_and_data_in_step():
+    """Updates 2, 64 (the first at batch 8) and 100 overflow: the GradScaler skips them, but they took their
+    micro-batches, so the plan moves on with the data: each update takes its stage batch and its own LR."""
+    scheduler, rows, weights = ramped_run("4@0,8@1,16@2", overflows={2, 64, 100})
+    assert scheduler.accelerator.scaler.get_scale() == 2.0**10 / 2**3
+    want = noisy_expected("4@0,8@1,16@2")
+    assert len(want) == 64 + 32 + 16 == scheduler.updates == len(rows)
+    assert [row["samples"] for row in rows] == [batch for batch, _ in want] == [row["batch"] for row in rows]
+    assert [row["lr"] for row in rows] == pytest.approx([lr for _, lr in want], rel=1e-12, abs=1e-15)
+    assert all(torch.isfinite(w).all() for w in weights)
+
+
+def test_an_automatic_ramp_shows_its_controller_no_fp16_skipped_update():
+    """Updates 1 and 9 overflow: the plan moves on with their samples, but the decision rule is not shown them (not
+    their statistics, which were not recorded, nor their count toward the patience)."""
+    scheduler, rows, _ = ramped_run(AutoRamp(**AUTO), overflows={1, 9})
+    decisions = scheduler.decisions
+    assert decisions and decisions_from_rows(rows, skipped={1, 9}) == decisions != decisions_from_rows(rows)
+    assert decisions[0].update == AUTO["patience"] + 1  # 5 applied updates at the start batch: 0 and 2-5
+    want = noisy_expected(ramp_from_decisions(decisions))
+    assert scheduler.updates == len(rows) == len(want)
+    assert [row["samples"] for row in rows] == [batch for batch, _ in want] == [row["batch"] for row in rows]
+    assert [row["lr"] for row in rows] == pytest.approx([lr for _, lr in want], rel=1e-12, abs=1e-15)
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from legw_hf import Lamb, Lars, LegwConfig, LegwTrainer, LegwTrainingArguments, 
 from legw_hf.adascale import MODES
 from legw_hf.optim import LAMB_PRESETS, LARS_PRESETS
 from legw_hf.optim.choice import OPTIMIZERS
-from legw_hf.ramp import ramped_plan
+from legw_hf.ramp import AutoRamp, ramped_plan
 from legw_hf.schedules import DECAY_OPTIONS
 from legw_hf.settings import (
     ADASCALE_MODES,
@@ -42,6 +42,9 @@ def test_the_schema_names_what_the_code_takes():
     ramp_parameters = set(inspect.signature(ramped_plan).parameters) - {"config", "ramp"}
     assert set(names_of("run")) == plan_parameters | {"batch_ramp"} | ramp_parameters
     assert "ramp" in inspect.signature(ramped_plan).parameters
+    # the automatic ramp's flags are AutoRamp's keywords, all of them
+    automatic = {s.name for s in SETTINGS if (s.trainer_argument or "").startswith("legw_ramp_")}
+    assert automatic == {f.name for f in dataclasses.fields(AutoRamp)}
     assert len({s.name for s in SETTINGS}) == len(SETTINGS)
 
 

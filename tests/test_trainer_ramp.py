@@ -1,5 +1,7 @@
 """A batch ramp in LegwTrainer (--legw_batch_ramp): the batch, samples and LR of every update against the ramp written
-out, the stage boundary, a mid-ramp resume, two processes, and what the ramp refuses."""
+out, the stage boundary, a mid-ramp resume, fp16 skipped updates, what the ramp refuses; the automatic ramp
+(--legw_batch_ramp auto): its decisions from the logged estimates, its replay as a scheduled ramp, its resume. The
+two-process runs are in test_trainer.py (one shared torchrun launch)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,11 @@ import pytest
 import torch
 from test_ramp import written_out
 from toy import (
+    AUTO_RAMP,
+    NOISY_DATA,
+    RAMP_SHAPE,
     MicroBatchesPerUpdate,
+    PoisonSteps,
     RecordingRegressor,
     Regressor,
     StopAt,
@@ -18,8 +24,10 @@ from toy import (
     regression_dataset,
     sample_ids,
 )
+from transformers import ProgressCallback, TrainerCallback
 
 from legw_hf import LegwConfig, LegwTrainer, SettingError
+from legw_hf.ramp import AutoRamp, BatchRamp, RampController, ramp_from_decisions, read_decisions
 from legw_hf.record import read_plan_record
 
 #: per-device 4, one process (ramp_training_args): batch 8 accumulates 2 micro-batches, 16 four, 32 eight. 100 samples:
@@ -233,3 +241,240 @@ def test_the_ramp_needs_a_plan_and_serves_a_config_given_in_code(tmp_path):
     trainer = LegwTrainer(model=Regressor(), args=args, train_dataset=regression_dataset(100), legw_config=config)
     trainer.train()
     assert logged_learning_rates(trainer.state.log_history) == pytest.approx([lr for _, lr in expected()], rel=1e-12)
+
+
+@pytest.mark.parametrize("optimizer", [None, "sgd"], ids=["fused-adamw", "sgd"])
+def test_an_fp16_skipped_update_keeps_plan_and_data_in_step(tmp_path, optimizer):
+    """Updates 2, 13 (the first at batch 16) and 20 overflow: the GradScaler skips them, but they took their
+    samples, so the plan moves on with the data: every update still takes its stage batch of the next samples and
+    its own LR, exactly as in a run without overflows."""
+    model, skipped = RecordingRegressor(), {2, 13, 20}
+    recorder = MicroBatchesPerUpdate(model)
+    args = ramp_training_args(tmp_path / "out", fp16=True, legw_optimizer=optimizer)
+    trainer = LegwTrainer(
+        model=model,
+        args=args,
+        train_dataset=regression_dataset(100),
+        callbacks=[recorder, PoisonSteps(model, skipped)],
+    )
+    scaler = trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)  # none on CPU: a GPU's
+    trainer.train()
+    assert scaler.get_scale() == 2.0**10 / 2**3  # three skips, nothing else
+    want = expected()
+    assert trainer.state.global_step == trainer.lr_scheduler.updates == len(want) == 23
+    # written out: samples per update (all updates, skipped ones too) and the LR of each update's own progress
+    assert [sum(map(len, update)) for update in recorder.updates] == [8] * 13 + [16] * 6 + [32] * 4
+    taken = [sample_ids(regression_dataset(100), [x for micro in u for x in micro]) for u in recorder.updates]
+    assert taken == stream_slices([batch for batch, _ in want])
+    assert logged_learning_rates(trainer.state.log_history) == pytest.approx([lr for _, lr in want], rel=1e-12)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ----------------------------------------------------- the automatic ramp (--legw_batch_ramp auto), one process
+#: toy.AUTO_RAMP on one process, starting at batch 4: 2 gradient estimates per update.
+AUTO = AUTO_RAMP | {"legw_ramp_start_batch": 4}
+
+
+def auto_args(output_dir, **overrides):
+    return ramp_training_args(output_dir, **(AUTO | overrides))
+
+
+def auto_expected(text: str, *, dataset_size: int = 128) -> list[tuple[int, float]]:
+    """(batch, LR) of every update of the scheduled ramp ``text`` over 2 epochs at base batch 4, written out."""
+    stages = [(stage.batch_size, stage.start) for stage in BatchRamp.parse(text).stages]
+    return written_out(stages, dataset_size=dataset_size, epochs=2, base_batch=4, base_lr=0.05, base_warmup_epochs=0.2)
+
+
+def decisions_from_logs(log_history, *, start=4, dataset_size=128, skipped=(), max_batch=32, patience=3):
+    """The decisions a RampController makes from the estimates logged after each update (logging_steps=1), shown the
+    updates in ``skipped`` or not."""
+    controller = RampController(
+        AutoRamp(max_batch=max_batch, patience=patience), start, dataset_size=dataset_size, epochs=2
+    )
+    samples = 0
+    for update, entry in enumerate(e for e in log_history if "learning_rate" in e):
+        samples += entry["legw_batch"]
+        if update not in skipped:
+            trace, signal = entry.get("noise_scale/trace"), entry.get("noise_scale/signal")
+            controller.observe(update=update, samples=samples, trace=trace, signal=signal)
+    return controller.decisions
+
+
+def recorded_run(args, *callbacks, overflows=()):
+    """A ramped run of a RecordingRegressor on the noisy data (fp16 loss scaling when updates ``overflows``
+    overflow): the trainer, and the samples (dataset indices) of each update."""
+    model, dataset = RecordingRegressor(), regression_dataset(**NOISY_DATA)
+    recorder = MicroBatchesPerUpdate(model)
+    callbacks = [recorder, *callbacks, *([PoisonSteps(model, set(overflows))] if overflows else [])]
+    trainer = LegwTrainer(model=model, args=args, train_dataset=dataset, callbacks=callbacks)
+    if overflows:
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)  # none on CPU: a GPU's
+    trainer.train()
+    return trainer, [sample_ids(dataset, [x for micro in update for x in micro]) for update in recorder.updates]
+
+
+class ProgressBar(ProgressCallback):
+    """Trainer's progress bar, with its total and position after each update."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shown: list[tuple[int, int]] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        super().on_step_end(args, state, control, **kwargs)
+        self.shown.append((self.training_bar.n, self.training_bar.total))
+
+
+@pytest.fixture(scope="module")
+def auto_run(tmp_path_factory):
+    """One automatic run (its output folder, trainer, samples per update, progress bar), shared by the checks
+    below."""
+    output = tmp_path_factory.mktemp("auto") / "out"
+    bar = ProgressBar()
+    return (output, *recorded_run(auto_args(output), bar), bar)
+
+
+def test_an_automatic_ramp_decides_from_its_logged_estimates(auto_run):
+    output, trainer, taken, bar = auto_run
+    decisions = trainer.lr_scheduler.decisions
+    assert [(d.old_batch, d.new_batch) for d in decisions] == [(4, 8), (8, 16), (16, 32)]
+    # the decision log, in the output folder by default, holds the decisions; fed the logged estimates of every
+    # update, the decision rule makes them again
+    assert read_decisions(output / "legw_ramp_decisions.jsonl") == decisions
+    assert decisions_from_logs(trainer.state.log_history) == decisions
+    # every update: the batch and LR of the ramp its decisions make, written out, and the next samples of the stream
+    text = ramp_from_decisions(decisions)
+    want = auto_expected(text)
+    batches = [batch for batch, _ in want]
+    assert trainer.state.global_step == trainer.state.max_steps == len(want)
+    # Trainer's length and progress bar: the most updates the run can take (256 samples at batch 4), then after each
+    # change the grown plan's
+    totals = [total for _, total in bar.shown]
+    assert totals[0] == 64 and totals[-1] == bar.shown[-1][0] == len(want)
+    changes = [n for n in range(1, len(totals)) if totals[n] != totals[n - 1]]
+    assert changes == [d.update - 1 for d in decisions]
+    assert [len(update) for update in taken] == batches and taken == stream_slices(batches, dataset_size=128)
+    assert logged_learning_rates(trainer.state.log_history) == pytest.approx([lr for _, lr in want], rel=1e-12)
+    for decision in decisions:  # from the update after the estimates, at the samples the run had taken
+        assert decision.samples == sum(batches[: decision.update]) and decision.b_simple >= 3 * decision.old_batch
+    # legw_plan.json: the first plan, then each grown plan from the update its new stage starts at
+    entries = read_plan_record(output)
+    assert (entries[0]["ramp"], entries[0]["from_update"]) == ("4@0", 0)
+    assert [e["from_update"] for e in entries[1:]] == [d.update for d in decisions]
+    assert entries[-1]["ramp"] == text and entries[-1]["plan"] == trainer.lr_scheduler.plan.to_dict()
+
+
+def test_an_automatic_ramp_replays_as_a_scheduled_ramp(auto_run, tmp_path):
+    output, auto, auto_taken, _ = auto_run
+    text = ramp_from_decisions(read_decisions(output / "legw_ramp_decisions.jsonl"))
+    replay, taken = recorded_run(ramp_training_args(tmp_path / "replay", **RAMP_SHAPE, legw_batch_ramp=text))
+    assert taken == auto_taken
+    lrs = logged_learning_rates(auto.state.log_history)
+    assert logged_learning_rates(replay.state.log_history) == lrs and len(lrs) == len(auto_expected(text))
+    for a, b in zip(auto.model.parameters(), replay.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+class SaveAt(TrainerCallback):
+    """Saves a checkpoint at optimizer step ``step`` (and trains on)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = True
+
+
+def test_an_automatic_ramp_resumed_mid_ramp_ends_bit_identical(auto_run, tmp_path):
+    """Saved one update before the second change, stopped one after it, resumed from the save: the run decides again
+    what it decided, its log holds every change once, and it ends with the uninterrupted run's weights."""
+    _, whole, _, _ = auto_run
+    decisions = whole.lr_scheduler.decisions
+    saved_at = decisions[1].update - 1
+    output = tmp_path / "out"
+    recorded_run(auto_args(output), SaveAt(saved_at), StopAt(decisions[1].update + 1))
+    assert read_decisions(output / "legw_ramp_decisions.jsonl") == decisions[:2]
+    trainer = LegwTrainer(model=Regressor(), args=auto_args(output), train_dataset=regression_dataset(**NOISY_DATA))
+    trainer.train(resume_from_checkpoint=str(output / f"checkpoint-{saved_at}"))
+    assert trainer.lr_scheduler.decisions == decisions and trainer.state.global_step == whole.state.global_step
+    assert read_decisions(output / "legw_ramp_decisions.jsonl") == decisions
+    # the checkpoint of another automatic ramp (here: one started at batch 8) is not this run's
+    other = auto_args(output, legw_ramp_start_batch=8)
+    with pytest.raises(SettingError) as caught:
+        LegwTrainer(model=Regressor(), args=other, train_dataset=regression_dataset(**NOISY_DATA)).train(
+            resume_from_checkpoint=str(output / f"checkpoint-{saved_at}")
+        )
+    assert caught.value.field == "legw_batch_ramp" and "from batch 8 doubling up to" in str(caught.value)
+    after = logged_learning_rates(trainer.state.log_history)[saved_at:]
+    assert after == logged_learning_rates(whole.state.log_history)[saved_at:]
+    for a, b in zip(trainer.model.parameters(), whole.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_an_automatic_ramp_shows_its_controller_no_overflowed_update(tmp_path):
+    """Updates 1 and 7 overflow under fp16 loss scaling: the plan moves on with their samples, but the decision rule
+    is not shown them (their statistics were not recorded, and they do not count toward the patience)."""
+    trainer, taken = recorded_run(auto_args(tmp_path / "out"), overflows={1, 7})
+    decisions = trainer.lr_scheduler.decisions
+    logs = trainer.state.log_history
+    assert decisions_from_logs(logs, skipped={1, 7}) == decisions
+    assert decisions_from_logs(logs) != decisions
+    assert decisions[0].update == 3 + 1  # 3 applied updates at batch 4: 0, 2 and 3
+    want = auto_expected(ramp_from_decisions(decisions))
+    batches = [batch for batch, _ in want]
+    assert trainer.state.global_step == trainer.lr_scheduler.updates == len(want)
+    assert [len(update) for update in taken] == batches and taken == stream_slices(batches, dataset_size=128)
+    assert logged_learning_rates(logs) == pytest.approx([lr for _, lr in want], rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "words"),
+    [
+        ({"legw_batch_ramp": "auto"}, "legw_ramp_max_batch", "is required by --legw_batch_ramp auto"),
+        ({"legw_ramp_patience": 5}, "legw_ramp_patience", "is only taken by --legw_batch_ramp auto"),
+        (AUTO | {"legw_ramp_efficiency": 0.5}, "legw_ramp_efficiency", "must be in (0.5, 1)"),
+        (AUTO | {"legw_ramp_patience": 0}, "legw_ramp_patience", "must be an integer >= 1"),
+        (AUTO | {"legw_adascale": "gain"}, "legw_adascale", "set the LR themselves"),
+        (AUTO | {"fsdp": "full_shard"}, "fsdp", "auto: the ramp measures each micro-batch's gradient"),
+        (AUTO | {"gradient_accumulation_steps": 2}, "gradient_accumulation_steps", "sets each update's accumulation"),
+    ],
+)
+def test_an_automatic_ramp_is_refused_what_it_cannot_take_when_the_arguments_are_built(
+    tmp_path, overrides, field, words
+):
+    with pytest.raises(SettingError) as caught:
+        ramp_training_args(tmp_path / "out", **overrides)
+    assert caught.value.field == field and words in str(caught.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_automatic_ramp_is_refused_under_deepspeed(tmp_path):
+    pytest.importorskip("deepspeed")
+    config = {"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 0}}
+    with pytest.raises(SettingError) as caught:
+        auto_args(tmp_path / "out", deepspeed=config)
+    assert caught.value.field == "deepspeed" and "DeepSpeed and FSDP reduce or partition" in str(caught.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "words"),
+    [
+        (
+            {"legw_ramp_max_batch": 48},
+            "legw_ramp_max_batch",
+            "reachable by doubling the start batch (4); the nearest: 32, 64",
+        ),
+        ({"legw_ramp_max_batch": 2}, "legw_ramp_max_batch", "must be >= the start batch (4)"),
+        # by default the start is per-device batch x processes: one gradient estimate per update on one process
+        ({"legw_ramp_start_batch": None}, "legw_ramp_start_batch", "at least 2 gradient estimates per update"),
+        ({"legw_ramp_start_batch": 5}, "legw_ramp_start_batch", "per-device batch x processes = 2; the nearest: 4, 6"),
+    ],
+)
+def test_an_automatic_ramp_the_run_cannot_take_is_refused_when_the_trainer_is_built(tmp_path, overrides, field, words):
+    args = auto_args(tmp_path / "out", **overrides)
+    with pytest.raises(SettingError) as caught:
+        LegwTrainer(model=Regressor(), args=args, train_dataset=regression_dataset(**NOISY_DATA))
+    assert caught.value.field == field and words in str(caught.value)
+    assert not (tmp_path / "out").exists()

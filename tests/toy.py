@@ -37,10 +37,13 @@ class Regressor(nn.Module):
         return {"loss": loss * math.inf if self.poison else loss}
 
 
-def regression_dataset(size: int = 100, features: int = 8, seed: int = 0) -> datasets.Dataset:
+def regression_dataset(size: int = 100, features: int = 8, seed: int = 0, noise: float = 0.0) -> datasets.Dataset:
+    """``noise`` adds that much Gaussian noise to the targets: the gradient noise scale grows with it."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(size, features, generator=generator)
     y = torch.tanh(x @ torch.randn(features, generator=generator))
+    if noise:
+        y = y + noise * torch.randn(size, generator=generator)
     return datasets.Dataset.from_dict({"x": x.tolist(), "y": y.tolist()}).with_format("torch")
 
 
@@ -54,6 +57,16 @@ class StopAt(TrainerCallback):
         if state.global_step == self.step:
             control.should_save = True
             control.should_training_stop = True
+
+
+class PoisonSteps(TrainerCallback):
+    """Makes the loss of chosen optimizer steps (all their micro-batches) infinite, as an fp16 overflow would."""
+
+    def __init__(self, model: Regressor, steps: set[int]) -> None:
+        self.model, self.steps = model, steps
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.model.poison = state.global_step in self.steps
 
 
 def logged_learning_rates(log_history: list[dict]) -> list[float]:
@@ -119,3 +132,12 @@ def ramp_training_args(output_dir, **overrides) -> LegwTrainingArguments:
     return legw_training_args(
         output_dir, **({"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1} | ramp | overrides)
     )
+
+
+#: The run shape of the automatic-ramp runs: per-device 2, base batch 4, 2 epochs (of the noisy data, NOISY_DATA).
+RAMP_SHAPE = {"per_device_train_batch_size": 2, "legw_base_batch_size": 4, "num_train_epochs": 2}
+#: An automatic ramp (--legw_batch_ramp auto) of that shape, doubling up to 32 after 3 updates at a batch; it starts
+#: at per-device batch x processes unless --legw_ramp_start_batch says otherwise.
+AUTO_RAMP = RAMP_SHAPE | {"legw_batch_ramp": "auto", "legw_ramp_max_batch": 32, "legw_ramp_patience": 3}
+#: 128 samples whose targets are mostly noise: the gradient noise scale B_simple is tens of samples.
+NOISY_DATA = {"size": 128, "noise": 3.0}

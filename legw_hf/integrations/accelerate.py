@@ -46,8 +46,10 @@ class AcceleratorLegwScheduler:
 
     ``step()`` advances the plan when ``accelerator.sync_gradients`` is true (the last micro-batch of an
     accumulation window) and the optimizer step was not skipped by the fp16 GradScaler (also for fused
-    optimizers, see :class:`SkippedStepDetector`); every other call is a no-op. Each process steps its own
-    copy, so all ranks agree without communication.
+    optimizers, see :class:`SkippedStepDetector`); every other call is a no-op. Under a batch ramp it advances past
+    a skipped update too: that update took its samples (:func:`ramped_updates` moves on), and a ramp's plan is
+    counted in samples, so the next update's batch, accumulation and LR are those of the progress the data reached.
+    Each process steps its own copy, so all ranks agree without communication.
     """
 
     def __init__(self, scheduler: LegwScheduler, accelerator: Accelerator) -> None:
@@ -64,7 +66,12 @@ class AcceleratorLegwScheduler:
         return self.scheduler.updates
 
     def step(self) -> None:
-        if update_was_applied(self.accelerator, self._skips):
+        if self.accelerator.sync_gradients:
+            self.end_update(applied=update_was_applied(self.accelerator, self._skips))
+
+    def end_update(self, *, applied: bool) -> None:
+        """The plan's progress after an update whose optimizer step was ``applied`` or skipped (class doc)."""
+        if applied or isinstance(self.plan, RampedPlan):
             self.scheduler.step()
 
     def get_last_lr(self) -> list[float]:
@@ -211,7 +218,7 @@ def _create_ramped_scheduler(
             len(train_dataloader.dataset),
         )
     if isinstance(batch_ramp, AutoRamp):
-        scheduler = _create_auto_ramp(accelerator, optimizer, config, batch_ramp, micro_step, epoch_samples, num_epochs)
+        scheduler = create_auto_ramp(accelerator, optimizer, config, batch_ramp, micro_step, epoch_samples, num_epochs)
     else:
         plan = ramped_plan(
             config, batch_ramp, dataset_size=epoch_samples, epochs=num_epochs, micro_step_samples=micro_step
@@ -221,7 +228,7 @@ def _create_ramped_scheduler(
     return scheduler
 
 
-def _create_auto_ramp(
+def create_auto_ramp(
     accelerator: Accelerator,
     optimizer: torch.optim.Optimizer,
     config: LegwConfig,
@@ -230,6 +237,9 @@ def _create_auto_ramp(
     dataset_size: int,
     epochs: float,
 ) -> AcceleratorAutoRamp:
+    """The scheduler of an automatic ramp (:class:`AcceleratorAutoRamp`) over ``epochs`` of ``dataset_size`` samples
+    in micro-batch steps of ``micro_step`` samples over all processes; what the run cannot take is refused first.
+    (Not registered for checkpointing: :func:`create_legw_scheduler` does that, LegwTrainer saves its own.)"""
     if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         raise SettingError(
             "batch_ramp",
@@ -238,19 +248,10 @@ def _create_auto_ramp(
             accelerator.distributed_type.value,
         )
     micro_batch = micro_step // accelerator.num_processes
-    start = micro_step if settings.start_batch is None else settings.start_batch
-    settings.check(start, micro_batch=micro_batch, micro_step_samples=micro_step)
-    plans = {}
-    for batch in settings.batches(start):
-        try:
-            plans[batch] = config.plan(batch_size=batch, dataset_size=dataset_size, epochs=epochs)
-        except SettingError as error:
-            raise SettingError(
-                "max_batch",
-                f"must be a batch LEGW can plan for this run: at batch {batch}, {error}",
-                settings.max_batch,
-            ) from None
-    plan = ramped_plan(config, f"{start}@0", dataset_size=dataset_size, epochs=epochs, micro_step_samples=micro_step)
+    plan, plans = settings.plans(
+        config, micro_batch=micro_batch, micro_step_samples=micro_step, dataset_size=dataset_size, epochs=epochs
+    )
+    start = plan.batch_for_update(0)
     controller = RampController(settings, start, dataset_size=dataset_size, epochs=epochs)
     noise = GradientNoise(micro_batch=micro_batch, base_batch=micro_batch, global_batch=start)
     return AcceleratorAutoRamp(LegwScheduler(optimizer, plan), accelerator, controller, noise, plans)
@@ -262,7 +263,9 @@ class AcceleratorAutoRamp(AcceleratorLegwScheduler):
     Each update's micro-batch gradients are measured in ``update.backward(loss)`` (:func:`ramped_updates`) into
     :attr:`noise` (moving averages of tr Σ and ‖G‖², the statistics AdaScale uses); :meth:`step` hands them to the
     :attr:`controller` and, when it doubles the batch, adds the new batch's LEGW plan as a stage of the plan,
-    starting with the next update, before setting that update's LR. Each change is logged (INFO, and a JSON line in
+    starting with the next update, before setting that update's LR. An update the GradScaler skipped advances the
+    plan (its samples were taken) but is not shown to the controller: its statistics were not recorded, and it
+    does not count toward the patience. Each change is logged (INFO, and a JSON line in
     ``AutoRamp.log``) and kept in :attr:`decisions`; :func:`~legw_hf.ramp.ramp_from_decisions` turns them into
     the scheduled ramp that replays the run. The state (``save_state``/``load_state``) holds the plan so far, the
     controller and the moving averages.
@@ -297,11 +300,12 @@ class AcceleratorAutoRamp(AcceleratorLegwScheduler):
                 self.scheduler.optimizer,
                 self.noise,
                 mode="diagnostics",
-                begin_update=self._update_measured,
+                begin_update=self.begin_update,
             )
         return self.micro_steps
 
-    def _update_measured(self) -> None:
+    def begin_update(self) -> None:
+        """The update's statistics are in (the micro-step protocol calls this after its last micro-batch)."""
         self._measured = True
 
     def step(self) -> None:
@@ -311,13 +315,16 @@ class AcceleratorAutoRamp(AcceleratorLegwScheduler):
                 "accelerator.backward, for each of the update's micro-batches before scheduler.step()"
             )
         self._measured = False
-        if not update_was_applied(self.accelerator, self._skips):
-            return
+        super().step()
+
+    def end_update(self, *, applied: bool) -> None:
         plan = self.scheduler.plan
         update = self.scheduler.updates
-        decision = self.controller.observe(
-            update=update, samples=plan.samples_before(update + 1), trace=self.noise.trace, signal=self.noise.signal
-        )
+        decision = None
+        if applied:
+            decision = self.controller.observe(
+                update=update, samples=plan.samples_before(update + 1), trace=self.noise.trace, signal=self.noise.signal
+            )
         if decision is not None:
             self.scheduler.plan = plan.with_stage(self._plans[decision.new_batch], decision.epoch)
             self.noise.global_batch = decision.new_batch
@@ -355,7 +362,7 @@ class AcceleratorAutoRamp(AcceleratorLegwScheduler):
         if isinstance(saved, dict) and "ramp" in saved:
             ramp = BatchRamp.parse(saved["ramp"])
             batches = [stage.batch_size for stage in ramp.stages]
-            if any(batch not in self._plans for batch in batches) or batches[0] != self.controller.start_batch:
+            if not self.controller.settings.takes(ramp, self.controller.start_batch):
                 raise ValueError(
                     f"the checkpoint's ramp {ramp.to_text()} is not one this AutoRamp can take (from batch "
                     f"{self.controller.start_batch}, doubling up to {self.controller.settings.max_batch})"

@@ -6,16 +6,17 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from transformers import DefaultFlowCallback, TrainerCallback
+from transformers import DefaultFlowCallback, ProgressCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ...adascale import AdaScaleScheduler
 from ...noise_scale import GradientNoise
 from ...optim import layerwise_optimizer_of
 from ...plan import LegwPlan
-from ...ramp import RampedPlan
+from ...ramp import RampedPlan, write_decisions
 from ...record import record_plan, write_json
 from ...scheduler import LegwScheduler, SkippedStepDetector
+from ..accelerate import AcceleratorAutoRamp
 from ..deepspeed import layouts as deepspeed_layouts
 from .arguments import LegwArguments
 
@@ -38,7 +39,12 @@ class LegwCallback(TrainerCallback):
 
     With fp16 loss scaling it also marks GradScaler-skipped steps that accelerate reports as applied (fused
     AdamW, see :class:`~legw_hf.scheduler.SkippedStepDetector`), so Trainer does not step the
-    scheduler — any scheduler — through an overflow.
+    scheduler — any scheduler — through an overflow. Under a batch ramp it then moves the plan past the skipped
+    update itself: that update took its samples, and a ramp's plan follows the data.
+
+    With an automatic ramp (``--legw_batch_ramp auto``) Trainer's ``max_steps`` is the plan's updates, followed as
+    the plan grows (and the progress bar with it), each new plan is added to ``legw_plan.json``, and the decision
+    log starts at train begin with the decisions the run already holds (none, or a checkpoint's).
     """
 
     def __init__(self) -> None:
@@ -48,6 +54,8 @@ class LegwCallback(TrainerCallback):
         #: Whether the trainer plans with a config given in code (``LegwTrainer(legw_config=...)``) rather than the
         #: ``--legw_*`` fields; LegwTrainer sets it.
         self.config_from_code = False
+        #: The trainer's callbacks, whose progress bar follows an automatic ramp's length; LegwTrainer sets it.
+        self.trainer_callbacks: list[TrainerCallback] = []
         self._skips = SkippedStepDetector(None)
         self._warned_about_batch = False
 
@@ -61,6 +69,7 @@ class LegwCallback(TrainerCallback):
         deepspeed_layouts.attach(optimizer)
         if not (self.config_from_code or (isinstance(args, LegwArguments) and args.legw_enabled)):
             return
+        automatic = lr_scheduler if isinstance(lr_scheduler, AcceleratorAutoRamp) else None
         lr_scheduler = unwrap_scheduler(lr_scheduler)
         if isinstance(lr_scheduler, AdaScaleScheduler):
             logger.info(
@@ -81,6 +90,8 @@ class LegwCallback(TrainerCallback):
                 "legw_hf.LegwTrainer, or pass legw_hf.get_scheduler('legw', ...) in Trainer(optimizers=...)"
             )
         plan = lr_scheduler.plan
+        if automatic is not None:
+            _start_auto_ramp(automatic, state)
         if isinstance(plan, RampedPlan):
             _check_ramp_matches_run(plan, args, state)
         else:
@@ -103,6 +114,7 @@ class LegwCallback(TrainerCallback):
         if logs is None or "learning_rate" not in logs:  # evaluation and end-of-training logs
             return
         extra: dict[str, float] = {}
+        noise = self.noise if self.noise is not None else getattr(lr_scheduler, "noise", None)  # an automatic ramp's
         lr_scheduler = unwrap_scheduler(lr_scheduler)
         if isinstance(lr_scheduler, LegwScheduler) and isinstance(lr_scheduler.plan, RampedPlan):
             plan = lr_scheduler.plan
@@ -114,9 +126,9 @@ class LegwCallback(TrainerCallback):
             extra.update(legw_k=plan.k, legw_lr_scale=logs["learning_rate"] / plan.base_lr)
         if isinstance(lr_scheduler, AdaScaleScheduler):
             extra["adascale/progress"] = lr_scheduler.progress
-        if self.noise is not None:
-            extra.update(self.noise.summary())
-            warning = None if self._warned_about_batch else self.noise.batch_warning()
+        if noise is not None:
+            extra.update(noise.summary())
+            warning = None if self._warned_about_batch else noise.batch_warning()
             if warning is not None:
                 self._warned_about_batch = True
                 logger.warning("%s", warning)
@@ -130,11 +142,24 @@ class LegwCallback(TrainerCallback):
             state.log_history[-1].update(extra)
 
     def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
-        lr_scheduler = unwrap_scheduler(lr_scheduler)
+        outer, lr_scheduler = lr_scheduler, unwrap_scheduler(lr_scheduler)
         if isinstance(lr_scheduler, LegwScheduler) and isinstance(lr_scheduler.plan, RampedPlan):
+            if lr_scheduler.updates < state.global_step:
+                # Trainer steps its scheduler after applied updates only; this one was skipped but took its samples.
+                # (An automatic ramp tells the skip from the loss scale itself, and shows it no statistics.)
+                (outer if isinstance(outer, AcceleratorAutoRamp) else lr_scheduler).step()
+            if lr_scheduler.plan is not self.plan:
+                self._follow_new_stage(lr_scheduler.plan, args, state)
             _follow_data_epochs(lr_scheduler.plan, args, state, control)
         if isinstance(lr_scheduler, AdaScaleScheduler) and lr_scheduler.finished:
             control.should_training_stop = True
+
+    def _follow_new_stage(self, plan: RampedPlan, args: Any, state: Any) -> None:
+        """An automatic ramp doubled the batch from the next update on: the run's length is the new plan's."""
+        self.plan = plan
+        _follow_ramp_length(plan, state, self.trainer_callbacks)
+        if state.is_world_process_zero:
+            record_plan(args.output_dir, plan, from_update=state.global_step)
 
     def on_save(self, args, state, control, **kwargs):
         if self.noise is None or not state.is_world_process_zero:
@@ -149,6 +174,27 @@ def unwrap_scheduler(scheduler: Any) -> Any:
     while not isinstance(scheduler, LegwScheduler) and hasattr(scheduler, "scheduler"):
         scheduler = scheduler.scheduler
     return scheduler
+
+
+def _start_auto_ramp(ramp: AcceleratorAutoRamp, state: Any) -> None:
+    """Trainer's ``max_steps`` (from the first plan, the most updates the run can take) becomes the plan's: a resumed
+    run's stages decided so far count. The main process starts the decision log with the decisions the run holds."""
+    state.max_steps = ramp.plan.total_steps
+    path = ramp.controller.settings.log
+    if path is not None and state.is_world_process_zero:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_decisions(path, ramp.decisions)
+
+
+def _follow_ramp_length(plan: RampedPlan, state: Any, callbacks: list[TrainerCallback]) -> None:
+    """Trainer stops (and saves, evaluates at the end) once ``global_step`` reaches ``max_steps``: the plan's updates.
+    A progress bar already shown gets the new total."""
+    state.max_steps = plan.total_steps
+    for callback in callbacks:
+        bar = getattr(callback, "training_bar", None) if isinstance(callback, ProgressCallback) else None
+        if bar is not None:
+            bar.total = plan.total_steps
+            bar.refresh()
 
 
 def _follow_data_epochs(plan: RampedPlan, args: Any, state: Any, control: Any) -> None:

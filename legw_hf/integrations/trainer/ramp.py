@@ -1,23 +1,28 @@
 """A batch ramp in Trainer (``--legw_batch_ramp``): the global batch grows during the run, the per-device
 micro-batch stays fixed, and every update takes LEGW's LR for its own batch (:class:`~legw_hf.ramp.RampedPlan`).
 
-Trainer accumulates a fixed number of micro-batches per update, so the ramp hands it one *virtual batch* per
-update instead: Trainer runs with ``gradient_accumulation_steps = 1`` over one epoch of ``total_steps`` batches, and
-each batch a process receives is its share of one update, already collated into micro-batches of
-``per_device_train_batch_size`` (:class:`MicroBatches`). ``LegwTrainer.training_step`` runs Trainer's own step on
-each of them, all-reducing gradients only on the last, as Trainer's accumulation does.
+Trainer accumulates a fixed number of micro-batches per update, so the ramp hands it one update at a time instead:
+Trainer runs with ``gradient_accumulation_steps = 1`` over one epoch of one batch per update, and
+``LegwTrainer.get_batch_samples`` gathers that batch from the dataloader's micro-batches, as many as the plan gives
+the update (:class:`MicroBatches`); ``LegwTrainer.training_step`` runs Trainer's own step on each of them,
+all-reducing gradients only on the last, as Trainer's accumulation does.
 
-The samples come from :class:`RampBatchSampler`: a stream of data passes, each a permutation seeded as Trainer's own
-sampler seeds its epochs (``data_seed``, else ``seed``, plus the pass number), from which update ``n`` takes the
-next ``B_n`` indices, so an update can begin in one pass and end in the next and progress is counted in samples.
-A run resumed from a checkpoint skips ``global_step`` batches of that one epoch, which are exactly the updates done.
+The micro-batches come from :class:`RampBatchSampler`: a stream of data passes, each a permutation seeded as
+Trainer's own sampler seeds its epochs (``data_seed``, else ``seed``, plus the pass number), cut into micro-batches
+dealt to the processes in turn, so update ``n`` takes the next ``B_n`` samples, an update can begin in one pass and
+end in the next, and progress is counted in samples. The sampler does not know the batches: they are read from the
+plan when each update starts, which is what lets an automatic ramp (``--legw_batch_ramp auto``,
+:class:`~legw_hf.ramp.AutoRamp`) grow the plan as the run goes, although the dataloader (accelerate's, its workers)
+reads ahead. A run resumed from a checkpoint skips the micro-batches of the ``global_step`` updates done.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,23 +31,65 @@ from transformers.trainer_utils import seed_worker
 
 from ...errors import SettingError
 from ...plan import LegwConfig
-from ...ramp import BatchRamp, RampedPlan, ramped_plan
+from ...ramp import AutoRamp, BatchRamp, RampedPlan, ramped_plan
 from ...schedules import DECAY_OPTIONS
+from ...settings import trainer_argument
 from .flags import as_argument_error, changed_fields
 
 #: Train sampling strategies the ramp's sampler follows (the others group samples into batches themselves).
 SAMPLING_STRATEGIES = ("random", "sequential")
 
+#: ``--legw_batch_ramp`` of a ramp decided during the run.
+AUTO = "auto"
+#: The decision log of an automatic ramp in the output directory, unless ``--legw_ramp_log`` names another file.
+DECISION_LOG = "legw_ramp_decisions.jsonl"
+#: The flags of an automatic ramp (``--legw_ramp_max_batch``, ...): :class:`~legw_hf.ramp.AutoRamp`'s keywords.
+AUTO_RAMP_FLAGS = tuple(trainer_argument(field.name) for field in dataclasses.fields(AutoRamp))
+
+
+def auto_ramp(args: Any) -> AutoRamp | None:
+    """The :class:`~legw_hf.ramp.AutoRamp` of ``--legw_batch_ramp auto`` and the ``--legw_ramp_*`` flags (None for
+    any other run); errors name the flag."""
+    if getattr(args, "legw_batch_ramp", None) != AUTO:
+        return None
+    if args.legw_ramp_max_batch is None:
+        raise SettingError(
+            "legw_ramp_max_batch",
+            "is required by --legw_batch_ramp auto: the largest batch the ramp may reach (the start batch times a "
+            "power of 2)",
+            None,
+        )
+    log = args.legw_ramp_log if args.legw_ramp_log is not None else str(Path(args.output_dir) / DECISION_LOG)
+    try:
+        return AutoRamp(
+            max_batch=args.legw_ramp_max_batch,
+            efficiency=args.legw_ramp_efficiency,
+            patience=args.legw_ramp_patience,
+            start_batch=args.legw_ramp_start_batch,
+            log=log,
+        )
+    except SettingError as error:
+        raise as_argument_error(error) from None
+
 
 def check_ramp_arguments(args: Any) -> None:
     """What ``--legw_batch_ramp`` cannot run beside, before ``TrainingArguments.__post_init__`` (nothing is written
     yet). Trainer's accelerator settings are checked after it: :func:`check_ramp_accelerator`."""
+    if args.legw_batch_ramp != AUTO:
+        for name in changed_fields(args, AUTO_RAMP_FLAGS):
+            raise SettingError(
+                name,
+                "is only taken by --legw_batch_ramp auto (the ramp decided during the run); it would be ignored",
+                getattr(args, name),
+            )
     if args.legw_batch_ramp is None:
         return
-    try:
-        BatchRamp.parse(args.legw_batch_ramp)
-    except SettingError as error:
-        raise as_argument_error(error) from None
+    automatic = auto_ramp(args)
+    if automatic is None:
+        try:
+            BatchRamp.parse(args.legw_batch_ramp)
+        except SettingError as error:
+            raise as_argument_error(error) from None
     ramp = "--legw_batch_ramp"
     refusals = {
         "gradient_accumulation_steps": "must be 1 with {ramp}: the ramp sets each update's accumulation (its stage "
@@ -62,6 +109,14 @@ def check_ramp_arguments(args: Any) -> None:
     }
     for name in changed_fields(args, tuple(refusals)):
         raise SettingError(name, refusals[name].format(ramp=ramp), getattr(args, name))
+    if automatic is not None and (args.deepspeed or args.fsdp or args.fsdp_config):
+        name = "deepspeed" if args.deepspeed else "fsdp"
+        raise SettingError(
+            name,
+            "is not supported with --legw_batch_ramp auto: the ramp measures each micro-batch's gradient, which "
+            "DeepSpeed and FSDP reduce or partition before it is seen (run it with DDP)",
+            getattr(args, name) or args.fsdp_config,
+        )
     if args.legw_adascale is not None:
         raise SettingError(
             "legw_adascale",
@@ -108,8 +163,10 @@ def check_ramp_accelerator(args: Any) -> None:
 
 def plan_of_ramp(args: Any, train_dataset: Any, config: LegwConfig | None = None) -> RampedPlan:
     """The :class:`RampedPlan` of a Trainer run: ``--legw_batch_ramp`` over ``--num_train_epochs`` of the train
-    dataset, micro-batch steps of per-device batch x processes. ``config`` (given in code) replaces the config of the
-    ``--legw_*`` fields; errors name the flag (or, for that config's own fields, the config's keyword)."""
+    dataset, micro-batch steps of per-device batch x processes; for an automatic ramp its first plan, one stage at
+    the start batch (every batch it may double to is planned here too, so a cap the run cannot take fails now).
+    ``config`` (given in code) replaces the config of the ``--legw_*`` fields; errors name the flag (or, for that
+    config's own fields, the config's keyword)."""
     if train_dataset is None or isinstance(train_dataset, IterableDataset) or not hasattr(train_dataset, "__len__"):
         raise SettingError(
             "legw_batch_ramp",
@@ -118,23 +175,29 @@ def plan_of_ramp(args: Any, train_dataset: Any, config: LegwConfig | None = None
             args.legw_batch_ramp,
             detail=f"train dataset: {type(train_dataset).__name__}",
         )
+    shape = {
+        "dataset_size": len(train_dataset),
+        "epochs": args.num_train_epochs,
+        "micro_step_samples": args.train_batch_size * args.world_size,
+    }
+    automatic = auto_ramp(args)
     try:
-        return ramped_plan(
-            config or args.legw_config(),
-            args.legw_batch_ramp,
-            dataset_size=len(train_dataset),
-            epochs=args.num_train_epochs,
-            micro_step_samples=args.train_batch_size * args.world_size,
-        )
+        if automatic is not None:
+            return automatic.plans(config or args.legw_config(), micro_batch=args.train_batch_size, **shape)[0]
+        return ramped_plan(config or args.legw_config(), args.legw_batch_ramp, **shape)
     except SettingError as error:
         if config is not None and (error.field in LegwConfig.__dataclass_fields__ or error.field in DECAY_OPTIONS):
             raise  # a setting of the config given in code, named as that config names it
         raise as_argument_error(error) from None
 
 
-def check_ramp_resume(saved: dict[str, Any] | None, plan: RampedPlan | None) -> None:
+def check_ramp_resume(
+    saved: dict[str, Any] | None, plan: RampedPlan | None, automatic: AutoRamp | None = None, decided: bool = False
+) -> None:
     """A checkpoint resumes a ramped run only when it was saved under the same ramp over the same data and length
-    (its updates are then this run's updates, at any world size); a ramped checkpoint only resumes a ramped run."""
+    (its updates are then this run's updates, at any world size); a ramped checkpoint only resumes a ramped run. An
+    automatic ramp (``automatic``, whose first plan is ``plan``) resumes a checkpoint of an automatic ramp
+    (``decided``: it holds the decisions) whose stages it can have decided: its start batch, doublings up to its cap."""
     if saved is None or (plan is None and "ramp" not in saved):
         return
     if plan is None:
@@ -144,18 +207,29 @@ def check_ramp_resume(saved: dict[str, Any] | None, plan: RampedPlan | None) -> 
             None,
             detail=f"the checkpoint's ramp: {saved['ramp']}",
         )
-    current = plan.to_dict()
+    was = saved.get("ramp", "no ramp")
     shape = ("dataset_size", "epochs")
-    same = saved.get("ramp") == current["ramp"] and all(
-        [p.get(key) for p in saved.get("plans", [])] == [p[key] for p in current["plans"]] for key in shape
+    same_run = bool(saved.get("plans")) and all(
+        [p.get(key) for key in shape] == [plan.dataset_size, plan.epochs] for p in saved["plans"]
     )
-    if not same:
-        was = saved.get("ramp", "no ramp")
+    if automatic is not None:
+        start = plan.batch_for_update(0)
+        if not (decided and same_run and automatic.takes(BatchRamp.parse(saved["ramp"]), start)):
+            raise SettingError(
+                "legw_batch_ramp",
+                f"auto resumes a checkpoint of an automatic ramp over the same dataset size and --num_train_epochs, "
+                f"from batch {start} doubling up to --legw_ramp_max_batch {automatic.max_batch} (to replay a ramp, "
+                "give its stages)",
+                AUTO,
+                detail=f"the checkpoint's: {was}{'' if decided else ' (no decisions)'}",
+            )
+        return
+    if not (saved.get("ramp") == plan.ramp.to_text() and same_run):
         raise SettingError(
             "legw_batch_ramp",
             "must be the checkpoint's ramp, over the same dataset size and --num_train_epochs, to resume it: update n "
             "of another ramp is not the same samples",
-            current["ramp"],
+            plan.ramp.to_text(),
             detail=f"the checkpoint's: {was}",
         )
 
@@ -178,75 +252,62 @@ class MicroBatches(list):
         return super().__getitem__(key)
 
 
-class MicroBatchCollator:
-    """Collates one process's share of an update into :class:`MicroBatches` of ``micro_batch`` samples each."""
-
-    def __init__(self, collate: Callable[[list], Any], micro_batch: int) -> None:
-        self.collate = collate
-        self.micro_batch = micro_batch
-
-    def __call__(self, samples: list) -> MicroBatches:
-        starts = range(0, len(samples), self.micro_batch)
-        return MicroBatches(self.collate(samples[start : start + self.micro_batch]) for start in starts)
-
-
 class RampBatchSampler:
-    """The index lists of a batch ramp: for update ``n``, ``processes`` lists of ``B_n / processes`` indices, list
-    ``r`` for process ``r`` (accelerate's ``BatchSamplerShard`` deals list ``i`` to process ``i % processes``).
+    """The index lists of a batch ramp: the micro-batches of a stream of data passes, ``micro_batch`` consecutive
+    indices each, ``samples`` indices in all; accelerate's ``BatchSamplerShard`` deals list ``i`` to process
+    ``i % processes``, so micro-batch step ``s`` gives each process one micro-batch of the stream's next
+    ``micro_batch x processes`` samples, process ``r`` the ``r``-th, as Trainer deals its micro-batches.
 
-    Update ``n`` takes the next ``B_n`` indices of a stream of data passes, each pass a permutation of the dataset
-    seeded with ``seed + pass`` (as Trainer's sampler seeds its epochs), or the dataset in order with
-    ``shuffle=False``. Within the update, micro-batch step ``s`` takes ``processes`` consecutive micro-batches and
-    process ``r`` the ``r``-th of them, as Trainer deals its micro-batches: a one-stage ramp reads the data as a run
+    Each pass is a permutation of the dataset seeded with ``seed + pass`` (as Trainer's sampler seeds its epochs),
+    or the dataset in order with ``shuffle=False``. Every stage batch is a whole number of micro-batch steps, so
+    update ``n`` takes the stream's samples from ``samples_before(n)`` on: a one-stage ramp reads the data as a run
     with Trainer's own accumulation does.
     """
 
-    #: Lists of varying length: ``BatchSamplerShard`` deals them without padding or cutting.
-    batch_size = None
-    #: Every update gives every process a full list, so nothing is left to pad at the end.
+    #: The stream ends on a whole micro-batch step: nothing is left to pad.
     drop_last = True
 
-    def __init__(self, plan: RampedPlan, *, processes: int, micro_batch: int, seed: int, shuffle: bool = True) -> None:
-        if plan.micro_step_samples != processes * micro_batch:
-            raise ValueError(
-                f"the plan's micro-batch step ({plan.micro_step_samples}) is not micro-batch x processes "
-                f"({micro_batch} x {processes})"
-            )
-        self.plan = plan
+    def __init__(
+        self, dataset_size: int, *, samples: int, processes: int, micro_batch: int, seed: int, shuffle: bool = True
+    ) -> None:
+        if samples % (processes * micro_batch):
+            raise ValueError(f"{samples} samples: no whole number of micro-batch steps ({micro_batch} x {processes})")
+        self.dataset_size = dataset_size
+        self.samples = samples
         self.processes = processes
-        self.micro_batch = micro_batch
+        self.batch_size = micro_batch
         self.seed = seed
         self.shuffle = shuffle
 
     def __len__(self) -> int:
-        return self.plan.total_steps * self.processes
+        return self.samples // self.batch_size
 
     def _stream(self) -> Iterator[int]:
-        size = self.plan.dataset_size
         for data_pass in itertools.count():
             if self.shuffle:
                 generator = torch.Generator().manual_seed(self.seed + data_pass)
-                yield from torch.randperm(size, generator=generator).tolist()
+                yield from torch.randperm(self.dataset_size, generator=generator).tolist()
             else:
-                yield from range(size)
+                yield from range(self.dataset_size)
 
     def __iter__(self) -> Iterator[list[int]]:
         stream = self._stream()
-        step = self.micro_batch * self.processes
-        for update in range(self.plan.total_steps):
-            indices = list(itertools.islice(stream, self.plan.batch_for_update(update)))
-            for process in range(self.processes):
-                start = process * self.micro_batch
-                yield [
-                    index
-                    for offset in range(0, len(indices), step)
-                    for index in indices[offset + start : offset + start + self.micro_batch]
-                ]
+        for _ in range(len(self)):
+            yield list(itertools.islice(stream, self.batch_size))
 
 
-def ramp_dataloader(trainer: Any, plan: RampedPlan) -> Any:
-    """The training dataloader of a batch ramp, built as Trainer builds its own (unused columns removed, its worker
-    settings) and prepared by its accelerator."""
+def ramp_samples(plan: RampedPlan, automatic: AutoRamp | None) -> int:
+    """The samples a ramped run takes: its plan's; for an automatic ramp (``plan`` its first plan) the most it can
+    take, since every doubling only moves the end to the first update boundary at or past the run's epochs, at most
+    one update (of at most the cap) beyond them."""
+    samples = plan.samples_before(plan.total_steps)
+    return samples if automatic is None else samples + automatic.max_batch
+
+
+def ramp_dataloader(trainer: Any, samples: int) -> Any:
+    """The training dataloader of a batch ramp, ``samples`` samples in micro-batches of the per-device batch (the
+    stream of :class:`RampBatchSampler`), built as Trainer builds its own (unused columns removed, its collator and
+    worker settings) and prepared by its accelerator."""
     args = trainer.args
     dataset, collate = trainer.train_dataset, trainer.data_collator
     try:
@@ -258,7 +319,8 @@ def ramp_dataloader(trainer: Any, plan: RampedPlan) -> Any:
     else:
         collate = trainer._get_collator_with_removed_columns(collate, description="Training")
     sampler = RampBatchSampler(
-        plan,
+        len(dataset),
+        samples=samples,
         processes=args.world_size,
         micro_batch=args.train_batch_size,
         seed=args.data_seed if args.data_seed is not None else args.seed,
@@ -267,7 +329,7 @@ def ramp_dataloader(trainer: Any, plan: RampedPlan) -> Any:
     loader = DataLoader(
         dataset,
         batch_sampler=sampler,
-        collate_fn=MicroBatchCollator(collate, args.train_batch_size),
+        collate_fn=collate,
         num_workers=args.dataloader_num_workers,
         pin_memory=args.dataloader_pin_memory,
         persistent_workers=args.dataloader_persistent_workers,

@@ -11,10 +11,11 @@ import torch
 from ...scheduler import STATE_FORMAT as SCHEDULER_STATE_FORMAT
 
 
-def checkpoint_plan(checkpoint: str) -> dict[str, Any] | None:
-    """The LEGW plan a Trainer checkpoint was saved under (its ``scheduler.pt``), or None."""
+def checkpoint_scheduler_state(checkpoint: str) -> dict[str, Any] | None:
+    """The LEGW scheduler state of a Trainer checkpoint (its ``scheduler.pt``: the plan it was saved under, the
+    progress, an automatic ramp's decisions), or None."""
     path = Path(checkpoint) / "scheduler.pt"
     if not path.is_file():
         return None
     state = torch.load(path, weights_only=True)
-    return state.get("plan") if isinstance(state, dict) and state.get("format") == SCHEDULER_STATE_FORMAT else None
+    return state if isinstance(state, dict) and state.get("format") == SCHEDULER_STATE_FORMAT else None

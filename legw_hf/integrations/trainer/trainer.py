@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import itertools
 import json
 import logging
 from dataclasses import dataclass
@@ -25,14 +24,15 @@ from ...plan import LegwConfig, LegwPlan
 from ...ramp import RampedPlan
 from ...scheduler import LegwScheduler, updates_in_new_plan
 from ...settings import settings_of
+from ..accelerate import AcceleratorAutoRamp, create_auto_ramp
 from ..adascale import MicroStepProtocol, measure_micro_steps
 from ..deepspeed.checkpoints import reshard_checkpoint
 from .arguments import LegwArguments, check_plan_before_training
 from .callback import NOISE_STATE_FILE, LegwCallback, unwrap_scheduler
-from .flags import TRAINER_SCHEDULE_FLAGS, changed_fields
+from .flags import TRAINER_SCHEDULE_FLAGS, as_argument_error, changed_fields
 from .optimizer import optimizer_cls_and_kwargs
-from .ramp import MicroBatches, check_ramp_resume, plan_of_ramp, ramp_dataloader
-from .resume import checkpoint_plan
+from .ramp import MicroBatches, auto_ramp, check_ramp_resume, plan_of_ramp, ramp_dataloader, ramp_samples
+from .resume import checkpoint_scheduler_state
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,9 @@ class LegwTrainer(Trainer):
         *args, **kwargs: ``Trainer``'s.
 
     With ``--legw_batch_ramp`` the global batch grows by stages and each update takes LEGW's LR for its own batch
-    (:mod:`legw_hf.integrations.trainer.ramp`: one dataloader batch per update, split into micro-batches here).
+    (:mod:`legw_hf.integrations.trainer.ramp`: each update's micro-batches gathered here as the plan gives them);
+    with ``--legw_batch_ramp auto`` the stages are decided during the run from the measured gradient noise scale
+    (the scheduler is then an :class:`~legw_hf.integrations.accelerate.AcceleratorAutoRamp`).
     Also builds ``--legw_optimizer`` when given and installs :class:`LegwCallback`. Combine with another
     Trainer subclass by listing it first: ``class MyTrainer(LegwTrainer, Seq2SeqTrainer)``.
     Settings are checked before ``Trainer.__init__`` touches the output directory.
@@ -89,9 +91,11 @@ class LegwTrainer(Trainer):
             self.callback_handler.callbacks.insert(0, LegwCallback())
         for callback in self._legw_callbacks():
             callback.config_from_code = legw_config is not None
+            callback.trainer_callbacks = self.callback_handler.callbacks
         self._legw_run = _RunShape(None, None)
         self._legw_loss_kwargs_unchecked = True
-        #: AdaScale / noise-scale statistics of this run (--legw_adascale), created with the scheduler.
+        #: AdaScale / noise-scale statistics of this run (--legw_adascale, or an automatic batch ramp's), created
+        #: with the scheduler.
         self.legw_noise: GradientNoise | None = None
         self._legw_micro_steps: MicroStepProtocol | None = None
         self._legw_resume_checkpoint: str | None = None
@@ -120,43 +124,61 @@ class LegwTrainer(Trainer):
         if self.legw_noise is None:
             return super().training_step(model, inputs, num_items_in_batch)
         if self._legw_micro_steps is None:
-            self._legw_micro_steps = measure_micro_steps(
-                self.accelerator,
-                model,
-                self.optimizer,
-                self.legw_noise,
-                mode=self.args.legw_adascale,
-                begin_update=self._begin_adascale_update,
-            )
+            self._legw_micro_steps = self._measure_micro_steps(model)
         return self._legw_micro_steps.backward(
             functools.partial(super().training_step, model, inputs, num_items_in_batch),
             self._micro_batch_weight(inputs, num_items_in_batch),
             last_micro_batch=self.accelerator.sync_gradients,
         )
 
+    def _measure_micro_steps(self, model: torch.nn.Module) -> MicroStepProtocol:
+        """The gradient statistics of every micro-batch: an automatic ramp's own (its update begins once measured),
+        else AdaScale's (--legw_adascale)."""
+        if isinstance(self.lr_scheduler, AcceleratorAutoRamp):
+            return self.lr_scheduler.measure(model)
+        return measure_micro_steps(
+            self.accelerator,
+            model,
+            self.optimizer,
+            self.legw_noise,
+            mode=self.args.legw_adascale,
+            begin_update=self._begin_adascale_update,
+        )
+
     def _ramped_training_step(self, model: torch.nn.Module, share: MicroBatches, num_items_in_batch: Any) -> Any:
         """One update of a batch ramp (``--legw_batch_ramp``): Trainer's step on each micro-batch of this process's
-        share, gradients all-reduced on the last only; a mean loss is averaged over the update's micro-batches (a loss
-        normalised by ``num_items_in_batch`` already is: the count is the whole update's). The summed loss, as
-        Trainer's accumulation sums it."""
+        share, gradients all-reduced on the last only (and ``sync_gradients`` set on it only, as Trainer's own
+        accumulation sets it, which tells the gradient statistics where the update ends); a mean loss is averaged
+        over the update's micro-batches (a loss normalised by ``num_items_in_batch`` already is: the count is the
+        whole update's). The summed loss, as Trainer's accumulation sums it."""
         self.current_gradient_accumulation_steps = len(share)
         total = None
         for position, inputs in enumerate(share):
             last = position == len(share) - 1
+            self.accelerator.gradient_state._set_sync_gradients(last)
             with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
                 loss = self.training_step(model, inputs, num_items_in_batch)
             total = loss if total is None else total + loss
         return total
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
-        """Trainer's; with a batch ramp, the update's share (:class:`MicroBatches`) and ``num_items_in_batch`` counted
-        by Trainer over all of its micro-batches (and processes, with ``average_tokens_across_devices``)."""
+        """Trainer's; with a batch ramp, the update's share: as many micro-batches as the plan gives the update (read
+        now, so an automatic ramp's change applies from the next update on), as one :class:`MicroBatches`, and
+        ``num_items_in_batch`` counted by Trainer over all of them (and processes, with
+        ``average_tokens_across_devices``)."""
         if not self.legw_ramp:
             return super().get_batch_samples(epoch_iterator, num_batches, device)
-        shares = list(itertools.islice(epoch_iterator, num_batches))  # one: Trainer's accumulation is 1
-        micro_batches = [inputs for share in shares for inputs in share]
-        _, num_items_in_batch = super().get_batch_samples(iter(micro_batches), len(micro_batches), device)
-        return shares, num_items_in_batch
+        plan = unwrap_scheduler(self.lr_scheduler).plan
+        accumulation = plan.accumulation_for_update(self.state.global_step)
+        micro_batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, accumulation, device)
+        return ([MicroBatches(micro_batches)] if micro_batches else []), num_items_in_batch
+
+    def get_resumed_dataloader(self, dataloader: Any, num_batches: int) -> Any:
+        """Trainer's; with a batch ramp ``num_batches`` is the updates done, whose micro-batches are skipped."""
+        if self.legw_ramp:
+            plan = unwrap_scheduler(self.lr_scheduler).plan  # a resumed automatic ramp's: the stages decided so far
+            num_batches = plan.samples_before(num_batches) // plan.micro_step_samples
+        return super().get_resumed_dataloader(dataloader, num_batches)
 
     def _begin_adascale_update(self) -> None:
         scheduler = unwrap_scheduler(self.lr_scheduler)
@@ -249,13 +271,14 @@ class LegwTrainer(Trainer):
         return plan_of_ramp(self.args, self.train_dataset, config=self._legw_config_given)
 
     def get_train_dataloader(self) -> Any:
-        """Trainer's, or with a batch ramp one batch per update: each process's share of the update, in micro-batches
-        of ``per_device_train_batch_size`` (:func:`~legw_hf.integrations.trainer.ramp.ramp_dataloader`)."""
+        """Trainer's, or with a batch ramp the run's samples in micro-batches of ``per_device_train_batch_size``
+        (:func:`~legw_hf.integrations.trainer.ramp.ramp_dataloader`), which :meth:`get_batch_samples` gathers into
+        updates."""
         if not self.legw_ramp:
             return super().get_train_dataloader()
         if self.train_dataset is None:
             raise ValueError("Trainer: training requires a train_dataset.")
-        return ramp_dataloader(self, self.legw_ramped_plan())
+        return ramp_dataloader(self, ramp_samples(self.legw_ramped_plan(), auto_ramp(self.args)))
 
     def _legw_callbacks(self) -> list[LegwCallback]:
         return [callback for callback in self.callback_handler.callbacks if isinstance(callback, LegwCallback)]
@@ -267,7 +290,8 @@ class LegwTrainer(Trainer):
         if not self.legw_enabled:
             return values
         if self.legw_ramp:
-            # One epoch of one batch per update (the dataloader's length); the samples are the ramp's.
+            # One epoch of one batch per update; the samples are the ramp's. An automatic ramp's first plan has the
+            # most updates the run can take (a doubling only shortens it): LegwCallback follows it as it grows.
             plan = self.legw_ramped_plan()
             steps = plan.total_steps
             return (1, steps, values[2], plan.samples_before(steps), values[4], steps, steps)
@@ -301,8 +325,15 @@ class LegwTrainer(Trainer):
         epochs_trained, steps_trained = super()._init_training_state(
             max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
         )
-        saved = checkpoint_plan(resume_from_checkpoint) if self.legw_enabled and resume_from_checkpoint else None
-        check_ramp_resume(saved, self.legw_ramped_plan() if self.legw_ramp else None)
+        resumed = self.legw_enabled and resume_from_checkpoint
+        state = checkpoint_scheduler_state(resume_from_checkpoint) if resumed else None
+        saved = state and state.get("plan")
+        check_ramp_resume(
+            saved,
+            self.legw_ramped_plan() if self.legw_ramp else None,
+            auto_ramp(self.args),
+            decided=bool(state and "auto_ramp" in state),
+        )
         if saved is None or self.legw_ramp:
             # A ramp's update n is the same samples at any world size: Trainer's step is the ramp's.
             return epochs_trained, steps_trained
@@ -373,11 +404,33 @@ class LegwTrainer(Trainer):
         if not self.legw_enabled:
             return super().create_scheduler(num_training_steps, optimizer)
         if self.lr_scheduler is None:
-            # (a ramp's total steps are checked against Trainer's by LegwCallback at train begin)
-            plan = self.legw_ramped_plan() if self.legw_ramp else self.legw_plan(num_training_steps)
-            self.lr_scheduler = LegwScheduler(optimizer or self.optimizer, plan)
+            automatic = auto_ramp(self.args) if self.legw_ramp else None
+            if automatic is not None:
+                self.lr_scheduler = self._create_auto_ramp(automatic, optimizer or self.optimizer)
+            else:
+                # (a ramp's total steps are checked against Trainer's by LegwCallback at train begin)
+                plan = self.legw_ramped_plan() if self.legw_ramp else self.legw_plan(num_training_steps)
+                self.lr_scheduler = LegwScheduler(optimizer or self.optimizer, plan)
             self._created_lr_scheduler = True
         return self.lr_scheduler
+
+    def _create_auto_ramp(self, settings: Any, optimizer: torch.optim.Optimizer) -> AcceleratorAutoRamp:
+        """The scheduler of ``--legw_batch_ramp auto``; its moving averages are this run's :attr:`legw_noise` (and
+        in the logs)."""
+        try:
+            scheduler = create_auto_ramp(
+                self.accelerator,
+                optimizer,
+                self.legw_config,
+                settings,
+                self.args.train_batch_size * self.args.world_size,
+                len(self.train_dataset),
+                self.args.num_train_epochs,
+            )
+        except SettingError as error:
+            raise as_argument_error(error) from None
+        self.legw_noise = scheduler.noise
+        return scheduler
 
     def _start_gradient_noise(self) -> None:
         """The run's :class:`GradientNoise`, restored from the checkpoint being resumed when it has one."""
