@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup main test test-fast test-wheel docs bench reproduce study gpu-check clean
+.PHONY: setup main test test-fast test-wheel docs bench reproduce study ramps gpu-check clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,10 @@ reproduce: setup
 # The BERT LR x batch study (benchmarks/results/bert_scaling.*): LAMB and AdamW, about an hour on 2 cores.
 study: setup
 	$(PY) benchmarks/bert_scaling.py
+
+# Batch ramps (benchmarks/results/batch_ramp.*): fixed batches, a scheduled ramp and AutoRamp, ~30 min on 2 cores.
+ramps: setup
+	$(PY) benchmarks/batch_ramp.py
 
 # On a CUDA machine, in an environment with a CUDA build of torch and `pip install -e '.[gpu,test]'`: the Triton
 # kernels compiled and run for real against the reference path, then the GPU benchmark into benchmarks/results/.

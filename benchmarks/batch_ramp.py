@@ -281,6 +281,11 @@ def summarise(runs: list[dict[str, Any]], tasks: dict[str, Any]) -> dict[str, An
     return summary
 
 
+def _rounded(ramp: str) -> str:
+    """A ramp as the table shows it: stage starts to 3 significant digits (an automatic ramp's are exact sample counts)."""
+    return ",".join(f"{batch}@{float(start):.3g}" for batch, start in (part.split("@") for part in ramp.split(",")))
+
+
 def write_markdown(path: Path, result: dict[str, Any]) -> None:
     lines = ["# Batch ramps: fixed batches, a scheduled ramp and AutoRamp", ""]
     lines += [f"- {k}: {v}" for k, v in result["environment"].items()]
@@ -309,17 +314,18 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
             final = _mean_spread(finals)
             if row["diverged"]:
                 final += f" ({row['diverged']}/{row['seeds']} diverged)"
-            ramps = "<br>".join(f"`{ramp}`" for ramp in dict.fromkeys(row["ramps"]))
+            ramps = "<br>".join(f"`{_rounded(ramp)}`" for ramp in dict.fromkeys(row["ramps"]))
             lines.append(
                 f"| {label} | {final} | {_mean_spread(row['updates'])} | {row['reached']}/{row['seeds']} | "
                 f"{_mean_spread(row['updates_to_target'])} | {_mean_spread(row['epochs_to_target'])} | {ramps} |"
             )
-        lines += ["", f"![batch and {task['metric']} against samples]({path.stem}_{name}.png)", ""]
+        lines += ["", f"![batch and {task['metric']} against samples and updates]({path.stem}_{name}.png)", ""]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def plot(out: Path, stem: str, result: dict[str, Any]) -> list[str]:
-    """Per task: the batch against samples (seed 0) and the metric against samples (mean over seeds)."""
+    """Per task: the batch against samples, the metric against samples (mean over seeds) and the metric against
+    updates (every seed: an automatic ramp's updates differ by seed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -328,41 +334,44 @@ def plot(out: Path, stem: str, result: dict[str, Any]) -> list[str]:
     written = []
     for name, task in result["tasks"].items():
         runs = [r for r in result["runs"] if r["task"] == name]
-        figure, (batch_axis, metric_axis) = plt.subplots(1, 2, figsize=(12, 4.2))
-        for label in dict.fromkeys(r["label"] for r in runs):
+        labels = list(dict.fromkeys(r["label"] for r in runs))
+        figure, (batch_axis, metric_axis, update_axis) = plt.subplots(1, 3, figsize=(17, 4.4))
+        for color, label in enumerate(labels):
             group = [r for r in runs if r["label"] == label and not r["diverged"]]
             if not group:
                 continue
-            for r in group:  # each seed's batch (an automatic ramp differs by seed)
+            for r in group:
+                shown = dict(color=f"C{color}", alpha=0.9 if r["seed"] == 0 else 0.35)
+                legend = label if r["seed"] == 0 else None
                 xs = [epoch for epoch, _ in r["batches"]] + [r["epochs"]]
                 ys = [batch for _, batch in r["batches"]] + [r["batches"][-1][1]]
-                batch_axis.step(
-                    xs,
-                    ys,
-                    where="post",
-                    alpha=0.9 if r["seed"] == 0 else 0.35,
-                    color=f"C{list(dict.fromkeys(x['label'] for x in runs)).index(label)}",
-                    label=label if r["seed"] == 0 else None,
-                )
+                batch_axis.step(xs, ys, where="post", label=legend, **shown)
+                update_axis.plot(
+                    [e["updates"] for e in r["evaluations"]], [e["metric"] for e in r["evaluations"]],
+                    label=legend, **shown,
+                )  # fmt: skip
             points = min(len(r["evaluations"]) for r in group)
             epochs = [group[0]["evaluations"][i]["epoch"] for i in range(points)]
             means = [statistics.fmean(r["evaluations"][i]["metric"] for r in group) for i in range(points)]
-            metric_axis.plot(epochs, means, label=label)
+            metric_axis.plot(epochs, means, color=f"C{color}", label=label)
         target = result["summary"][name]["target"]
-        if target is not None:
-            metric_axis.axhline(target, color="grey", linestyle=":", label="target (base run's final)")
-        metric_axis.axhline(task["baseline"]["value"], color="black", linestyle="--", label="trivial baseline")
-        batch_axis.set(yscale="log", xlabel="epochs of samples", ylabel="global batch", title=f"{name}: batch")
+        for axis in (metric_axis, update_axis):
+            if target is not None:
+                axis.axhline(target, color="grey", linestyle=":", label="target (base run's final)")
+            axis.axhline(task["baseline"]["value"], color="black", linestyle="--", label="trivial baseline")
+            if "perplexity" in task["metric"]:
+                axis.set_yscale("log")
+            values = [e["metric"] for r in runs for e in r["evaluations"] if math.isfinite(e["metric"])]
+            if values:  # the first evaluations sit far above the rest: show the part the arms differ in
+                low = min(values)
+                axis.set_ylim(low * 0.98 if low > 0 else low, max(task["baseline"]["value"], target or low) * 1.1)
+        batch_axis.set(xlabel="epochs of samples", ylabel="global batch", title=f"{name}: batch (each seed)")
         batch_axis.set_yscale("log", base=2)
         metric_axis.set(xlabel="epochs of samples", ylabel=task["metric"], title=f"{name}: mean over seeds")
-        if "perplexity" in task["metric"]:
-            metric_axis.set_yscale("log")
-        values = [e["metric"] for r in runs for e in r["evaluations"] if math.isfinite(e["metric"])]
-        if values:  # the first evaluations sit far above the rest: show the part the arms differ in
-            low = min(values)
-            metric_axis.set_ylim(low * 0.98 if low > 0 else low, max(task["baseline"]["value"], target or low) * 1.1)
-        batch_axis.legend()
-        metric_axis.legend()
+        update_axis.set(xlabel="updates", ylabel=task["metric"], title=f"{name}: against updates (each seed)")
+        update_axis.set_xscale("log")
+        for axis in (batch_axis, metric_axis, update_axis):
+            axis.legend(fontsize="small")
         figure.tight_layout()
         path = out / f"{stem}_{name}.png"
         figure.savefig(path, dpi=110)
