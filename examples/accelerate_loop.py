@@ -19,7 +19,8 @@ batch's and the progress carries over in epochs; the loop picks the data up at t
 
 ``--batch-ramp 16@0,32@1,64@2`` grows the global batch during the run (16 from the start, 32 from epoch 1, 64 from
 epoch 2): each update accumulates the micro-batches of its stage's batch and takes LEGW's LR for that batch
-(``legw_hf.ramp``); the log lines then also carry the update's batch and the samples this process took.
+(``legw_hf.ramp``), also under a DeepSpeed plugin (ZeRO 1-3), where the engine's accumulation is set for every
+update; the log lines then also carry the update's batch and the samples this process took.
 
 ``--batch-ramp auto --max-batch 64`` decides the ramp during the run instead: from the dataloader's global batch (or
 ``--start-batch``), the batch doubles while doubling it is at least ``--ramp-efficiency`` efficient by the measured
@@ -173,7 +174,8 @@ def train_ramped(accelerator, model, optimizer, scheduler, loader, last, log) ->
             break
         samples = 0
         for features, targets in update.micro_batches():
-            update.backward(torch.nn.functional.mse_loss(model(features).squeeze(-1), targets))  # loss / accumulation
+            # loss / accumulation (under DeepSpeed the engine divides by the update's accumulation itself)
+            update.backward(torch.nn.functional.mse_loss(model(features).squeeze(-1), targets))
             samples += len(targets)
         if log:
             row = {"update": update.index, "lr": optimizer.param_groups[0]["lr"], "batch": update.batch_size}

@@ -5,18 +5,26 @@ all three in one DeepSpeed launch per world size.
 With the same per-device batch the global batch changes: the LEGW plan is re-derived for it, progress carries over in
 epochs, and the change is logged with both plans. With the global batch kept by changing the accumulation, the plan is
 unchanged and the resumed run ends where the uninterrupted one does. Scripts: ``tests/scripts/elastic*.py``.
+
+The same launches run a batch ramp under ZeRO-2 (``tests/scripts/ramp_deepspeed.py``): whole at 2 processes, and
+resumed mid-ramp at 2 and at 1, where every stage's accumulation is derived again.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import math
 from pathlib import Path
 
 import pytest
+import torch
 from launch import launch
 from legw_oracle import legw_poly_lr
 from procs import REPO, python_env
+from test_trainer_ramp import expected as ramp_expected, stream_slices
+from toy import ramped_updates_of, regression_dataset, replayed_weights
 
 pytestmark = pytest.mark.multiprocess
 
@@ -115,3 +123,74 @@ def test_the_same_global_batch_by_accumulation_continues_the_schedule_exactly(ru
     assert run["applied_lrs"] == reference["applied_lrs"][resumed_at:]
     # the optimizer state was re-sharded, not restarted: the resumed run ends where the uninterrupted one does
     assert relative(run["params"], reference["params"]) < 1e-5
+
+
+# ----------------------------------------------------- a batch ramp under ZeRO-2 (tests/scripts/ramp_deepspeed.py)
+RAMP_SAVED_AT = 16  # the checkpoint after update 16, inside the second stage (updates 13-18)
+
+
+@pytest.fixture
+def ramp_runs(output):
+    def load(name: str, rank: int = 0) -> dict:
+        return json.loads((output / "zero2-ramp" / name / f"rank{rank}.json").read_text())
+
+    return load
+
+
+def check_engine_after_updates(record: dict, batches: list[int], first: int, micro_step: int) -> None:
+    """DeepSpeed's own count after each update from ``first`` on: its accumulation and batch, the samples and updates
+    so far (restored from the checkpoint on resume)."""
+    rows = record["engine"]
+    assert [(row["accumulation"], row["batch"]) for row in rows] == [(b // micro_step, b) for b in batches[first:]]
+    assert [row["global_samples"] for row in rows] == list(itertools.accumulate(batches))[first:]
+    assert [row["global_steps"] for row in rows] == list(range(first + 1, len(batches) + 1))
+
+
+def test_a_ramp_under_zero2_takes_each_update_s_batch_samples_and_lr(ramp_runs):
+    """8@0,16@1,32@2 over 100 samples, per-device 2 on 2 processes: every update accumulates B / 4 micro-batch steps
+    of the ramp's sample stream, at LEGW's LR for B, and DeepSpeed counts its batch."""
+    want = ramp_expected()
+    batches, lrs = [batch for batch, _ in want], [lr for _, lr in want]
+    ranks = [ramp_runs("full", rank) for rank in (0, 1)]
+    for record in ranks:
+        assert (record["world_size"], record["global_step"]) == (2, len(want))
+        assert record["lrs"] == pytest.approx(lrs, rel=1e-12)
+        assert [len(update) for update in record["micro_batches"]] == [batch // 4 for batch in batches]
+        assert all(len(micro) == 2 for update in record["micro_batches"] for micro in update)
+        check_engine_after_updates(record, batches, first=0, micro_step=4)
+    assert ranks[0]["params"] == ranks[1]["params"]
+    dataset = regression_dataset(100)
+    updates = ramped_updates_of(ranks, dataset)
+    assert [sorted(update) for update in updates] == [sorted(update) for update in stream_slices(batches)]
+    # AdamW with eps 1 steps nearly in proportion to the gradient: the loss of each micro-batch was divided by the
+    # update's accumulation, and the engine stepped once per update
+    adamw = functools.partial(torch.optim.AdamW, lr=0.0, eps=1.0, weight_decay=0.0)
+    expected = replayed_weights(updates, lrs, dataset, adamw)
+    assert float((torch.tensor(ranks[0]["params"]) - expected).norm() / expected.norm()) < 1e-6
+
+
+def test_a_ramp_under_zero2_resumed_mid_ramp_ends_bit_identical(ramp_runs):
+    want = ramp_expected()
+    batches = [batch for batch, _ in want]
+    whole = ramp_runs("full")
+    for rank in (0, 1):
+        resumed = ramp_runs("resumed", rank)
+        assert resumed["global_step"] == len(want)
+        assert resumed["lrs"] == pytest.approx([lr for _, lr in want][RAMP_SAVED_AT:], rel=1e-12)
+        check_engine_after_updates(resumed, batches, first=RAMP_SAVED_AT, micro_step=4)
+        assert resumed["params"] == whole["params"]
+
+
+def test_a_ramp_under_zero2_resumed_at_one_process_derives_each_stage_s_accumulation_again(ramp_runs):
+    """The 2-process checkpoint, re-sharded through DeepSpeed's universal form: one process of per-device 2
+    accumulates B / 2 micro-batches, on the same samples, and ends where the 2-process run ended."""
+    want = ramp_expected()
+    batches = [batch for batch, _ in want]
+    resumed, whole = ramp_runs("r1"), ramp_runs("full")
+    assert (resumed["world_size"], resumed["global_step"]) == (1, len(want))
+    assert resumed["lrs"] == pytest.approx([lr for _, lr in want][RAMP_SAVED_AT:], rel=1e-12)
+    assert [len(update) for update in resumed["micro_batches"]] == [batch // 2 for batch in batches[RAMP_SAVED_AT:]]
+    check_engine_after_updates(resumed, batches, first=RAMP_SAVED_AT, micro_step=2)
+    updates = ramped_updates_of([resumed], regression_dataset(100))
+    assert updates == stream_slices(batches)[RAMP_SAVED_AT:]
+    assert relative(resumed["params"], whole["params"]) < 1e-5

@@ -11,6 +11,8 @@ reduction of its own; under ZeRO it comes from DeepSpeed).
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import math
 from pathlib import Path
@@ -22,7 +24,14 @@ from legw_oracle import legw_poly_lr
 from optim_registry import SHARDED, SHARDED_EVERY_CONFIG, SHARDED_FEW, SHARDED_NAIVE
 from procs import REPO
 from test_ramp import written_out
-from toy import Regressor, legw_training_args, logged_learning_rates, regression_dataset
+from toy import (
+    Regressor,
+    legw_training_args,
+    logged_learning_rates,
+    ramped_updates_of,
+    regression_dataset,
+    replayed_weights,
+)
 
 from legw_hf import LegwTrainer
 
@@ -235,3 +244,41 @@ def test_trainer_with_a_deepspeed_adamw_block_is_driven_by_the_plan(trainer_runs
     ]
     for record in ranks:
         assert record["applied_lrs"] == pytest.approx(planned, rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_an_accelerate_ramp_under_zero_1_and_3_takes_each_update_s_batch_samples_and_lr(trainer_runs, stage):
+    """tests/scripts/ramp_deepspeed.py's loop (same launch): ``ramped_updates`` with a DeepSpeed plugin, ramp
+    8@0,16@1,32@2 over 3 epochs of 64 samples, per-device 2 on 2 processes, SGD with momentum."""
+    folder = trainer_runs[0] / "ramp" / f"loop-zero{stage}"
+    ranks = [json.loads((folder / f"rank{r}.json").read_text()) for r in (0, 1)]
+    want = written_out(
+        [(8, 0.0), (16, 1.0), (32, 2.0)], dataset_size=64, epochs=3, base_batch=8, base_lr=0.05, base_warmup_epochs=0.25
+    )
+    batches, lrs = [batch for batch, _ in want], [lr for _, lr in want]
+    assert batches == [8] * 8 + [16] * 4 + [32] * 2
+    for record in ranks:
+        assert record["lrs"] == pytest.approx(lrs, rel=1e-12, abs=1e-15)
+        # batch B: B / (2 x 2 processes) micro-batches of 2 on each rank
+        assert [len(update) for update in record["micro_batches"]] == [batch // 4 for batch in batches]
+        assert all(len(micro) == 2 for update in record["micro_batches"] for micro in update)
+        # DeepSpeed's own count after each update: its accumulation and batch, the samples and updates so far
+        assert [(row["accumulation"], row["batch"]) for row in record["engine"]] == [(b // 4, b) for b in batches]
+        assert [row["global_samples"] for row in record["engine"]] == list(itertools.accumulate(batches))
+        assert [row["global_steps"] for row in record["engine"]] == list(range(1, len(batches) + 1))
+        # an automatic ramp needs each micro-batch's gradient; the engine's micro-batch must be the loader's
+        auto, micro_batch = record["refusals"]["auto"], record["refusals"]["micro_batch"]
+        assert auto["field"] == "batch_ramp"
+        assert "AutoRamp needs each micro-batch's gradient, which DeepSpeed and FSDP reduce" in auto["message"]
+        assert micro_batch["field"] == "train_micro_batch_size_per_gpu"
+        assert "must be the dataloader's per-device batch (4)" in micro_batch["message"]
+    dataset = regression_dataset(64)
+    updates = ramped_updates_of(ranks, dataset)
+    stream = [sample for update in updates for sample in update]
+    # every data pass (updates 0-7, 8-11, 12-13) takes each sample once
+    assert [sorted(stream[start : start + 64]) for start in (0, 64, 128)] == [list(range(64))] * 3
+    # one process stepping once per update on all of its samples ends at the same weights: the engine divided each
+    # micro-batch's loss by the update's accumulation and stepped once per update
+    expected = replayed_weights(updates, lrs, dataset, functools.partial(torch.optim.SGD, lr=0.0, momentum=0.9))
+    error = float((torch.tensor(ranks[0]["params"]) - expected).norm() / expected.norm())
+    assert error < 1e-6

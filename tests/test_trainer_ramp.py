@@ -199,12 +199,23 @@ def test_what_the_ramp_cannot_run_beside_is_refused_when_the_arguments_are_built
     assert not (tmp_path / "out").exists()
 
 
-def test_deepspeed_is_refused_with_the_ramp(tmp_path):
+@pytest.mark.parametrize(
+    ("entry", "words"),
+    [
+        ({"gradient_accumulation_steps": 4}, 'leave "gradient_accumulation_steps" "auto" or out'),
+        # per-device 4 x 1 process: the first update's micro-batch step is 4 samples, not 32
+        ({"train_batch_size": 32}, 'leave "train_batch_size" "auto" or out of its config with --legw_batch_ramp'),
+    ],
+)
+def test_a_deepspeed_config_that_fixes_the_batch_is_refused_with_the_ramp(tmp_path, entry, words):
+    """The ramp sets DeepSpeed's accumulation and train batch for every update (the 2-process runs under ZeRO 1-3
+    are in tests/test_sharded.py and tests/test_elastic.py)."""
     pytest.importorskip("deepspeed")
-    config = {"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 0}}
+    config = {"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}} | entry
     with pytest.raises(SettingError) as caught:
         ramp_training_args(tmp_path / "out", deepspeed=config)
-    assert caught.value.field == "deepspeed" and "not supported with --legw_batch_ramp yet" in str(caught.value)
+    assert caught.value.field == "deepspeed" and words in str(caught.value)
+    assert caught.value.value == entry
     assert not (tmp_path / "out").exists()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import datasets
 import torch
@@ -123,6 +124,30 @@ def sample_ids(dataset: datasets.Dataset, first_features: list[float]) -> list[i
     """The dataset indices of samples named by their first feature (as :class:`RecordingRegressor` records them)."""
     index = {value: i for i, value in enumerate(dataset[:]["x"][:, 0].tolist())}
     return [index[value] for value in first_features]
+
+
+def ramped_updates_of(ranks: list[dict], dataset: datasets.Dataset) -> list[list[int]]:
+    """The dataset indices of every update's samples, over all ranks (each rank's record lists per update its
+    micro-batches by their first features, ``"micro_batches"``)."""
+    updates = zip(*(record["micro_batches"] for record in ranks), strict=True)
+    return [sample_ids(dataset, [x for share in shares for micro in share for x in micro]) for shares in updates]
+
+
+def replayed_weights(
+    updates: list[list[int]], lrs: list[float], dataset: datasets.Dataset, optimizer: Callable
+) -> torch.Tensor:
+    """The flat weights of a :class:`Regressor` trained in one process, one backward of the mean loss over each
+    update's samples (dataset indices) and one step at its LR: where a run that accumulates and averages the same
+    updates over micro-batches and processes must end. ``optimizer`` builds the optimizer from the parameters."""
+    model = Regressor()
+    steps = optimizer(model.parameters())
+    for samples, lr in zip(updates, lrs, strict=True):
+        for group in steps.param_groups:
+            group["lr"] = lr
+        model(dataset[samples]["x"], dataset[samples]["y"])["loss"].backward()
+        steps.step()
+        steps.zero_grad()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
 def ramp_training_args(output_dir, **overrides) -> LegwTrainingArguments:

@@ -17,6 +17,7 @@ returns a wrapper whose ``step()`` advances the plan once per real optimizer upd
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Iterator
@@ -36,7 +37,7 @@ from ..ramp import AutoRamp, BatchRamp, RampController, RampDecision, RampedPlan
 from ..scheduler import LegwScheduler, SkippedStepDetector
 from . import deepspeed as deepspeed_config
 from .adascale import MicroStepProtocol, measure_micro_steps
-from .deepspeed import layouts as deepspeed_layouts
+from .deepspeed import accumulation as deepspeed_accumulation, layouts as deepspeed_layouts
 
 logger = logging.getLogger(__name__)
 
@@ -143,9 +144,10 @@ def create_legw_scheduler(
             grows during the run and each update takes LEGW's LR for its own batch (:class:`~legw_hf.ramp.RampedPlan`).
             The loop then draws each update's micro-batches from :func:`ramped_updates`; the ``Accelerator`` keeps
             ``gradient_accumulation_steps=1`` and every stage batch must be a multiple of the dataloader's batch ×
-            processes. Takes ``num_epochs``, not ``max_steps`` or ``batch_size``. Runs under DDP and under FSDP2
+            processes. Takes ``num_epochs``, not ``max_steps`` or ``batch_size``. Runs under DDP, under FSDP2
             (accelerate's FSDP plugin with ``fsdp_version=2``), where each update's gradient is reduce-scattered
-            once, after its last micro-batch, into the sharded gradients. An
+            once, after its last micro-batch, into the sharded gradients, and under a DeepSpeed plugin (ZeRO 1-3),
+            where the model must be prepared first: each update's accumulation is set on its engine. An
             :class:`~legw_hf.ramp.AutoRamp` decides the ramp during the run from the measured gradient noise scale
             (:class:`AcceleratorAutoRamp`); its loop calls ``update.backward(loss)``, which measures each micro-batch.
     """
@@ -223,6 +225,9 @@ def _create_ramped_scheduler(
         plan = ramped_plan(
             config, batch_ramp, dataset_size=epoch_samples, epochs=num_epochs, micro_step_samples=micro_step
         )
+        engine = ramp_engine(accelerator)
+        if engine is not None:
+            deepspeed_accumulation.check_micro_step(engine, micro_step)
         scheduler = _plan_scheduler(accelerator, optimizer, plan)
     accelerator.register_for_checkpointing(scheduler)
     return scheduler
@@ -380,6 +385,31 @@ class AcceleratorAutoRamp(AcceleratorLegwScheduler):
         self.noise.global_batch = self.controller.batch
 
 
+def ramp_engine(accelerator: Accelerator) -> Any | None:
+    """The DeepSpeed engine whose accumulation a batch ramp sets update by update, or None without DeepSpeed."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    engine = deepspeed_accumulation.deepspeed_engine(accelerator)
+    if engine is None:
+        raise SettingError(
+            "model",
+            "must be prepared by accelerator.prepare (with the optimizer) before a batch ramp runs under DeepSpeed: "
+            "each update's accumulation is set on its engine",
+            None,
+        )
+    return engine
+
+
+def ramp_micro_batch(accelerator: Accelerator, model: Any, *, last: bool) -> contextlib.AbstractContextManager:
+    """The context of one micro-batch of a ramp's update: gradients are reduced, and the update applied, on the
+    ``last`` only. Under DeepSpeed the engine takes its accumulation boundary from ``sync_gradients``
+    (:func:`~legw_hf.integrations.deepspeed.accumulation.micro_batch`); elsewhere the others run under
+    ``accelerator.no_sync``."""
+    if ramp_engine(accelerator) is not None:
+        return deepspeed_accumulation.micro_batch(accelerator, last=last)
+    return contextlib.nullcontext() if last else accelerator.no_sync(model)
+
+
 @dataclass
 class RampedUpdate:
     """One update of a batch ramp: its index, batch and accumulation, and its micro-batches (:meth:`micro_batches`)."""
@@ -396,24 +426,25 @@ class RampedUpdate:
     def micro_batches(self) -> Iterator[Any]:
         """The update's ``accumulation`` micro-batches. Gradients are reduced across processes only on the last one
         (the others run under ``accelerator.no_sync``: DDP's ``no_sync``; under FSDP2 ``set_requires_gradient_sync``,
-        which keeps the unsharded gradients until the last backward reduce-scatters their sum); scale each loss by
-        ``1 / accumulation``, or call :meth:`backward`. Either way the update's gradient is the mean over all its
-        micro-batches on all processes."""
+        which keeps the unsharded gradients until the last backward reduce-scatters their sum; under DeepSpeed off
+        the engine's accumulation boundary); scale each loss by ``1 / accumulation`` (DeepSpeed divides by it
+        itself), or call :meth:`backward`. Either way the update's gradient is the mean over all its micro-batches on
+        all processes."""
         for position in range(self.accumulation):
             batch = next(self._batches)
-            if position + 1 < self.accumulation:
-                with self._accelerator.no_sync(self._model):
-                    yield batch
-            else:
+            with ramp_micro_batch(self._accelerator, self._model, last=position + 1 == self.accumulation):
                 yield batch
 
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
-        """``accelerator.backward(loss / accumulation)`` for one micro-batch's mean loss; with an automatic ramp
-        also that micro-batch's gradient statistics (there it replaces ``accelerator.backward``)."""
+        """``accelerator.backward(loss / accumulation)`` for one micro-batch's mean loss (under DeepSpeed
+        ``accelerator.backward(loss)``: the engine divides by the update's accumulation, which :func:`ramped_updates`
+        set on it); with an automatic ramp also that micro-batch's gradient statistics (there it replaces
+        ``accelerator.backward``)."""
         self._backwards += 1
         if self._backwards > self.accumulation:
             raise RuntimeError(f"update {self.index} has {self.accumulation} micro-batches: one backward for each")
-        scaled = loss / self.accumulation
+        engine_divides = self._accelerator.distributed_type == DistributedType.DEEPSPEED
+        scaled = loss if engine_divides else loss / self.accumulation
         if self._measure is None:
             self._accelerator.backward(scaled, **kwargs)
             return
@@ -440,10 +471,16 @@ def ramped_updates(
     Micro-batches are drawn across epoch ends (``set_epoch`` at each), since an update at one batch may begin in one
     epoch and end in the next. The plan is read again for every update: an automatic ramp (``AutoRamp``) adds
     stages as it runs, and ``update.backward`` is where it measures the gradients.
+
+    Under a DeepSpeed plugin (ZeRO 1-3) the engine's train batch is set to each update's before it starts
+    (``engine.set_train_batch_size``), so the engine divides each loss by the update's accumulation and counts its
+    samples; it applies the update inside the last micro-batch's backward, where ``optimizer.step()`` is accelerate's
+    no-op (see :mod:`legw_hf.integrations.deepspeed.accumulation`).
     """
     plan = scheduler.plan
     if not isinstance(plan, RampedPlan):
         raise SettingError("scheduler", "must be made with batch_ramp (create_legw_scheduler)", type(plan).__name__)
+    engine = ramp_engine(accelerator)
     measure = scheduler.measure(model) if isinstance(scheduler, AcceleratorAutoRamp) else None
     micro_steps = _micro_batch_stream(
         accelerator, train_dataloader, plan.samples_before(scheduler.updates) // plan.micro_step_samples
@@ -452,6 +489,8 @@ def ramped_updates(
     while index < scheduler.plan.total_steps:
         plan = scheduler.plan
         batch, accumulation = plan.batch_for_update(index), plan.accumulation_for_update(index)
+        if engine is not None:
+            deepspeed_accumulation.begin_update(engine, batch, accumulation)
         yield RampedUpdate(index, batch, accumulation, micro_steps, accelerator, model, measure)
         index += 1
 

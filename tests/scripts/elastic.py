@@ -1,7 +1,8 @@
 """Every elastic-resume engine in one launch per phase: the Trainer runs of ``elastic_trainer.py`` with plain DDP and
 with DeepSpeed ZeRO-2, then the FSDP2 loop of ``elastic_fsdp2.py``, each in a folder of its own under the output
-(``<output>/<engine>/<engine>/<run>.rank<N>.json``). Started by DeepSpeed's launcher with 1, 2, then 1 processes
-(``first``, ``second``, ``third``); the processes keep one gloo group for all three engines.
+(``<output>/<engine>/<engine>/<run>.rank<N>.json``), then a batch ramp under ZeRO-2 (``ramp_deepspeed.py``, into
+``<output>/zero2-ramp/<run>``). Started by DeepSpeed's launcher with 1, 2, then 1 processes (``first``, ``second``,
+``third``); the processes keep one gloo group for all of them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import elastic_fsdp2
 import elastic_trainer
+import ramp_deepspeed
 
 from legw_hf.shutdown import exit_process
 
@@ -24,6 +26,7 @@ def main(phase: str, output: str) -> None:
             elastic_fsdp2.main(phase, str(root / engine))
         else:
             elastic_trainer.main(engine, phase, str(root / engine))
+    ramp_deepspeed.trainer(phase, str(root / "zero2-ramp"))
 
 
 if __name__ == "__main__":

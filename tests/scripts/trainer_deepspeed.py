@@ -1,6 +1,7 @@
 """LegwTrainer runs under ``deepspeed --num_gpus 2`` (CPU), one launch for every scenario of :data:`SCENARIOS`: for
 each, every rank writes its plan, the LR of every update, the trust-ratio log keys and the final parameters as JSON
-to ``OUTPUT/SCENARIO/rank{r}.json``.
+to ``OUTPUT/SCENARIO/rank{r}.json``. Then, in the same launch, the batch-ramp loops of ``ramp_deepspeed.py`` (an
+accelerate loop with a DeepSpeed plugin, ZeRO-1 and ZeRO-3) into ``OUTPUT/ramp``.
 
     deepspeed --num_gpus 2 tests/scripts/trainer_deepspeed.py OUTPUT [SCENARIO ...]
 """
@@ -71,6 +72,10 @@ def main(output: str, *scenarios: str) -> None:
     for name in scenarios or SCENARIOS:
         fresh_accelerator_state()
         run(str(Path(output) / name), *SCENARIOS[name])
+    if not scenarios:
+        from ramp_deepspeed import loops  # it imports this module's helpers
+
+        loops(str(Path(output) / "ramp"))
 
 
 def run(output: str, stage: str, preset: str, resume: str = "no") -> None:

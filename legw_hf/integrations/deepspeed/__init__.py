@@ -6,6 +6,7 @@
 - :mod:`.checkpoints`: ZeRO checkpoints at another world size, through DeepSpeed's universal form;
 - :mod:`.engine`: DeepSpeed's optimizer wrappers found around legw_hf's optimizers, their state-initialising
   call, ZeRO's gradient norm;
+- :mod:`.accumulation`: a batch ramp's accumulation, set on the engine update by update;
 - :mod:`.layouts`: the flat buffers of ZeRO 1-3 and the fp16/bf16 wrappers as
   :class:`~legw_hf.distributed.FlatLayout` objects (it needs torch). It is the DeepSpeed adapter of
   :mod:`legw_hf.engines`, registered by ``legw_hf/__init__.py``, through which the optimizers learn the layouts

@@ -5,7 +5,10 @@ Trainer accumulates a fixed number of micro-batches per update, so the ramp hand
 Trainer runs with ``gradient_accumulation_steps = 1`` over one epoch of one batch per update, and
 ``LegwTrainer.get_batch_samples`` gathers that batch from the dataloader's micro-batches, as many as the plan gives
 the update (:class:`MicroBatches`); ``LegwTrainer.training_step`` runs Trainer's own step on each of them,
-all-reducing gradients only on the last, as Trainer's accumulation does.
+reducing gradients only on the last, as Trainer's accumulation does. Under DeepSpeed (ZeRO 1-3) the engine's train
+batch is set to each update's and the engine applies the update on its last micro-batch
+(:mod:`legw_hf.integrations.deepspeed.accumulation`); the config leaves the accumulation and the train batch to
+Trainer (``"auto"`` or out).
 
 The micro-batches come from :class:`RampBatchSampler`: a stream of data passes, each a permutation seeded as
 Trainer's own sampler seeds its epochs (``data_seed``, else ``seed``, plus the pass number), cut into micro-batches
@@ -124,13 +127,6 @@ def check_ramp_arguments(args: Any) -> None:
             "one global batch for the whole run",
             args.legw_adascale,
         )
-    if args.deepspeed:
-        raise SettingError(
-            "deepspeed",
-            f"is not supported with {ramp} yet: DeepSpeed's engine fixes the accumulation in its config, and the ramp "
-            "changes it from stage to stage; train with DDP (torchrun / accelerate launch without DeepSpeed)",
-            args.deepspeed,
-        )
     if args.fsdp or args.fsdp_config:
         raise SettingError(
             "fsdp",
@@ -148,7 +144,8 @@ def check_ramp_arguments(args: Any) -> None:
 
 
 def check_ramp_accelerator(args: Any) -> None:
-    """The accelerator settings the ramp cannot run with (read after ``TrainingArguments.__post_init__``)."""
+    """The accelerator and DeepSpeed settings the ramp cannot run with (read after ``TrainingArguments.__post_init__``,
+    which fills a DeepSpeed config's ``"auto"`` entries from the arguments)."""
     if args.legw_batch_ramp is None:
         return
     config = args.accelerator_config
@@ -158,6 +155,20 @@ def check_ramp_accelerator(args: Any) -> None:
                 "accelerator_config",
                 f"must leave {name} off with --legw_batch_ramp: the ramp deals every process its own micro-batches",
                 {name: True},
+            )
+    ds_config = getattr(getattr(args, "hf_deepspeed_config", None), "config", None) or {}
+    # Trainer fills "auto" with these (accumulation 1); the ramp then sets the engine's batch for every update
+    filled = {
+        "gradient_accumulation_steps": (1, "--gradient_accumulation_steps"),
+        "train_batch_size": (args.train_batch_size * args.world_size, "per-device batch x processes"),
+    }
+    for name, (value, meaning) in filled.items():
+        if name in ds_config and ds_config[name] != value:
+            raise SettingError(
+                "deepspeed",
+                f'must leave "{name}" "auto" or out of its config with --legw_batch_ramp (Trainer fills it with '
+                f"{meaning} = {value}): the ramp sets the engine's train batch and accumulation for every update",
+                {name: ds_config[name]},
             )
 
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import json
@@ -24,8 +23,9 @@ from ...plan import LegwConfig, LegwPlan
 from ...ramp import RampedPlan
 from ...scheduler import LegwScheduler, updates_in_new_plan
 from ...settings import settings_of
-from ..accelerate import AcceleratorAutoRamp, create_auto_ramp
+from ..accelerate import AcceleratorAutoRamp, create_auto_ramp, ramp_engine, ramp_micro_batch
 from ..adascale import MicroStepProtocol, measure_micro_steps
+from ..deepspeed import accumulation as deepspeed_accumulation
 from ..deepspeed.checkpoints import reshard_checkpoint
 from .arguments import LegwArguments, check_plan_before_training
 from .callback import NOISE_STATE_FILE, LegwCallback, unwrap_scheduler
@@ -147,16 +147,23 @@ class LegwTrainer(Trainer):
 
     def _ramped_training_step(self, model: torch.nn.Module, share: MicroBatches, num_items_in_batch: Any) -> Any:
         """One update of a batch ramp (``--legw_batch_ramp``): Trainer's step on each micro-batch of this process's
-        share, gradients all-reduced on the last only (and ``sync_gradients`` set on it only, as Trainer's own
-        accumulation sets it, which tells the gradient statistics where the update ends); a mean loss is averaged
-        over the update's micro-batches (a loss normalised by ``num_items_in_batch`` already is: the count is the
-        whole update's). The summed loss, as Trainer's accumulation sums it."""
+        share, gradients reduced on the last only (and ``sync_gradients`` set on it only, as Trainer's own accumulation
+        sets it, which tells the gradient statistics where the update ends); a mean loss is averaged over the update's
+        micro-batches (a loss normalised by ``num_items_in_batch`` already is: the count is the whole update's). The
+        summed loss, as Trainer's accumulation sums it.
+
+        Under DeepSpeed (ZeRO 1-3) the engine's train batch becomes the update's first, and the engine applies the
+        update inside the last micro-batch's backward (:mod:`legw_hf.integrations.deepspeed.accumulation`)."""
         self.current_gradient_accumulation_steps = len(share)
+        engine = ramp_engine(self.accelerator)
+        if engine is not None:
+            plan = unwrap_scheduler(self.lr_scheduler).plan
+            deepspeed_accumulation.begin_update(engine, plan.batch_for_update(self.state.global_step), len(share))
         total = None
         for position, inputs in enumerate(share):
             last = position == len(share) - 1
             self.accelerator.gradient_state._set_sync_gradients(last)
-            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+            with ramp_micro_batch(self.accelerator, model, last=last):
                 loss = self.training_step(model, inputs, num_items_in_batch)
             total = loss if total is None else total + loss
         return total

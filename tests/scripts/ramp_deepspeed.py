@@ -1,0 +1,179 @@
+"""Batch ramps under DeepSpeed, inside launches that run anyway (no launch of their own). The ramp is 8@0,16@1,32@2
+over 3 epochs at base batch 8 and per-device batch 2, without clipping, and every step is nearly proportional to the
+gradient (SGD with momentum in the loops; in Trainer AdamW with eps 1, since DeepSpeed's universal checkpoint, which
+re-shards a checkpoint for another world size, takes only Adam's moments), so a loss divided by the wrong
+accumulation shows in the weights.
+
+* :func:`trainer` (``elastic.py``'s launches): LegwTrainer with ZeRO-2 over 100 samples. Phase ``second`` (2
+  processes): the whole run, saving a checkpoint after update 16 (inside the second stage) as it goes on
+  (``full``), and a run resumed from that checkpoint (``resumed``); phase ``third`` (1 process): resumed from it
+  again (``r1``), where every stage accumulates twice the micro-batches.
+* :func:`loops` (``trainer_deepspeed.py``'s launch, 2 processes): ``ramped_updates`` in an accelerate loop with a
+  DeepSpeed plugin over 64 samples, ZeRO-1 (``loop-zero1``) and ZeRO-3 (``loop-zero3``).
+
+Every rank writes ``OUTPUT/<run>/rank{r}.json``: for every update the LR it applied, the samples of each of its
+micro-batches (by their first feature), and the DeepSpeed engine's accumulation, train batch, samples and steps
+after it; the final weights (whole, on every rank).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from toy import MicroBatchesPerUpdate, RecordingRegressor, Regressor, ramp_training_args, regression_dataset
+from trainer_deepspeed import AppliedLearningRates, flat_parameters, fresh_accelerator_state
+from transformers import TrainerCallback
+
+from legw_hf import LegwConfig, LegwTrainer
+
+SAVE_AT = 16  # inside the second stage (updates 13-18 over 100 samples)
+MICRO_BATCH = 2
+LOOP_DATASET = 64
+LOOP_CONFIG = LegwConfig(base_batch_size=8, base_lr=0.05, base_warmup_epochs=0.25)
+
+
+def engine_numbers(engine) -> dict:
+    return {
+        "accumulation": engine.gradient_accumulation_steps(),
+        "batch": engine.train_batch_size(),
+        "global_samples": engine.global_samples,
+        "global_steps": engine.global_steps,
+    }
+
+
+class EngineAfterUpdates(TrainerCallback):
+    """The DeepSpeed engine's numbers after every update."""
+
+    def __init__(self) -> None:
+        self.trainer: LegwTrainer | None = None
+        self.rows: list[dict] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.rows.append(engine_numbers(self.trainer.model_wrapped))
+
+
+class SaveAt(TrainerCallback):
+    """A checkpoint after update ``step``, the run going on."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = True
+
+
+def write(output: Path, rank: int, record: dict) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    (output / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+def trainer_run(root: Path, name: str, resume: str | None = None) -> None:
+    fresh_accelerator_state()
+    ds_config = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",  # max_grad_norm 0: no clipping, the update stays proportional to the gradient
+        "zero_optimization": {"stage": 2},
+    }
+    args = ramp_training_args(
+        root / name / "out",
+        per_device_train_batch_size=MICRO_BATCH,
+        adam_epsilon=1.0,
+        max_grad_norm=0.0,
+        deepspeed=ds_config,
+    )
+    model = RecordingRegressor()
+    micro_batches, applied, engine = MicroBatchesPerUpdate(model), AppliedLearningRates(), EngineAfterUpdates()
+    callbacks = [micro_batches, applied, engine] + ([SaveAt(SAVE_AT)] if resume is None else [])
+    trainer = LegwTrainer(model=model, args=args, train_dataset=regression_dataset(100), callbacks=callbacks)
+    engine.trainer = trainer
+    checkpoint = None if resume is None else str(root / resume / "out" / f"checkpoint-{SAVE_AT}")
+    trainer.train(resume_from_checkpoint=checkpoint)
+    record = {
+        "world_size": args.world_size,
+        "global_step": trainer.state.global_step,
+        "lrs": applied.lrs,
+        "micro_batches": micro_batches.updates,
+        "engine": engine.rows,
+        "params": flat_parameters(trainer),
+    }
+    write(root / name, args.process_index, record)
+
+
+def trainer(phase: str, output: str) -> None:
+    root = Path(output)
+    if phase == "second":
+        trainer_run(root, "full")
+        trainer_run(root, "resumed", resume="full")
+    elif phase == "third":
+        trainer_run(root, "r1", resume="full")
+
+
+def loop_run(output: Path, stage: int) -> None:
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DataLoaderConfiguration, DeepSpeedPlugin, set_seed
+    from torch.utils.data import DataLoader
+
+    from legw_hf import SettingError
+    from legw_hf.integrations.accelerate import create_legw_scheduler, ramped_updates
+    from legw_hf.ramp import AutoRamp
+
+    fresh_accelerator_state()
+    ds_config = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": 0.0,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True},
+    }
+    PartialState(cpu=True)  # without it, accelerate on a machine without GPUs counts one process (as Trainer's use_cpu)
+    accelerator = Accelerator(
+        deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(0)  # the seedable sampler's permutations: the same on every rank
+    model = Regressor()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LOOP_CONFIG.base_lr, momentum=0.9)
+    loader = DataLoader(regression_dataset(LOOP_DATASET), batch_size=MICRO_BATCH, shuffle=True)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    engine = accelerator.deepspeed_engine_wrapped.engine
+    refusals = {}
+    # an automatic ramp, and a dataloader whose batch is not the engine's micro-batch (4 against 2)
+    wider = accelerator.prepare(DataLoader(regression_dataset(LOOP_DATASET), batch_size=2 * MICRO_BATCH))
+    for name, (batches, ramp) in {"auto": (loader, AutoRamp(max_batch=32)), "micro_batch": (wider, "8@0,16@1")}.items():
+        try:
+            create_legw_scheduler(accelerator, optimizer, LOOP_CONFIG, batches, num_epochs=3, batch_ramp=ramp)
+        except SettingError as error:
+            refusals[name] = {"field": error.field, "message": str(error)}
+    scheduler = create_legw_scheduler(
+        accelerator, optimizer, LOOP_CONFIG, loader, num_epochs=3, batch_ramp="8@0,16@1,32@2"
+    )
+    model.train()
+    lrs, micro_batches, rows = [], [], []
+    for update in ramped_updates(accelerator, scheduler, loader, model):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        micro_batches.append([])
+        for batch in update.micro_batches():
+            update.backward(model(x=batch["x"], y=batch["y"])["loss"])
+            micro_batches[-1].append(batch["x"][:, 0].tolist())
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        rows.append(engine_numbers(engine))
+    state = accelerator.get_state_dict(model)  # gathered from ZeRO-3's partitions, on the main process
+    params = torch.cat([state[name].reshape(-1) for name in Regressor().state_dict()]).tolist() if state else None
+    record = {"lrs": lrs, "micro_batches": micro_batches, "engine": rows, "params": params, "refusals": refusals}
+    write(output / f"loop-zero{stage}", accelerator.process_index, record)
+
+
+def loops(output: str) -> None:
+    for stage in (1, 3):
+        loop_run(Path(output), stage)
