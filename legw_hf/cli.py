@@ -275,7 +275,7 @@ def _ds_config(args: argparse.Namespace) -> str:
         raise SettingError(
             "batch_ramp" if args.batch_ramp is not None else "micro_step_samples",
             "is not offered by ds-config: the config it writes fixes one global batch; run a batch ramp with a "
-            'config that leaves the batch and accumulation "auto", as the shipped ones do (legw_hf/recipes/deepspeed)",
+            'config that leaves the batch and accumulation "auto", as the shipped ones do (legw_hf/recipes/deepspeed)',
             args.batch_ramp or args.micro_step_samples,
         )
     legw_config, run, _ = _config_and_run(args)
