@@ -7,6 +7,9 @@ with the same global batch to 1e-5 (relative parameter error), the
 naive ones must be far off (so the comparison can fail), and the norms of a ``step()`` call must take one
 all-reduce (two with the nvidia preset's pre-normalisation under FSDP2, where the global gradient norm is a
 reduction of its own; under ZeRO it comes from DeepSpeed).
+
+LegwTrainer's DeepSpeed launch also runs a batch ramp in accelerate loops under ZeRO-1 and ZeRO-3 (the Trainer's
+ramp under ZeRO-2 is in tests/test_elastic.py, whose launches resume it at another world size).
 """
 
 from __future__ import annotations
