@@ -282,7 +282,7 @@ def summarise(runs: list[dict[str, Any]], tasks: dict[str, Any]) -> dict[str, An
 
 
 def _rounded(ramp: str) -> str:
-    """A ramp as the table shows it: stage starts to 3 significant digits (an automatic ramp's are exact sample counts)."""
+    """A ramp as the table shows it: stage starts to 3 significant digits (an automatic ramp's are exact ratios)."""
     return ",".join(f"{batch}@{float(start):.3g}" for batch, start in (part.split("@") for part in ramp.split(",")))
 
 

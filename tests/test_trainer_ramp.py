@@ -185,7 +185,7 @@ def test_a_run_resumed_mid_ramp_ends_bit_identical(tmp_path):
         ({"auto_find_batch_size": True}, "auto_find_batch_size", "must not shrink"),
         ({"dataloader_drop_last": True}, "dataloader_drop_last", "no batch is partial"),
         ({"ignore_data_skip": True}, "ignore_data_skip", "skips the updates done"),
-        ({"fsdp": "full_shard"}, "fsdp", "not supported with --legw_batch_ramp yet"),
+        ({"fsdp": "full_shard"}, "fsdp", "not supported with --legw_batch_ramp in Trainer: Trainer under FSDP"),
         ({"train_sampling_strategy": "group_by_length"}, "train_sampling_strategy", "draws each update's samples"),
         ({"accelerator_config": {"split_batches": True}}, "accelerator_config", "split_batches off"),
         ({"legw_batch_ramp": "8@0,16"}, "legw_batch_ramp", "batch@epoch"),

@@ -130,8 +130,9 @@ def check_ramp_arguments(args: Any) -> None:
     if args.fsdp or args.fsdp_config:
         raise SettingError(
             "fsdp",
-            f"is not supported with {ramp} yet: the ramp's accumulation is tested under DDP only; train with DDP "
-            "(torchrun / accelerate launch without FSDP)",
+            f"is not supported with {ramp} in Trainer: Trainer under FSDP is not tested here (accelerate turns FSDP on "
+            "only on GPUs); run the ramp under FSDP2 in an accelerate loop (create_legw_scheduler(batch_ramp=...), "
+            "tested), or train with DDP or DeepSpeed",
             args.fsdp or args.fsdp_config,
         )
     strategy = getattr(args, "train_sampling_strategy", "random")
