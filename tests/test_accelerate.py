@@ -317,7 +317,7 @@ def test_a_scheduled_ramp_resumed_mid_ramp_ends_bit_identical(repo, tmp_path, fr
     assert all(torch.equal(whole[key], resumed[key]) for key in whole)
 
 
-# The automatic batch ramp in one process (the two-process launch is the last test).
+# The automatic batch ramp in one process (the last test reads its two-process run).
 
 AUTO = {"max_batch": 64, "start_batch": 4, "patience": 5}
 
