@@ -102,3 +102,21 @@ def remove_deepspeed_shm_buffers(command: Sequence[str]) -> list[str]:
     for path in left:
         path.unlink(missing_ok=True)
     return [path.name for path in left]
+
+
+#: A script that makes several runs in one launch (tests/scripts/accelerate_loop_runs.py) writes this and the run's
+#: name on a line of its own before each run, on stdout and on stderr, from the main process.
+RUN_MARK = "@@ run: "
+
+
+def split_runs(output: str) -> dict[str, str]:
+    """A launch's stdout or stderr cut at the :data:`RUN_MARK` lines: each run's name -> the lines written after its
+    mark (what came before the first mark, the launcher's own, belongs to no run)."""
+    runs: dict[str, list[str]] = {}
+    lines: list[str] = []
+    for line in output.splitlines(keepends=True):
+        if line.startswith(RUN_MARK):
+            lines = runs.setdefault(line[len(RUN_MARK) :].strip(), [])
+        else:
+            lines.append(line)
+    return {name: "".join(lines) for name, lines in runs.items()}

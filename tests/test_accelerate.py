@@ -11,8 +11,9 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from launch import launch
+from launch import launch, split_runs
 from legw_oracle import legw_poly_lr
+from procs import REPO
 from test_ramp import written_out
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -127,25 +128,59 @@ def test_refuses_an_unprepared_dataloader_and_a_wrong_batch(fresh_accelerate_sta
         create_legw_scheduler(accelerator, optimizer, config, DataLoader(loader.dataset), num_epochs=2)
 
 
+# ------------------------------------------------------------ examples/accelerate_loop.py on 2 processes
+# The example's flags of the two-process runs the tests read; all of them run in one launch (`two_processes`).
+PLANNED_LR_LOOP = "--base-batch-size 8 --per-device-batch-size 8 --gradient-accumulation-steps 2 --epochs 3"
+PLANNED_LR_LOOP += " --dataset-size 250 --optimizer lamb --output-dir {folder}/state"
+RAMP_LOOP = "--base-batch-size 8 --per-device-batch-size 2 --epochs 3 --dataset-size 64 --batch-ramp 8@0,16@1,32@2"
+AUTO_RAMP_LOOP = "--base-batch-size 4 --per-device-batch-size 2 --epochs 3 --dataset-size 128 --target-noise 5"
+AUTO_RAMP_LOOP += " --batch-ramp auto --max-batch 32 --ramp-patience 4 --decision-log {folder}/decisions.jsonl"
+RESUMED_LOOP = "--optimizer lamb --base-batch-size 4 --per-device-batch-size 4 --epochs 2 --dataset-size 96"
+TWO_PROCESS_RUNS = {
+    "planned_lr": PLANNED_LR_LOOP,
+    "ramp": f"{RAMP_LOOP} --optimizer lamb",
+    "auto_ramp": AUTO_RAMP_LOOP,
+    "uninterrupted": f"{RESUMED_LOOP} --parameters-out {{folder}}/uninterrupted.pt",
+    "interrupted": f"{RESUMED_LOOP} --stop-after 5 --output-dir {{folder}}/resumable",
+}
+
+
+def loop_runs(folder, runs: dict[str, str], launcher: str, processes: int) -> dict[str, tuple[str, str]]:
+    """``runs`` (name -> the example's flags; ``{folder}`` in them is ``folder``) in one launch of
+    tests/scripts/accelerate_loop_runs.py, each run logging its LRs to ``folder/<name>.rank<N>``: name -> the run's
+    stdout and stderr. Only the main process writes on stdout; on stderr, with several processes, the other ranks'
+    lines may land beside another run's."""
+    argv = {
+        name: [*flags.format(folder=folder).split(), "--lr-log", str(folder / name)] for name, flags in runs.items()
+    }
+    (folder / "runs.json").write_text(json.dumps(argv))
+    script = REPO / "tests" / "scripts" / "accelerate_loop_runs.py"
+    result = launch(launcher, script, folder / "runs.json", processes=processes, cwd=folder, timeout=600)
+    stdout, stderr = split_runs(result.stdout), split_runs(result.stderr)
+    assert list(stdout) == list(stderr) == list(runs), result.stdout[-3000:]
+    return {name: (stdout[name], stderr[name]) for name in runs}
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """``TWO_PROCESS_RUNS`` in one ``accelerate launch`` of 2 processes: their folder, and each run's output."""
+    folder = tmp_path_factory.mktemp("two_processes")
+    return folder, loop_runs(folder, TWO_PROCESS_RUNS, "accelerate", processes=2)
+
+
+def lr_rows(folder, name: str, rank: int) -> list[dict]:
+    return [json.loads(line) for line in (folder / f"{name}.rank{rank}").read_text().splitlines()]
+
+
 @pytest.mark.multiprocess
-def test_accelerate_launch_two_processes_use_the_planned_lr_on_every_rank(repo, tmp_path):
-    # LAMB (the example's SGD is the optimizer of the one-process tests above; the plan does not depend on it)
-    optimizer = "lamb"
+def test_accelerate_launch_two_processes_use_the_planned_lr_on_every_rank(two_processes):
+    # LAMB (the example's SGD is the optimizer of the one-process tests above; the plan does not depend on it).
     # accelerate 1.x: `launch --cpu --num_processes 2` starts ONE process (its simple launcher); two CPU
-    # processes over gloo need the multi-process launcher with ACCELERATE_USE_CPU set.
-    log = tmp_path / "lr"
-    loop = "--base-batch-size 8 --per-device-batch-size 8 --gradient-accumulation-steps 2 --epochs 3 --dataset-size 250"
-    result = launch(
-        "accelerate",
-        repo / "examples" / "accelerate_loop.py",
-        *loop.split(),
-        *["--optimizer", optimizer, "--lr-log", log, "--output-dir", tmp_path / "state"],
-        cwd=tmp_path,
-        timeout=300,
-    )
+    # processes over gloo need the multi-process launcher with ACCELERATE_USE_CPU set (launch.launch does).
+    folder, outputs = two_processes
     # 250 examples over 2 ranks: 125 each, 16 micro-batches of 8, windows of 2 -> 8 updates per epoch
     for rank in (0, 1):
-        rows = [json.loads(line) for line in (tmp_path / f"lr.rank{rank}").read_text().splitlines()]
+        rows = lr_rows(folder, "planned_lr", rank)
         assert {row["processes"] for row in rows} == {2}
         assert [row["update"] for row in rows] == list(range(24))
         wanted = [
@@ -155,9 +190,10 @@ def test_accelerate_launch_two_processes_use_the_planned_lr_on_every_rank(repo, 
             for n in range(24)
         ]
         assert [row["lr"] for row in rows] == pytest.approx(wanted, rel=1e-12, abs=1e-15)
-    assert "batch 32 (k=4 x base 8)" in result.stdout
+    stdout, _ = outputs["planned_lr"]
+    assert "batch 32 (k=4 x base 8)" in stdout
     # both ranks applied the same updates: the saved model is one model
-    saved = [path.name for path in (tmp_path / "state").iterdir()]
+    saved = [path.name for path in (folder / "state").iterdir()]
     assert "model.safetensors" in saved and "custom_checkpoint_0.pkl" in saved
 
 
@@ -202,26 +238,18 @@ def test_accelerate_deepspeed_plugin_lamb_equals_the_plain_loop(repo, tmp_path):
 
 
 @pytest.mark.multiprocess
-def test_accelerate_loop_resumed_at_another_world_size(repo, tmp_path):
-    """2 processes save after 5 of 24 updates (global batch 8); 1 process resumes: with the same per-device batch
-    (global 4: the plan is re-derived, 5 updates at 8 are 10 at 4) and with accumulation 2 (global 8 kept)."""
-    loop = ["--optimizer", "lamb", "--base-batch-size", "4", "--per-device-batch-size", "4", "--epochs", "2"]
-    loop += ["--dataset-size", "96"]
-    two, one = ("accelerate", 2), ("python", 1)
-    runs = {
-        "uninterrupted": (two, []),
-        "interrupted": (two, ["--stop-after", "5", "--output-dir", tmp_path / "state"]),
-        "changing": (one, ["--resume-from", tmp_path / "state"]),
-        "fixed": (one, ["--gradient-accumulation-steps", "2", "--resume-from", tmp_path / "state"]),
+def test_accelerate_loop_resumed_at_another_world_size(two_processes, tmp_path):
+    """2 processes save after 5 of 24 updates (global batch 8, the `interrupted` run); 1 process resumes: with the same
+    per-device batch (global 4: the plan is re-derived, 5 updates at 8 are 10 at 4) and with accumulation 2 (global 8
+    kept), both in one launch of one process."""
+    two, _ = two_processes
+    state = two / "resumable"
+    resumed = f"{RESUMED_LOOP} --resume-from {state}"
+    one_process_runs = {
+        "changing": resumed,
+        "fixed": f"{resumed} --gradient-accumulation-steps 2 --parameters-out {{folder}}/fixed.pt",
     }
-    logs = {}
-    for name, ((launcher, processes), flags) in runs.items():
-        outputs = ["--lr-log", tmp_path / name, "--parameters-out", tmp_path / f"{name}.pt"]
-        script = repo / "examples" / "accelerate_loop.py"
-        result = launch(launcher, script, *loop, *flags, *outputs, processes=processes, cwd=tmp_path, timeout=300)
-        logs[name] = result.stdout + result.stderr
-        rows = [json.loads(line) for line in (tmp_path / f"{name}.rank0").read_text().splitlines()]
-        logs[name + ".rows"] = rows
+    outputs = loop_runs(tmp_path, one_process_runs, "python", processes=1)
 
     def lr(update: int, batch: int) -> float:  # LEGW written out: √k peak, k × 0.25 warmup epochs, poly power 2
         return legw_poly_lr(
@@ -235,28 +263,23 @@ def test_accelerate_loop_resumed_at_another_world_size(repo, tmp_path):
             power=2.0,
         )
 
-    changing = logs["changing.rows"]
+    changing = lr_rows(tmp_path, "changing", 0)
     assert [row["update"] for row in changing] == list(range(10, 48)) and changing[0]["processes"] == 1
     assert [row["lr"] for row in changing] == pytest.approx([lr(n, 4) for n in range(10, 48)], rel=1e-12, abs=1e-15)
-    assert "update 5 of the checkpoint's plan is update 10 of the current plan" in logs["changing"]
+    assert "update 5 of the checkpoint's plan is update 10 of the current plan" in "".join(outputs["changing"])
     # the same global batch by accumulation: the schedule and the weights continue as if never interrupted
-    fixed, uninterrupted = logs["fixed.rows"], logs["uninterrupted.rows"]
+    fixed, uninterrupted = lr_rows(tmp_path, "fixed", 0), lr_rows(two, "uninterrupted", 0)
     assert [row["lr"] for row in fixed] == [row["lr"] for row in uninterrupted][5:]
-    expected = torch.load(tmp_path / "uninterrupted.pt", weights_only=True)
+    expected = torch.load(two / "uninterrupted.pt", weights_only=True)
     for name, value in torch.load(tmp_path / "fixed.pt", weights_only=True).items():
         torch.testing.assert_close(value, expected[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
-RAMP_LOOP = "--base-batch-size 8 --per-device-batch-size 2 --epochs 3 --dataset-size 64 --batch-ramp 8@0,16@1,32@2"
-
-
 @pytest.mark.multiprocess
-def test_a_batch_ramp_on_two_processes_takes_each_stage_batch_at_its_lr(repo, tmp_path):
+def test_a_batch_ramp_on_two_processes_takes_each_stage_batch_at_its_lr(two_processes):
     """``--batch-ramp 8@0,16@1,32@2`` on 2 processes of 2 samples per micro-batch: every update takes its stage's
     batch (the two processes' samples add up to it) at LEGW's LR for that batch."""
-    script = repo / "examples" / "accelerate_loop.py"
-    outputs = ["--optimizer", "lamb", "--lr-log", tmp_path / "lr"]
-    launch("accelerate", script, *RAMP_LOOP.split(), *outputs, cwd=tmp_path, timeout=300)
+    folder, _ = two_processes
     expected = written_out(
         [(8, 0.0), (16, 1.0), (32, 2.0)],
         dataset_size=64,
@@ -266,7 +289,7 @@ def test_a_batch_ramp_on_two_processes_takes_each_stage_batch_at_its_lr(repo, tm
         base_warmup_epochs=0.25,
         power=2.0,
     )
-    rows = [[json.loads(line) for line in (tmp_path / f"lr.rank{rank}").read_text().splitlines()] for rank in (0, 1)]
+    rows = [lr_rows(folder, "ramp", rank) for rank in (0, 1)]
     assert [row["update"] for row in rows[0]] == list(range(len(expected))) == [row["update"] for row in rows[1]]
     assert [row["batch"] for row in rows[0]] == [batch for batch, _ in expected]
     assert [a["samples"] + b["samples"] for a, b in zip(*rows, strict=True)] == [batch for batch, _ in expected]
@@ -294,7 +317,7 @@ def test_a_scheduled_ramp_resumed_mid_ramp_ends_bit_identical(repo, tmp_path, fr
     assert all(torch.equal(whole[key], resumed[key]) for key in whole)
 
 
-# The automatic batch ramp in one process (the two-process launch is the last test).
+# The automatic batch ramp in one process (the last test reads its two-process run).
 
 AUTO = {"max_batch": 64, "start_batch": 4, "patience": 5}
 
@@ -474,23 +497,21 @@ def test_an_automatic_ramp_needs_update_backward(fresh_accelerate_state):
 
 
 @pytest.mark.multiprocess
-def test_an_automatic_ramp_on_two_processes_decides_alike_on_every_rank_and_replays(repo, tmp_path):
+def test_an_automatic_ramp_on_two_processes_decides_alike_on_every_rank_and_replays(two_processes):
     """``--batch-ramp auto`` on 2 processes of 2 samples per micro-batch (2 gradient estimates per update at the start
     batch of 4) on targets with much noise: the batch doubles, every rank takes each update at the batch and LR of the
     scheduled ramp written from the decision log, and the ranks' estimates agree."""
-    loop = "--base-batch-size 4 --per-device-batch-size 2 --epochs 3 --dataset-size 128 --target-noise 5"
-    loop += " --batch-ramp auto --max-batch 32 --ramp-patience 4"
-    outputs = ["--lr-log", tmp_path / "lr", "--decision-log", tmp_path / "decisions.jsonl"]
-    result = launch("accelerate", repo / "examples" / "accelerate_loop.py", *loop.split(), *outputs, cwd=tmp_path)
-    decisions = read_decisions(tmp_path / "decisions.jsonl")
+    folder, outputs = two_processes
+    decisions = read_decisions(folder / "decisions.jsonl")
     assert decisions and decisions[0].old_batch == 4
     text = ramp_from_decisions(decisions)
-    assert f"decided batch ramp: {text}" in result.stdout
+    stdout, _ = outputs["auto_ramp"]
+    assert f"decided batch ramp: {text}" in stdout
     stages = [(stage.batch_size, stage.start) for stage in BatchRamp.parse(text).stages]
     expected = written_out(
         stages, dataset_size=128, epochs=3, base_batch=4, base_lr=0.05, base_warmup_epochs=0.25, power=2.0
     )
-    rows = [[json.loads(line) for line in (tmp_path / f"lr.rank{rank}").read_text().splitlines()] for rank in (0, 1)]
+    rows = [lr_rows(folder, "auto_ramp", rank) for rank in (0, 1)]
     assert [row["batch"] for row in rows[0]] == [batch for batch, _ in expected] == [row["batch"] for row in rows[1]]
     assert [a["samples"] + b["samples"] for a, b in zip(*rows, strict=True)] == [batch for batch, _ in expected]
     for rank_rows in rows:

@@ -28,12 +28,16 @@ ZERO3 = {
 }
 # Half of the per-device batch of the one-process tests: the same global batch over 2 processes.
 SPLIT = {"phase1_per_device_batch_size": "8", "phase2_per_device_batch_size": "4", "use_cpu": "true"}
+# The runs evaluate during training at update 11 only (phase 1: 11 and 22 of 22 updates, phase 2: 11 of 11), not
+# every eighth of a phase: each evaluation costs more than the updates between them at this size, and the checks
+# read the plan, the weights and the final evaluation. Both phases still evaluate under DDP and under ZeRO-3.
+FEW_EVALUATIONS = {"eval_steps": "11"}
 
 
 @pytest.fixture(scope="module")
 def ddp(corpus, tmp_path_factory) -> tuple[Path, str]:
     output_dir = tmp_path_factory.mktemp("ddp") / "out"
-    output = run_program(small_args(corpus, output_dir, **SPLIT), "torchrun")
+    output = run_program(small_args(corpus, output_dir, **SPLIT, **FEW_EVALUATIONS), "torchrun")
     return output_dir, output
 
 
@@ -43,7 +47,7 @@ def zero3(corpus, tmp_path_factory) -> tuple[Path, str]:
     config = folder / "zero3.json"
     config.write_text(json.dumps(ZERO3))
     output_dir = folder / "out"
-    args = small_args(corpus, output_dir, **SPLIT, deepspeed=str(config))
+    args = small_args(corpus, output_dir, **SPLIT, **FEW_EVALUATIONS, deepspeed=str(config))
     return output_dir, run_program(args, "deepspeed")
 
 

@@ -53,31 +53,6 @@ RECIPE_SHAPES = [
     ("bert-large-phase2", 32768, 64, 8, 16),
 ]
 
-
-def test_every_shipped_config_parses_in_deepspeed_once_trainer_fills_it(tmp_path):
-    entries, expected = [], []
-    for name, (zero, precision) in sorted(SHIPPED_CONFIGS.items()):
-        for _, batch, nodes, gpus, micro in RECIPE_SHAPES:
-            accumulation = batch // (nodes * gpus * micro)
-            trainer = {
-                "per_device_train_batch_size": micro,
-                "gradient_accumulation_steps": accumulation,
-                precision: True,
-            }
-            entries.append({"path": str(SHIPPED / name), "world_size": nodes * gpus, "trainer": trainer})
-            expected.append((batch, micro, accumulation, zero, precision))
-    for got, (batch, micro, accumulation, zero, precision) in zip(
-        parse_with_deepspeed(tmp_path, entries), expected, strict=True
-    ):
-        assert "error" not in got, got
-        assert (got["train_batch_size"], got["micro_batch"], got["accumulation"]) == (batch, micro, accumulation)
-        assert got["zero_stage"] == zero and got[precision] is True
-        # LAMB (nvidia preset) pre-normalises: Trainer's "auto" clipping became 0, so gradients are clipped once
-        assert got["gradient_clipping"] == 0.0
-        assert got["optimizer_block"] is None and got["scheduler_block"] is None
-        assert got["dynamic_loss_scale"] is (precision == "fp16")
-
-
 GENERATED = [
     # global batch, nodes, GPUs, micro, extra flags
     (65536, 64, 8, 64, []),
@@ -88,20 +63,58 @@ GENERATED = [
 ]
 
 
-def test_generated_configs_parse_in_deepspeed_with_the_derived_accumulation(tmp_path):
-    entries, expected = [], []
+@pytest.fixture(scope="module")
+def parsed_by_deepspeed(tmp_path_factory) -> dict[str, list[tuple]]:
+    """The configs of the three tests below, all parsed in one child process (``parse_with_deepspeed``: starting it
+    costs more than the parsing): the shipped configs at each of the recipe's shapes, filled as Trainer fills them;
+    the ``GENERATED`` configs, written by ``legw-hf ds-config`` (its result kept for the test to read); and a config
+    for 2 × 2 GPUs parsed at a world size of 8. Per group, (what the test knows of each config, what DeepSpeed made
+    of it)."""
+    folder = tmp_path_factory.mktemp("deepspeed")
+    groups: dict[str, list[tuple[dict, object]]] = {"shipped": [], "generated": [], "does not add up": []}
+    for name, (zero, precision) in sorted(SHIPPED_CONFIGS.items()):
+        for _, batch, nodes, gpus, micro in RECIPE_SHAPES:
+            accumulation = batch // (nodes * gpus * micro)
+            trainer = {
+                "per_device_train_batch_size": micro,
+                "gradient_accumulation_steps": accumulation,
+                precision: True,
+            }
+            entry = {"path": str(SHIPPED / name), "world_size": nodes * gpus, "trainer": trainer}
+            groups["shipped"].append((entry, (batch, micro, accumulation, zero, precision)))
     for index, (batch, nodes, gpus, micro, extra) in enumerate(GENERATED):
-        output = tmp_path / f"ds{index}.json"
+        output = folder / f"ds{index}.json"
         flags = ["--global-batch", str(batch), "--nodes", str(nodes), "--gpus-per-node", str(gpus)]
         result = run_cli("ds-config", *flags, "--micro-batch", str(micro), *extra, "--output", str(output))
+        groups["generated"].append(({"path": str(output), "world_size": nodes * gpus, "trainer": None}, result))
+    config = folder / "does-not-add-up.json"
+    flags = "ds-config --global-batch 64 --nodes 2 --gpus-per-node 2 --micro-batch 8".split()
+    result = run_cli(*flags, "--output", str(config))
+    groups["does not add up"].append(({"path": str(config), "world_size": 8, "trainer": None}, result))
+    parsed = iter(parse_with_deepspeed(folder, [entry for group in groups.values() for entry, _ in group]))
+    return {name: [(known, next(parsed)) for _, known in group] for name, group in groups.items()}
+
+
+def test_every_shipped_config_parses_in_deepspeed_once_trainer_fills_it(parsed_by_deepspeed):
+    for (batch, micro, accumulation, zero, precision), got in parsed_by_deepspeed["shipped"]:
+        assert "error" not in got, got
+        assert (got["train_batch_size"], got["micro_batch"], got["accumulation"]) == (batch, micro, accumulation)
+        assert got["zero_stage"] == zero and got[precision] is True
+        # LAMB (nvidia preset) pre-normalises: Trainer's "auto" clipping became 0, so gradients are clipped once
+        assert got["gradient_clipping"] == 0.0
+        assert got["optimizer_block"] is None and got["scheduler_block"] is None
+        assert got["dynamic_loss_scale"] is (precision == "fp16")
+
+
+def test_generated_configs_parse_in_deepspeed_with_the_derived_accumulation(parsed_by_deepspeed):
+    for (batch, nodes, gpus, micro, extra), (result, got) in zip(
+        GENERATED, parsed_by_deepspeed["generated"], strict=True
+    ):
         assert result.returncode == 0, result.stderr
         accumulation = batch // (nodes * gpus * micro)
         assert f"gradient accumulation {accumulation}" in result.stdout
         assert f"--per_device_train_batch_size {micro} --gradient_accumulation_steps {accumulation}" in result.stdout
         assert f"LEGW plan (legw): batch {batch}" in result.stdout
-        entries.append({"path": str(output), "world_size": nodes * gpus, "trainer": None})
-        expected.append((batch, micro, accumulation, extra))
-    for got, (batch, micro, accumulation, extra) in zip(parse_with_deepspeed(tmp_path, entries), expected, strict=True):
         assert "error" not in got, got
         assert (got["train_batch_size"], got["micro_batch"], got["accumulation"]) == (batch, micro, accumulation)
         assert got["zero_stage"] == (int(extra[extra.index("--zero") + 1]) if "--zero" in extra else 1)
@@ -113,16 +126,10 @@ def test_generated_configs_parse_in_deepspeed_with_the_derived_accumulation(tmp_
         assert got["force_ds_cpu_optimizer"] is (not offloaded)
 
 
-def test_a_config_that_does_not_add_up_fails_in_deepspeeds_parser_too(tmp_path):
+def test_a_config_that_does_not_add_up_fails_in_deepspeeds_parser_too(parsed_by_deepspeed):
     # the cross-check of the test above: DeepSpeed's parser really does check the world size it was given
-    config = tmp_path / "ds.json"
-    assert (
-        run_cli(
-            *"ds-config --global-batch 64 --nodes 2 --gpus-per-node 2 --micro-batch 8".split(), "--output", str(config)
-        ).returncode
-        == 0
-    )
-    (got,) = parse_with_deepspeed(tmp_path, [{"path": str(config), "world_size": 8, "trainer": None}])
+    ((result, got),) = parsed_by_deepspeed["does not add up"]
+    assert result.returncode == 0, result.stderr
     assert "64 != 8 * 2 * 8" in got["error"]
 
 
