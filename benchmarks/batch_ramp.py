@@ -33,11 +33,11 @@ from typing import Any
 
 import torch
 from large_batch import (
-    SHARED_DATA,
     TASKS,
     check_runner_arguments,
     environment,
     make_optimizer,
+    prepare_tasks,
     run_cells,
     runner_parser,
     task_data,
@@ -416,12 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         write_report(args.report.parent, args.report.stem, result)
         return 0
     seeds = 1 if args.smoke and args.seeds == 3 else args.seeds
-    if "wikitext2_lm" in args.tasks and not (SHARED_DATA / "wikitext-2" / "valid.txt").is_file():
-        parser.error(f"--tasks wikitext2_lm needs {SHARED_DATA / 'wikitext-2' / 'valid.txt'}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    cache = str(args.cache)
-    for name in args.tasks:  # built once here so the workers find every cache file ready
-        task_data(name, args.smoke, cache)
+    cache = prepare_tasks(parser, args)
     cells = experiment_cells(args.tasks, seeds, args.smoke, cache)
     print(f"{len(cells)} runs on {args.workers} workers", flush=True)
     started = time.perf_counter()

@@ -886,6 +886,18 @@ def check_runner_arguments(parser: argparse.ArgumentParser, args: argparse.Names
         parser.error(f"--workers must be >= 1, got {args.workers}")
 
 
+def prepare_tasks(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """Refuse a task whose data is missing, make the output folder and build every task's data once (so the workers
+    find each cache file ready); the cache folder."""
+    if "wikitext2_lm" in args.tasks and not (SHARED_DATA / "wikitext-2" / "valid.txt").is_file():
+        parser.error(f"--tasks wikitext2_lm needs {SHARED_DATA / 'wikitext-2' / 'valid.txt'}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    cache = str(args.cache)
+    for name in args.tasks:
+        task_data(name, args.smoke, cache)
+    return cache
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = runner_parser(__doc__.split("\n\n")[0], seeds=2)
     parser.add_argument("--tasks", nargs="+", choices=REPRODUCTION_TASKS, default=list(REPRODUCTION_TASKS))
@@ -897,12 +909,7 @@ def main(argv: list[str] | None = None) -> int:
         write_report(args.report.parent, args.report.stem, result, sweep="--sweep" in result["command"])
         return 0
     seeds = 1 if args.smoke and args.seeds == 2 else args.seeds
-    if "wikitext2_lm" in args.tasks and not (SHARED_DATA / "wikitext-2" / "valid.txt").is_file():
-        parser.error(f"--tasks wikitext2_lm needs {SHARED_DATA / 'wikitext-2' / 'valid.txt'}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    cache = str(args.cache)
-    for name in args.tasks:  # built once here so the workers find every cache file ready
-        task_data(name, args.smoke, cache)
+    cache = prepare_tasks(parser, args)
     cells = (
         sweep_cells(args.tasks, args.smoke, cache)
         if args.sweep

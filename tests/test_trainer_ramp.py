@@ -18,13 +18,14 @@ from toy import (
     PoisonSteps,
     RecordingRegressor,
     Regressor,
+    SaveAt,
     StopAt,
     logged_learning_rates,
     ramp_training_args,
     regression_dataset,
     sample_ids,
 )
-from transformers import ProgressCallback, TrainerCallback
+from transformers import ProgressCallback
 
 from legw_hf import LegwConfig, LegwTrainer, SettingError
 from legw_hf.ramp import AutoRamp, BatchRamp, RampController, ramp_from_decisions, read_decisions
@@ -384,17 +385,6 @@ def test_an_automatic_ramp_replays_as_a_scheduled_ramp(auto_run, tmp_path):
     assert logged_learning_rates(replay.state.log_history) == lrs and len(lrs) == len(auto_expected(text))
     for a, b in zip(auto.model.parameters(), replay.model.parameters(), strict=True):
         assert torch.equal(a, b)
-
-
-class SaveAt(TrainerCallback):
-    """Saves a checkpoint at optimizer step ``step`` (and trains on)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_save = True
 
 
 def test_an_automatic_ramp_resumed_mid_ramp_ends_bit_identical(auto_run, tmp_path):

@@ -48,6 +48,17 @@ def regression_dataset(size: int = 100, features: int = 8, seed: int = 0, noise:
     return datasets.Dataset.from_dict({"x": x.tolist(), "y": y.tolist()}).with_format("torch")
 
 
+class SaveAt(TrainerCallback):
+    """Saves a checkpoint at optimizer step ``step`` and trains on."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = True
+
+
 class StopAt(TrainerCallback):
     """Saves a checkpoint at optimizer step ``step`` and stops there, as an interrupted run would."""
 

@@ -26,7 +26,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from toy import MicroBatchesPerUpdate, RecordingRegressor, Regressor, ramp_training_args, regression_dataset
+from toy import (
+    MicroBatchesPerUpdate,
+    RecordingRegressor,
+    Regressor,
+    SaveAt,
+    ramp_training_args,
+    regression_dataset,
+)
 from trainer_deepspeed import AppliedLearningRates, flat_parameters, fresh_accelerator_state
 from transformers import TrainerCallback
 
@@ -56,17 +63,6 @@ class EngineAfterUpdates(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.rows.append(engine_numbers(self.trainer.model_wrapped))
-
-
-class SaveAt(TrainerCallback):
-    """A checkpoint after update ``step``, the run going on."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_save = True
 
 
 def write(output: Path, rank: int, record: dict) -> None:
