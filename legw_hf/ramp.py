@@ -430,6 +430,14 @@ class AutoRamp:
         return batches == self.batches(start_batch)[: len(batches)]
 
 
+#: Why an automatic ramp does not run beside a sharding backend (the accelerate and Trainer refusals say it).
+AUTO_RAMP_UNSUPPORTED = {
+    "FSDP": "each micro-batch's own gradient is reduce-scattered into shards before it can be measured",
+    "DEEPSPEED": "its gradient statistics, which DeepSpeed lets it take only inside the engine's step, are not yet "
+    "tested with the ramp's update-by-update accumulation (a scheduled ramp runs under DeepSpeed)",
+}
+
+
 @dataclass(frozen=True)
 class RampDecision:
     """One change of an automatic ramp: from ``update`` (0-based, the first update at ``new_batch``) on, after
@@ -541,6 +549,7 @@ def ramp_from_decisions(decisions: Iterable[RampDecision | dict[str, Any]], *, s
 
 
 __all__ = [
+    "AUTO_RAMP_UNSUPPORTED",
     "AutoRamp",
     "BatchRamp",
     "RampController",

@@ -162,8 +162,8 @@ def test_a_batch_ramp_under_fsdp2_resumed_mid_ramp_ends_bit_identical(fsdp2_pari
 
 def test_an_automatic_ramp_under_fsdp2_is_refused(fsdp2_parity):
     refusal = fsdp2_parity["fsdp2-ramp"]["auto_ramp_refusal"]
-    assert refusal is not None and refusal.startswith("batch_ramp AutoRamp needs each micro-batch's gradient")
-    assert "DeepSpeed and FSDP reduce or partition" in refusal and "got 'FSDP'" in refusal
+    assert refusal is not None and refusal.startswith("batch_ramp takes no AutoRamp under FSDP: each micro-batch's")
+    assert "reduce-scattered into shards" in refusal and "got 'FSDP'" in refusal
 
 
 def test_triton_kernels_under_fsdp2_and_zero_match_one_process(fsdp2_parity, deepspeed_parity):
@@ -269,10 +269,10 @@ def test_an_accelerate_ramp_under_zero_1_and_3_takes_each_update_s_batch_samples
         assert [(row["accumulation"], row["batch"]) for row in record["engine"]] == [(b // 4, b) for b in batches]
         assert [row["global_samples"] for row in record["engine"]] == list(itertools.accumulate(batches))
         assert [row["global_steps"] for row in record["engine"]] == list(range(1, len(batches) + 1))
-        # an automatic ramp needs each micro-batch's gradient; the engine's micro-batch must be the loader's
+        # an automatic ramp is refused under DeepSpeed; the engine's micro-batch must be the loader's
         auto, micro_batch = record["refusals"]["auto"], record["refusals"]["micro_batch"]
         assert auto["field"] == "batch_ramp"
-        assert "AutoRamp needs each micro-batch's gradient, which DeepSpeed and FSDP reduce" in auto["message"]
+        assert "takes no AutoRamp under DEEPSPEED: its gradient statistics" in auto["message"]
         assert micro_batch["field"] == "train_micro_batch_size_per_gpu"
         assert "must be the dataloader's per-device batch (4)" in micro_batch["message"]
     dataset = regression_dataset(64)

@@ -437,7 +437,7 @@ def test_an_automatic_ramp_shows_its_controller_no_overflowed_update(tmp_path):
         (AUTO | {"legw_ramp_efficiency": 0.5}, "legw_ramp_efficiency", "must be in (0.5, 1)"),
         (AUTO | {"legw_ramp_patience": 0}, "legw_ramp_patience", "must be an integer >= 1"),
         (AUTO | {"legw_adascale": "gain"}, "legw_adascale", "set the LR themselves"),
-        (AUTO | {"fsdp": "full_shard"}, "fsdp", "auto: the ramp measures each micro-batch's gradient"),
+        (AUTO | {"fsdp": "full_shard"}, "fsdp", "auto: each micro-batch's own gradient is reduce-scattered"),
         (AUTO | {"gradient_accumulation_steps": 2}, "gradient_accumulation_steps", "sets each update's accumulation"),
     ],
 )
@@ -455,7 +455,7 @@ def test_an_automatic_ramp_is_refused_under_deepspeed(tmp_path):
     config = {"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 0}}
     with pytest.raises(SettingError) as caught:
         auto_args(tmp_path / "out", deepspeed=config)
-    assert caught.value.field == "deepspeed" and "DeepSpeed and FSDP reduce or partition" in str(caught.value)
+    assert caught.value.field == "deepspeed" and "auto: its gradient statistics, which DeepSpeed" in str(caught.value)
     assert not (tmp_path / "out").exists()
 
 

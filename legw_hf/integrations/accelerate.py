@@ -33,7 +33,7 @@ from ..adascale import MODES as ADASCALE_MODES, AdaScaleScheduler, GradientStati
 from ..errors import SettingError, one_of, positive, positive_int
 from ..noise_scale import GradientNoise, check_scale
 from ..plan import LegwConfig, LegwPlan
-from ..ramp import AutoRamp, BatchRamp, RampController, RampDecision, RampedPlan, ramped_plan
+from ..ramp import AUTO_RAMP_UNSUPPORTED, AutoRamp, BatchRamp, RampController, RampDecision, RampedPlan, ramped_plan
 from ..scheduler import LegwScheduler, SkippedStepDetector
 from . import deepspeed as deepspeed_config
 from .adascale import MicroStepProtocol, measure_micro_steps
@@ -245,11 +245,11 @@ def create_auto_ramp(
     """The scheduler of an automatic ramp (:class:`AcceleratorAutoRamp`) over ``epochs`` of ``dataset_size`` samples
     in micro-batch steps of ``micro_step`` samples over all processes; what the run cannot take is refused first.
     (Not registered for checkpointing: :func:`create_legw_scheduler` does that, LegwTrainer saves its own.)"""
-    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+    backend = accelerator.distributed_type.name
+    if backend in AUTO_RAMP_UNSUPPORTED:
         raise SettingError(
             "batch_ramp",
-            "AutoRamp needs each micro-batch's gradient, which DeepSpeed and FSDP reduce or partition before it is "
-            "seen (run it with DDP)",
+            f"takes no AutoRamp under {backend}: {AUTO_RAMP_UNSUPPORTED[backend]}; run it with DDP",
             accelerator.distributed_type.value,
         )
     micro_batch = micro_step // accelerator.num_processes

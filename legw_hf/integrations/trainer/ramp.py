@@ -34,7 +34,7 @@ from transformers.trainer_utils import seed_worker
 
 from ...errors import SettingError
 from ...plan import LegwConfig
-from ...ramp import AutoRamp, BatchRamp, RampedPlan, ramped_plan
+from ...ramp import AUTO_RAMP_UNSUPPORTED, AutoRamp, BatchRamp, RampedPlan, ramped_plan
 from ...schedules import DECAY_OPTIONS
 from ...settings import trainer_argument
 from .flags import as_argument_error, changed_fields
@@ -116,8 +116,7 @@ def check_ramp_arguments(args: Any) -> None:
         name = "deepspeed" if args.deepspeed else "fsdp"
         raise SettingError(
             name,
-            "is not supported with --legw_batch_ramp auto: the ramp measures each micro-batch's gradient, which "
-            "DeepSpeed and FSDP reduce or partition before it is seen (run it with DDP)",
+            f"is not supported with --legw_batch_ramp auto: {AUTO_RAMP_UNSUPPORTED[name.upper()]}; run it with DDP",
             getattr(args, name) or args.fsdp_config,
         )
     if args.legw_adascale is not None:
