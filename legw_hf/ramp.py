@@ -430,11 +430,12 @@ class AutoRamp:
         return batches == self.batches(start_batch)[: len(batches)]
 
 
-#: Why an automatic ramp does not run beside a sharding backend (the accelerate and Trainer refusals say it).
+#: Why an automatic ramp does not run beside a backend (the accelerate and Trainer refusals say it). In accelerate
+#: loops it runs under DeepSpeed (tested at ZeRO 1-3 against DDP); in Trainer that is not tested yet.
 AUTO_RAMP_UNSUPPORTED = {
     "FSDP": "each micro-batch's own gradient is reduce-scattered into shards before it can be measured",
-    "DEEPSPEED": "its gradient statistics, which DeepSpeed lets it take only inside the engine's step, are not yet "
-    "tested with the ramp's update-by-update accumulation (a scheduled ramp runs under DeepSpeed)",
+    "DEEPSPEED": "in Trainer its gradient statistics, taken inside DeepSpeed's step, are not yet tested with the "
+    "ramp's update-by-update accumulation (in an accelerate loop AutoRamp runs under DeepSpeed)",
 }
 
 

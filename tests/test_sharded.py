@@ -269,10 +269,8 @@ def test_an_accelerate_ramp_under_zero_1_and_3_takes_each_update_s_batch_samples
         assert [(row["accumulation"], row["batch"]) for row in record["engine"]] == [(b // 4, b) for b in batches]
         assert [row["global_samples"] for row in record["engine"]] == list(itertools.accumulate(batches))
         assert [row["global_steps"] for row in record["engine"]] == list(range(1, len(batches) + 1))
-        # an automatic ramp is refused under DeepSpeed; the engine's micro-batch must be the loader's
-        auto, micro_batch = record["refusals"]["auto"], record["refusals"]["micro_batch"]
-        assert auto["field"] == "batch_ramp"
-        assert "takes no AutoRamp under DEEPSPEED: its gradient statistics" in auto["message"]
+        # the engine's micro-batch must be the loader's
+        micro_batch = record["refusals"]["micro_batch"]
         assert micro_batch["field"] == "train_micro_batch_size_per_gpu"
         assert "must be the dataloader's per-device batch (4)" in micro_batch["message"]
     dataset = regression_dataset(64)
@@ -285,3 +283,39 @@ def test_an_accelerate_ramp_under_zero_1_and_3_takes_each_update_s_batch_samples
     expected = replayed_weights(updates, lrs, dataset, functools.partial(torch.optim.SGD, lr=0.0, momentum=0.9))
     error = float((torch.tensor(ranks[0]["params"]) - expected).norm() / expected.norm())
     assert error < 1e-6
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_an_automatic_ramp_under_zero_1_to_3_measures_and_decides_as_under_ddp(trainer_runs, stage):
+    """tests/scripts/ramp_deepspeed.py's automatic-ramp loops (same launch): under a DeepSpeed plugin the statistics
+    are taken inside the engine's step, on the update-by-update accumulation the ramp sets; the same AutoRamp under
+    plain DDP (whose statistics are checked against one process elsewhere) is the reference."""
+    from legw_hf.ramp import AutoRamp, RampController
+
+    runs = {
+        name: [json.loads((trainer_runs[0] / "ramp" / f"auto-{name}" / f"rank{r}.json").read_text()) for r in (0, 1)]
+        for name in ("ddp", f"zero{stage}")
+    }
+    reference = runs["ddp"][0]
+    assert reference["decisions"], "the noisy data must make the ramp double at least once"
+    for record in runs[f"zero{stage}"] + runs["ddp"][1:]:
+        assert len(record["decisions"]) == len(reference["decisions"])
+        for decision, wanted in zip(record["decisions"], reference["decisions"], strict=True):
+            assert decision == pytest.approx(wanted, rel=1e-5)
+        assert [row["batch"] for row in record["rows"]] == [row["batch"] for row in reference["rows"]]
+        for key in ("lr", "trace", "signal"):
+            assert [row[key] for row in record["rows"]] == pytest.approx(
+                [row[key] for row in reference["rows"]], rel=1e-5
+            ), key
+    # the decisions follow from the logged estimates by the rule, and every update takes LEGW's LR for its batch
+    settings = {"max_batch": 32, "patience": 2, "start_batch": 8, "efficiency": 0.6}
+    controller = RampController(AutoRamp(**settings), 8, dataset_size=64, epochs=3)
+    samples = 0
+    for update, row in enumerate(reference["rows"]):
+        samples += row["batch"]
+        controller.observe(update=update, samples=samples, trace=row["trace"], signal=row["signal"])
+    assert [d.to_dict() for d in controller.decisions] == reference["decisions"]
+    stages = [(8, 0.0)] + [(d["new_batch"], d["epoch"]) for d in reference["decisions"]]
+    want = written_out(stages, dataset_size=64, epochs=3, base_batch=8, base_lr=0.05, base_warmup_epochs=0.25)
+    assert [row["batch"] for row in reference["rows"]] == [batch for batch, _ in want]
+    assert [row["lr"] for row in reference["rows"]] == pytest.approx([lr for _, lr in want], rel=1e-12)

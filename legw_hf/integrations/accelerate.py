@@ -246,7 +246,7 @@ def create_auto_ramp(
     in micro-batch steps of ``micro_step`` samples over all processes; what the run cannot take is refused first.
     (Not registered for checkpointing: :func:`create_legw_scheduler` does that, LegwTrainer saves its own.)"""
     backend = accelerator.distributed_type.name
-    if backend in AUTO_RAMP_UNSUPPORTED:
+    if backend == "FSDP":
         raise SettingError(
             "batch_ramp",
             f"takes no AutoRamp under {backend}: {AUTO_RAMP_UNSUPPORTED[backend]}; run it with DDP",
