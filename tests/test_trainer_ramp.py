@@ -455,7 +455,8 @@ def test_an_automatic_ramp_is_refused_under_deepspeed(tmp_path):
     config = {"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 0}}
     with pytest.raises(SettingError) as caught:
         auto_args(tmp_path / "out", deepspeed=config)
-    assert caught.value.field == "deepspeed" and "auto: in Trainer its gradient statistics, taken inside DeepSpeed" in str(caught.value)
+    assert caught.value.field == "deepspeed"
+    assert "auto: in Trainer its gradient statistics, taken inside DeepSpeed" in str(caught.value)
     assert not (tmp_path / "out").exists()
 
 

@@ -114,6 +114,18 @@ def trainer(phase: str, output: str) -> None:
         trainer_run(root, "r1", resume="full")
 
 
+def loop_ds_config(stage: int) -> dict:
+    """The accelerate loops' DeepSpeed config: batch and accumulation left to the ramp, no clipping."""
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": 0.0,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True},
+    }
+
+
 def loop_run(output: Path, stage: int) -> None:
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DataLoaderConfiguration, DeepSpeedPlugin, set_seed
@@ -123,14 +135,7 @@ def loop_run(output: Path, stage: int) -> None:
     from legw_hf.integrations.accelerate import create_legw_scheduler, ramped_updates
 
     fresh_accelerator_state()
-    ds_config = {
-        "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto",
-        "train_batch_size": "auto",
-        "gradient_clipping": 0.0,
-        "zero_allow_untested_optimizer": True,
-        "zero_optimization": {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True},
-    }
+    ds_config = loop_ds_config(stage)
     PartialState(cpu=True)  # without it, accelerate on a machine without GPUs counts one process (as Trainer's use_cpu)
     accelerator = Accelerator(
         deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config),
@@ -192,15 +197,7 @@ def auto_loop_run(output: Path, stage: int | None) -> None:
     PartialState(cpu=True)
     plugin = {}
     if stage is not None:
-        ds_config = {
-            "train_micro_batch_size_per_gpu": "auto",
-            "gradient_accumulation_steps": "auto",
-            "train_batch_size": "auto",
-            "gradient_clipping": 0.0,
-            "zero_allow_untested_optimizer": True,
-            "zero_optimization": {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True},
-        }
-        plugin["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds_config)
+        plugin["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=loop_ds_config(stage))
     accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True), **plugin)
     set_seed(0)
     model = Regressor()
