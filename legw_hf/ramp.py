@@ -430,12 +430,11 @@ class AutoRamp:
         return batches == self.batches(start_batch)[: len(batches)]
 
 
-#: Why an automatic ramp does not run beside a backend (the accelerate and Trainer refusals say it). In accelerate
-#: loops it runs under DeepSpeed (tested at ZeRO 1-3 against DDP); in Trainer that is not tested yet.
+#: Why an automatic ramp does not run beside a backend (the accelerate and Trainer refusals say it). Under DeepSpeed
+#: (ZeRO 1-3) it runs, in accelerate loops and in Trainer, with DeepSpeed's own refusals of the statistics
+#: (:func:`legw_hf.integrations.deepspeed.adascale_refusal`).
 AUTO_RAMP_UNSUPPORTED = {
     "FSDP": "each micro-batch's own gradient is reduce-scattered into shards before it can be measured",
-    "DEEPSPEED": "in Trainer its gradient statistics, taken inside DeepSpeed's step, are not yet tested with the "
-    "ramp's update-by-update accumulation (in an accelerate loop AutoRamp runs under DeepSpeed)",
 }
 
 

@@ -7,7 +7,8 @@ epochs, and the change is logged with both plans. With the global batch kept by 
 unchanged and the resumed run ends where the uninterrupted one does. Scripts: ``tests/scripts/elastic*.py``.
 
 The same launches run a batch ramp under ZeRO-2 (``tests/scripts/ramp_deepspeed.py``): whole at 2 processes, and
-resumed mid-ramp at 2 and at 1, where every stage's accumulation is derived again.
+resumed mid-ramp at 2 and at 1, where every stage's accumulation is derived again; and an automatic ramp
+(``--legw_batch_ramp auto``) at 2 processes under ZeRO-2 and ZeRO-3 against the same run under DDP.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import torch
 from launch import launch
 from legw_oracle import legw_poly_lr
 from procs import REPO, python_env
-from test_trainer_ramp import expected as ramp_expected, stream_slices
-from toy import ramped_updates_of, regression_dataset, replayed_weights
+from test_trainer_ramp import auto_expected, decisions_from_logs, expected as ramp_expected, stream_slices
+from toy import NOISY_DATA, logged_learning_rates, ramped_updates_of, regression_dataset, replayed_weights
+
+from legw_hf.ramp import RampDecision, ramp_from_decisions
 
 pytestmark = pytest.mark.multiprocess
 
@@ -194,3 +197,36 @@ def test_a_ramp_under_zero2_resumed_at_one_process_derives_each_stage_s_accumula
     updates = ramped_updates_of([resumed], regression_dataset(100))
     assert updates == stream_slices(batches)[RAMP_SAVED_AT:]
     assert relative(resumed["params"], whole["params"]) < 1e-5
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_an_automatic_ramp_under_zero_2_and_3_measures_and_decides_as_under_ddp(ramp_runs, stage):
+    """--legw_batch_ramp auto in Trainer on 2 processes: under ZeRO-2/3 the statistics are taken inside the engine's
+    step, on the accumulation the ramp sets update by update. The same run under plain DDP, in the same launch, is
+    the reference (its own statistics are checked in test_trainer.py); the decisions follow from the logged estimates
+    by the rule, every update takes its batch's samples and LEGW's LR, and DeepSpeed counts the batch."""
+    runs = {name: [ramp_runs(name, rank) for rank in (0, 1)] for name in ("auto-ddp", f"auto-zero{stage}")}
+    reference = runs["auto-ddp"][0]
+    decisions = [RampDecision.from_dict(d) for d in reference["decisions"]]
+    assert len(decisions) >= 2 and decisions[0].old_batch == 4
+    assert decisions_from_logs(reference["logs"]) == decisions
+    want = auto_expected(ramp_from_decisions(decisions))
+    batches = [batch for batch, _ in want]
+    for record in runs[f"auto-zero{stage}"] + runs["auto-ddp"][1:]:
+        assert len(record["decisions"]) == len(decisions)
+        for decision, wanted in zip(record["decisions"], reference["decisions"], strict=True):
+            assert decision == pytest.approx(wanted, rel=1e-5)
+        assert record["global_step"] == record["max_steps"] == len(want)
+        assert [entry["legw_batch"] for entry in record["logs"]] == batches
+        for key in ("learning_rate", "noise_scale/trace", "noise_scale/signal"):
+            assert [e[key] for e in record["logs"]] == pytest.approx([e[key] for e in reference["logs"]], rel=1e-5)
+        assert logged_learning_rates(record["logs"]) == pytest.approx([lr for _, lr in want], rel=1e-12)
+        assert [len(update) for update in record["micro_batches"]] == [batch // 4 for batch in batches]
+        assert relative(record["params"], reference["params"]) < 1e-5
+    zero = runs[f"auto-zero{stage}"]
+    for record in zero:
+        check_engine_after_updates(record, batches, first=0, micro_step=4)
+    assert zero[0]["params"] == zero[1]["params"]
+    dataset = regression_dataset(**NOISY_DATA)
+    updates = ramped_updates_of(zero, dataset)
+    assert [sorted(u) for u in updates] == [sorted(u) for u in stream_slices(batches, dataset_size=128)]

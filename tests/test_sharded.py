@@ -319,3 +319,8 @@ def test_an_automatic_ramp_under_zero_1_to_3_measures_and_decides_as_under_ddp(t
     want = written_out(stages, dataset_size=64, epochs=3, base_batch=8, base_lr=0.05, base_warmup_epochs=0.25)
     assert [row["batch"] for row in reference["rows"]] == [batch for batch, _ in want]
     assert [row["lr"] for row in reference["rows"]] == pytest.approx([lr for _, lr in want], rel=1e-12)
+    # under DeepSpeed's fp16 loss scaling (its scale may change inside the step that is measured) it is refused
+    for rank in (0, 1):
+        refused = json.loads((trainer_runs[0] / "ramp" / "auto-fp16" / f"rank{rank}.json").read_text())["refused"]
+        assert refused["field"] == "batch_ramp"
+        assert "AutoRamp is not supported with DeepSpeed's fp16 loss scaling" in refused["message"]

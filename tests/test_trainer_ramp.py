@@ -450,13 +450,19 @@ def test_an_automatic_ramp_is_refused_what_it_cannot_take_when_the_arguments_are
     assert not (tmp_path / "out").exists()
 
 
-def test_an_automatic_ramp_is_refused_under_deepspeed(tmp_path):
-    pytest.importorskip("deepspeed")
-    config = {"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 0}}
+@pytest.mark.parametrize(
+    ("fp16", "config"),
+    [(True, {}), (False, {"fp16": {"enabled": True}})],
+    ids=["--fp16", "config"],
+)
+def test_an_automatic_ramp_under_deepspeed_fp16_is_refused(tmp_path, fp16, config):
+    """The statistics are taken inside DeepSpeed's step, where its fp16 loss scale may change (as for AdaScale);
+    the ramp itself runs under ZeRO 2/3 in test_elastic.py."""
+    config = {"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}} | config
     with pytest.raises(SettingError) as caught:
-        auto_args(tmp_path / "out", deepspeed=config)
-    assert caught.value.field == "deepspeed"
-    assert "auto: in Trainer its gradient statistics, taken inside DeepSpeed" in str(caught.value)
+        auto_args(tmp_path / "out", deepspeed=config, fp16=fp16)
+    assert caught.value.field == "legw_batch_ramp"
+    assert "auto is not supported with DeepSpeed's fp16 loss scaling" in str(caught.value)
     assert not (tmp_path / "out").exists()
 
 

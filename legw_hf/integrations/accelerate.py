@@ -257,9 +257,26 @@ def create_auto_ramp(
         config, micro_batch=micro_batch, micro_step_samples=micro_step, dataset_size=dataset_size, epochs=epochs
     )
     start = plan.batch_for_update(0)
+    refusal = deepspeed_statistics_refusal(accelerator, "diagnostics")  # (the start's estimates: AutoRamp.plans)
+    if refusal is not None:
+        raise SettingError("batch_ramp", f"AutoRamp {refusal}", settings)
     controller = RampController(settings, start, dataset_size=dataset_size, epochs=epochs)
     noise = GradientNoise(micro_batch=micro_batch, base_batch=micro_batch, global_batch=start)
     return AcceleratorAutoRamp(LegwScheduler(optimizer, plan), accelerator, controller, noise, plans)
+
+
+def deepspeed_statistics_refusal(accelerator: Accelerator, mode: str, *, estimates: int | None = None) -> str | None:
+    """Why gradient statistics of ``mode`` (over ``estimates`` estimates per update) cannot be taken under the
+    accelerator's DeepSpeed plugin (:func:`~legw_hf.integrations.deepspeed.adascale_refusal`); None without
+    DeepSpeed."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return deepspeed_config.adascale_refusal(
+        accelerator.state.deepspeed_plugin.deepspeed_config,
+        mode,
+        fp16=accelerator.mixed_precision == "fp16",
+        estimates=estimates,
+    )
 
 
 class AcceleratorAutoRamp(AcceleratorLegwScheduler):
@@ -655,17 +672,9 @@ def create_adascale(
     base = base_batch_size if base_batch_size is not None else micro_batch
     check_scale(scale, global_batch=global_batch, base_batch=base)
     noise = GradientNoise(micro_batch=micro_batch, base_batch=base, global_batch=global_batch)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        refusal = deepspeed_config.adascale_refusal(
-            accelerator.state.deepspeed_plugin.deepspeed_config, mode, fp16=accelerator.mixed_precision == "fp16"
-        )
-        if refusal is None and global_batch == micro_batch:
-            refusal = (
-                "needs at least 2 gradient estimates per update under DeepSpeed (processes x "
-                "gradient_accumulation_steps >= 2): ZeRO does not keep the previous update's whole gradient"
-            )
-        if refusal is not None:
-            raise SettingError("mode", refusal, mode)
+    refusal = deepspeed_statistics_refusal(accelerator, mode, estimates=global_batch // micro_batch)
+    if refusal is not None:
+        raise SettingError("mode", refusal, mode)
     scheduler = None
     if power is not None:
         scheduler = AdaScaleScheduler(optimizer, schedule, noise, total_progress=base_steps, power=power)

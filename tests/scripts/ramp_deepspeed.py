@@ -6,11 +6,13 @@ accumulation shows in the weights.
 
 * :func:`trainer` (``elastic.py``'s launches): LegwTrainer with ZeRO-2 over 100 samples. Phase ``second`` (2
   processes): the whole run, saving a checkpoint after update 16 (inside the second stage) as it goes on
-  (``full``), and a run resumed from that checkpoint (``resumed``); phase ``third`` (1 process): resumed from it
-  again (``r1``), where every stage accumulates twice the micro-batches.
+  (``full``), and a run resumed from that checkpoint (``resumed``); then ``--legw_batch_ramp auto`` (toy.AUTO_RAMP)
+  under plain DDP (``auto-ddp``), ZeRO-2 and ZeRO-3 (``auto-zero2``, ``auto-zero3``). Phase ``third`` (1 process):
+  resumed from the checkpoint again (``r1``), where every stage accumulates twice the micro-batches.
 * :func:`loops` (``trainer_deepspeed.py``'s launch, 2 processes): ``ramped_updates`` in an accelerate loop with a
   DeepSpeed plugin over 64 samples, ZeRO-1 (``loop-zero1``) and ZeRO-3 (``loop-zero3``); then an automatic ramp
-  (:data:`AUTO_RAMP`) under plain DDP (``auto-ddp``) and ZeRO 1-3 (``auto-zero1`` ...).
+  (:data:`LOOP_AUTO_RAMP`) under plain DDP (``auto-ddp``) and ZeRO 1-3 (``auto-zero1`` ...), and its refusal under
+  DeepSpeed's fp16 (``auto-fp16``).
 
 Every rank writes ``OUTPUT/<run>/rank{r}.json``: for every update the LR it applied, the samples of each of its
 micro-batches (by their first feature), and the DeepSpeed engine's accumulation, train batch, samples and steps
@@ -29,6 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from toy import (
+    AUTO_RAMP,
+    NOISY_DATA,
     MicroBatchesPerUpdate,
     RecordingRegressor,
     Regressor,
@@ -105,11 +109,52 @@ def trainer_run(root: Path, name: str, resume: str | None = None) -> None:
     write(root / name, args.process_index, record)
 
 
+def auto_ramp_of(scheduler):
+    while not hasattr(scheduler, "decisions"):  # accelerate wraps the scheduler DeepSpeed steps
+        scheduler = scheduler.scheduler
+    return scheduler
+
+
+def trainer_auto_run(root: Path, name: str, stage: int | None) -> None:
+    """``--legw_batch_ramp auto`` (toy.AUTO_RAMP over toy.NOISY_DATA) under ZeRO ``stage``, or (None) plain DDP: the
+    estimates and LR of every update as Trainer logged them, its micro-batches, the decisions, the final weights."""
+    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)  # a Trainer without a DeepSpeed config must not inherit one
+    fresh_accelerator_state()
+    ds_config = None
+    if stage is not None:
+        ds_config = {
+            "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto",
+            "zero_optimization": {"stage": stage},
+        }
+    args = ramp_training_args(root / name / "out", **AUTO_RAMP, max_grad_norm=0.0, deepspeed=ds_config)
+    model = RecordingRegressor()
+    micro_batches, engine = MicroBatchesPerUpdate(model), EngineAfterUpdates()
+    callbacks = [micro_batches] + ([engine] if stage is not None else [])
+    trainer = LegwTrainer(model=model, args=args, train_dataset=regression_dataset(**NOISY_DATA), callbacks=callbacks)
+    engine.trainer = trainer
+    trainer.train()
+    record = {
+        "world_size": args.world_size,
+        "global_step": trainer.state.global_step,
+        "max_steps": trainer.state.max_steps,
+        "logs": [entry for entry in trainer.state.log_history if "learning_rate" in entry],
+        "micro_batches": micro_batches.updates,
+        "engine": engine.rows,
+        "decisions": [decision.to_dict() for decision in auto_ramp_of(trainer.lr_scheduler).decisions],
+        "params": flat_parameters(trainer),
+    }
+    write(root / name, args.process_index, record)
+
+
 def trainer(phase: str, output: str) -> None:
     root = Path(output)
     if phase == "second":
         trainer_run(root, "full")
         trainer_run(root, "resumed", resume="full")
+        for stage in (None, 2, 3):
+            trainer_auto_run(root, "auto-ddp" if stage is None else f"auto-zero{stage}", stage)
     elif phase == "third":
         trainer_run(root, "r1", resume="full")
 
@@ -177,7 +222,7 @@ def loop_run(output: Path, stage: int) -> None:
 
 #: The automatic ramp's runs: from batch 8, doubling up to 32 after 2 updates at a batch while doubling is at least
 #: 60% efficient, over 3 epochs of 64 noisy samples.
-AUTO_RAMP = {"max_batch": 32, "patience": 2, "start_batch": 8, "efficiency": 0.6}
+LOOP_AUTO_RAMP = {"max_batch": 32, "patience": 2, "start_batch": 8, "efficiency": 0.6}
 
 
 def auto_loop_run(output: Path, stage: int | None) -> None:
@@ -206,7 +251,7 @@ def auto_loop_run(output: Path, stage: int | None) -> None:
     loader = DataLoader(data, batch_size=MICRO_BATCH, shuffle=True)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     scheduler = create_legw_scheduler(
-        accelerator, optimizer, LOOP_CONFIG, loader, num_epochs=3, batch_ramp=AutoRamp(**AUTO_RAMP)
+        accelerator, optimizer, LOOP_CONFIG, loader, num_epochs=3, batch_ramp=AutoRamp(**LOOP_AUTO_RAMP)
     )
     model.train()
     rows = []
@@ -224,8 +269,36 @@ def auto_loop_run(output: Path, stage: int | None) -> None:
     write(output / f"auto-{'ddp' if stage is None else f'zero{stage}'}", accelerator.process_index, record)
 
 
+def auto_fp16_refusal(output: Path) -> None:
+    """An AutoRamp under a DeepSpeed config with fp16 loss scaling (whose scale may change inside the step that is
+    measured): the refusal, before any model is prepared."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DeepSpeedPlugin
+    from torch.utils.data import DataLoader
+
+    from legw_hf import SettingError
+    from legw_hf.integrations.accelerate import create_legw_scheduler
+    from legw_hf.ramp import AutoRamp
+
+    fresh_accelerator_state()
+    PartialState(cpu=True)
+    plugin = DeepSpeedPlugin(hf_ds_config=loop_ds_config(2) | {"fp16": {"enabled": True}})
+    accelerator = Accelerator(deepspeed_plugin=plugin)
+    loader = accelerator.prepare(DataLoader(regression_dataset(LOOP_DATASET), batch_size=MICRO_BATCH))
+    optimizer = torch.optim.SGD(Regressor().parameters(), lr=LOOP_CONFIG.base_lr)
+    try:
+        create_legw_scheduler(
+            accelerator, optimizer, LOOP_CONFIG, loader, num_epochs=3, batch_ramp=AutoRamp(**LOOP_AUTO_RAMP)
+        )
+        record = {"refused": None}
+    except SettingError as error:
+        record = {"refused": {"field": error.field, "message": str(error)}}
+    write(output / "auto-fp16", accelerator.process_index, record)
+
+
 def loops(output: str) -> None:
     for stage in (1, 3):
         loop_run(Path(output), stage)
     for stage in (None, 1, 2, 3):
         auto_loop_run(Path(output), stage)
+    auto_fp16_refusal(Path(output))

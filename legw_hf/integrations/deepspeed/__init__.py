@@ -31,6 +31,7 @@ from .config import (
     require_deepspeed,
     shipped_config_name,
     split_global_batch,
+    user_config,
 )
 from .engine import zero_gradient_norm
 
@@ -51,5 +52,6 @@ __all__ = [
     "reshard_checkpoint",
     "shipped_config_name",
     "split_global_batch",
+    "user_config",
     "zero_gradient_norm",
 ]

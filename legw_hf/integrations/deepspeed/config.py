@@ -15,8 +15,10 @@ Two forms come from the one function :func:`deepspeed_config`:
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ...errors import SettingError, one_of, positive_int
@@ -219,10 +221,19 @@ def keep_client_optimizer_under_offload(config: dict[str, Any]) -> bool:
     return True
 
 
-def adascale_refusal(config: dict[str, Any], mode: str, *, fp16: bool = False) -> str | None:
-    """Why AdaScale ``mode`` cannot measure under this DeepSpeed config, or None. Under ZeRO the applied gradient's
-    norm is DeepSpeed's own (:func:`zero_gradient_norm`), so there is no whole gradient to precondition; and
-    DeepSpeed's fp16 loss scale may change inside the step the statistics are read in."""
+def user_config(deepspeed: dict[str, Any] | str | Path) -> dict[str, Any]:
+    """The DeepSpeed config a user gave (Trainer's ``--deepspeed``): a dict, or the path of its JSON file."""
+    return deepspeed if isinstance(deepspeed, dict) else json.loads(Path(deepspeed).read_text())
+
+
+def adascale_refusal(
+    config: dict[str, Any], mode: str, *, fp16: bool = False, estimates: int | None = None
+) -> str | None:
+    """Why the gradient statistics of AdaScale ``mode`` (``"diagnostics"`` for an automatic batch ramp's) cannot be
+    measured under this DeepSpeed config, with ``estimates`` gradient estimates per update (processes x micro-batches
+    accumulated; None: not known yet), or None. Under ZeRO the applied gradient's norm is DeepSpeed's own
+    (:func:`zero_gradient_norm`), so there is no whole gradient to precondition, nor the previous update's to difference
+    one estimate with; and DeepSpeed's fp16 loss scale may change inside the step the statistics are read in."""
     if mode == "sqrt_gain":
         return (
             "sqrt_gain is not supported under DeepSpeed: ZeRO partitions the gradient, so its Adam-preconditioned "
@@ -232,6 +243,12 @@ def adascale_refusal(config: dict[str, Any], mode: str, *, fp16: bool = False) -
         return (
             "is not supported with DeepSpeed's fp16 loss scaling (its scale changes inside the step the statistics "
             "are read in): use bf16 under DeepSpeed, or fp16 with DDP"
+        )
+    if estimates is not None and estimates < 2:
+        return (
+            f"needs at least 2 gradient estimates per update under DeepSpeed (processes x micro-batches accumulated "
+            f">= 2, here {estimates}): one estimate per update is differenced with the previous update's gradient, "
+            "which ZeRO does not keep whole"
         )
     return None
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import warnings
 from dataclasses import dataclass, make_dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -119,16 +117,18 @@ class LegwArguments(_LegwFields):
                 self.legw_adascale,
             )
 
-    def _check_adascale_under_deepspeed(self) -> None:
+    def _check_adascale_under_deepspeed(self, estimates: int | None = None) -> None:
         """Under DeepSpeed the applied gradient's norm is DeepSpeed's own (its partitions hold the gradient): no
-        preconditioned norms, and DeepSpeed's fp16 loss scale may change inside the step that is measured."""
-        config = self.deepspeed if isinstance(self.deepspeed, dict) else json.loads(Path(self.deepspeed).read_text())
-        refusal = deepspeed_config.adascale_refusal(config, self.legw_adascale, fp16=self.fp16)
+        preconditioned norms, no previous gradient to difference one estimate per update with (``estimates``, once
+        the processes are known), and DeepSpeed's fp16 loss scale may change inside the step that is measured."""
+        config = deepspeed_config.user_config(self.deepspeed)
+        refusal = deepspeed_config.adascale_refusal(config, self.legw_adascale, fp16=self.fp16, estimates=estimates)
         if refusal is not None:
             raise SettingError("legw_adascale", refusal, self.legw_adascale)
 
     def _check_adascale_run(self) -> None:
-        """S = global batch / base batch >= 1, and equal to --legw_adascale_scale when given."""
+        """S = global batch / base batch >= 1, and equal to --legw_adascale_scale when given; under DeepSpeed at least
+        2 gradient estimates per update."""
         global_batch = self.legw_global_batch()
         base = self.legw_base_batch_size if self.legw_enabled else self.train_batch_size
         try:
@@ -137,14 +137,8 @@ class LegwArguments(_LegwFields):
             )
         except SettingError as error:
             raise as_argument_error(error) from None
-        if self.deepspeed and global_batch == self.train_batch_size:
-            raise SettingError(
-                "legw_adascale",
-                "needs at least 2 gradient estimates per update under DeepSpeed (processes x "
-                "gradient_accumulation_steps >= 2): one estimate per update is differenced with the previous update's "
-                "gradient, which ZeRO does not keep whole",
-                self.legw_adascale,
-            )
+        if self.deepspeed:
+            self._check_adascale_under_deepspeed(estimates=global_batch // self.train_batch_size)
 
     def _warn_deprecated_flags(self) -> None:
         """A FutureWarning (shown by default, as transformers warns of its own deprecated arguments) for every

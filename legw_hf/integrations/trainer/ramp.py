@@ -37,6 +37,7 @@ from ...plan import LegwConfig
 from ...ramp import AUTO_RAMP_UNSUPPORTED, AutoRamp, BatchRamp, RampedPlan, ramped_plan
 from ...schedules import DECAY_OPTIONS
 from ...settings import trainer_argument
+from .. import deepspeed as deepspeed_config
 from .flags import as_argument_error, changed_fields
 
 #: Train sampling strategies the ramp's sampler follows (the others group samples into batches themselves).
@@ -112,12 +113,19 @@ def check_ramp_arguments(args: Any) -> None:
     }
     for name in changed_fields(args, tuple(refusals)):
         raise SettingError(name, refusals[name].format(ramp=ramp), getattr(args, name))
-    if automatic is not None and (args.deepspeed or args.fsdp or args.fsdp_config):
-        name = "deepspeed" if args.deepspeed else "fsdp"
+    if automatic is not None and args.deepspeed:
+        # the statistics are taken inside DeepSpeed's step, as AdaScale's are (the start batch's estimates are
+        # checked with the plan)
+        config = deepspeed_config.user_config(args.deepspeed)
+        refusal = deepspeed_config.adascale_refusal(config, "diagnostics", fp16=args.fp16)
+        if refusal is not None:
+            raise SettingError("legw_batch_ramp", f"auto {refusal}", AUTO)
+    if automatic is not None and (args.fsdp or args.fsdp_config):
         raise SettingError(
-            name,
-            f"is not supported with --legw_batch_ramp auto: {AUTO_RAMP_UNSUPPORTED[name.upper()]}; run it with DDP",
-            getattr(args, name) or args.fsdp_config,
+            "fsdp",
+            f"is not supported with --legw_batch_ramp auto: {AUTO_RAMP_UNSUPPORTED['FSDP']}; run it with DDP or "
+            "DeepSpeed",
+            args.fsdp or args.fsdp_config,
         )
     if args.legw_adascale is not None:
         raise SettingError(
