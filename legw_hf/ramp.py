@@ -262,6 +262,11 @@ class RampedPlan:
             "stages": self.summary(),
         }
 
+    def has_updates_of(self, saved: dict[str, Any]) -> bool:
+        """Whether the plan ``saved`` (:meth:`to_dict`, a checkpoint's, say) takes this plan's updates: the same
+        ramp over the same data and length, whatever its micro-batch step (processes x per-device batch)."""
+        return saved.get("ramp") == self.ramp.to_text() and saved.get("plans") == [p.to_dict() for p in self.plans]
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RampedPlan:
         return cls(

@@ -8,6 +8,7 @@ restored, and the schedule comes from the current plan.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any
 
@@ -19,6 +20,8 @@ from .plan import LegwConfig, LegwPlan, PhasedPlan, plan_from_dict
 from .ramp import RampedPlan
 from .schedules import DECAY_OPTIONS, DECAYS, make_decay
 from .settings import names_of
+
+logger = logging.getLogger(__name__)
 
 STATE_FORMAT = "legw_hf.LegwScheduler/1"
 
@@ -73,7 +76,10 @@ class LegwScheduler(LRScheduler):
             saved = state_dict["plan"]
             current = self.plan.to_dict()
             if saved != current:
-                updates = self._carry_over(updates, saved)
+                if isinstance(self.plan, RampedPlan) and "ramp" in saved:
+                    self._resume_ramp(saved)
+                else:
+                    updates = self._carry_over(updates, saved)
                 self.checkpoint_plan = saved
         elif "last_epoch" in state_dict:
             updates = int(state_dict["last_epoch"])
@@ -86,6 +92,24 @@ class LegwScheduler(LRScheduler):
             raise ValueError(f"not a scheduler state dict (keys: {sorted(state_dict)})")
         self.last_epoch = updates
         self._last_lr = set_group_lrs(self.optimizer, self.get_lr())
+
+    def _resume_ramp(self, saved: dict[str, Any]) -> None:
+        """A batch ramp resumes only a checkpoint of the same ramp over the same data and length: its update n is
+        then the same samples and LR at any world size or per-device batch, only each stage's accumulation differs."""
+        if not self.plan.has_updates_of(saved):
+            first = (saved.get("plans") or [{}])[0]
+            raise ValueError(
+                f"the checkpoint's batch ramp {saved.get('ramp')} over {first.get('epochs')} epochs of "
+                f"{first.get('dataset_size')} samples is not this run's {self.plan.ramp.to_text()} over "
+                f"{self.plan.epochs} epochs of {self.plan.dataset_size}: update n of another ramp is not the same "
+                "samples; resume it with the checkpoint's ramp, dataset and epochs"
+            )
+        self.resume_note = (
+            f"Resuming the batch ramp {self.plan.ramp.to_text()} with micro-batch steps of "
+            f"{self.plan.micro_step_samples} samples (the checkpoint's: {saved['micro_step_samples']}): the same "
+            "updates, each stage's accumulation derived again."
+        )
+        logger.info(self.resume_note)
 
     def _carry_over(self, updates: int, saved: dict[str, Any]) -> int:
         current = self.plan.to_dict()

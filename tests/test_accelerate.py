@@ -135,10 +135,27 @@ PLANNED_LR_LOOP += " --dataset-size 250 --optimizer lamb --output-dir {folder}/s
 RAMP_LOOP = "--base-batch-size 8 --per-device-batch-size 2 --epochs 3 --dataset-size 64 --batch-ramp 8@0,16@1,32@2"
 AUTO_RAMP_LOOP = "--base-batch-size 4 --per-device-batch-size 2 --epochs 3 --dataset-size 128 --target-noise 5"
 AUTO_RAMP_LOOP += " --batch-ramp auto --max-batch 32 --ramp-patience 4 --decision-log {folder}/decisions.jsonl"
+
+
+def ramp_loop_expected() -> list[tuple[int, float]]:
+    """(batch, LR) of every update of RAMP_LOOP, written out (LEGW poly power 2 per stage batch)."""
+    stages = [(8, 0.0), (16, 1.0), (32, 2.0)]
+    return written_out(stages, dataset_size=64, epochs=3, base_batch=8, base_lr=0.05, base_warmup_epochs=0.25, power=2)
+
+
+def load_example(repo):
+    """examples/accelerate_loop.py as a module, to run its main() in this process."""
+    spec = importlib.util.spec_from_file_location("accelerate_loop", repo / "examples" / "accelerate_loop.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    return example
+
+
 RESUMED_LOOP = "--optimizer lamb --base-batch-size 4 --per-device-batch-size 4 --epochs 2 --dataset-size 96"
 TWO_PROCESS_RUNS = {
     "planned_lr": PLANNED_LR_LOOP,
-    "ramp": f"{RAMP_LOOP} --optimizer lamb",
+    "ramp": f"{RAMP_LOOP} --optimizer lamb --parameters-out {{folder}}/ramp.pt",
+    "ramp_stopped": f"{RAMP_LOOP} --optimizer lamb --stop-after 10 --output-dir {{folder}}/ramp-state",
     "auto_ramp": AUTO_RAMP_LOOP,
     "uninterrupted": f"{RESUMED_LOOP} --parameters-out {{folder}}/uninterrupted.pt",
     "interrupted": f"{RESUMED_LOOP} --stop-after 5 --output-dir {{folder}}/resumable",
@@ -280,15 +297,7 @@ def test_a_batch_ramp_on_two_processes_takes_each_stage_batch_at_its_lr(two_proc
     """``--batch-ramp 8@0,16@1,32@2`` on 2 processes of 2 samples per micro-batch: every update takes its stage's
     batch (the two processes' samples add up to it) at LEGW's LR for that batch."""
     folder, _ = two_processes
-    expected = written_out(
-        [(8, 0.0), (16, 1.0), (32, 2.0)],
-        dataset_size=64,
-        epochs=3,
-        base_batch=8,
-        base_lr=0.05,
-        base_warmup_epochs=0.25,
-        power=2.0,
-    )
+    expected = ramp_loop_expected()
     rows = [lr_rows(folder, "ramp", rank) for rank in (0, 1)]
     assert [row["update"] for row in rows[0]] == list(range(len(expected))) == [row["update"] for row in rows[1]]
     assert [row["batch"] for row in rows[0]] == [batch for batch, _ in expected]
@@ -297,12 +306,35 @@ def test_a_batch_ramp_on_two_processes_takes_each_stage_batch_at_its_lr(two_proc
         assert [row["lr"] for row in rank_rows] == pytest.approx([lr for _, lr in expected], rel=1e-12, abs=1e-15)
 
 
+@pytest.mark.multiprocess
+def test_a_two_process_ramp_resumed_in_one_process_derives_each_stage_s_accumulation_again(
+    two_processes, repo, tmp_path, fresh_accelerate_state, recwarn
+):
+    """The ramp's state saved by 2 processes after 10 updates (inside the second stage), loaded by one: every stage
+    now accumulates twice the micro-batches, each update takes its stage's batch at its LR, and the run ends where
+    the uninterrupted 2-process run ended (up to the order of the sums)."""
+    two, _ = two_processes
+    example = load_example(repo)
+    outputs = ["--lr-log", tmp_path / "resumed", "--parameters-out", tmp_path / "resumed.pt"]
+    example.main(
+        [*RAMP_LOOP.split(), "--optimizer", "lamb", "--resume-from", str(two / "ramp-state"), *map(str, outputs)]
+    )
+    expected = ramp_loop_expected()
+    rows = lr_rows(tmp_path, "resumed", 0)
+    assert [row["update"] for row in rows] == list(range(10, len(expected)))
+    assert {row["processes"] for row in rows} == {1}
+    assert [row["samples"] for row in rows] == [batch for batch, _ in expected[10:]]
+    assert [row["lr"] for row in rows] == pytest.approx([lr for _, lr in expected[10:]], rel=1e-12, abs=1e-15)
+    assert not [w for w in recwarn if "plan changed" in str(w.message)]  # the same updates: nothing to convert
+    whole = torch.load(two / "ramp.pt", weights_only=True)
+    for name, value in torch.load(tmp_path / "resumed.pt", weights_only=True).items():
+        torch.testing.assert_close(value, whole[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_a_scheduled_ramp_resumed_mid_ramp_ends_bit_identical(repo, tmp_path, fresh_accelerate_state):
     """The example's shuffled loop, stopped after 10 updates (inside the second stage) with ``save_state`` and
     resumed with ``load_state``, ends with the uninterrupted run's weights, bit for bit."""
-    spec = importlib.util.spec_from_file_location("accelerate_loop", repo / "examples" / "accelerate_loop.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_example(repo)
     loop = [*RAMP_LOOP.replace("--per-device-batch-size 2", "--per-device-batch-size 4").split(), "--optimizer", "lamb"]
     runs = (
         ["--parameters-out", tmp_path / "whole.pt"],

@@ -84,6 +84,36 @@ def test_the_plan_shows_every_stage_and_round_trips_through_json_and_the_schedul
     assert resumed.updates == plan.total_steps
 
 
+def scheduler_of(plan) -> LegwScheduler:
+    return LegwScheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), plan)
+
+
+def test_a_ramp_resumes_at_another_micro_batch_step_at_the_same_update_and_refuses_another_ramp(recwarn, caplog):
+    """Saved after 20 updates with micro-batch steps of 16 samples (2 processes x 8, say), loaded at 8 (1 process):
+    update 20 is the same samples and LR, only each stage's accumulation doubles, so nothing is converted and no
+    'plan changed' warning is raised. A checkpoint of another ramp, or of the same ramp over other data, is refused."""
+    saved = scheduler_of(ramped_plan(CONFIG, RAMP, dataset_size=1000, epochs=3, micro_step_samples=16))
+    for _ in range(20):
+        saved.step()
+    state = saved.state_dict()
+    plan = ramped_plan(CONFIG, RAMP, dataset_size=1000, epochs=3, micro_step_samples=8)
+    resumed = scheduler_of(plan)
+    with caplog.at_level("INFO", logger="legw_hf.scheduler"):
+        resumed.load_state_dict(state)
+    expected = written_out([(32, 0.0), (64, 0.5), (128, 1.5)], dataset_size=1000, epochs=3)
+    assert resumed.updates == 20 and resumed.get_last_lr() == pytest.approx([expected[20][1]], rel=1e-12)
+    assert plan.accumulation_for_update(20) == 2 * saved.plan.accumulation_for_update(20) == expected[20][0] // 8
+    assert not [w for w in recwarn if "plan changed" in str(w.message)]
+    assert "with micro-batch steps of 8 samples (the checkpoint's: 16)" in caplog.text
+    for other, data in (("32@0,64@1", 1000), (RAMP, 999)):
+        elsewhere = scheduler_of(ramped_plan(CONFIG, other, dataset_size=data, epochs=3, micro_step_samples=8))
+        with pytest.raises(ValueError) as refused:
+            elsewhere.load_state_dict(state)
+        assert f"the checkpoint's batch ramp {RAMP} over 3 epochs of 1000 samples is not this run's {other}" in str(
+            refused.value
+        )
+
+
 @pytest.mark.parametrize(
     ("ramp", "micro", "words"),
     [
