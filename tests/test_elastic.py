@@ -7,8 +7,9 @@ epochs, and the change is logged with both plans. With the global batch kept by 
 unchanged and the resumed run ends where the uninterrupted one does. Scripts: ``tests/scripts/elastic*.py``.
 
 The same launches run a batch ramp under ZeRO-2 (``tests/scripts/ramp_deepspeed.py``): whole at 2 processes, and
-resumed mid-ramp at 2 and at 1, where every stage's accumulation is derived again; and an automatic ramp
-(``--legw_batch_ramp auto``) at 2 processes under ZeRO-2 and ZeRO-3 against the same run under DDP.
+resumed mid-ramp at 2 and at 1, where every stage's accumulation is derived again, in Trainer and in an accelerate
+loop (``legw_hf.integrations.accelerate.load_state``); and an automatic ramp (``--legw_batch_ramp auto``) at 2
+processes under ZeRO-2 and ZeRO-3 against the same run under DDP.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ import torch
 from launch import launch
 from legw_oracle import legw_poly_lr
 from procs import REPO, python_env
+from test_ramp import written_out
 from test_trainer_ramp import auto_expected, decisions_from_logs, expected as ramp_expected, stream_slices
 from toy import NOISY_DATA, logged_learning_rates, ramped_updates_of, regression_dataset, replayed_weights
 
+from legw_hf import SettingError
 from legw_hf.ramp import RampDecision, ramp_from_decisions
 
 pytestmark = pytest.mark.multiprocess
@@ -230,3 +233,70 @@ def test_an_automatic_ramp_under_zero_2_and_3_measures_and_decides_as_under_ddp(
     dataset = regression_dataset(**NOISY_DATA)
     updates = ramped_updates_of(zero, dataset)
     assert [sorted(u) for u in updates] == [sorted(u) for u in stream_slices(batches, dataset_size=128)]
+
+
+# ----------------------------------------------------- the accelerate loop's ramp under ZeRO-2, resumed
+LOOP_SAVED_AT = 10  # ramp_deepspeed.LOOP_SAVE_AT: inside the second stage (updates 8-11)
+
+
+def loop_expected() -> list[tuple[int, float]]:
+    """(batch, LR) of every update of the loop's ramp 8@0,16@1,32@2 over 3 epochs of 64 samples, written out."""
+    stages = [(8, 0.0), (16, 1.0), (32, 2.0)]
+    return written_out(stages, dataset_size=64, epochs=3, base_batch=8, base_lr=0.05, base_warmup_epochs=0.25)
+
+
+def test_an_accelerate_ramp_under_zero2_resumed_from_its_state_ends_bit_identical(ramp_runs):
+    """save_state after update 10, load_state (legw_hf.integrations.accelerate.load_state) at the same 2 processes:
+    the same later updates, LRs and engine counts, and the uninterrupted run's weights bit for bit."""
+    want = loop_expected()
+    batches = [batch for batch, _ in want]
+    whole = [ramp_runs("loop-full", rank) for rank in (0, 1)]
+    for rank in (0, 1):
+        resumed = ramp_runs("loop-resumed", rank)
+        assert whole[rank]["lrs"] == pytest.approx([lr for _, lr in want], rel=1e-12)
+        assert resumed["lrs"] == whole[rank]["lrs"][LOOP_SAVED_AT:]
+        assert resumed["micro_batches"] == whole[rank]["micro_batches"][LOOP_SAVED_AT:]
+        check_engine_after_updates(resumed, batches, first=LOOP_SAVED_AT, micro_step=4)
+    assert ramp_runs("loop-resumed")["params"] == whole[0]["params"]
+
+
+def test_an_accelerate_ramp_under_zero2_resumed_at_one_process_through_the_universal_checkpoint(ramp_runs, output):
+    """The 2-process state loaded by one process through load_state: DeepSpeed refuses its own checkpoint at another
+    world size, so the model's checkpoint is converted to its universal form and loaded from a view of the folder.
+    Every later update takes the same samples at its LR, accumulating B / 2 micro-batches, and the run ends where
+    the 2-process run ended (up to the order of the sums)."""
+    want = loop_expected()
+    batches = [batch for batch, _ in want]
+    resumed, whole = ramp_runs("loop-r1"), [ramp_runs("loop-full", rank) for rank in (0, 1)]
+    assert resumed["world_size"] == 1
+    assert resumed["lrs"] == pytest.approx([lr for _, lr in want][LOOP_SAVED_AT:], rel=1e-12)
+    assert [len(update) for update in resumed["micro_batches"]] == [b // 2 for b in batches[LOOP_SAVED_AT:]]
+    check_engine_after_updates(resumed, batches, first=LOOP_SAVED_AT, micro_step=2)
+    dataset = regression_dataset(64)
+    later = [sorted(u) for u in ramped_updates_of(whole, dataset)[LOOP_SAVED_AT:]]
+    assert [sorted(u) for u in ramped_updates_of([resumed], dataset)] == later
+    assert relative(resumed["params"], whole[0]["params"]) < 1e-6
+    # the saved state is as it was: the universal form and the view were written beside it
+    state = output / "zero2-ramp" / "loop-state"
+    assert (state / "universal_view" / "pytorch_model").resolve() == (state / "pytorch_model_universal").resolve()
+    assert (state / "latest").read_text().strip() == "pytorch_model"
+
+
+def test_a_zero3_state_of_another_world_size_is_refused_naming_the_checkpoint(output):
+    """legw_hf re-shards ZeRO-1/2 checkpoints only: the same 2-rank checkpoints, read as ZeRO-3 ones by a run of one
+    process, are refused (the accelerate state and the Trainer checkpoint), naming the setting that holds them."""
+    from legw_hf.integrations.deepspeed import reshard_checkpoint, universal_state_view
+
+    root = output / "zero2-ramp"
+    trainer_checkpoint = root / "full" / "out" / f"checkpoint-{RAMP_SAVED_AT}"
+    calls = {
+        "input_dir": lambda: universal_state_view(root / "loop-state", stage=3, world_size=3, main_process=True),
+        "resume_from_checkpoint": lambda: reshard_checkpoint(
+            str(trainer_checkpoint), {"zero_optimization": {"stage": 3}}, world_size=3, main_process=True
+        ),
+    }
+    for field, call in calls.items():
+        with pytest.raises(SettingError) as refused:
+            call()
+        assert refused.value.field == field
+        assert "was saved by 2 DeepSpeed ranks and this run has 3: legw_hf re-shards ZeRO-1/2" in str(refused.value)

@@ -402,6 +402,36 @@ class AcceleratorAutoRamp(AcceleratorLegwScheduler):
         self.noise.global_batch = self.controller.batch
 
 
+def load_state(accelerator: Accelerator, input_dir: str, **load_model_func_kwargs: Any) -> None:
+    """``accelerator.load_state(input_dir)``, which under DeepSpeed (ZeRO-1/2) also loads a state saved by another
+    number of processes: DeepSpeed refuses its own checkpoint then, so the model's checkpoint is converted to
+    DeepSpeed's universal form (once, beside it) and loaded from a view of the folder that links it in its place
+    (:func:`~legw_hf.integrations.deepspeed.universal_state_view`; nothing saved is changed), the engine told to
+    load it as a universal checkpoint; the weights and optimizer moments are re-partitioned for this world. The
+    LEGW scheduler's progress loads as always (a batch ramp's at the same update, its accumulation derived
+    again). Call it on every process, after ``accelerator.prepare``."""
+    engine = None
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        engine = deepspeed_accumulation.deepspeed_engine(accelerator)
+    view = None
+    if engine is not None:
+        view = deepspeed_config.universal_state_view(
+            input_dir,
+            stage=engine.zero_optimization_stage(),
+            world_size=engine.dp_world_size,
+            main_process=accelerator.is_main_process,
+        )
+    if view is None:
+        accelerator.load_state(input_dir, **load_model_func_kwargs)
+        return
+    loads_universal = engine._config.load_universal_checkpoint  # read by engine.load_checkpoint, nowhere else
+    engine._config.load_universal_checkpoint = True
+    try:
+        accelerator.load_state(str(view), **load_model_func_kwargs)
+    finally:
+        engine._config.load_universal_checkpoint = loads_universal
+
+
 def ramp_engine(accelerator: Accelerator) -> Any | None:
     """The DeepSpeed engine whose accumulation a batch ramp sets update by update, or None without DeepSpeed."""
     if accelerator.distributed_type != DistributedType.DEEPSPEED:

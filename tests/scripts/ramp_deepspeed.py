@@ -1,14 +1,16 @@
 """Batch ramps under DeepSpeed, inside launches that run anyway (no launch of their own). The ramp is 8@0,16@1,32@2
 over 3 epochs at base batch 8 and per-device batch 2, without clipping, and every step is nearly proportional to the
-gradient (SGD with momentum in the loops; in Trainer AdamW with eps 1, since DeepSpeed's universal checkpoint, which
-re-shards a checkpoint for another world size, takes only Adam's moments), so a loss divided by the wrong
-accumulation shows in the weights.
+gradient (SGD with momentum in the loops; AdamW with eps 1 where a run resumes at another world size, since
+DeepSpeed's universal checkpoint, which re-shards a checkpoint for it, takes only Adam's moments), so a loss divided
+by the wrong accumulation shows in the weights.
 
 * :func:`trainer` (``elastic.py``'s launches): LegwTrainer with ZeRO-2 over 100 samples. Phase ``second`` (2
   processes): the whole run, saving a checkpoint after update 16 (inside the second stage) as it goes on
-  (``full``), and a run resumed from that checkpoint (``resumed``); then ``--legw_batch_ramp auto`` (toy.AUTO_RAMP)
-  under plain DDP (``auto-ddp``), ZeRO-2 and ZeRO-3 (``auto-zero2``, ``auto-zero3``). Phase ``third`` (1 process):
-  resumed from the checkpoint again (``r1``), where every stage accumulates twice the micro-batches.
+  (``full``), and a run resumed from that checkpoint (``resumed``); the accelerate loop's ramp under ZeRO-2 likewise,
+  saving its state after update 10 (``loop-full``, ``loop-resumed``); then ``--legw_batch_ramp auto``
+  (toy.AUTO_RAMP) under plain DDP (``auto-ddp``), ZeRO-2 and ZeRO-3 (``auto-zero2``, ``auto-zero3``). Phase
+  ``third`` (1 process): both resumed from their checkpoints again (``r1``, ``loop-r1``), where every stage
+  accumulates twice the micro-batches.
 * :func:`loops` (``trainer_deepspeed.py``'s launch, 2 processes): ``ramped_updates`` in an accelerate loop with a
   DeepSpeed plugin over 64 samples, ZeRO-1 (``loop-zero1``) and ZeRO-3 (``loop-zero3``); then an automatic ramp
   (:data:`LOOP_AUTO_RAMP`) under plain DDP (``auto-ddp``) and ZeRO 1-3 (``auto-zero1`` ...), and its refusal under
@@ -153,10 +155,13 @@ def trainer(phase: str, output: str) -> None:
     if phase == "second":
         trainer_run(root, "full")
         trainer_run(root, "resumed", resume="full")
+        resumable_loop_run(root, "loop-full")
+        resumable_loop_run(root, "loop-resumed", resume=True)
         for stage in (None, 2, 3):
             trainer_auto_run(root, "auto-ddp" if stage is None else f"auto-zero{stage}", stage)
     elif phase == "third":
         trainer_run(root, "r1", resume="full")
+        resumable_loop_run(root, "loop-r1", resume=True)
 
 
 def loop_ds_config(stage: int) -> dict:
@@ -171,37 +176,28 @@ def loop_ds_config(stage: int) -> dict:
     }
 
 
-def loop_run(output: Path, stage: int) -> None:
+def loop_accelerator(stage: int):
+    """A fresh Accelerator with a DeepSpeed plugin at ZeRO ``stage`` (:func:`loop_ds_config`) and a seedable sampler."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DataLoaderConfiguration, DeepSpeedPlugin, set_seed
-    from torch.utils.data import DataLoader
-
-    from legw_hf import SettingError
-    from legw_hf.integrations.accelerate import create_legw_scheduler, ramped_updates
 
     fresh_accelerator_state()
-    ds_config = loop_ds_config(stage)
     PartialState(cpu=True)  # without it, accelerate on a machine without GPUs counts one process (as Trainer's use_cpu)
     accelerator = Accelerator(
-        deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config),
+        deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=loop_ds_config(stage)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     set_seed(0)  # the seedable sampler's permutations: the same on every rank
-    model = Regressor()
-    optimizer = torch.optim.SGD(model.parameters(), lr=LOOP_CONFIG.base_lr, momentum=0.9)
-    loader = DataLoader(regression_dataset(LOOP_DATASET), batch_size=MICRO_BATCH, shuffle=True)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    return accelerator
+
+
+def ramped_loop(accelerator, model, optimizer, scheduler, loader, *, save_at=None, state_dir=None) -> dict:
+    """The ramp from the scheduler's progress to its end (``save_state`` into ``state_dir`` after update
+    ``save_at``, going on): per update the LR, this rank's micro-batches and the engine's numbers; the final weights
+    gathered whole (None off the main process)."""
+    from legw_hf.integrations.accelerate import ramped_updates
+
     engine = accelerator.deepspeed_engine_wrapped.engine
-    refusals = {}
-    # a dataloader whose batch is not the engine's micro-batch (4 against 2)
-    wider = accelerator.prepare(DataLoader(regression_dataset(LOOP_DATASET), batch_size=2 * MICRO_BATCH))
-    try:
-        create_legw_scheduler(accelerator, optimizer, LOOP_CONFIG, wider, num_epochs=3, batch_ramp="8@0,16@1")
-    except SettingError as error:
-        refusals["micro_batch"] = {"field": error.field, "message": str(error)}
-    scheduler = create_legw_scheduler(
-        accelerator, optimizer, LOOP_CONFIG, loader, num_epochs=3, batch_ramp="8@0,16@1,32@2"
-    )
     model.train()
     lrs, micro_batches, rows = [], [], []
     for update in ramped_updates(accelerator, scheduler, loader, model):
@@ -214,10 +210,69 @@ def loop_run(output: Path, stage: int) -> None:
         scheduler.step()
         optimizer.zero_grad()
         rows.append(engine_numbers(engine))
+        if update.index + 1 == save_at:
+            accelerator.save_state(str(state_dir))
     state = accelerator.get_state_dict(model)  # gathered from ZeRO-3's partitions, on the main process
     params = torch.cat([state[name].reshape(-1) for name in Regressor().state_dict()]).tolist() if state else None
-    record = {"lrs": lrs, "micro_batches": micro_batches, "engine": rows, "params": params, "refusals": refusals}
+    return {"lrs": lrs, "micro_batches": micro_batches, "engine": rows, "params": params}
+
+
+def loop_run(output: Path, stage: int) -> None:
+    from torch.utils.data import DataLoader
+
+    from legw_hf import SettingError
+    from legw_hf.integrations.accelerate import create_legw_scheduler
+
+    accelerator = loop_accelerator(stage)
+    model = Regressor()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LOOP_CONFIG.base_lr, momentum=0.9)
+    loader = DataLoader(regression_dataset(LOOP_DATASET), batch_size=MICRO_BATCH, shuffle=True)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    refusals = {}
+    # a dataloader whose batch is not the engine's micro-batch (4 against 2)
+    wider = accelerator.prepare(DataLoader(regression_dataset(LOOP_DATASET), batch_size=2 * MICRO_BATCH))
+    try:
+        create_legw_scheduler(accelerator, optimizer, LOOP_CONFIG, wider, num_epochs=3, batch_ramp="8@0,16@1")
+    except SettingError as error:
+        refusals["micro_batch"] = {"field": error.field, "message": str(error)}
+    scheduler = create_legw_scheduler(
+        accelerator, optimizer, LOOP_CONFIG, loader, num_epochs=3, batch_ramp="8@0,16@1,32@2"
+    )
+    record = ramped_loop(accelerator, model, optimizer, scheduler, loader) | {"refusals": refusals}
     write(output / f"loop-zero{stage}", accelerator.process_index, record)
+
+
+#: The update after which the resumable accelerate loop saves its state: inside the second stage (updates 8-11).
+LOOP_SAVE_AT = 10
+
+
+def resumable_loop_run(root: Path, name: str, resume: bool = False) -> None:
+    """The accelerate loop's ramp under ZeRO-2 with AdamW (eps 1, so the step stays nearly proportional to the
+    gradient; DeepSpeed's universal checkpoint takes Adam's moments): whole, saving its state after
+    :data:`LOOP_SAVE_AT` updates into ``root/loop-state`` as it goes on; or (``resume``) from that state through
+    ``legw_hf.integrations.accelerate.load_state``, at whatever world size this launch has."""
+    from torch.utils.data import DataLoader
+
+    from legw_hf.integrations.accelerate import create_legw_scheduler, load_state
+
+    accelerator = loop_accelerator(2)
+    model = Regressor()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LOOP_CONFIG.base_lr, eps=1.0, weight_decay=0.0)
+    loader = DataLoader(regression_dataset(LOOP_DATASET), batch_size=MICRO_BATCH, shuffle=True)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    scheduler = create_legw_scheduler(
+        accelerator, optimizer, LOOP_CONFIG, loader, num_epochs=3, batch_ramp="8@0,16@1,32@2"
+    )
+    state_dir = root / "loop-state"
+    if resume:
+        load_state(accelerator, str(state_dir))
+        record = ramped_loop(accelerator, model, optimizer, scheduler, loader)
+    else:
+        record = ramped_loop(
+            accelerator, model, optimizer, scheduler, loader, save_at=LOOP_SAVE_AT, state_dir=state_dir
+        )
+    record["world_size"] = accelerator.num_processes
+    write(root / name, accelerator.process_index, record)
 
 
 #: The automatic ramp's runs: from batch 8, doubling up to 32 after 2 updates at a batch while doubling is at least

@@ -16,7 +16,7 @@ The package itself and every module but :mod:`.layouts` are plain Python: ``legw
 a config, with neither torch nor DeepSpeed loaded.
 """
 
-from .checkpoints import checkpoint_data_parallel_size, convert_to_universal, reshard_checkpoint
+from .checkpoints import checkpoint_data_parallel_size, convert_to_universal, reshard_checkpoint, universal_state_view
 from .clipping import clip_once
 from .config import (
     OFFLOAD_DEVICES,
@@ -52,6 +52,7 @@ __all__ = [
     "reshard_checkpoint",
     "shipped_config_name",
     "split_global_batch",
+    "universal_state_view",
     "user_config",
     "zero_gradient_norm",
 ]

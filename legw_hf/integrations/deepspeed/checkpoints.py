@@ -3,6 +3,8 @@
 Plain Python at import (``legw-hf`` imports the package); DeepSpeed and torch load inside the functions that use
 them. :func:`reshard_checkpoint` is what ``LegwTrainer`` runs when it resumes a ZeRO checkpoint at another world
 size; other loops can call it before ``deepspeed.initialize`` (or :func:`convert_to_universal` themselves).
+:func:`universal_state_view` does it for accelerate's ``save_state`` folders
+(:func:`legw_hf.integrations.accelerate.load_state`).
 """
 
 from __future__ import annotations
@@ -52,41 +54,99 @@ def convert_to_universal(checkpoint: str | Path) -> Path:
     return output
 
 
-def reshard_checkpoint(checkpoint: str, ds_config: dict[str, Any], *, world_size: int, main_process: bool) -> None:
-    """Resuming a ZeRO checkpoint at another data-parallel world size: DeepSpeed refuses its own checkpoint
-    then, so convert it to DeepSpeed's universal form (once, on the main process) and have the engine load that
-    (``ds_config``, the engine's config, is told to), which re-partitions the weights and optimizer moments for
-    this world. Call it on every process."""
-    import logging  # here, not at the top: legw-hf imports this module and needs no logging
-
+def _convert_for_world(
+    checkpoint: str | Path, *, stage: int, world_size: int, main_process: bool, field: str
+) -> int | None:
+    """The ranks that saved ``checkpoint`` when they are not ``world_size`` (None: nothing to re-shard), its
+    universal form written by then (on the main process; the others wait for it); ``field`` names the checkpoint in
+    a refusal. Call it on every process."""
     import torch.distributed as dist
 
     saved = checkpoint_data_parallel_size(checkpoint)
-    world = world_size
-    if saved is None or saved == world:
-        return
-    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    if saved is None or saved == world_size:
+        return None
     if stage not in (1, 2):
         raise SettingError(
-            "resume_from_checkpoint",
-            f"was saved by {saved} DeepSpeed ranks and this run has {world}: legw_hf re-shards ZeRO-1/2 "
+            field,
+            f"was saved by {saved} DeepSpeed ranks and this run has {world_size}: legw_hf re-shards ZeRO-1/2 "
             f"checkpoints (through DeepSpeed's universal checkpoint), not ZeRO stage {stage}. Resume at {saved} "
             "processes, or convert it with deepspeed.checkpoint.ds_to_universal and set "
             '"checkpoint": {"load_universal": true}',
-            checkpoint,
+            str(checkpoint),
         )
-    if main_process:  # the others wait for its files
+    if main_process:
         convert_to_universal(checkpoint)
     if dist.is_initialized():
         dist.barrier()
+    return saved
+
+
+def _warn_resharded(checkpoint: str | Path, saved: int, world_size: int) -> None:
+    import logging  # here, not at the top: legw-hf imports this module and needs no logging
+
     universal = Path(checkpoint) / (Path(checkpoint) / "latest_universal").read_text().strip()
-    ds_config.setdefault("checkpoint", {})["load_universal"] = True
     logging.getLogger(__name__).warning(
         "The checkpoint %s was saved by %d DeepSpeed ranks and this run has %d: resuming from its universal form "
         "%s, which DeepSpeed re-partitions for %d ranks.",
         checkpoint,
         saved,
-        world,
+        world_size,
         universal,
-        world,
+        world_size,
     )
+
+
+def reshard_checkpoint(checkpoint: str, ds_config: dict[str, Any], *, world_size: int, main_process: bool) -> None:
+    """Resuming a ZeRO checkpoint at another data-parallel world size: DeepSpeed refuses its own checkpoint
+    then, so convert it to DeepSpeed's universal form (once, on the main process) and have the engine load that
+    (``ds_config``, the engine's config, is told to), which re-partitions the weights and optimizer moments for
+    this world. Call it on every process."""
+    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    saved = _convert_for_world(
+        checkpoint, stage=stage, world_size=world_size, main_process=main_process, field="resume_from_checkpoint"
+    )
+    if saved is None:
+        return
+    ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    _warn_resharded(checkpoint, saved, world_size)
+
+
+#: The folder inside an accelerate state saved at another world size where :func:`universal_state_view` lays the
+#: state out for DeepSpeed's universal loader.
+UNIVERSAL_VIEW = "universal_view"
+#: accelerate's name for the (first) model's DeepSpeed checkpoint in a ``save_state`` folder.
+ACCELERATE_MODEL_TAG = "pytorch_model"
+
+
+def universal_state_view(state_dir: str | Path, *, stage: int, world_size: int, main_process: bool) -> Path | None:
+    """accelerate's ``save_state`` folder laid out for a run of ``world_size`` data-parallel ranks, or None when it
+    was saved by as many (or holds no ZeRO checkpoint): the model's ZeRO checkpoint is converted to its universal
+    form beside it (:func:`convert_to_universal`), and :data:`UNIVERSAL_VIEW` inside the folder links every saved
+    file, with ``pytorch_model`` linking the universal form instead. accelerate's ``load_state`` loads the model's
+    checkpoint by that name, so a DeepSpeed engine told to load universal checkpoints reads it from the view.
+    Nothing saved is changed. Call it on every process."""
+    import torch.distributed as dist
+
+    root = Path(state_dir)
+    if (root / f"{ACCELERATE_MODEL_TAG}_1").exists():
+        raise SettingError(
+            "input_dir",
+            "holds the DeepSpeed checkpoints of several models: loading them at another world size is not supported "
+            "(one model only)",
+            str(state_dir),
+        )
+    saved = _convert_for_world(root, stage=stage, world_size=world_size, main_process=main_process, field="input_dir")
+    if saved is None:
+        return None
+    view = root / UNIVERSAL_VIEW
+    if main_process and not view.is_dir():
+        view.mkdir()
+        universal = (root / "latest_universal").read_text().strip()
+        for entry in root.iterdir():
+            if entry.name not in (ACCELERATE_MODEL_TAG, universal, UNIVERSAL_VIEW, "latest", "latest_universal"):
+                (view / entry.name).symlink_to(Path("..") / entry.name)
+        (view / ACCELERATE_MODEL_TAG).symlink_to(Path("..") / universal, target_is_directory=True)
+    if dist.is_initialized():
+        dist.barrier()
+    _warn_resharded(root, saved, world_size)
+    return view
