@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import math
+import warnings
 
 import pytest
 import torch
@@ -215,7 +216,7 @@ def test_accelerate_launch_two_processes_use_the_planned_lr_on_every_rank(two_pr
 
 
 @pytest.mark.multiprocess
-def test_accelerate_deepspeed_plugin_lamb_equals_the_plain_loop(repo, tmp_path):
+def test_accelerate_deepspeed_plugin_lamb_equals_the_plain_loop(repo, tmp_path, fresh_accelerate_state):
     # accelerate's DeepSpeed plugin counts one process on CPU-only machines (its train_batch_size disagrees with
     # DeepSpeed's world of 2), so this runs one process: ZeRO-2 still hands LAMB one flat buffer per param group,
     # spanning all its tensors, and the trust ratios must still be per tensor.
@@ -233,10 +234,12 @@ def test_accelerate_deepspeed_plugin_lamb_equals_the_plain_loop(repo, tmp_path):
     )
     script, loop = repo / "examples" / "accelerate_loop.py", ["--optimizer", "lamb", "--epochs", "2"]
     with_deepspeed = dict(processes=1, launcher_args=["--use_deepspeed", "--deepspeed_config_file", str(config)])
-    runs = {"ds": ("accelerate", with_deepspeed), "plain": ("python", {})}
-    for run, (launcher, settings) in runs.items():
+    for run in ("ds", "plain"):
         outputs = ["--lr-log", tmp_path / run, "--parameters-out", tmp_path / f"{run}.pt"]
-        launch(launcher, script, *loop, *outputs, cwd=tmp_path, timeout=300, **settings)
+        if run == "ds":
+            launch("accelerate", script, *loop, *outputs, cwd=tmp_path, timeout=300, **with_deepspeed)
+        else:  # in this process
+            load_example(repo).main([*loop, *map(str, outputs)])
     lrs = {
         run: [json.loads(line)["lr"] for line in (tmp_path / f"{run}.rank0").read_text().splitlines()]
         for run in ("ds", "plain")
@@ -255,18 +258,23 @@ def test_accelerate_deepspeed_plugin_lamb_equals_the_plain_loop(repo, tmp_path):
 
 
 @pytest.mark.multiprocess
-def test_accelerate_loop_resumed_at_another_world_size(two_processes, tmp_path):
-    """2 processes save after 5 of 24 updates (global batch 8, the `interrupted` run); 1 process resumes: with the same
-    per-device batch (global 4: the plan is re-derived, 5 updates at 8 are 10 at 4) and with accumulation 2 (global 8
-    kept), both in one launch of one process."""
+def test_accelerate_loop_resumed_at_another_world_size(two_processes, repo, tmp_path, fresh_accelerate_state):
+    """2 processes save after 5 of 24 updates (global batch 8, the `interrupted` run); 1 process (this one) resumes:
+    with the same per-device batch (global 4: the plan is re-derived, 5 updates at 8 are 10 at 4) and with
+    accumulation 2 (global 8 kept)."""
     two, _ = two_processes
-    state = two / "resumable"
-    resumed = f"{RESUMED_LOOP} --resume-from {state}"
+    resumed = f"{RESUMED_LOOP} --resume-from {two / 'resumable'}"
     one_process_runs = {
         "changing": resumed,
-        "fixed": f"{resumed} --gradient-accumulation-steps 2 --parameters-out {{folder}}/fixed.pt",
+        "fixed": f"{resumed} --gradient-accumulation-steps 2 --parameters-out {tmp_path / 'fixed.pt'}",
     }
-    outputs = loop_runs(tmp_path, one_process_runs, "python", processes=1)
+    example, notes = load_example(repo), {}
+    for name, flags in one_process_runs.items():
+        AcceleratorState._reset_state(True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            example.main([*flags.split(), "--lr-log", str(tmp_path / name)])
+        notes[name] = "".join(str(w.message) for w in caught)
 
     def lr(update: int, batch: int) -> float:  # LEGW written out: √k peak, k × 0.25 warmup epochs, poly power 2
         return legw_poly_lr(
@@ -283,7 +291,7 @@ def test_accelerate_loop_resumed_at_another_world_size(two_processes, tmp_path):
     changing = lr_rows(tmp_path, "changing", 0)
     assert [row["update"] for row in changing] == list(range(10, 48)) and changing[0]["processes"] == 1
     assert [row["lr"] for row in changing] == pytest.approx([lr(n, 4) for n in range(10, 48)], rel=1e-12, abs=1e-15)
-    assert "update 5 of the checkpoint's plan is update 10 of the current plan" in "".join(outputs["changing"])
+    assert "update 5 of the checkpoint's plan is update 10 of the current plan" in notes["changing"]
     # the same global batch by accumulation: the schedule and the weights continue as if never interrupted
     fixed, uninterrupted = lr_rows(tmp_path, "fixed", 0), lr_rows(two, "uninterrupted", 0)
     assert [row["lr"] for row in fixed] == [row["lr"] for row in uninterrupted][5:]
