@@ -9,7 +9,8 @@ all-reduce (two with the nvidia preset's pre-normalisation under FSDP2, where th
 reduction of its own; under ZeRO it comes from DeepSpeed).
 
 LegwTrainer's DeepSpeed launch also runs a batch ramp in accelerate loops under ZeRO-1 and ZeRO-3 (the Trainer's
-ramp under ZeRO-2 is in tests/test_elastic.py, whose launches resume it at another world size).
+ramp under ZeRO-2 is in tests/test_elastic.py, whose launches resume it at another world size); the FSDP2 launch runs
+one in an accelerate loop and one in LegwTrainer, each with a mid-ramp resume.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from legw_oracle import legw_poly_lr
 from optim_registry import SHARDED, SHARDED_EVERY_CONFIG, SHARDED_FEW, SHARDED_NAIVE
 from procs import REPO
 from test_ramp import written_out
+from test_trainer_ramp import expected as ramp_expected, stream_slices
 from toy import (
     Regressor,
     legw_training_args,
@@ -164,6 +166,57 @@ def test_an_automatic_ramp_under_fsdp2_is_refused(fsdp2_parity):
     refusal = fsdp2_parity["fsdp2-ramp"]["auto_ramp_refusal"]
     assert refusal is not None and refusal.startswith("batch_ramp takes no AutoRamp under FSDP: each micro-batch's")
     assert "reduce-scattered into shards" in refusal and "got 'FSDP'" in refusal
+
+
+#: tests/scripts/trainer_fsdp2_ramp.py: the checkpoint after update 16, inside the second stage (updates 13-18)
+TRAINER_RAMP_SAVED_AT = 16
+
+
+def test_a_trainer_ramp_under_fsdp2_takes_each_update_s_batch_samples_and_lr_with_one_reduction(fsdp2_parity):
+    """LegwTrainer's --legw_batch_ramp 8@0,16@1,32@2 over 100 samples, per-device 2 on 2 processes, under Trainer's
+    own FSDP2 path (tests/scripts/trainer_fsdp2_ramp.py: accelerate's state forced to FSDP2 on CPU, then Trainer's
+    and accelerate's code): every update accumulates B / 4 micro-batch steps of the ramp's sample stream at LEGW's LR
+    for B, with no gradient before its last micro-batch's backward, and the weights are one process's replay."""
+    runs = fsdp2_parity["trainer-fsdp2-ramp"]
+    want = ramp_expected()
+    batches, lrs = [batch for batch, _ in want], [lr for _, lr in want]
+    ranks = runs["full"]
+    for record in ranks:
+        assert (record["world_size"], record["global_step"]) == (2, len(want))
+        # sharded by accelerate's FSDP2 prepare, not the DDP that Trainer's --fsdp alone gives on CPU
+        assert record["distributed_type"] == "FSDP" and record["dtensor_parameters"]
+        assert record["lrs"] == pytest.approx(lrs, rel=1e-12)
+        assert [len(update) for update in record["micro_batches"]] == [batch // 4 for batch in batches]
+        assert all(len(micro) == 2 for update in record["micro_batches"] for micro in update)
+        # set_requires_gradient_sync(False) on all but the last: nothing was reduce-scattered into the sharded
+        # gradients before the update's last backward
+        assert record["grads_before_micro_batches"] == [[False] * (batch // 4) for batch in batches]
+    assert ranks[0]["params"] == ranks[1]["params"]
+    dataset = regression_dataset(100)
+    updates = ramped_updates_of(ranks, dataset)
+    assert [sorted(update) for update in updates] == [sorted(update) for update in stream_slices(batches)]
+    # AdamW with eps 1 steps nearly in proportion to the gradient: the loss of each micro-batch was divided by the
+    # update's accumulation, and the optimizer stepped once per update on the summed shards
+    adamw = functools.partial(torch.optim.AdamW, lr=0.0, eps=1.0, weight_decay=0.0)
+    expected = replayed_weights(updates, lrs, dataset, adamw)
+    assert float((torch.tensor(ranks[0]["params"]) - expected).norm() / expected.norm()) < 1e-6
+
+
+def test_a_trainer_ramp_under_fsdp2_resumed_mid_ramp_ends_bit_identical(fsdp2_parity):
+    """The checkpoint Trainer saved after update 16 through its FSDP path (save_fsdp_model / save_fsdp_optimizer),
+    resumed by a new Trainer (load_fsdp_model / load_fsdp_optimizer): the updates left take the uninterrupted run's
+    LRs and micro-batches and end at its weights bit for bit."""
+    runs = fsdp2_parity["trainer-fsdp2-ramp"]
+    lrs = [lr for _, lr in ramp_expected()]
+    files = set(runs["full"][0]["checkpoint_files"])
+    # Trainer's FSDP checkpoint (FULL_STATE_DICT): the model as pytorch_model_fsdp.bin, the optimizer as
+    # optimizer.bin (the DDP path writes optimizer.pt)
+    assert {"pytorch_model_fsdp.bin", "optimizer.bin", "scheduler.pt"} <= files and "optimizer.pt" not in files
+    for whole, resumed in zip(runs["full"], runs["resumed"], strict=True):
+        assert resumed["distributed_type"] == "FSDP" and resumed["global_step"] == len(lrs)
+        assert resumed["lrs"] == pytest.approx(lrs[TRAINER_RAMP_SAVED_AT:], rel=1e-12)
+        assert resumed["micro_batches"] == whole["micro_batches"][TRAINER_RAMP_SAVED_AT:]
+        assert resumed["params"] == whole["params"]
 
 
 def test_triton_kernels_under_fsdp2_and_zero_match_one_process(fsdp2_parity, deepspeed_parity):

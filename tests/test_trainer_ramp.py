@@ -1,7 +1,7 @@
 """A batch ramp in LegwTrainer (--legw_batch_ramp): the batch, samples and LR of every update against the ramp written
 out, the stage boundary, a mid-ramp resume, fp16 skipped updates, what the ramp refuses; the automatic ramp
 (--legw_batch_ramp auto): its decisions from the logged estimates, its replay as a scheduled ramp, its resume. The
-two-process runs are in test_trainer.py (one shared torchrun launch)."""
+two-process runs are in test_trainer.py (one shared torchrun launch), under FSDP2 in test_sharded.py."""
 
 from __future__ import annotations
 
@@ -186,7 +186,6 @@ def test_a_run_resumed_mid_ramp_ends_bit_identical(tmp_path):
         ({"auto_find_batch_size": True}, "auto_find_batch_size", "must not shrink"),
         ({"dataloader_drop_last": True}, "dataloader_drop_last", "no batch is partial"),
         ({"ignore_data_skip": True}, "ignore_data_skip", "skips the updates done"),
-        ({"fsdp": "full_shard"}, "fsdp", "not supported with --legw_batch_ramp in Trainer: Trainer under FSDP"),
         ({"train_sampling_strategy": "group_by_length"}, "train_sampling_strategy", "draws each update's samples"),
         ({"accelerator_config": {"split_batches": True}}, "accelerator_config", "split_batches off"),
         ({"legw_batch_ramp": "8@0,16"}, "legw_batch_ramp", "batch@epoch"),
@@ -197,6 +196,21 @@ def test_what_the_ramp_cannot_run_beside_is_refused_when_the_arguments_are_built
     with pytest.raises(SettingError) as caught:
         ramp_training_args(tmp_path / "out", **overrides)
     assert caught.value.field == field and words in str(caught.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_scheduled_ramp_is_taken_beside_fsdp2_and_refused_beside_fsdp1(tmp_path, monkeypatch):
+    """Trainer's FSDP2 arguments build with a scheduled ramp and give accelerate an FSDP2 plugin (the 2-process run
+    under Trainer's FSDP2 path is in tests/test_sharded.py); FSDP1 is refused, and so is an automatic ramp beside
+    either (below)."""
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")  # the arguments set it: restored after the test
+    args = ramp_training_args(tmp_path / "out", fsdp=True, fsdp_config={"version": 2})
+    assert args.legw_batch_ramp == "8@0,16@1,32@2" and args.fsdp_plugin_args["fsdp_version"] == 2
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SettingError) as caught:
+        ramp_training_args(tmp_path / "out", fsdp=True, fsdp_config={"version": 1})
+    assert caught.value.field == "fsdp_config" and caught.value.value == {"version": 1}
+    assert 'must select FSDP2 ("version": 2' in str(caught.value)
     assert not (tmp_path / "out").exists()
 
 
@@ -437,7 +451,7 @@ def test_an_automatic_ramp_shows_its_controller_no_overflowed_update(tmp_path):
         (AUTO | {"legw_ramp_efficiency": 0.5}, "legw_ramp_efficiency", "must be in (0.5, 1)"),
         (AUTO | {"legw_ramp_patience": 0}, "legw_ramp_patience", "must be an integer >= 1"),
         (AUTO | {"legw_adascale": "gain"}, "legw_adascale", "set the LR themselves"),
-        (AUTO | {"fsdp": "full_shard"}, "fsdp", "auto: each micro-batch's own gradient is reduce-scattered"),
+        (AUTO | {"fsdp": True}, "fsdp", "auto: each micro-batch's own gradient is reduce-scattered"),
         (AUTO | {"gradient_accumulation_steps": 2}, "gradient_accumulation_steps", "sets each update's accumulation"),
     ],
 )

@@ -7,7 +7,8 @@ the whole batch in one process; for a few configurations it also trains once wit
 (each flat partition or local shard taken as a tensor of its own, norms not reduced), which must be far off. The
 ``*-triton`` runs take the Triton kernels (Triton's interpreter on CPU). Rank 0 writes ``result.json`` beside the
 output path: per engine and configuration the relative parameter error of the aware and the naive run, and the
-all-reduces per ``step()``; with ``fsdp2`` also the batch-ramp checks of ``fsdp2_ramp.py`` (an accelerate loop).
+all-reduces per ``step()``; with ``fsdp2`` also the batch-ramp runs of ``trainer_fsdp2_ramp.py`` (LegwTrainer) and the
+checks of ``fsdp2_ramp.py`` (an accelerate loop).
 """
 
 from __future__ import annotations
@@ -355,6 +356,11 @@ def main(engine: str, output: str) -> None:
             resumed = fsdp2_resumed(name, Path(output).parent / "checkpoints")
             if dist.get_rank() == 0:
                 result.setdefault("fsdp2-resume", {})[name] = relative_error(resumed, uninterrupted)
+        from trainer_fsdp2_ramp import runs as trainer_ramp_runs  # resets accelerate's state after its runs
+
+        trainer_ramp = trainer_ramp_runs(Path(output).parent / "trainer-ramp")
+        if dist.get_rank() == 0:
+            result["trainer-fsdp2-ramp"] = trainer_ramp
         from fsdp2_ramp import checks as ramp_checks  # last: it leaves accelerate's state set to FSDP2
 
         ramp = ramp_checks(Path(output).parent / "ramp-state")

@@ -8,7 +8,9 @@ the update (:class:`MicroBatches`); ``LegwTrainer.training_step`` runs Trainer's
 reducing gradients only on the last, as Trainer's accumulation does. Under DeepSpeed (ZeRO 1-3) the engine's train
 batch is set to each update's and the engine applies the update on its last micro-batch
 (:mod:`legw_hf.integrations.deepspeed.accumulation`); the config leaves the accumulation and the train batch to
-Trainer (``"auto"`` or out).
+Trainer (``"auto"`` or out). Under FSDP2 (``--fsdp``) the micro-batches before the last run under accelerate's
+``no_sync`` (``set_requires_gradient_sync(False)``): the last backward reduce-scatters the update's summed gradient.
+An automatic ramp is refused under FSDP (its per-micro-batch statistics cannot be taken there).
 
 The micro-batches come from :class:`RampBatchSampler`: a stream of data passes, each a permutation seeded as
 Trainer's own sampler seeds its epochs (``data_seed``, else ``seed``, plus the pass number), cut into micro-batches
@@ -134,14 +136,6 @@ def check_ramp_arguments(args: Any) -> None:
             "one global batch for the whole run",
             args.legw_adascale,
         )
-    if args.fsdp or args.fsdp_config:
-        raise SettingError(
-            "fsdp",
-            f"is not supported with {ramp} in Trainer: Trainer under FSDP is not tested here (accelerate turns FSDP on "
-            "only on GPUs); run the ramp under FSDP2 in an accelerate loop (create_legw_scheduler(batch_ramp=...), "
-            "tested), or train with DDP or DeepSpeed",
-            args.fsdp or args.fsdp_config,
-        )
     strategy = getattr(args, "train_sampling_strategy", "random")
     if strategy not in SAMPLING_STRATEGIES:
         raise SettingError(
@@ -152,8 +146,9 @@ def check_ramp_arguments(args: Any) -> None:
 
 
 def check_ramp_accelerator(args: Any) -> None:
-    """The accelerator and DeepSpeed settings the ramp cannot run with (read after ``TrainingArguments.__post_init__``,
-    which fills a DeepSpeed config's ``"auto"`` entries from the arguments)."""
+    """The accelerator, FSDP and DeepSpeed settings the ramp cannot run with (read after
+    ``TrainingArguments.__post_init__``, which reads ``fsdp_config`` into accelerate's plugin arguments and fills a
+    DeepSpeed config's ``"auto"`` entries from the arguments)."""
     if args.legw_batch_ramp is None:
         return
     config = args.accelerator_config
@@ -164,6 +159,14 @@ def check_ramp_accelerator(args: Any) -> None:
                 f"must leave {name} off with --legw_batch_ramp: the ramp deals every process its own micro-batches",
                 {name: True},
             )
+    fsdp_plugin = getattr(args, "fsdp_plugin_args", None)
+    if fsdp_plugin is not None and fsdp_plugin.get("fsdp_version") != 2:
+        raise SettingError(
+            "fsdp_config",
+            'must select FSDP2 ("version": 2, Trainer\'s default) with --legw_batch_ramp: the ramp runs and is tested '
+            "under FSDP2 (FSDP1 is deprecated in transformers)",
+            {"version": fsdp_plugin.get("fsdp_version")},
+        )
     ds_config = getattr(getattr(args, "hf_deepspeed_config", None), "config", None) or {}
     # Trainer fills "auto" with these (accumulation 1); the ramp then sets the engine's batch for every update
     filled = {
