@@ -9,7 +9,7 @@ unchanged and the resumed run ends where the uninterrupted one does. Scripts: ``
 The same launches run a batch ramp under ZeRO-2 (``tests/scripts/ramp_deepspeed.py``): whole at 2 processes, and
 resumed mid-ramp at 2 and at 1, where every stage's accumulation is derived again, in Trainer and in an accelerate
 loop (``legw_hf.integrations.accelerate.load_state``); and an automatic ramp (``--legw_batch_ramp auto``) at 2
-processes under ZeRO-2 and ZeRO-3 against the same run under DDP.
+processes under ZeRO-2 against the same run under DDP.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from test_trainer_ramp import auto_expected, decisions_from_logs, expected as ra
 from toy import NOISY_DATA, logged_learning_rates, ramped_updates_of, regression_dataset, replayed_weights
 
 from legw_hf import SettingError
-from legw_hf.ramp import RampDecision, ramp_from_decisions
+from legw_hf.ramp import RampDecision, ramp_from_decisions, read_decisions
 
 pytestmark = pytest.mark.multiprocess
 
@@ -202,12 +202,36 @@ def test_a_ramp_under_zero2_resumed_at_one_process_derives_each_stage_s_accumula
     assert relative(resumed["params"], whole["params"]) < 1e-5
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_an_automatic_ramp_under_zero_2_and_3_measures_and_decides_as_under_ddp(ramp_runs, stage):
-    """--legw_batch_ramp auto in Trainer on 2 processes: under ZeRO-2/3 the statistics are taken inside the engine's
+def test_two_processes_decide_an_automatic_ramp_alike(ramp_runs, output):
+    """--legw_batch_ramp auto in Trainer under DDP on 2 processes of 2 samples per micro-batch (the reference of the
+    ZeRO runs below): both ranks measure the same estimates, make the same decisions (the main process logs them
+    once), and take every update at the batch and LR of the scheduled ramp those decisions write, each rank half of
+    the update's samples."""
+    ranks = [ramp_runs("auto-ddp", rank) for rank in (0, 1)]
+    decisions = read_decisions(output / "zero2-ramp" / "auto-ddp" / "out" / "legw_ramp_decisions.jsonl")
+    assert len(decisions) >= 2 and decisions[0].old_batch == 4
+    assert [[RampDecision.from_dict(d) for d in record["decisions"]] for record in ranks] == [decisions, decisions]
+    estimates = [[(e.get("noise_scale/trace"), e.get("noise_scale/signal")) for e in r["logs"]] for r in ranks]
+    assert estimates[0] == estimates[1]
+    assert decisions_from_logs(ranks[0]["logs"]) == decisions
+    want = auto_expected(ramp_from_decisions(decisions))
+    batches = [batch for batch, _ in want]
+    for record in ranks:
+        assert record["global_step"] == record["max_steps"] == len(want)
+        assert logged_learning_rates(record["logs"]) == pytest.approx([lr for _, lr in want], rel=1e-12)
+        assert [len(update) for update in record["micro_batches"]] == [batch // 4 for batch in batches]
+    updates = ramped_updates_of(ranks, regression_dataset(**NOISY_DATA))
+    assert [sorted(u) for u in updates] == [sorted(u) for u in stream_slices(batches, dataset_size=128)]
+    assert ranks[0]["params"] == ranks[1]["params"]
+
+
+def test_an_automatic_ramp_under_zero2_measures_and_decides_as_under_ddp(ramp_runs):
+    """--legw_batch_ramp auto in Trainer on 2 processes: under ZeRO-2 the statistics are taken inside the engine's
     step, on the accumulation the ramp sets update by update. The same run under plain DDP, in the same launch, is
-    the reference (its own statistics are checked in test_trainer.py); the decisions follow from the logged estimates
-    by the rule, every update takes its batch's samples and LEGW's LR, and DeepSpeed counts the batch."""
+    the reference (above); the decisions follow from the logged estimates by the rule, every update takes its batch's
+    samples and LEGW's LR, and DeepSpeed counts the batch. (The accelerate loops' AutoRamp runs under ZeRO-1 and
+    ZeRO-3 in test_sharded.py: the same measurement.)"""
+    stage = 2
     runs = {name: [ramp_runs(name, rank) for rank in (0, 1)] for name in ("auto-ddp", f"auto-zero{stage}")}
     reference = runs["auto-ddp"][0]
     decisions = [RampDecision.from_dict(d) for d in reference["decisions"]]

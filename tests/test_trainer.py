@@ -12,14 +12,11 @@ from launch import launch
 from legw_oracle import legw_poly_lr, nvidia_lr
 from procs import REPO
 from test_trainer_ramp import (
-    auto_expected,
-    decisions_from_logs,
     expected as ramp_expected,
     stream_slices,
     train as ramp_train,
 )
 from toy import (
-    NOISY_DATA,
     PoisonSteps,
     Regressor,
     StopAt,
@@ -33,7 +30,6 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from legw_hf import LegwCallback, LegwScheduler, LegwTrainer, LegwTrainingArguments, SettingError
 from legw_hf.plan import LegwConfig
-from legw_hf.ramp import RampDecision, ramp_from_decisions, read_decisions
 from legw_hf.record import read_plan_record
 from legw_hf.schedules import PolynomialOfRun
 
@@ -434,33 +430,4 @@ def test_two_processes_share_every_update_and_take_its_lr(torchrun_ramp):
     ]
     assert both == [sorted(update) for update in stream_slices(batches)]
     weights = [torch.load(output / "full" / f"weights{r}.pt") for r in (0, 1)]
-    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
-
-
-@pytest.mark.multiprocess
-def test_two_processes_decide_an_automatic_ramp_alike(torchrun_ramp):
-    """--legw_batch_ramp auto on 2 processes of 2 samples per micro-batch: both ranks measure the same estimates,
-    make the same decisions (the main process logs them once), and take every update at the batch and LR of the
-    scheduled ramp those decisions write, each rank half of the update's samples."""
-    output, _ = torchrun_ramp
-    ranks = [json.loads((output / "auto" / f"rank{r}.json").read_text()) for r in (0, 1)]
-    decisions = read_decisions(output / "auto" / "out" / "legw_ramp_decisions.jsonl")
-    assert len(decisions) >= 2 and decisions[0].old_batch == 4
-    assert [[RampDecision.from_dict(d) for d in record["decisions"]] for record in ranks] == [decisions, decisions]
-    estimates = [[(e.get("noise_scale/trace"), e.get("noise_scale/signal")) for e in r["logs"]] for r in ranks]
-    assert estimates[0] == estimates[1]
-    assert decisions_from_logs(ranks[0]["logs"]) == decisions
-    want = auto_expected(ramp_from_decisions(decisions))
-    batches = [batch for batch, _ in want]
-    for record in ranks:
-        assert record["global_step"] == record["max_steps"] == len(want)
-        assert record["lrs"] == pytest.approx([lr for _, lr in want], rel=1e-12)
-        assert [sum(map(len, update)) for update in record["updates"]] == [batch // 2 for batch in batches]
-    dataset = regression_dataset(**NOISY_DATA)
-    both = [
-        sorted(sample_ids(dataset, [x for record in ranks for micro in record["updates"][n] for x in micro]))
-        for n in range(len(batches))
-    ]
-    assert both == [sorted(update) for update in stream_slices(batches, dataset_size=128)]
-    weights = [torch.load(output / "auto" / f"weights{r}.pt") for r in (0, 1)]
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])

@@ -1,7 +1,8 @@
 """A batch ramp in LegwTrainer (--legw_batch_ramp): the batch, samples and LR of every update against the ramp written
 out, the stage boundary, a mid-ramp resume, fp16 skipped updates, what the ramp refuses; the automatic ramp
 (--legw_batch_ramp auto): its decisions from the logged estimates, its replay as a scheduled ramp, its resume. The
-two-process runs are in test_trainer.py (one shared torchrun launch), under FSDP2 in test_sharded.py."""
+two-process runs are in test_trainer.py (one shared torchrun launch), under FSDP2 in test_sharded.py, and for the
+automatic ramp (under DDP and ZeRO) in test_elastic.py."""
 
 from __future__ import annotations
 

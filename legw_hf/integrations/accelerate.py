@@ -151,13 +151,13 @@ def create_legw_scheduler(
             :class:`~legw_hf.ramp.AutoRamp` decides the ramp during the run from the measured gradient noise scale
             (:class:`AcceleratorAutoRamp`); its loop calls ``update.backward(loss)``, which measures each micro-batch.
     """
-    if batch_ramp is not None:
-        return _create_ramped_scheduler(accelerator, optimizer, config, train_dataloader, batch_ramp, num_epochs)
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is not None:  # a "scheduler" block would be a second schedule beside the plan
         warning = deepspeed_config.check_config_blocks(plugin.deepspeed_config, legw=True, client_optimizer=None)
         if warning:
             logger.warning("%s", warning)
+    if batch_ramp is not None:
+        return _create_ramped_scheduler(accelerator, optimizer, config, train_dataloader, batch_ramp, num_epochs)
     require_prepared(train_dataloader)
     actual = global_batch_size(accelerator, train_dataloader)
     if batch_size is not None and batch_size != actual:

@@ -8,13 +8,13 @@ by the wrong accumulation shows in the weights.
   processes): the whole run, saving a checkpoint after update 16 (inside the second stage) as it goes on
   (``full``), and a run resumed from that checkpoint (``resumed``); the accelerate loop's ramp under ZeRO-2 likewise,
   saving its state after update 10 (``loop-full``, ``loop-resumed``); then ``--legw_batch_ramp auto``
-  (toy.AUTO_RAMP) under plain DDP (``auto-ddp``), ZeRO-2 and ZeRO-3 (``auto-zero2``, ``auto-zero3``). Phase
+  (toy.AUTO_RAMP) under plain DDP (``auto-ddp``) and ZeRO-2 (``auto-zero2``). Phase
   ``third`` (1 process): both resumed from their checkpoints again (``r1``, ``loop-r1``), where every stage
   accumulates twice the micro-batches.
 * :func:`loops` (``trainer_deepspeed.py``'s launch, 2 processes): ``ramped_updates`` in an accelerate loop with a
   DeepSpeed plugin over 64 samples, ZeRO-1 (``loop-zero1``) and ZeRO-3 (``loop-zero3``); then an automatic ramp
-  (:data:`LOOP_AUTO_RAMP`) under plain DDP (``auto-ddp``) and ZeRO 1-3 (``auto-zero1`` ...), and its refusal under
-  DeepSpeed's fp16 (``auto-fp16``).
+  (:data:`LOOP_AUTO_RAMP`) under plain DDP (``auto-ddp``), ZeRO-1 and ZeRO-3 (``auto-zero1``, ``auto-zero3``; the
+  Trainer's runs ZeRO-2), and the configs a DeepSpeed plugin must not hold beside the scheduler (``refusals``).
 
 Every rank writes ``OUTPUT/<run>/rank{r}.json``: for every update the LR it applied, the samples of each of its
 micro-batches (by their first feature), and the DeepSpeed engine's accumulation, train batch, samples and steps
@@ -157,7 +157,7 @@ def trainer(phase: str, output: str) -> None:
         trainer_run(root, "resumed", resume="full")
         resumable_loop_run(root, "loop-full")
         resumable_loop_run(root, "loop-resumed", resume=True)
-        for stage in (None, 2, 3):
+        for stage in (None, 2):  # (the accelerate loops' AutoRamp runs under ZeRO-1 and ZeRO-3)
             trainer_auto_run(root, "auto-ddp" if stage is None else f"auto-zero{stage}", stage)
     elif phase == "third":
         trainer_run(root, "r1", resume="full")
@@ -324,9 +324,19 @@ def auto_loop_run(output: Path, stage: int | None) -> None:
     write(output / f"auto-{'ddp' if stage is None else f'zero{stage}'}", accelerator.process_index, record)
 
 
-def auto_fp16_refusal(output: Path) -> None:
-    """An AutoRamp under a DeepSpeed config with fp16 loss scaling (whose scale may change inside the step that is
-    measured): the refusal, before any model is prepared."""
+#: What a DeepSpeed plugin's config must not hold beside the LEGW scheduler: fp16 loss scaling under an AutoRamp
+#: (its scale may change inside the step that is measured), and a "scheduler" block (a second schedule), with a
+#: scheduled ramp or without one.
+REFUSED_CONFIGS = {
+    "auto-fp16": ({"fp16": {"enabled": True}}, "auto"),
+    "scheduler-block": ({"scheduler": {"type": "WarmupLR", "params": {}}}, None),
+    "ramp-scheduler-block": ({"scheduler": {"type": "WarmupLR", "params": {}}}, "8@0,16@1"),
+}
+
+
+def plugin_refusals(output: Path) -> None:
+    """``create_legw_scheduler`` under a DeepSpeed plugin with each config of :data:`REFUSED_CONFIGS`, before any
+    model is prepared: the refusal's field and message (or None) in ``OUTPUT/refusals/rank{r}.json``."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DeepSpeedPlugin
     from torch.utils.data import DataLoader
@@ -335,25 +345,25 @@ def auto_fp16_refusal(output: Path) -> None:
     from legw_hf.integrations.accelerate import create_legw_scheduler
     from legw_hf.ramp import AutoRamp
 
-    fresh_accelerator_state()
-    PartialState(cpu=True)
-    plugin = DeepSpeedPlugin(hf_ds_config=loop_ds_config(2) | {"fp16": {"enabled": True}})
-    accelerator = Accelerator(deepspeed_plugin=plugin)
-    loader = accelerator.prepare(DataLoader(regression_dataset(LOOP_DATASET), batch_size=MICRO_BATCH))
-    optimizer = torch.optim.SGD(Regressor().parameters(), lr=LOOP_CONFIG.base_lr)
-    try:
-        create_legw_scheduler(
-            accelerator, optimizer, LOOP_CONFIG, loader, num_epochs=3, batch_ramp=AutoRamp(**LOOP_AUTO_RAMP)
-        )
-        record = {"refused": None}
-    except SettingError as error:
-        record = {"refused": {"field": error.field, "message": str(error)}}
-    write(output / "auto-fp16", accelerator.process_index, record)
+    record = {}
+    for name, (entries, batch_ramp) in REFUSED_CONFIGS.items():
+        fresh_accelerator_state()
+        PartialState(cpu=True)
+        accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=loop_ds_config(2) | entries))
+        loader = accelerator.prepare(DataLoader(regression_dataset(LOOP_DATASET), batch_size=MICRO_BATCH))
+        optimizer = torch.optim.SGD(Regressor().parameters(), lr=LOOP_CONFIG.base_lr)
+        ramp = AutoRamp(**LOOP_AUTO_RAMP) if batch_ramp == "auto" else batch_ramp
+        try:
+            create_legw_scheduler(accelerator, optimizer, LOOP_CONFIG, loader, num_epochs=3, batch_ramp=ramp)
+            record[name] = None
+        except SettingError as error:
+            record[name] = {"field": error.field, "message": str(error)}
+    write(output / "refusals", accelerator.process_index, record)
 
 
 def loops(output: str) -> None:
     for stage in (1, 3):
         loop_run(Path(output), stage)
-    for stage in (None, 1, 2, 3):
+    for stage in (None, 1, 3):
         auto_loop_run(Path(output), stage)
-    auto_fp16_refusal(Path(output))
+    plugin_refusals(Path(output))
