@@ -424,7 +424,7 @@ def load_state(accelerator: Accelerator, input_dir: str, **load_model_func_kwarg
     if view is None:
         accelerator.load_state(input_dir, **load_model_func_kwargs)
         return
-    loads_universal = engine._config.load_universal_checkpoint  # read by engine.load_checkpoint, nowhere else
+    loads_universal = engine._config.load_universal_checkpoint  # read only while a checkpoint loads
     engine._config.load_universal_checkpoint = True
     try:
         accelerator.load_state(str(view), **load_model_func_kwargs)
