@@ -6,6 +6,7 @@ automatic ramp (under DDP and ZeRO) in test_elastic.py."""
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import pytest
@@ -23,7 +24,9 @@ from toy import (
     StopAt,
     logged_learning_rates,
     ramp_training_args,
+    ramped_updates_of,
     regression_dataset,
+    replayed_weights,
     sample_ids,
 )
 from transformers import ProgressCallback
@@ -53,6 +56,21 @@ def stream_slices(batches: list[int], dataset_size: int = 100, seed: int = SEED)
     stream = torch.cat(permutations).tolist()
     starts = [sum(batches[:n]) for n in range(len(batches))]
     return [stream[start : start + batch] for start, batch in zip(starts, batches, strict=True)]
+
+
+def check_samples_and_replay(ranks: list[dict], want: list[tuple[int, float]]) -> None:
+    """The records of every rank of a multi-process run of :func:`expected`'s ramp over 100 samples, trained by AdamW
+    with eps 1 and no clipping (a step nearly proportional to the gradient): the updates took the ramp's sample
+    stream, and the weights are one process's replay of those updates (each micro-batch's loss was divided by the
+    update's accumulation, and the optimizer stepped once per update)."""
+    dataset = regression_dataset(100)
+    updates = ramped_updates_of(ranks, dataset)
+    batches, lrs = [batch for batch, _ in want], [lr for _, lr in want]
+    assert [sorted(update) for update in updates] == [sorted(update) for update in stream_slices(batches)]
+    adamw = functools.partial(torch.optim.AdamW, lr=0.0, eps=1.0, weight_decay=0.0)
+    expected_weights = replayed_weights(updates, lrs, dataset, adamw)
+    error = float((torch.tensor(ranks[0]["params"]) - expected_weights).norm() / expected_weights.norm())
+    assert error < 1e-6
 
 
 def train(args, model=None, dataset=None, callbacks=(), **train_kwargs) -> LegwTrainer:
