@@ -136,9 +136,17 @@ SHARDED: dict[str, NamedConfig] = {
 #: The configurations the engine variants run (ZeRO-3's persistence threshold, bf16, offload, the Triton kernels,
 #: accelerate's FSDP2 preparation), and whose unaware run shows the check can fail: the two whose norms reduce
 #: differently (LAMB's pre-normalisation takes a global norm of its own; LARS has no moments). Every configuration
-#: runs on the plain engines (SHARDED_EVERY_CONFIG), where the element-wise math of the others meets each sharding.
+#: runs on the plain sharded engines (SHARDED_EVERY_CONFIG), where the element-wise math of the others meets each
+#: sharding; ZeRO-0, which keeps whole tensors, runs the two. No unaware run on ZeRO-0 (awareness changes nothing
+#: there) nor on the Triton variants.
 SHARDED_FEW = SHARDED_NAIVE = ("lamb-nvidia", "lars")
-SHARDED_EVERY_CONFIG = ("zero0", "zero1", "zero2", "zero3", "fsdp2")
+SHARDED_EVERY_CONFIG = ("zero1", "zero2", "zero3", "fsdp2")
+
+
+def makes_naive_run(engine: str, name: str) -> bool:
+    """Whether the sharded-parity launch also runs configuration ``name`` on ``engine`` with the awareness off."""
+    return name in SHARDED_NAIVE and not engine.endswith("-triton") and not engine.startswith("zero0")
+
 
 #: (parameter dtype, fp32 masters)
 PRECISIONS = [(torch.float32, False), (torch.bfloat16, True)]

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.distributed as dist
-from optim_registry import SHARDED, SHARDED_EVERY_CONFIG, SHARDED_FEW, SHARDED_NAIVE
+from optim_registry import SHARDED, SHARDED_EVERY_CONFIG, SHARDED_FEW, makes_naive_run
 from torch import nn
 
 from legw_hf import decay_param_groups
@@ -325,7 +325,7 @@ def main(engine: str, output: str) -> None:
             aware, counter = run(name)
             off = None
             # the unaware run shows the comparison can fail: a few configurations suffice
-            if name in SHARDED_NAIVE and not run_name.endswith("-triton"):
+            if makes_naive_run(run_name, name):
                 naive(True)
                 off, _ = run(name)
                 naive(False)
