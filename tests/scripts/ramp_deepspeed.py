@@ -42,7 +42,7 @@ from toy import (
     ramp_training_args,
     regression_dataset,
 )
-from trainer_deepspeed import AppliedLearningRates, flat_parameters, fresh_accelerator_state
+from trainer_deepspeed import AppliedLearningRates, flat_parameters, fresh_accelerator_state, legw_scheduler
 from transformers import TrainerCallback
 
 from legw_hf import LegwConfig, LegwTrainer
@@ -111,12 +111,6 @@ def trainer_run(root: Path, name: str, resume: str | None = None) -> None:
     write(root / name, args.process_index, record)
 
 
-def auto_ramp_of(scheduler):
-    while not hasattr(scheduler, "decisions"):  # accelerate wraps the scheduler DeepSpeed steps
-        scheduler = scheduler.scheduler
-    return scheduler
-
-
 def trainer_auto_run(root: Path, name: str, stage: int | None) -> None:
     """``--legw_batch_ramp auto`` (toy.AUTO_RAMP over toy.NOISY_DATA) under ZeRO ``stage``, or (None) plain DDP: the
     estimates and LR of every update as Trainer logged them, its micro-batches, the decisions, the final weights."""
@@ -144,7 +138,7 @@ def trainer_auto_run(root: Path, name: str, stage: int | None) -> None:
         "logs": [entry for entry in trainer.state.log_history if "learning_rate" in entry],
         "micro_batches": micro_batches.updates,
         "engine": engine.rows,
-        "decisions": [decision.to_dict() for decision in auto_ramp_of(trainer.lr_scheduler).decisions],
+        "decisions": [decision.to_dict() for decision in legw_scheduler(trainer.lr_scheduler).decisions],
         "params": flat_parameters(trainer),
     }
     write(root / name, args.process_index, record)

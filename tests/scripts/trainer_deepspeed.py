@@ -42,7 +42,7 @@ def fresh_accelerator_state() -> None:
     AcceleratorState._reset_state(reset_partial_state=False)
 
 
-def _legw_scheduler(scheduler):
+def legw_scheduler(scheduler):
     while not hasattr(scheduler, "plan"):  # accelerate wraps the scheduler DeepSpeed built
         scheduler = scheduler.scheduler
     return scheduler
@@ -118,7 +118,7 @@ def run(output: str, stage: str, preset: str, resume: str = "no") -> None:
         resumed = {"params": flat_parameters(second), "lrs": logged_learning_rates(second.state.log_history)}
     record = {
         "world_size": args.world_size,
-        "plan": _legw_scheduler(trainer.lr_scheduler).plan.summary(),
+        "plan": legw_scheduler(trainer.lr_scheduler).plan.summary(),
         "lrs": logged_learning_rates(trainer.state.log_history),
         "applied_lrs": applied.lrs,
         "optimizer_class": type(_innermost(trainer.optimizer)).__name__,
